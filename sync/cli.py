@@ -1,0 +1,255 @@
+"""The command line: a thin skin over the library. Library errors become one-line messages."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from sync import __version__
+from sync.config import DEFAULT_CONFIG_PATH, Config, load_config
+from sync.db import describe_url, make_state_engine, schema_status, upgrade
+from sync.errors import AudienceSyncError, SourceError, StateDatabaseMissingError, StateError
+from sync.logs import configure_logging
+from sync.sources import check_source, demo_warehouse_exists
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass
+class AppContext:
+    """What the global options decided, shared with every command."""
+
+    config_path: str
+    log_level: str
+    log_format: str
+    debug: bool
+    _config: Config | None = None
+
+    def config(self) -> Config:
+        """Load (once) and return the validated config; secrets are registered for redaction."""
+        if self._config is None:
+            self._config = load_config(self.config_path)
+            configure_logging(self.log_level, self.log_format, self._config.secrets())
+        return self._config
+
+
+class ErrorBoundaryGroup(click.Group):
+    """Turns library errors into one-line messages; ``--debug`` lets the traceback through."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except AudienceSyncError as exc:
+            if _debug(ctx):
+                raise
+            raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            if _debug(ctx):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise click.ClickException(
+                f"unexpected {type(exc).__name__}: {first} (run with --debug for the traceback)"
+            ) from None
+
+
+def _debug(ctx: click.Context) -> bool:
+    app = ctx.find_object(AppContext)
+    return bool(app and app.debug)
+
+
+def console() -> Console:
+    """Where tables go: stdout; when piped, wide enough that nothing is cut."""
+    if sys.stdout.isatty():
+        return Console(highlight=False)
+    return Console(width=1000, highlight=False)
+
+
+def echo_json(payload: Any) -> None:
+    """Print ``payload`` as indented JSON for scripts."""
+    click.echo(json.dumps(payload, indent=2, default=str))
+
+
+@click.group(cls=ErrorBoundaryGroup)
+@click.option(
+    "--config",
+    "config_path",
+    envvar="AUDIENCE_SYNC_CONFIG",
+    default=DEFAULT_CONFIG_PATH,
+    show_default=True,
+    metavar="PATH",
+    help="Config file (also AUDIENCE_SYNC_CONFIG).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    help="How much to log (to stderr).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["human", "json"]),
+    default="human",
+    show_default=True,
+    help="Log lines for people, or JSON lines for log collectors.",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(__version__, prog_name="audience-sync")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str, log_level: str, log_format: str, debug: bool) -> None:
+    """Sync SQL-defined audiences to Segment-compatible destinations as identify traits."""
+    ctx.obj = AppContext(config_path, log_level, log_format, debug)
+    configure_logging(log_level, log_format)
+
+
+pass_app = click.make_pass_decorator(AppContext)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@pass_app
+def check(app: AppContext, as_json: bool) -> None:
+    """Validate the config and connect to the state DB and every source."""
+    config = app.config()
+    audiences: list[dict[str, Any]] = [
+        {
+            "name": a.name,
+            "key": a.trait_key,
+            "source": a.source,
+            "destinations": list(a.destinations),
+            "schedule": config.schedule_of(a).text,
+            "enabled": a.enabled,
+        }
+        for a in config.audiences
+    ]
+    connections = [
+        _check_state(config),
+        *(_check_one_source(n, s.url, s.demo) for n, s in config.sources.items()),
+    ]
+    ok = all(c["ok"] for c in connections)
+    if as_json:
+        echo_json(
+            {
+                "config": app.config_path,
+                "ok": ok,
+                "audiences": audiences,
+                "connections": connections,
+            }
+        )
+    else:
+        out = console()
+        table = Table(title=f"Audiences in {app.config_path}")
+        for column in ("name", "key", "source", "destinations", "schedule", "enabled"):
+            table.add_column(column)
+        for a in audiences:
+            table.add_row(
+                a["name"],
+                a["key"],
+                a["source"],
+                ", ".join(a["destinations"]),
+                a["schedule"],
+                "yes" if a["enabled"] else "no",
+            )
+        out.print(table)
+        conns = Table(title="Connections")
+        for column in ("what", "url", "status"):
+            conns.add_column(column)
+        for c in connections:
+            conns.add_row(
+                c["what"], c["url"], c["detail"] if c["ok"] else f"[red]{c['detail']}[/red]"
+            )
+        out.print(conns)
+    if not ok:
+        raise click.exceptions.Exit(1)
+
+
+def _check_state(config: Config) -> dict[str, Any]:
+    url = describe_url(config.state.url)
+    try:
+        engine = make_state_engine(config.state.url, must_exist=True)
+    except StateDatabaseMissingError:
+        detail = "not created yet; `audience-sync db upgrade` creates it"
+        return {"what": "state", "url": url, "ok": True, "detail": detail}
+    except StateError as exc:
+        return {"what": "state", "url": url, "ok": False, "detail": str(exc)}
+    try:
+        status = schema_status(engine)
+    except StateError as exc:
+        return {"what": "state", "url": url, "ok": False, "detail": str(exc)}
+    finally:
+        engine.dispose()
+    detail = {
+        "current": f"schema {status.current} (up to date)",
+        "empty": "no schema yet; run `audience-sync db upgrade`",
+        "behind": f"schema {status.current}, needs {status.head}; run `audience-sync db upgrade`",
+        "ahead": f"schema {status.current} is newer than this audience-sync",
+    }[status.state]
+    return {"what": "state", "url": url, "ok": status.state != "ahead", "detail": detail}
+
+
+def _check_one_source(name: str, url: str, demo: bool) -> dict[str, Any]:
+    if demo and not demo_warehouse_exists(url):
+        detail = "demo warehouse not created yet; `audience-sync demo` or `sync` creates it"
+        return {"what": f"source {name}", "url": describe_url(url), "ok": True, "detail": detail}
+    try:
+        check_source(name, url)
+    except SourceError as exc:
+        return {"what": f"source {name}", "url": describe_url(url), "ok": False, "detail": str(exc)}
+    return {"what": f"source {name}", "url": describe_url(url), "ok": True, "detail": "connected"}
+
+
+@cli.group()
+def db() -> None:
+    """Manage the state database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Migrate to this revision.")
+@pass_app
+def db_upgrade(app: AppContext, revision: str) -> None:
+    """Create or migrate the state database to this version's schema."""
+    config = app.config()
+    engine = make_state_engine(config.state.url)
+    try:
+        before = schema_status(engine)
+        upgrade(engine, revision)
+        after = schema_status(engine)
+    finally:
+        engine.dispose()
+    where = describe_url(config.state.url)
+    if before.current == after.current:
+        click.echo(f"state database {where} already at schema {after.current}")
+    else:
+        click.echo(
+            f"state database {where} upgraded from {before.current or 'empty'} to {after.current}"
+        )
+
+
+@db.command("current")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def db_current(app: AppContext, as_json: bool) -> None:
+    """Show the state database's schema revision and whether it is up to date."""
+    config = app.config()
+    engine = make_state_engine(config.state.url, must_exist=True)
+    try:
+        status = schema_status(engine)
+    finally:
+        engine.dispose()
+    if as_json:
+        echo_json({"current": status.current, "head": status.head, "state": status.state})
+        return
+    click.echo(f"{status.current or 'empty'} (head {status.head}: {status.state})")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="audience-sync")

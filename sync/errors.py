@@ -1,0 +1,77 @@
+"""Exception hierarchy: every error a user can cause or meet, each with a one-line message.
+
+Branches follow what a caller must do: a ``TransientError`` may succeed if tried again later,
+a ``PermanentError`` will not until someone changes something.
+"""
+
+from __future__ import annotations
+
+
+class AudienceSyncError(Exception):
+    """Base class of every error audience-sync raises on purpose."""
+
+
+class ConfigError(AudienceSyncError):
+    """The configuration file is missing, unreadable or invalid."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        if len(problems) == 1:
+            message = f"{path}: {problems[0]}"
+        else:
+            listed = "\n".join(f"  - {p}" for p in problems)
+            message = f"{path}: {len(problems)} problems:\n{listed}"
+        super().__init__(message)
+
+
+class StateError(AudienceSyncError):
+    """The state database cannot be used as it is."""
+
+
+class StateDatabaseMissingError(StateError):
+    """The state database file does not exist yet."""
+
+
+class SchemaOutOfDateError(StateError):
+    """The state database schema is older than this version of audience-sync expects."""
+
+
+class SchemaTooNewError(StateError):
+    """The state database was migrated by a newer version of audience-sync."""
+
+
+class SourceError(AudienceSyncError):
+    """An audience's source database could not be reached or its query failed."""
+
+
+class LeaseHeldError(AudienceSyncError):
+    """Another process holds the lease of an audience."""
+
+
+class UnknownAudienceError(AudienceSyncError):
+    """A name or key given on the command line matches no configured audience."""
+
+
+class DeliveryError(AudienceSyncError):
+    """Base class of delivery outcomes that are not a success."""
+
+
+class TransientDeliveryError(DeliveryError):
+    """A delivery attempt failed in a way that may succeed later (network, timeout, 429, 5xx)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentDeliveryError(DeliveryError):
+    """A delivery attempt failed in a way that will fail again unchanged."""
+
+
+class RejectedBatchError(PermanentDeliveryError):
+    """The destination refused a batch's content (400/413): split it to find the bad message."""
+
+
+class CredentialsRejectedError(PermanentDeliveryError):
+    """The destination refused our credentials (401/403): stop the run."""

@@ -1,0 +1,79 @@
+"""Logging set-up: human lines on a terminal, JSON lines on request, secrets always redacted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+REDACTED = "***"
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]+)(?P<at>@)")
+
+logger = logging.getLogger("sync")
+
+
+class RedactingFilter(logging.Filter):
+    """Replace every known secret, and any password inside a URL, with ``***``."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        """Return ``text`` with secrets replaced."""
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return _URL_PASSWORD.sub(rf"\g<scheme>{REDACTED}\g<at>", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.redact(record.getMessage())
+        record.args = None
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return _URL_PASSWORD.sub(rf"\g<scheme>{REDACTED}\g<at>", url)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any ``run_id``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for extra in ("run_id", "audience", "destination"):
+            if hasattr(record, extra):
+                payload[extra] = getattr(record, extra)
+        if record.exc_text:
+            payload["exception"] = record.exc_text
+        return json.dumps(payload, default=str)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "human", secrets: Iterable[str] = ()) -> None:
+    """Send the ``sync`` logger to stderr in the chosen format, redacting ``secrets``."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+    handler.addFilter(RedactingFilter(secrets))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False

@@ -1,0 +1,188 @@
+"""State database tables (SQLAlchemy 2.0 typed ORM). The README documents them for SQL users."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Dialect,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Longest member id we accept (Segment has no documented limit; 255 keeps the primary key
+# index compact on every database and fits MySQL's index prefix limits).
+MAX_MEMBER_ID_LENGTH = 255
+
+RunStatus = Literal["running", "succeeded", "partial", "failed", "guarded", "abandoned"]
+RUN_STATUSES: tuple[RunStatus, ...] = (
+    "running",
+    "succeeded",
+    "partial",
+    "failed",
+    "guarded",
+    "abandoned",
+)
+RunTrigger = Literal["manual", "full", "schedule", "sweep", "demo"]
+RUN_TRIGGERS: tuple[RunTrigger, ...] = ("manual", "full", "schedule", "sweep", "demo")
+# pending: needs delivery; in_sync: destination has (or never needed) the desired value;
+# rejected: refused by the destination, retried on a later run; failed: refused max_attempts
+# times, waits for `audience-sync retry`; skipped: this destination cannot take the member.
+MembershipStatus = Literal["pending", "in_sync", "rejected", "failed", "skipped"]
+MEMBERSHIP_STATUSES: tuple[MembershipStatus, ...] = (
+    "pending",
+    "in_sync",
+    "rejected",
+    "failed",
+    "skipped",
+)
+IdKind = Literal["user", "anonymous"]
+ID_KINDS: tuple[IdKind, ...] = ("user", "anonymous")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always returned timezone-aware (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware value")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name != "postgresql" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
+        return value.astimezone(UTC)  # type: ignore[no-any-return]
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware, in UTC."""
+    return datetime.now(UTC)
+
+
+def _enum(values: tuple[str, ...], name: str) -> Enum:
+    return Enum(*values, name=name, native_enum=False, create_constraint=True, length=16)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Installation(Base):
+    """One row: this state database's identity, part of every messageId."""
+
+    __tablename__ = "installation"
+
+    installation_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Audience(Base):
+    """An audience known to the state DB; its key is frozen at creation."""
+
+    __tablename__ = "audiences"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(100), unique=True)
+    name: Mapped[str] = mapped_column(String(255))
+    definition_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    lease_acquired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Membership(Base):
+    """What one member should be at one destination, and what it last acknowledged."""
+
+    __tablename__ = "memberships"
+    __table_args__ = (
+        # Delivery reads "pending rows of one audience and destination, in member order".
+        Index(
+            "ix_memberships_delivery",
+            "audience_id",
+            "destination",
+            "status",
+            "id_kind",
+            "member_id",
+        ),
+        # `audience-sync user ID` reads every row of one member.
+        Index("ix_memberships_member_id", "member_id"),
+    )
+
+    audience_id: Mapped[int] = mapped_column(
+        ForeignKey("audiences.id", ondelete="CASCADE"), primary_key=True
+    )
+    destination: Mapped[str] = mapped_column(String(100), primary_key=True)
+    id_kind: Mapped[IdKind] = mapped_column(_enum(ID_KINDS, "id_kind"), primary_key=True)
+    member_id: Mapped[str] = mapped_column(String(MAX_MEMBER_ID_LENGTH), primary_key=True)
+    anonymous_id: Mapped[str | None] = mapped_column(String(MAX_MEMBER_ID_LENGTH), nullable=True)
+    desired: Mapped[bool] = mapped_column(Boolean)
+    synced: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    version: Mapped[int] = mapped_column(Integer)
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    traits: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    status: Mapped[MembershipStatus] = mapped_column(
+        _enum(MEMBERSHIP_STATUSES, "membership_status")
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Run(Base):
+    """One execution for one audience: compute → plan → deliver, with its counts and outcome."""
+
+    __tablename__ = "runs"
+    __table_args__ = (Index("ix_runs_audience_id_started_at", "audience_id", "started_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    audience_id: Mapped[int] = mapped_column(ForeignKey("audiences.id", ondelete="CASCADE"))
+    trigger: Mapped[RunTrigger] = mapped_column(_enum(RUN_TRIGGERS, "run_trigger"))
+    status: Mapped[RunStatus] = mapped_column(_enum(RUN_STATUSES, "run_status"))
+    owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    members: Mapped[int] = mapped_column(Integer, default=0)
+    added: Mapped[int] = mapped_column(Integer, default=0)
+    removed: Mapped[int] = mapped_column(Integer, default=0)
+    sent: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+    invalid: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    compute_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    plan_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    deliver_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    invalid_samples: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)

@@ -1,0 +1,108 @@
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, inspect, text
+from sqlalchemy.orm import Session
+
+from sync.db import (
+    current_revision,
+    downgrade,
+    head_revision,
+    installation_id,
+    make_state_engine,
+    require_current_schema,
+    schema_status,
+    upgrade,
+)
+from sync.errors import SchemaOutOfDateError, SchemaTooNewError, StateDatabaseMissingError
+from sync.models import Audience, Base
+
+TABLES = {"installation", "audiences", "memberships", "runs"}
+
+
+def test_upgrade_downgrade_upgrade(bare_engine: Engine) -> None:
+    assert current_revision(bare_engine) is None
+    upgrade(bare_engine)
+    assert current_revision(bare_engine) == head_revision()
+    assert set(inspect(bare_engine).get_table_names()) >= TABLES
+    downgrade(bare_engine, "base")
+    assert current_revision(bare_engine) is None
+    assert not TABLES & set(inspect(bare_engine).get_table_names())
+    upgrade(bare_engine)
+    assert current_revision(bare_engine) == head_revision()
+
+
+def test_models_and_migrations_agree(state_engine: Engine) -> None:
+    with state_engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        diff = compare_metadata(context, Base.metadata)
+    assert diff == []
+
+
+def test_indexes_for_delivery_and_user_lookup(state_engine: Engine) -> None:
+    indexes = {
+        ix["name"]: ix["column_names"] for ix in inspect(state_engine).get_indexes("memberships")
+    }
+    assert indexes["ix_memberships_delivery"][:3] == ["audience_id", "destination", "status"]
+    assert indexes["ix_memberships_member_id"] == ["member_id"]
+
+
+def test_out_of_date_schema_is_refused_with_the_command_to_run(bare_engine: Engine) -> None:
+    with pytest.raises(SchemaOutOfDateError, match="run `audience-sync db upgrade`"):
+        require_current_schema(bare_engine)
+    assert schema_status(bare_engine).state == "empty"
+    upgrade(bare_engine)
+    require_current_schema(bare_engine)
+    with bare_engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = 'ffff_future'"))
+    assert schema_status(bare_engine).state == "ahead"
+    with pytest.raises(SchemaTooNewError, match="upgrade audience-sync"):
+        require_current_schema(bare_engine)
+
+
+def test_installation_id_is_created_once(state_engine: Engine) -> None:
+    with Session(state_engine) as session:
+        first = installation_id(session)
+        session.commit()
+    with Session(state_engine) as session:
+        assert installation_id(session) == first
+    assert len(first) == 16
+
+
+def test_timestamps_come_back_aware_in_utc(state_engine: Engine) -> None:
+    moment = datetime(2026, 3, 29, 1, 30, tzinfo=timezone(timedelta(hours=2)))
+    with Session(state_engine) as session:
+        session.add(Audience(key="k", name="K", definition_hash="h", created_at=moment))
+        session.commit()
+    with Session(state_engine) as session:
+        stored = session.query(Audience).one().created_at
+    assert stored == moment and stored.tzinfo is not None
+    assert stored.utcoffset() == UTC.utcoffset(None)
+
+
+def test_naive_timestamps_are_refused(state_engine: Engine) -> None:
+    with Session(state_engine) as session:
+        session.add(
+            Audience(key="k", name="K", definition_hash="h", created_at=datetime(2026, 1, 1))
+        )
+        with pytest.raises(Exception, match="naive datetime"):
+            session.commit()
+
+
+def test_sqlite_is_set_up_for_a_daemon_and_a_manual_command(tmp_path) -> None:
+    engine = make_state_engine(f"sqlite:///{tmp_path / 's.db'}")
+    try:
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 5000
+    finally:
+        engine.dispose()
+
+
+def test_read_only_commands_do_not_create_a_missing_sqlite_file(tmp_path) -> None:
+    with pytest.raises(StateDatabaseMissingError, match="db upgrade"):
+        make_state_engine(f"sqlite:///{tmp_path / 'missing.db'}", must_exist=True)
+    assert not (tmp_path / "missing.db").exists()
