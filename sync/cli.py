@@ -26,7 +26,7 @@ class AppContext:
     """What the global options decided, shared with every command."""
 
     config_path: str
-    log_level: str
+    log_level: str | None
     log_format: str
     debug: bool
     _config: Config | None = None
@@ -35,7 +35,7 @@ class AppContext:
         """Load (once) and return the validated config; secrets are registered for redaction."""
         if self._config is None:
             self._config = load_config(self.config_path)
-            configure_logging(self.log_level, self.log_format, self._config.secrets())
+            configure_logging(self.log_level or "WARNING", self.log_format, self._config.secrets())
         return self._config
 
 
@@ -90,9 +90,8 @@ def echo_json(payload: Any) -> None:
 @click.option(
     "--log-level",
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
-    default="INFO",
-    show_default=True,
-    help="How much to log (to stderr).",
+    default=None,
+    help="How much to log to stderr [default: WARNING; INFO for the daemon].",
 )
 @click.option(
     "--log-format",
@@ -104,10 +103,12 @@ def echo_json(payload: Any) -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(__version__, prog_name="audience-sync")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str, log_level: str, log_format: str, debug: bool) -> None:
+def cli(
+    ctx: click.Context, config_path: str, log_level: str | None, log_format: str, debug: bool
+) -> None:
     """Sync SQL-defined audiences to Segment-compatible destinations as identify traits."""
     ctx.obj = AppContext(config_path, log_level, log_format, debug)
-    configure_logging(log_level, log_format)
+    configure_logging(log_level or "WARNING", log_format)
 
 
 pass_app = click.make_pass_decorator(AppContext)
@@ -253,3 +254,7 @@ def db_current(app: AppContext, as_json: bool) -> None:
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="audience-sync")
+
+
+# Command modules register themselves on `cli` when imported.
+from sync import cli_sync  # noqa: E402, F401

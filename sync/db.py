@@ -14,10 +14,9 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, create_engine, event, insert, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from sync.errors import (
     SchemaOutOfDateError,
@@ -25,7 +24,7 @@ from sync.errors import (
     StateDatabaseMissingError,
     StateError,
 )
-from sync.models import Installation, utcnow
+from sync.models import INSTALLATION, utcnow
 
 # How long a SQLite writer waits for another (the daemon and a manual `sync` share one file).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -165,12 +164,25 @@ def downgrade(engine: Engine, revision: str) -> None:
     command.downgrade(alembic_config(engine), revision)
 
 
-def installation_id(session: Session) -> str:
+def installation_id(connection: Connection) -> str:
     """This state database's installation id, created on first use."""
-    found = session.scalar(select(Installation.installation_id))
+    found = connection.execute(select(INSTALLATION.c.installation_id)).scalar()
     if found is not None:
-        return found
+        return str(found)
     new_id = secrets.token_hex(8)
-    session.add(Installation(installation_id=new_id, created_at=utcnow()))
-    session.flush()
+    connection.execute(insert(INSTALLATION).values(installation_id=new_id, created_at=utcnow()))
     return new_id
+
+
+def open_state(url: str, *, auto_upgrade: bool = False) -> Engine:
+    """The state engine for commands that write: the schema must be current, or is migrated
+    first when ``auto_upgrade`` is set (``[state] auto_upgrade = true``)."""
+    engine = make_state_engine(url)
+    try:
+        if auto_upgrade and schema_status(engine).state in ("empty", "behind"):
+            upgrade(engine)
+        require_current_schema(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine

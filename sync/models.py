@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from sqlalchemy import (
     JSON,
@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
 )
@@ -180,9 +181,49 @@ class Run(Base):
     sent: Mapped[int] = mapped_column(Integer, default=0)
     rejected: Mapped[int] = mapped_column(Integer, default=0)
     invalid: Mapped[int] = mapped_column(Integer, default=0)
+    duplicates: Mapped[int] = mapped_column(Integer, default=0)
     skipped: Mapped[int] = mapped_column(Integer, default=0)
     compute_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     plan_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     deliver_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     invalid_samples: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+
+
+class RunDelivery(Base):
+    """What one run did for one destination."""
+
+    __tablename__ = "run_deliveries"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    destination: Mapped[str] = mapped_column(String(100), primary_key=True)
+    added: Mapped[int] = mapped_column(Integer, default=0)
+    removed: Mapped[int] = mapped_column(Integer, default=0)
+    pending: Mapped[int] = mapped_column(Integer, default=0)
+    sent: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    left_pending: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class StagedMember(Base):
+    """A run's snapshot of the audience query, between compute and plan (then deleted)."""
+
+    __tablename__ = "staged_members"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    id_kind: Mapped[IdKind] = mapped_column(_enum(ID_KINDS, "staged_id_kind"), primary_key=True)
+    member_id: Mapped[str] = mapped_column(String(MAX_MEMBER_ID_LENGTH), primary_key=True)
+    anonymous_id: Mapped[str | None] = mapped_column(String(MAX_MEMBER_ID_LENGTH), nullable=True)
+    traits: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+# Core handles for the bulk paths (set operations, executemany), typed as tables.
+MEMBERSHIPS = cast(Table, Membership.__table__)
+STAGED = cast(Table, StagedMember.__table__)
+RUNS = cast(Table, Run.__table__)
+AUDIENCES = cast(Table, Audience.__table__)
+INSTALLATION = cast(Table, Installation.__table__)
+RUN_DELIVERIES = cast(Table, RunDelivery.__table__)

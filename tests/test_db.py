@@ -63,11 +63,10 @@ def test_out_of_date_schema_is_refused_with_the_command_to_run(bare_engine: Engi
 
 
 def test_installation_id_is_created_once(state_engine: Engine) -> None:
-    with Session(state_engine) as session:
-        first = installation_id(session)
-        session.commit()
-    with Session(state_engine) as session:
-        assert installation_id(session) == first
+    with state_engine.begin() as connection:
+        first = installation_id(connection)
+    with state_engine.begin() as connection:
+        assert installation_id(connection) == first
     assert len(first) == 16
 
 

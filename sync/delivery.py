@@ -1,0 +1,399 @@
+"""Delivery: send pending memberships in member order, in batches, with bounded concurrency.
+
+Each batch's outcome is recorded in one transaction, acknowledging with compare-and-set on
+``version`` so that a change made while the batch was in flight stays pending.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    case,
+    func,
+    literal,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+
+from sync.destinations import Destination
+from sync.errors import (
+    PermanentDeliveryError,
+    RejectedBatchError,
+    TransientDeliveryError,
+)
+from sync.messages import AudienceContext, MembershipChange, build_messages, encoded_size
+from sync.models import MEMBERSHIPS, utcnow
+
+logger = logging.getLogger("sync.delivery")
+
+# Bytes of the batch envelope around the messages ({"batch":[...],"sentAt":"..."}), rounded up.
+BATCH_ENVELOPE_BYTES = 128
+# Rows read from the state DB per page (times the concurrency), bounding memory.
+PAGE_ROWS = 2_000
+
+M = MEMBERSHIPS
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient failures are retried, from ``[defaults]`` in the config."""
+
+    initial_delay: float = 1.0
+    max_delay: float = 60.0
+    time_budget: float = 600.0
+    max_attempts: int = 5
+
+    def backoff(self, attempt: int, retry_after: float | None = None) -> float:
+        """Exponential backoff with jitter; a destination's ``Retry-After`` wins if longer."""
+        base = min(self.max_delay, self.initial_delay * (2**attempt))
+        delay = random.uniform(base / 2, base)
+        return max(delay, retry_after or 0.0)
+
+
+@dataclass
+class DeliveryStats:
+    """What delivery did for one destination in one run."""
+
+    pending: int = 0
+    sent: int = 0
+    rejected: int = 0
+    failed: int = 0
+    left_pending: int = 0
+    error: str | None = None
+    fatal: bool = False
+
+
+@dataclass
+class _Unit:
+    """One membership change and the message(s) that announce it."""
+
+    change: MembershipChange
+    messages: list[dict[str, Any]]
+    size: int
+
+
+@dataclass
+class _BatchResult:
+    delivered: list[_Unit] = field(default_factory=list)
+    rejected: list[tuple[_Unit, str]] = field(default_factory=list)
+    left: list[_Unit] = field(default_factory=list)
+    left_reason: str | None = None
+    retry_delay: float = 0.0
+
+
+def pending_condition(audience_id: int, destination: str) -> Any:
+    """Rows of one audience and destination whose destination value differs from ``desired``."""
+    return and_(
+        M.c.audience_id == audience_id,
+        M.c.destination == destination,
+        or_(and_(M.c.synced.is_(None), M.c.desired), M.c.synced != M.c.desired),
+    )
+
+
+def count_pending(connection: Connection, audience_id: int, destination: str) -> int:
+    """How many rows delivery would send now."""
+
+    query = (
+        select(func.count())
+        .select_from(M)
+        .where(
+            pending_condition(audience_id, destination),
+            M.c.status.in_(("pending", "rejected")),
+        )
+    )
+    return int(connection.execute(query).scalar_one())
+
+
+def _pages(engine: Engine, audience_id: int, destination: str, page: int) -> Iterator[list[Any]]:
+    """Pending rows in (status pass, member) order, read in pages by keyset."""
+    now = utcnow()
+    for status in ("pending", "rejected"):
+        last: tuple[str, str] | None = None
+        while True:
+            query = (
+                select(
+                    M.c.id_kind,
+                    M.c.member_id,
+                    M.c.anonymous_id,
+                    M.c.desired,
+                    M.c.version,
+                    M.c.changed_at,
+                    M.c.traits,
+                )
+                .where(
+                    pending_condition(audience_id, destination),
+                    M.c.status == status,
+                    or_(M.c.next_attempt_at.is_(None), M.c.next_attempt_at <= now),
+                )
+                .order_by(M.c.id_kind, M.c.member_id)
+                .limit(page)
+            )
+            if last is not None:
+                query = query.where(
+                    tuple_(M.c.id_kind, M.c.member_id) > tuple_(literal(last[0]), literal(last[1]))
+                )
+            with engine.connect() as connection:
+                rows = connection.execute(query).all()
+            if not rows:
+                break
+            yield list(rows)
+            last = (rows[-1].id_kind, rows[-1].member_id)
+            if len(rows) < page:
+                break
+
+
+class Deliverer:
+    """Delivers one audience's pending rows to one destination."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        audience_id: int,
+        context: AudienceContext,
+        destination: Destination,
+        policy: RetryPolicy,
+        *,
+        deadline: float,
+        stop: threading.Event | None = None,
+        heartbeat: Callable[[], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.audience_id = audience_id
+        self.context = context
+        self.destination = destination
+        self.policy = policy
+        self.deadline = deadline
+        self.stop = stop or threading.Event()
+        self.heartbeat = heartbeat or (lambda: None)
+        self.progress = progress or (lambda n: None)
+        self.max_message_bytes = destination.max_message_bytes
+        self.stats = DeliveryStats()
+        self._abort = threading.Event()
+
+    # --- main thread ---------------------------------------------------------------------
+
+    def run(self) -> DeliveryStats:
+        """Deliver until nothing is pending, the budget is spent, a stop is asked, or a fatal
+        error (bad credentials, unwritable file) ends this destination's delivery."""
+        with self.engine.connect() as connection:
+            self.stats.pending = count_pending(
+                connection, self.audience_id, self.context.destination
+            )
+        concurrency = max(1, self.destination.concurrency)
+        page = max(PAGE_ROWS, self.destination.max_batch_messages * concurrency)
+        in_flight: dict[Future[_BatchResult], list[_Unit]] = {}
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="deliver") as pool:
+            try:
+                for rows in _pages(self.engine, self.audience_id, self.context.destination, page):
+                    for batch in self._batches(rows):
+                        while len(in_flight) >= concurrency:
+                            self._collect(in_flight, FIRST_COMPLETED)
+                        if self._should_stop():
+                            break
+                        in_flight[pool.submit(self._send_with_retries, batch)] = batch
+                    self.heartbeat()
+                    if self._should_stop():
+                        break
+                while in_flight:
+                    self._collect(in_flight, FIRST_COMPLETED)
+            finally:
+                self._abort.set()
+                while in_flight:
+                    self._collect(in_flight, FIRST_COMPLETED)
+        return self.stats
+
+    def _should_stop(self) -> bool:
+        return self.stop.is_set() or self._abort.is_set() or time.monotonic() >= self.deadline
+
+    def _batches(self, rows: list[Any]) -> Iterator[list[_Unit]]:
+        limit_messages = self.destination.max_batch_messages
+        limit_bytes = self.destination.max_batch_bytes
+        batch: list[_Unit] = []
+        batch_messages = 0
+        batch_bytes = BATCH_ENVELOPE_BYTES
+        oversized: list[tuple[_Unit, str]] = []
+        for row in rows:
+            change = MembershipChange(
+                id_kind=row.id_kind,
+                member_id=row.member_id,
+                anonymous_id=row.anonymous_id,
+                desired=bool(row.desired),
+                version=row.version,
+                changed_at=row.changed_at,
+                traits=row.traits,
+            )
+            messages = build_messages(self.context, change)
+            sizes = [encoded_size(m) + 1 for m in messages]
+            unit = _Unit(change, messages, sum(sizes))
+            if self.max_message_bytes is not None and max(sizes) > self.max_message_bytes:
+                oversized.append(
+                    (
+                        unit,
+                        f"message is {max(sizes)} bytes, over the destination's limit of "
+                        f"{self.max_message_bytes} bytes (trim the traits)",
+                    )
+                )
+                continue
+            too_many = batch_messages + len(messages) > limit_messages
+            too_big = limit_bytes is not None and batch_bytes + unit.size > limit_bytes
+            if batch and (too_many or too_big):
+                yield batch
+                batch, batch_messages, batch_bytes = [], 0, BATCH_ENVELOPE_BYTES
+            batch.append(unit)
+            batch_messages += len(messages)
+            batch_bytes += unit.size
+        if oversized:
+            self._record(_BatchResult(rejected=oversized))
+        if batch:
+            yield batch
+
+    def _collect(self, in_flight: dict[Future[_BatchResult], list[_Unit]], how: str) -> None:
+        done, _ = wait(list(in_flight), return_when=how)
+        for future in done:
+            units = in_flight.pop(future)
+            try:
+                result = future.result()
+            except PermanentDeliveryError as exc:
+                self._abort.set()
+                self.stats.fatal = True
+                self.stats.error = str(exc)
+                self.stats.left_pending += len(units)
+                logger.error("%s", exc)
+                continue
+            self._record(result)
+
+    def _record(self, result: _BatchResult) -> None:
+        now = utcnow()
+        key = {
+            "b_audience": self.audience_id,
+            "b_destination": self.context.destination,
+        }
+        where = and_(
+            M.c.audience_id == bindparam("b_audience"),
+            M.c.destination == bindparam("b_destination"),
+            M.c.id_kind == bindparam("b_kind"),
+            M.c.member_id == bindparam("b_member"),
+            # Compare-and-set: a change planned while the batch was in flight stays pending.
+            M.c.version == bindparam("b_version"),
+        )
+
+        def params(unit: _Unit, **extra: Any) -> dict[str, Any]:
+            change = unit.change
+            return {
+                **key,
+                "b_kind": change.id_kind,
+                "b_member": change.member_id,
+                "b_version": change.version,
+                **extra,
+            }
+
+        with self.engine.begin() as connection:
+            if result.delivered:
+                connection.execute(
+                    update(M)
+                    .where(where)
+                    .values(
+                        synced=M.c.desired,
+                        status="in_sync",
+                        attempts=0,
+                        last_error=None,
+                        next_attempt_at=None,
+                        delivered_at=bindparam("b_now"),
+                    ),
+                    [params(u, b_now=now) for u in result.delivered],
+                )
+            if result.rejected:
+                connection.execute(
+                    update(M)
+                    .where(where)
+                    .values(
+                        attempts=M.c.attempts + 1,
+                        status=case(
+                            (M.c.attempts + 1 >= self.policy.max_attempts, "failed"),
+                            else_="rejected",
+                        ),
+                        last_error=bindparam("b_error"),
+                        next_attempt_at=None,
+                    ),
+                    [params(u, b_error=reason) for u, reason in result.rejected],
+                )
+            if result.left:
+                retry_at = now + timedelta(seconds=result.retry_delay)
+                connection.execute(
+                    update(M)
+                    .where(where)
+                    .values(last_error=bindparam("b_error"), next_attempt_at=bindparam("b_at")),
+                    [params(u, b_error=result.left_reason, b_at=retry_at) for u in result.left],
+                )
+        self.stats.sent += len(result.delivered)
+        self.stats.left_pending += len(result.left)
+        for _unit, _reason in result.rejected:
+            self.stats.rejected += 1
+        if result.left_reason and not self.stats.error:
+            self.stats.error = result.left_reason
+        if result.delivered:
+            self.progress(len(result.delivered))
+
+    # --- worker threads -------------------------------------------------------------------
+
+    def _send_with_retries(self, units: list[_Unit]) -> _BatchResult:
+        attempt = 0
+        while True:
+            try:
+                return self._send_splitting(units)
+            except TransientDeliveryError as exc:
+                delay = self.policy.backoff(attempt, exc.retry_after)
+                attempt += 1
+                out_of_time = time.monotonic() + delay > self.deadline
+                if out_of_time or self.stop.is_set() or self._abort.is_set():
+                    return _BatchResult(left=units, left_reason=str(exc), retry_delay=delay)
+                logger.warning(
+                    'destination "%s": %s; retry %d in %.1fs',
+                    self.context.destination,
+                    exc,
+                    attempt,
+                    delay,
+                )
+                if self.stop.wait(delay) or self._abort.is_set():
+                    return _BatchResult(left=units, left_reason=str(exc), retry_delay=delay)
+
+    def _send_splitting(self, units: list[_Unit]) -> _BatchResult:
+        """Send; on a rejected batch, split it in halves until the bad messages are alone."""
+        try:
+            self.destination.send([m for u in units for m in u.messages])
+        except RejectedBatchError as exc:
+            if len(units) == 1:
+                logger.warning(
+                    'destination "%s" rejected member %s: %s',
+                    self.context.destination,
+                    units[0].change.member_id,
+                    exc,
+                )
+                return _BatchResult(rejected=[(units[0], str(exc))])
+            middle = len(units) // 2
+            first = self._send_with_retries(units[:middle])
+            second = self._send_with_retries(units[middle:])
+            return _BatchResult(
+                delivered=first.delivered + second.delivered,
+                rejected=first.rejected + second.rejected,
+                left=first.left + second.left,
+                left_reason=first.left_reason or second.left_reason,
+                retry_delay=max(first.retry_delay, second.retry_delay),
+            )
+        return _BatchResult(delivered=list(units))

@@ -1,0 +1,251 @@
+"""Plan: turn a staged snapshot into membership changes with set operations, in one transaction.
+
+Entrants are inserted, re-entrants flipped, leavers marked ``desired = false``; every change bumps
+``version`` and resets delivery bookkeeping. Nothing here sends anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Text,
+    and_,
+    case,
+    cast,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    true,
+    update,
+)
+
+from sync.models import MEMBERSHIPS as M
+from sync.models import RUNS
+from sync.models import STAGED as S
+
+
+@dataclass(frozen=True)
+class DestinationTarget:
+    """A destination as the planner sees it."""
+
+    name: str
+    requires_user_id: bool = False
+
+
+@dataclass
+class DestinationPlan:
+    """The changes one run planned for one destination."""
+
+    destination: str
+    current: int = 0
+    added: int = 0
+    removed: int = 0
+    pending: int = 0
+    skipped: int = 0
+
+
+def _staged_match(run_id: int) -> Any:
+    return exists().where(
+        S.c.run_id == run_id,
+        S.c.id_kind == M.c.id_kind,
+        S.c.member_id == M.c.member_id,
+    )
+
+
+def _staged_value(run_id: int, column: Any) -> Any:
+    return (
+        select(column)
+        .where(S.c.run_id == run_id, S.c.id_kind == M.c.id_kind, S.c.member_id == M.c.member_id)
+        .scalar_subquery()
+    )
+
+
+def _status(target: DestinationTarget, pending_when: Any) -> Any:
+    """Status after a change: pending when the destination's value now differs."""
+    if target.requires_user_id:
+        return case(
+            (M.c.id_kind == "anonymous", "skipped"),
+            (pending_when, "pending"),
+            else_="in_sync",
+        )
+    return case((pending_when, "pending"), else_="in_sync")
+
+
+def _of(audience_id: int, destination: str) -> Any:
+    return and_(M.c.audience_id == audience_id, M.c.destination == destination)
+
+
+_RESET = {"attempts": 0, "last_error": None, "next_attempt_at": None}
+
+
+def count_members(connection: Connection, audience_id: int, destination: str) -> int:
+    """Current members (``desired = true``) of an audience at one destination."""
+    query = select(func.count()).where(_of(audience_id, destination), M.c.desired == true())
+    return int(connection.execute(query).scalar_one())
+
+
+def guard_problem(
+    connection: Connection,
+    audience_id: int,
+    run_id: int,
+    destinations: list[DestinationTarget],
+    staged: int,
+    *,
+    max_removal_ratio: float,
+    min_members: int,
+    audience_name: str,
+) -> str | None:
+    """Why the plan must not proceed unforced (mass removal, emptied audience), or None."""
+    for target in destinations:
+        current = count_members(connection, audience_id, target.name)
+        if current == 0 or current < min_members:
+            continue
+        hint = f"check the source, then run `audience-sync sync --force '{audience_name}'`"
+        if staged == 0:
+            return (
+                f"the query returned no members; this would remove all {current} members at "
+                f'destination "{target.name}"; {hint}'
+            )
+        removed = connection.execute(
+            select(func.count()).where(
+                _of(audience_id, target.name), M.c.desired == true(), ~_staged_match(run_id)
+            )
+        ).scalar_one()
+        if removed / current > max_removal_ratio:
+            return (
+                f"this run would remove {removed} of {current} members "
+                f'({removed / current:.0%}) at destination "{target.name}", more than '
+                f"max_removal_ratio {max_removal_ratio:.0%}; {hint}"
+            )
+    return None
+
+
+def plan_destination(
+    connection: Connection,
+    audience_id: int,
+    run_id: int,
+    target: DestinationTarget,
+    now: datetime,
+) -> DestinationPlan:
+    """Apply the staged snapshot to one destination's memberships."""
+    plan = DestinationPlan(target.name)
+    plan.current = count_members(connection, audience_id, target.name)
+    of = _of(audience_id, target.name)
+    bump = {"version": M.c.version + 1, "changed_at": now, **_RESET}
+
+    leavers = connection.execute(
+        update(M)
+        .where(of, M.c.desired == true(), ~_staged_match(run_id))
+        .values(desired=False, status=_status(target, M.c.synced == true()), **bump)
+    )
+    plan.removed = leavers.rowcount
+
+    # Continuing members keep their version; only their traits follow the source, so that a
+    # later `false` carries the latest e-mail.
+    changed_traits = exists().where(
+        S.c.run_id == run_id,
+        S.c.id_kind == M.c.id_kind,
+        S.c.member_id == M.c.member_id,
+        func.coalesce(cast(S.c.traits, Text), "").is_distinct_from(
+            func.coalesce(cast(M.c.traits, Text), "")
+        ),
+    )
+    connection.execute(
+        update(M)
+        .where(of, M.c.desired == true(), changed_traits)
+        .values(traits=_staged_value(run_id, S.c.traits))
+    )
+
+    reentrants = connection.execute(
+        update(M)
+        .where(of, M.c.desired == False, _staged_match(run_id))  # noqa: E712
+        .values(
+            desired=True,
+            status=_status(target, or_(M.c.synced.is_(None), M.c.synced == False)),  # noqa: E712
+            traits=_staged_value(run_id, S.c.traits),
+            anonymous_id=_staged_value(run_id, S.c.anonymous_id),
+            **bump,
+        )
+    )
+    entrant_status: Any = literal("pending")
+    if target.requires_user_id:
+        entrant_status = case((S.c.id_kind == "anonymous", "skipped"), else_="pending")
+    already = exists().where(of, M.c.id_kind == S.c.id_kind, M.c.member_id == S.c.member_id)
+    entrants = connection.execute(
+        insert(M).from_select(
+            [
+                "audience_id",
+                "destination",
+                "id_kind",
+                "member_id",
+                "anonymous_id",
+                "desired",
+                "synced",
+                "version",
+                "changed_at",
+                "traits",
+                "status",
+                "attempts",
+            ],
+            select(
+                literal(audience_id),
+                literal(target.name),
+                S.c.id_kind,
+                S.c.member_id,
+                S.c.anonymous_id,
+                literal(True),
+                literal(None),
+                literal(1),
+                literal(now, M.c.changed_at.type),
+                S.c.traits,
+                entrant_status,
+                literal(0),
+            ).where(S.c.run_id == run_id, ~already),
+        )
+    )
+    plan.added = reentrants.rowcount + entrants.rowcount
+    return plan
+
+
+def mark_full_resync(
+    connection: Connection,
+    audience_id: int,
+    target: DestinationTarget,
+    now: datetime,
+    *,
+    include_exited: bool,
+) -> None:
+    """Make every member pending again (and, with ``include_exited``, every ex-member)."""
+    of = _of(audience_id, target.name)
+    # A new version gives resent messages new messageIds, so destinations that de-duplicate
+    # do not drop the deliberate resend.
+    again = {"version": M.c.version + 1, "status": _status(target, true()), **_RESET}
+    connection.execute(update(M).where(of, M.c.desired == true()).values(synced=None, **again))
+    if include_exited:
+        connection.execute(
+            update(M)
+            .where(of, M.c.desired == False, M.c.synced.is_not(None))  # noqa: E712
+            .values(synced=True, **again)
+        )
+
+
+def count_status(connection: Connection, audience_id: int, destination: str) -> dict[str, int]:
+    """Rows per status for one audience and destination."""
+    rows = connection.execute(
+        select(M.c.status, func.count()).where(_of(audience_id, destination)).group_by(M.c.status)
+    ).all()
+    return {status: int(count) for status, count in rows}
+
+
+def drop_staging(connection: Connection, audience_id: int) -> None:
+    """Delete staged snapshots of this audience (a run's own, or those crashed runs left)."""
+    runs = select(RUNS.c.id).where(RUNS.c.audience_id == audience_id)
+    connection.execute(delete(S).where(S.c.run_id.in_(runs)))

@@ -1,0 +1,543 @@
+"""A run: lease → compute → guard → plan → deliver → record, for one audience."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine, insert, select, update
+
+from sync.config import AudienceConfig, Config
+from sync.db import installation_id
+from sync.delivery import Deliverer, RetryPolicy
+from sync.destinations import Destination, build_destination
+from sync.errors import AudienceSyncError, SourceError, UnknownAudienceError
+from sync.leases import Lease, new_owner_id
+from sync.messages import AudienceContext
+from sync.models import AUDIENCES as A
+from sync.models import RUN_DELIVERIES, RUNS, RunStatus, RunTrigger, utcnow
+from sync.planner import (
+    DestinationPlan,
+    DestinationTarget,
+    count_status,
+    drop_staging,
+    guard_problem,
+    mark_full_resync,
+    plan_destination,
+)
+from sync.sources import make_source_engine
+from sync.staging import SnapshotStats, stage_from_source, stage_in_database
+
+logger = logging.getLogger("sync.runner")
+
+ProgressFactory = Callable[[str, str, int], Callable[[int], None]]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run: a normal delta sync unless told otherwise."""
+
+    full: bool = False
+    include_exited: bool = False
+    dry_run: bool = False
+    force: bool = False
+    trigger: RunTrigger = "manual"
+    wait: float = 0.0
+
+
+@dataclass
+class DestinationReport:
+    """One destination's part of a run."""
+
+    destination: str
+    added: int = 0
+    removed: int = 0
+    pending: int = 0
+    sent: int = 0
+    rejected: int = 0
+    failed: int = 0
+    skipped: int = 0
+    left_pending: int = 0
+    error: str | None = None
+
+
+@dataclass
+class RunReport:
+    """The outcome of one run, as printed by `sync` and stored in `runs`."""
+
+    audience: str
+    key: str
+    status: RunStatus | str
+    run_id: int | None = None
+    members: int = 0
+    invalid: int = 0
+    duplicates: int = 0
+    destinations: list[DestinationReport] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+    invalid_samples: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run neither failed nor was guarded."""
+        return self.status not in ("failed", "guarded", "abandoned")
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {
+            "audience": self.audience,
+            "key": self.key,
+            "status": self.status,
+            "run_id": self.run_id,
+            "members": self.members,
+            "invalid": self.invalid,
+            "duplicates": self.duplicates,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+            "invalid_samples": self.invalid_samples,
+            "dry_run": self.dry_run,
+            "destinations": [vars(d) for d in self.destinations],
+        }
+
+
+def definition_hash(audience: AudienceConfig) -> str:
+    """Fingerprint of what defines an audience's members."""
+    material = "\x1f".join([audience.source, audience.query.strip(), *audience.traits])
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()
+
+
+def ensure_audience(connection: Connection, audience: AudienceConfig) -> int:
+    """The audience's id, creating its row (and freezing its key) on first sync."""
+    key = audience.trait_key
+    row = connection.execute(select(A.c.id, A.c.retired_at, A.c.name).where(A.c.key == key)).first()
+    digest = definition_hash(audience)
+    if row is None:
+        result = connection.execute(
+            insert(A).values(
+                key=key, name=audience.name, definition_hash=digest, created_at=utcnow()
+            )
+        )
+        return int(result.inserted_primary_key[0])  # type: ignore[index]
+    if row.retired_at is not None:
+        if not audience.allow_key_reuse:
+            raise AudienceSyncError(
+                f'audience "{audience.name}": the key "{key}" belonged to the retired audience '
+                f'"{row.name}"; choose another key or set allow_key_reuse = true'
+            )
+        connection.execute(update(A).where(A.c.id == row.id).values(retired_at=None))
+    connection.execute(
+        update(A).where(A.c.id == row.id).values(name=audience.name, definition_hash=digest)
+    )
+    return int(row.id)
+
+
+class Syncer:
+    """Runs audiences against one state database. Thread-safe for different audiences."""
+
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        *,
+        owner: str | None = None,
+        stop: threading.Event | None = None,
+        progress: ProgressFactory | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.owner = owner or new_owner_id()
+        self.stop = stop or threading.Event()
+        self.progress = progress
+        defaults = config.defaults
+        self.policy = RetryPolicy(
+            initial_delay=defaults.retry_initial_delay,
+            max_delay=defaults.retry_max_delay,
+            time_budget=defaults.delivery_time_budget,
+            max_attempts=defaults.max_attempts,
+        )
+
+    def resolve(self, names: list[str]) -> list[AudienceConfig]:
+        """Audiences by name or key; all of them when ``names`` is empty."""
+        if not names:
+            return list(self.config.audiences)
+        found = []
+        for name in names:
+            audience = self.config.find_audience(name)
+            if audience is None:
+                known = ", ".join(a.trait_key for a in self.config.audiences) or "none"
+                raise UnknownAudienceError(f'no audience named "{name}" (keys: {known})')
+            found.append(audience)
+        return found
+
+    # --- one run ---------------------------------------------------------------------------
+
+    def sync(self, audience: AudienceConfig, options: RunOptions | None = None) -> RunReport:
+        """Run one audience now."""
+        options = options or RunOptions()
+        started = time.monotonic()
+        report = RunReport(audience.name, audience.trait_key, "running", dry_run=options.dry_run)
+        if options.dry_run:
+            self._dry_run(audience, options, report)
+            report.seconds = time.monotonic() - started
+            return report
+        with self.engine.begin() as connection:
+            audience_id = ensure_audience(connection, audience)
+            install = installation_id(connection)
+        lease = Lease(self.engine, audience_id, audience.name, self.owner)
+        abandoned = lease.acquire(options.wait)
+        if abandoned:
+            logger.warning(
+                'audience "%s": marked %d run(s) abandoned by a crashed process',
+                audience.name,
+                abandoned,
+            )
+        try:
+            with self.engine.begin() as connection:
+                report.run_id = self._start_run(connection, audience_id, options)
+            self._run(audience, audience_id, install, options, report, lease)
+        finally:
+            lease.release()
+        report.seconds = time.monotonic() - started
+        self._log_summary(report)
+        return report
+
+    def _start_run(self, connection: Connection, audience_id: int, options: RunOptions) -> int:
+        trigger: RunTrigger = (
+            "full" if options.full and options.trigger == "manual" else options.trigger
+        )
+        result = connection.execute(
+            insert(RUNS).values(
+                audience_id=audience_id,
+                trigger=trigger,
+                status="running",
+                owner=self.owner,
+                started_at=utcnow(),
+                members=0,
+                added=0,
+                removed=0,
+                sent=0,
+                rejected=0,
+                invalid=0,
+                duplicates=0,
+                skipped=0,
+            )
+        )
+        return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+    def _targets(self, audience: AudienceConfig) -> list[tuple[DestinationTarget, Destination]]:
+        pairs = []
+        for name in audience.destinations:
+            destination = build_destination(self.config, name)
+            pairs.append((DestinationTarget(name, destination.requires_user_id), destination))
+        return pairs
+
+    def _compute(
+        self, connection: Connection, audience: AudienceConfig, run_id: int, commit: bool
+    ) -> SnapshotStats:
+        source = self.config.sources[audience.source]
+        if source.url == self.config.state.url:
+            return stage_in_database(
+                connection,
+                run_id,
+                audience=audience.name,
+                source_name=audience.source,
+                query=audience.query,
+                traits=audience.traits,
+            )
+        if source.demo:
+            from sync.demo import ensure_demo_warehouse
+
+            ensure_demo_warehouse(source.url)
+        engine = make_source_engine(audience.source, source.url)
+        try:
+            return stage_from_source(
+                engine,
+                connection,
+                run_id,
+                audience=audience.name,
+                source_name=audience.source,
+                query=audience.query,
+                traits=audience.traits,
+                chunk_size=source.chunk_size,
+                commit_each_chunk=commit,
+            )
+        finally:
+            engine.dispose()
+
+    def _plan(
+        self,
+        connection: Connection,
+        audience: AudienceConfig,
+        audience_id: int,
+        run_id: int,
+        targets: list[DestinationTarget],
+        stats: SnapshotStats,
+        options: RunOptions,
+    ) -> tuple[str | None, list[DestinationPlan]]:
+        problem = guard_problem(
+            connection,
+            audience_id,
+            run_id,
+            targets,
+            stats.staged,
+            max_removal_ratio=self.config.max_removal_ratio_of(audience),
+            min_members=self.config.guard_min_members_of(audience),
+            audience_name=audience.name,
+        )
+        if problem and not options.force:
+            return problem, []
+        now = utcnow()
+        plans = []
+        for target in targets:
+            plan = plan_destination(connection, audience_id, run_id, target, now)
+            if options.full:
+                mark_full_resync(
+                    connection, audience_id, target, now, include_exited=options.include_exited
+                )
+            counts = count_status(connection, audience_id, target.name)
+            plan.pending = counts.get("pending", 0) + counts.get("rejected", 0)
+            plan.skipped = counts.get("skipped", 0)
+            plans.append(plan)
+        return None, plans
+
+    def _dry_run(self, audience: AudienceConfig, options: RunOptions, report: RunReport) -> None:
+        """Compute and plan inside one transaction, report, and roll everything back."""
+        targets = [t for t, d in self._targets(audience)]
+        with self.engine.connect() as connection:
+            try:
+                audience_id = ensure_audience(connection, audience)
+                run_id = self._start_run(connection, audience_id, options)
+                stats = self._compute(connection, audience, run_id, commit=False)
+                self._fill_snapshot(report, stats)
+                problem, plans = self._plan(
+                    connection, audience, audience_id, run_id, targets, stats, options
+                )
+                report.status = "guarded" if problem else "planned"
+                report.error = problem
+                report.destinations = [
+                    DestinationReport(
+                        p.destination,
+                        added=p.added,
+                        removed=p.removed,
+                        pending=p.pending,
+                        skipped=p.skipped,
+                    )
+                    for p in plans
+                ]
+            except SourceError as exc:
+                report.status, report.error = "failed", str(exc)
+            finally:
+                connection.rollback()
+
+    @staticmethod
+    def _fill_snapshot(report: RunReport, stats: SnapshotStats) -> None:
+        report.members = stats.staged
+        report.invalid = stats.invalid
+        report.duplicates = stats.duplicates
+        report.invalid_samples = list(stats.samples)
+
+    def _run(
+        self,
+        audience: AudienceConfig,
+        audience_id: int,
+        install: str,
+        options: RunOptions,
+        report: RunReport,
+        lease: Lease,
+    ) -> None:
+        assert report.run_id is not None
+        run_id = report.run_id
+        timings: dict[str, float] = {}
+        pairs = self._targets(audience)
+        try:
+            t0 = time.monotonic()
+            with self.engine.connect() as connection:
+                drop_staging(connection, audience_id)
+                connection.commit()
+                try:
+                    stats = self._compute(connection, audience, run_id, commit=True)
+                    connection.commit()
+                except SourceError:
+                    connection.rollback()
+                    drop_staging(connection, audience_id)
+                    connection.commit()
+                    raise
+                timings["compute_seconds"] = time.monotonic() - t0
+                self._fill_snapshot(report, stats)
+                lease.renew()
+                t1 = time.monotonic()
+                problem, plans = self._plan(
+                    connection,
+                    audience,
+                    audience_id,
+                    run_id,
+                    [t for t, _ in pairs],
+                    stats,
+                    options,
+                )
+                if problem:
+                    connection.rollback()
+                drop_staging(connection, audience_id)
+                timings["plan_seconds"] = time.monotonic() - t1
+                report.destinations = [
+                    DestinationReport(
+                        p.destination,
+                        added=p.added,
+                        removed=p.removed,
+                        pending=p.pending,
+                        skipped=p.skipped,
+                    )
+                    for p in plans
+                ]
+                if problem:
+                    report.status, report.error = "guarded", problem
+                    self._finish(connection, report, timings)
+                    connection.commit()
+                    return
+                # The plan and the run's planned counts commit together, before any send.
+                self._finish(connection, report, timings, status="running")
+                connection.commit()
+            t2 = time.monotonic()
+            self._deliver(audience, audience_id, install, pairs, report, lease)
+            timings["deliver_seconds"] = time.monotonic() - t2
+            report.status = self._status_after_delivery(report)
+        except SourceError as exc:
+            report.status, report.error = "failed", str(exc)
+        except AudienceSyncError as exc:
+            report.status, report.error = "failed", str(exc)
+        except BaseException as exc:
+            report.status = "failed"
+            report.error = f"unexpected {type(exc).__name__}: {exc}"
+            self._finish_safely(report, timings)
+            raise
+        finally:
+            for _, destination in pairs:
+                destination.close()
+        self._finish_safely(report, timings)
+
+    def _deliver(
+        self,
+        audience: AudienceConfig,
+        audience_id: int,
+        install: str,
+        pairs: list[tuple[DestinationTarget, Destination]],
+        report: RunReport,
+        lease: Lease,
+    ) -> None:
+        deadline = time.monotonic() + self.policy.time_budget
+        by_name = {d.destination: d for d in report.destinations}
+        for target, destination in pairs:
+            if self.stop.is_set():
+                break
+            settings = self.config.destinations[target.name]
+            context = AudienceContext(
+                installation_id=install,
+                audience_id=audience_id,
+                key=audience.trait_key,
+                destination=target.name,
+                mode=settings.mode,
+                space_id=settings.space_id,
+                namespace=settings.namespace,
+                integrations=destination.integrations,
+            )
+            entry = by_name[target.name]
+            progress = (
+                self.progress(audience.trait_key, target.name, entry.pending)
+                if self.progress
+                else None
+            )
+            stats = Deliverer(
+                self.engine,
+                audience_id,
+                context,
+                destination,
+                self.policy,
+                deadline=deadline,
+                stop=self.stop,
+                heartbeat=lease.renew,
+                progress=progress,
+            ).run()
+            entry.sent, entry.rejected = stats.sent, stats.rejected
+            with self.engine.connect() as connection:
+                counts = count_status(connection, audience_id, target.name)
+            entry.failed = counts.get("failed", 0)
+            entry.left_pending = counts.get("pending", 0) + counts.get("rejected", 0)
+            entry.error = stats.error
+            if stats.fatal:
+                report.error = stats.error
+
+    @staticmethod
+    def _status_after_delivery(report: RunReport) -> RunStatus:
+        if report.error:
+            return "failed"
+        if any(d.left_pending or d.rejected or d.failed for d in report.destinations):
+            return "partial"
+        return "succeeded"
+
+    def _finish(
+        self,
+        connection: Connection,
+        report: RunReport,
+        timings: dict[str, float],
+        status: str | None = None,
+    ) -> None:
+        assert report.run_id is not None
+        final = status is None
+        connection.execute(
+            update(RUNS)
+            .where(RUNS.c.id == report.run_id)
+            .values(
+                status=status or report.status,
+                finished_at=utcnow() if final else None,
+                members=report.members,
+                added=sum(d.added for d in report.destinations),
+                removed=sum(d.removed for d in report.destinations),
+                sent=sum(d.sent for d in report.destinations),
+                rejected=sum(d.rejected for d in report.destinations),
+                invalid=report.invalid,
+                duplicates=report.duplicates,
+                skipped=sum(d.skipped for d in report.destinations),
+                error=report.error,
+                invalid_samples=report.invalid_samples or None,
+                **timings,
+            )
+        )
+        if final:
+            table = RUN_DELIVERIES
+            connection.execute(table.delete().where(table.c.run_id == report.run_id))
+            if report.destinations:
+                connection.execute(
+                    table.insert(),
+                    [{"run_id": report.run_id, **vars(d)} for d in report.destinations],
+                )
+
+    def _finish_safely(self, report: RunReport, timings: dict[str, float]) -> None:
+        with self.engine.begin() as connection:
+            self._finish(connection, report, timings)
+
+    def _log_summary(self, report: RunReport) -> None:
+        parts = ", ".join(
+            f"{d.destination}: +{d.added} -{d.removed} sent {d.sent}"
+            + (f" rejected {d.rejected}" if d.rejected else "")
+            + (f" left {d.left_pending}" if d.left_pending else "")
+            for d in report.destinations
+        )
+        level = logging.INFO if report.ok else logging.ERROR
+        logger.log(
+            level,
+            'run %s audience "%s": %s, %d members, %d invalid (%s) in %.1fs%s',
+            report.run_id,
+            report.key,
+            report.status,
+            report.members,
+            report.invalid,
+            parts or "no destinations planned",
+            report.seconds,
+            f": {report.error}" if report.error else "",
+        )

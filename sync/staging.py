@@ -1,0 +1,317 @@
+"""Compute: stream an audience query into the staging table, validating every row.
+
+Rows travel in chunks (server-side cursors where the driver has them), never as a whole set in
+Python memory. When the source is the state database itself, the snapshot is staged with one
+``INSERT … SELECT`` and no row passes through Python.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import decimal
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Insert,
+    String,
+    Text,
+    and_,
+    case,
+    cast,
+    func,
+    insert,
+    literal,
+    literal_column,
+    null,
+    or_,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import SQLAlchemyError
+
+from sync.errors import SourceError
+from sync.models import MAX_MEMBER_ID_LENGTH, STAGED
+
+# Invalid rows kept as examples on the run (the rest are only counted).
+MAX_INVALID_SAMPLES = 5
+# Characters that make an id unusable as a userId (they break logs, CSV exports and lookups).
+FORBIDDEN_ID_CHARACTERS = ("\n", "\r", "\t", "\x00")
+
+
+@dataclass
+class SnapshotStats:
+    """What compute found in the audience query's result."""
+
+    rows: int = 0
+    staged: int = 0
+    invalid: int = 0
+    duplicates: int = 0
+    samples: list[str] = field(default_factory=list)
+
+    def add_invalid(self, description: str) -> None:
+        """Count one invalid row, keeping a few as examples."""
+        self.invalid += 1
+        if len(self.samples) < MAX_INVALID_SAMPLES:
+            self.samples.append(description)
+
+
+def insert_ignoring_duplicates(connection: Connection) -> Insert:
+    """``INSERT`` into the staging table that silently skips a member already staged."""
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(STAGED).on_conflict_do_nothing()
+    if dialect in ("mysql", "mariadb"):
+        return insert(STAGED).prefix_with("IGNORE")
+    return insert(STAGED).prefix_with("OR IGNORE")
+
+
+def _query_problem(columns: Sequence[str], traits: Sequence[str]) -> str | None:
+    names = set(columns)
+    if "user_id" not in names and "anonymous_id" not in names:
+        return (
+            f"returns the columns {', '.join(columns) or '(none)'}; it needs a user_id column "
+            "(or anonymous_id)"
+        )
+    missing = [t for t in traits if t not in names]
+    if missing:
+        return (
+            f"lists traits {', '.join(missing)} that are not columns of its result "
+            f"(columns: {', '.join(columns)})"
+        )
+    return None
+
+
+def json_value(value: Any) -> Any:
+    """A trait value as JSON: dates as ISO-8601, decimals as numbers, bytes as text."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            return None
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return base64.b64encode(raw).decode("ascii")
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    return str(value)
+
+
+def normalize_id(value: Any) -> tuple[str | None, str | None]:
+    """Return ``(id, None)`` for a usable id, ``(None, None)`` when absent, or
+    ``(None, reason)`` when present but unusable."""
+    if value is None:
+        return None, None
+    if isinstance(value, bool):
+        return None, f"id {value!r} is a boolean, not text"
+    if isinstance(value, int):
+        text_id = str(value)
+    elif (
+        isinstance(value, float | decimal.Decimal) and math.isfinite(value) and value == int(value)
+    ):
+        text_id = str(int(value))
+    elif isinstance(value, str):
+        text_id = value
+    elif isinstance(value, uuid.UUID):
+        text_id = str(value)
+    else:
+        return None, f"id of type {type(value).__name__} is not text"
+    if not text_id.strip():
+        return None, None
+    if len(text_id) > MAX_MEMBER_ID_LENGTH:
+        return None, f"id of {len(text_id)} characters (at most {MAX_MEMBER_ID_LENGTH})"
+    if any(c in text_id for c in FORBIDDEN_ID_CHARACTERS):
+        return None, f"id {text_id[:40]!r} contains a newline, tab or NUL"
+    return text_id, None
+
+
+def validate_row(
+    row: Sequence[Any],
+    user_index: int | None,
+    anon_index: int | None,
+    trait_indexes: Sequence[tuple[str, int]],
+) -> dict[str, Any] | str:
+    """A staging row for one query row, or why the row is invalid."""
+    user_id, user_problem = (
+        normalize_id(row[user_index]) if user_index is not None else (None, None)
+    )
+    anon_id, anon_problem = (
+        normalize_id(row[anon_index]) if anon_index is not None else (None, None)
+    )
+    if user_problem:
+        return f"user_id: {user_problem}"
+    if user_id is None and anon_problem:
+        return f"anonymous_id: {anon_problem}"
+    if user_id is None and anon_id is None:
+        return "no user_id or anonymous_id (NULL or blank)"
+    traits = {name: json_value(row[index]) for name, index in trait_indexes} or None
+    if user_id is not None:
+        return {
+            "id_kind": "user",
+            "member_id": user_id,
+            "anonymous_id": anon_id,
+            "traits": traits,
+        }
+    return {"id_kind": "anonymous", "member_id": anon_id, "anonymous_id": None, "traits": traits}
+
+
+def _source_error(audience: str, source: str, exc: SQLAlchemyError) -> SourceError:
+    reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+    return SourceError(f'audience "{audience}": query failed on source "{source}": {reason}')
+
+
+def stage_from_source(
+    source: Engine,
+    state: Connection,
+    run_id: int,
+    *,
+    audience: str,
+    source_name: str,
+    query: str,
+    traits: Sequence[str],
+    chunk_size: int,
+    commit_each_chunk: bool = True,
+) -> SnapshotStats:
+    """Stream the query's rows from ``source`` into the staging table of ``state``."""
+    stats = SnapshotStats()
+    statement = insert_ignoring_duplicates(state)
+    try:
+        with source.connect() as connection:
+            result = connection.execution_options(
+                stream_results=True, yield_per=chunk_size
+            ).execute(text(query))
+            columns = list(result.keys())
+            if problem := _query_problem(columns, traits):
+                raise SourceError(f'audience "{audience}": the query {problem}')
+            user_index = columns.index("user_id") if "user_id" in columns else None
+            anon_index = columns.index("anonymous_id") if "anonymous_id" in columns else None
+            trait_indexes = [(name, columns.index(name)) for name in traits]
+            for chunk in result.partitions(chunk_size):
+                staged_rows: list[dict[str, Any]] = []
+                for row in chunk:
+                    stats.rows += 1
+                    checked = validate_row(row, user_index, anon_index, trait_indexes)
+                    if isinstance(checked, str):
+                        stats.add_invalid(f"row {stats.rows}: {checked}")
+                        continue
+                    checked["run_id"] = run_id
+                    staged_rows.append(checked)
+                if staged_rows:
+                    state.execute(statement, staged_rows)
+                if commit_each_chunk:
+                    state.commit()
+    except SQLAlchemyError as exc:
+        raise _source_error(audience, source_name, exc) from None
+    stats.staged = count_staged(state, run_id)
+    stats.duplicates = stats.rows - stats.invalid - stats.staged
+    return stats
+
+
+def count_staged(connection: Connection, run_id: int) -> int:
+    """How many distinct members a run staged."""
+    query = select(func.count()).select_from(STAGED).where(STAGED.c.run_id == run_id)
+    return int(connection.execute(query).scalar_one())
+
+
+def stage_in_database(
+    state: Connection,
+    run_id: int,
+    *,
+    audience: str,
+    source_name: str,
+    query: str,
+    traits: Sequence[str],
+) -> SnapshotStats:
+    """Stage with one ``INSERT … SELECT`` when the source is the state database itself."""
+    body = query.strip().rstrip(";")
+    dialect = state.dialect.name
+    try:
+        probe = state.execute(text(f"SELECT * FROM ({body}) AS q WHERE 1 = 0"))
+        columns = list(probe.keys())
+        probe.close()
+        if problem := _query_problem(columns, traits):
+            raise SourceError(f'audience "{audience}": the query {problem}')
+        source = text(body).columns().subquery("q")
+
+        def id_parts(column: str) -> tuple[Any, Any, Any]:
+            """The id as text, whether it is present, and whether it is usable."""
+            if column not in columns:
+                return null(), literal(False), literal(False)
+            value = cast(literal_column(f"q.{column}"), Text)
+            position = func.strpos if dialect == "postgresql" else func.instr
+            present = and_(value.is_not(None), func.trim(value) != "")
+            clean = and_(
+                present,
+                func.length(value) <= MAX_MEMBER_ID_LENGTH,
+                *[func.coalesce(position(value, literal(c)), 0) == 0 for c in "\n\r\t"],
+            )
+            return value, present, clean
+
+        user_value, user_present, user_clean = id_parts("user_id")
+        anon_value, _anon_present, anon_clean = id_parts("anonymous_id")
+        valid = or_(user_clean, and_(~user_present, anon_clean))
+        if traits:
+            builder = func.json_build_object if dialect == "postgresql" else func.json_object
+            pairs: list[Any] = []
+            for name in traits:
+                pairs += [literal(name), literal_column(f"q.{name}")]
+            traits_json: Any = builder(*pairs)
+        else:
+            traits_json = null()
+        snapshot = (
+            select(
+                literal(run_id).label("run_id"),
+                case((user_present, "user"), else_="anonymous").label("id_kind"),
+                cast(case((user_present, user_value), else_=anon_value), String).label("member_id"),
+                case(
+                    (user_present, anon_value if "anonymous_id" in columns else null()),
+                    else_=null(),
+                ).label("anonymous_id"),
+                traits_json.label("traits"),
+            )
+            .select_from(source)
+            .where(valid)
+        )
+        counts = state.execute(
+            select(func.count(), func.sum(case((valid, 1), else_=0))).select_from(source)
+        ).one()
+        state.execute(
+            insert_ignoring_duplicates(state).from_select(
+                ["run_id", "id_kind", "member_id", "anonymous_id", "traits"], snapshot
+            )
+        )
+        stats = SnapshotStats(rows=int(counts[0]), staged=count_staged(state, run_id))
+        stats.invalid = stats.rows - int(counts[1] or 0)
+        if stats.invalid:
+            samples = state.execute(
+                select(user_value.label("u"), anon_value.label("a"))
+                .select_from(source)
+                .where(~valid)
+                .limit(MAX_INVALID_SAMPLES)
+            ).all()
+            stats.samples = [
+                f"invalid id: user_id={u!r} anonymous_id={a!r}"[:200] for u, a in samples
+            ]
+    except SQLAlchemyError as exc:
+        raise _source_error(audience, source_name, exc) from None
+    stats.duplicates = stats.rows - stats.invalid - stats.staged
+    return stats
