@@ -209,7 +209,8 @@ def plan_destination(
                 entrant_status,
                 literal(0),
             ).where(S.c.run_id == run_id, ~already),
-        )
+        ),
+        execution_options={"preserve_rowcount": True},
     )
     plan.added = reentrants.rowcount + entrants.rowcount
     return plan

@@ -6,12 +6,17 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from sync.db import make_state_engine, upgrade
+
+if TYPE_CHECKING:
+    from tests.harness import Harness
+    from tests.receiver import Receiver
 
 POSTGRES_ENV = "AUDIENCE_SYNC_TEST_POSTGRES_URL"
 REPO = Path(__file__).resolve().parent.parent
@@ -75,3 +80,21 @@ def state_engine(bare_engine: Engine) -> Engine:
     """An engine on a state database migrated to head."""
     upgrade(bare_engine)
     return bare_engine
+
+
+@pytest.fixture
+def receiver() -> Iterator["Receiver"]:
+    """A real Segment-compatible receiver on 127.0.0.1 expecting the test write key."""
+    from tests.harness import WRITE_KEY
+    from tests.receiver import Receiver
+
+    with Receiver(write_key=WRITE_KEY).running() as running:
+        yield running
+
+
+@pytest.fixture
+def harness(tmp_path: Path, state_engine: Engine, receiver: "Receiver") -> "Harness":
+    """A warehouse, a config pointing at the receiver, and a migrated state DB."""
+    from tests.harness import Harness
+
+    return Harness(tmp_path, state_engine, receiver.url)
