@@ -363,13 +363,7 @@ class Deliverer:
                 out_of_time = time.monotonic() + delay > self.deadline
                 if out_of_time or self.stop.is_set() or self._abort.is_set():
                     return _BatchResult(left=units, left_reason=str(exc), retry_delay=delay)
-                logger.warning(
-                    'destination "%s": %s; retry %d in %.1fs',
-                    self.context.destination,
-                    exc,
-                    attempt,
-                    delay,
-                )
+                logger.warning("%s; retry %d in %.1fs", exc, attempt, delay)
                 if self.stop.wait(delay) or self._abort.is_set():
                     return _BatchResult(left=units, left_reason=str(exc), retry_delay=delay)
 

@@ -83,7 +83,7 @@ def state_engine(bare_engine: Engine) -> Engine:
 
 
 @pytest.fixture
-def receiver() -> Iterator["Receiver"]:
+def receiver() -> Iterator[Receiver]:
     """A real Segment-compatible receiver on 127.0.0.1 expecting the test write key."""
     from tests.harness import WRITE_KEY
     from tests.receiver import Receiver
@@ -93,7 +93,7 @@ def receiver() -> Iterator["Receiver"]:
 
 
 @pytest.fixture
-def harness(tmp_path: Path, state_engine: Engine, receiver: "Receiver") -> "Harness":
+def harness(tmp_path: Path, state_engine: Engine, receiver: Receiver) -> Harness:
     """A warehouse, a config pointing at the receiver, and a migrated state DB."""
     from tests.harness import Harness
 

@@ -18,7 +18,9 @@ WRITE_KEY = "wk_test_secret_123"
 class Harness:
     """Owns a warehouse file and a config; runs syncs against ``engine``."""
 
-    def __init__(self, tmp_path: Path, engine: Engine, receiver_url: str = "http://127.0.0.1:9") -> None:
+    def __init__(
+        self, tmp_path: Path, engine: Engine, receiver_url: str = "http://127.0.0.1:9"
+    ) -> None:
         self.tmp_path = tmp_path
         self.engine = engine
         self.receiver_url = receiver_url
@@ -57,7 +59,7 @@ class Harness:
                 db.execute("INSERT INTO members VALUES (?, ?, ?)", (*row, None, None)[:3])
         db.close()
 
-    def config(self) -> Config:
+    def config_text(self) -> str:
         lines = [f'[state]\nurl = "{self.engine.url.render_as_string(hide_password=False)}"']
         lines.append(f'[sources.warehouse]\nurl = "{self.source_url}"\nchunk_size = 1000')
         for name, settings in self.destinations.items():
@@ -68,7 +70,16 @@ class Harness:
         lines.append("[[audiences]]")
         lines.append('source = "warehouse"')
         lines += [f"{k} = {_toml(v)}" for k, v in self.audience.items()]
-        return parse_config("\n".join(lines), "test.toml", self.tmp_path, {})
+        return "\n".join(lines)
+
+    def config(self) -> Config:
+        return parse_config(self.config_text(), "test.toml", self.tmp_path, {})
+
+    def write_config(self) -> Path:
+        """The config as a file, for CLI tests."""
+        path = self.tmp_path / "audience-sync.toml"
+        path.write_text(self.config_text())
+        return path
 
     def sync(self, **options: Any) -> RunReport:
         config = self.config()

@@ -85,7 +85,7 @@ class Receiver:
             return Scripted(400, '{"error": "bad json"}'), None
         if scripted is not None:
             return scripted, body
-        if self.write_key is not None:
+        if self.write_key is not None and path == "/v1/batch":
             expected = "Basic " + base64.b64encode(f"{self.write_key}:".encode()).decode()
             if headers.get("authorization") != expected:
                 return Scripted(401, '{"error": "invalid write key"}'), body

@@ -17,14 +17,18 @@ def values(messages: list[dict]) -> dict[str, bool]:
     return {m["userId"]: m["traits"][KEY] for m in messages}
 
 
-def test_first_sync_sends_every_member_then_only_changes(harness: Harness, receiver: Receiver) -> None:
+def test_first_sync_sends_every_member_then_only_changes(
+    harness: Harness, receiver: Receiver
+) -> None:
     harness.set_members([f"u{i:03d}" for i in range(250)])
     report = harness.sync()
     assert report.status == "succeeded", report.error
     sent = receiver.messages()
     assert len(sent) == 250
     assert values(sent) == {f"u{i:03d}": True for i in range(250)}
-    assert all(m["type"] == "identify" and m["traits"]["email"].endswith("@example.com") for m in sent)
+    assert all(
+        m["type"] == "identify" and m["traits"]["email"].endswith("@example.com") for m in sent
+    )
     assert report.destinations[0].sent == 250 and report.destinations[0].added == 250
 
     receiver.reset()
@@ -34,7 +38,10 @@ def test_first_sync_sends_every_member_then_only_changes(harness: Harness, recei
     harness.set_members([f"u{i:03d}" for i in range(10, 260)])  # 10 leave, 10 enter
     report = harness.sync()
     changes = values(receiver.messages())
-    assert changes == {**{f"u{i:03d}": False for i in range(10)}, **{f"u{i:03d}": True for i in range(250, 260)}}
+    assert changes == {
+        **{f"u{i:03d}": False for i in range(10)},
+        **{f"u{i:03d}": True for i in range(250, 260)},
+    }
     entry = report.destinations[0]
     assert (entry.added, entry.removed, entry.sent) == (10, 10, 20)
     # A leaver's false still carries the traits it had.
@@ -58,7 +65,9 @@ def test_requests_follow_the_segment_spec(harness: Harness, receiver: Receiver) 
             assert len(message["messageId"]) < 100
             assert ISO.match(message["timestamp"])
             personas = message["context"]["personas"]
-            assert personas["computation_class"] == "audience" and personas["computation_key"] == KEY
+            assert (
+                personas["computation_class"] == "audience" and personas["computation_key"] == KEY
+            )
             assert message["context"]["library"]["name"] == "audience-sync"
     # Batches are cut in member order (they may complete in any order: 4 are in flight).
     in_batches = sorted([m["userId"] for m in b.body["batch"]] for b in batches)
@@ -94,7 +103,9 @@ def test_resends_reuse_the_message_id(harness: Harness, receiver: Receiver) -> N
     failed_ids = {m["messageId"] for r in receiver.requests for m in r.body["batch"]}
     receiver.script = []
     rows = harness.memberships()
-    assert all(r.synced is None and r.status == "pending" and "503" in r.last_error for r in rows.values())
+    assert all(
+        r.synced is None and r.status == "pending" and "503" in r.last_error for r in rows.values()
+    )
     with harness.engine.begin() as connection:  # make the backoff expire now
         from sync.models import MEMBERSHIPS
 
@@ -165,7 +176,9 @@ def test_bad_credentials_fail_the_run(harness: Harness, receiver: Receiver) -> N
     assert harness.runs()[-1].status == "failed"
 
 
-def test_timeouts_leave_rows_pending_and_the_run_partial(harness: Harness, receiver: Receiver) -> None:
+def test_timeouts_leave_rows_pending_and_the_run_partial(
+    harness: Harness, receiver: Receiver
+) -> None:
     harness.destinations["segment"]["timeout"] = 0.2
     harness.defaults["delivery_time_budget"] = "1s"
     receiver.delay = 0.6
@@ -263,7 +276,9 @@ def test_dry_run_writes_nothing_and_sends_nothing(harness: Harness, receiver: Re
     assert (harness.memberships(), harness.runs()) == snapshot
 
 
-def test_new_destination_gets_a_full_send_of_its_own(harness: Harness, receiver: Receiver, tmp_path) -> None:
+def test_new_destination_gets_a_full_send_of_its_own(
+    harness: Harness, receiver: Receiver, tmp_path
+) -> None:
     harness.set_members(["a", "b"])
     harness.sync()
     harness.destinations["preview"] = {"type": "file", "path": "out.jsonl"}
