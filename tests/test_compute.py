@@ -177,6 +177,7 @@ def test_postgresql_sources_run_in_read_only_transactions(
     with source.begin() as connection:
         connection.execute(text("CREATE TABLE members (user_id TEXT, email TEXT)"))
         connection.execute(text("INSERT INTO members VALUES ('p1', 'p1@x.co')"))
+        connection.execute(text("CREATE SEQUENCE counter"))
     state = make_state_engine(f"sqlite:///{tmp_path / 'state.db'}")
     try:
         upgrade(state)
@@ -184,11 +185,12 @@ def test_postgresql_sources_run_in_read_only_transactions(
         harness.source_url = postgres_schema_url
         report = harness.sync()
         assert report.status == "succeeded" and [m["userId"] for m in receiver.messages()] == ["p1"]
-        harness.audience["query"] = "DELETE FROM members RETURNING user_id, email"
+        # A query with a side effect (nextval writes) is refused by the read-only transaction.
+        harness.audience["query"] = "SELECT user_id, email, nextval('counter') AS n FROM members"
         report = harness.sync()
         assert report.status == "failed" and "read-only transaction" in report.error
         with source.connect() as connection:
-            assert connection.execute(text("SELECT COUNT(*) FROM members")).scalar() == 1
+            assert connection.execute(text("SELECT nextval('counter')")).scalar() == 1
     finally:
         state.dispose()
         source.dispose()
