@@ -2,6 +2,7 @@
 
 ``load_config`` is the only place that reads TOML or the environment. Every problem is reported
 with its TOML path (``audiences[2].schedule``) and what to write instead, in one ``ConfigError``.
+The models live in ``sync.config_models`` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,246 +13,55 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-)
+from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from sync.config_models import (
+    DEFAULT_CONFIG_PATH,
+    DESTINATION_TYPES,
+    SEGMENT_MAX_BATCH_BYTES,
+    SEGMENT_MAX_BATCH_MESSAGES,
+    SEGMENT_MAX_MESSAGE_BYTES,
+    AudienceConfig,
+    Config,
+    DaemonConfig,
+    Defaults,
+    Destination,
+    DestinationMode,
+    FileDestination,
+    SegmentDestination,
+    SourceConfig,
+    StateConfig,
+    WebhookDestination,
+    WishpondDestination,
+)
 from sync.errors import ConfigError
-from sync.keys import derive_key, key_problem, name_key_problem
-from sync.schedule import Schedule, parse_duration, parse_schedule
+from sync.keys import derive_key, name_key_problem
 
-DEFAULT_CONFIG_PATH = "audience-sync.toml"
-
-# Segment HTTP Tracking API limits (segment.com/docs/connections/sources/catalog/libraries/
-# server/http-api/#max-request-size): 500 KB per batch request, 32 KB per message, and the
-# batch endpoint takes at most 2,500 messages.
-SEGMENT_MAX_BATCH_MESSAGES = 2500
-SEGMENT_MAX_BATCH_BYTES = 500 * 1024
-SEGMENT_MAX_MESSAGE_BYTES = 32 * 1024
-
-DestinationMode = Literal["identify", "track", "both"]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-def _duration(value: Any) -> float:
-    return parse_duration(value)
-
-
-class StateConfig(_Model):
-    """Where audience-sync keeps its own state."""
-
-    url: str = "sqlite:///audience-sync.db"
-    auto_upgrade: bool = False
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        return _check_sqlalchemy_url(value)
-
-
-class SourceConfig(_Model):
-    """A database that audience queries run on."""
-
-    url: str
-    chunk_size: int = Field(default=10_000, gt=0, le=1_000_000)
-    # The SQLite file is audience-sync's demo warehouse: created (by `demo`, `sync`, `run`)
-    # when missing, so the example config works on a fresh clone.
-    demo: bool = False
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        return _check_sqlalchemy_url(value)
-
-
-class _DestinationBase(_Model):
-    mode: DestinationMode = "identify"
-    space_id: str = ""
-    namespace: str = ""
-
-
-class _HttpDestination(_DestinationBase):
-    batch_size: int = Field(default=500, gt=0, le=SEGMENT_MAX_BATCH_MESSAGES)
-    max_batch_bytes: int = Field(
-        default=SEGMENT_MAX_BATCH_BYTES, gt=1024, le=SEGMENT_MAX_BATCH_BYTES
-    )
-    timeout: float = Field(default=15.0, gt=0)
-    concurrency: int = Field(default=4, gt=0, le=64)
-    gzip: bool = False
-
-
-class SegmentDestination(_HttpDestination):
-    """Segment's HTTP Tracking API, or any collector that speaks it (RudderStack, ...)."""
-
-    type: Literal["segment"]
-    write_key: SecretStr
-    endpoint: str = "https://api.segment.io"
-    integrations: dict[str, Any] | None = None
-
-
-class WishpondDestination(_HttpDestination):
-    """Segment, routing only to Wishpond (see README: Wishpond is browser-only in Segment)."""
-
-    type: Literal["wishpond"]
-    write_key: SecretStr
-    endpoint: str = "https://api.segment.io"
-    merchant_id: str = ""
-    tracking_key: SecretStr | None = None
-
-
-class WebhookDestination(_HttpDestination):
-    """POST JSON batches to any URL, signed with HMAC-SHA256 when a secret is set."""
-
-    type: Literal["webhook"]
-    url: str
-    secret: SecretStr | None = None
-    signature_header: str = "X-Audience-Sync-Signature"
-    headers: dict[str, str] = Field(default_factory=dict)
-
-
-class FileDestination(_DestinationBase):
-    """Append one Segment-spec message per line to a local JSONL file."""
-
-    type: Literal["file"]
-    path: str
-    batch_size: int = Field(default=1000, gt=0, le=100_000)
-
-
-Destination = Annotated[
-    SegmentDestination | WishpondDestination | WebhookDestination | FileDestination,
-    Field(discriminator="type"),
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "DESTINATION_TYPES",
+    "SEGMENT_MAX_BATCH_BYTES",
+    "SEGMENT_MAX_BATCH_MESSAGES",
+    "SEGMENT_MAX_MESSAGE_BYTES",
+    "AudienceConfig",
+    "Config",
+    "DaemonConfig",
+    "Defaults",
+    "Destination",
+    "DestinationMode",
+    "FileDestination",
+    "SegmentDestination",
+    "SourceConfig",
+    "StateConfig",
+    "WebhookDestination",
+    "WishpondDestination",
+    "load_config",
+    "parse_config",
 ]
-DESTINATION_TYPES = ("segment", "wishpond", "webhook", "file")
-
-
-class Defaults(_Model):
-    """Settings every audience inherits unless it sets its own."""
-
-    schedule: str = "15m"
-    max_removal_ratio: float = Field(default=0.5, ge=0, le=1)
-    guard_min_members: int = Field(default=100, ge=0)
-    max_attempts: int = Field(default=5, gt=0)
-    delivery_time_budget: Annotated[float, Field(gt=0)] = 600.0
-    retry_initial_delay: float = Field(default=1.0, gt=0)
-    retry_max_delay: float = Field(default=60.0, gt=0)
-
-    _durations = field_validator(
-        "delivery_time_budget", "retry_initial_delay", "retry_max_delay", mode="before"
-    )(_duration)
-
-    @field_validator("schedule")
-    @classmethod
-    def _check_schedule(cls, value: str) -> str:
-        parse_schedule(value)
-        return value
-
-
-class AudienceConfig(_Model):
-    """One audience: a query whose rows are its members, and where to send them."""
-
-    name: str = Field(min_length=1)
-    key: str | None = None
-    source: str
-    query: str
-    traits: list[str] = Field(default_factory=list)
-    destinations: list[str] = Field(min_length=1)
-    schedule: str | None = None
-    max_removal_ratio: float | None = Field(default=None, ge=0, le=1)
-    guard_min_members: int | None = Field(default=None, ge=0)
-    enabled: bool = True
-    allow_key_reuse: bool = False
-
-    @field_validator("query")
-    @classmethod
-    def _check_query(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError('the query is empty; write a SELECT returning a "user_id" column')
-        return value
-
-    @field_validator("schedule")
-    @classmethod
-    def _check_schedule(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_schedule(value)
-        return value
-
-    @field_validator("key")
-    @classmethod
-    def _check_key(cls, value: str | None) -> str | None:
-        if value is not None and (problem := key_problem(value)):
-            raise ValueError(problem)
-        return value
-
-    @property
-    def trait_key(self) -> str:
-        """The configured key, or the one derived from the name."""
-        return self.key or derive_key(self.name)
-
-
-class Config(_Model):
-    """The whole, validated configuration."""
-
-    state: StateConfig = Field(default_factory=StateConfig)
-    sources: dict[str, SourceConfig] = Field(default_factory=dict)
-    destinations: dict[str, Destination] = Field(default_factory=dict)
-    defaults: Defaults = Field(default_factory=Defaults)
-    audiences: list[AudienceConfig] = Field(default_factory=list)
-
-    def schedule_of(self, audience: AudienceConfig) -> Schedule:
-        """The audience's own schedule, or the default one."""
-        return parse_schedule(audience.schedule or self.defaults.schedule)
-
-    def max_removal_ratio_of(self, audience: AudienceConfig) -> float:
-        """The share of members a run may remove before the guard stops it."""
-        if audience.max_removal_ratio is not None:
-            return audience.max_removal_ratio
-        return self.defaults.max_removal_ratio
-
-    def guard_min_members_of(self, audience: AudienceConfig) -> int:
-        """Audiences smaller than this churn freely, unguarded."""
-        if audience.guard_min_members is not None:
-            return audience.guard_min_members
-        return self.defaults.guard_min_members
-
-    def find_audience(self, name_or_key: str) -> AudienceConfig | None:
-        """The audience with this name or trait key, if any."""
-        for audience in self.audiences:
-            if name_or_key in (audience.name, audience.trait_key):
-                return audience
-        return None
-
-    def secrets(self) -> list[str]:
-        """Every secret value in the config, so logs and errors can redact them."""
-        found: list[str] = []
-        for destination in self.destinations.values():
-            for value in destination.__dict__.values():
-                if isinstance(value, SecretStr) and value.get_secret_value():
-                    found.append(value.get_secret_value())
-        urls = [self.state.url, *(s.url for s in self.sources.values())]
-        for dest in self.destinations.values():
-            if isinstance(dest, WebhookDestination):
-                urls.append(dest.url)
-        for url in urls:
-            try:
-                password = make_url(url).password
-            except ArgumentError:
-                password = None
-            if password:
-                found.append(str(password))
-        return found
-
 
 # --- loading -------------------------------------------------------------------------------
 
@@ -370,17 +180,6 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
                 dest["path"] = str(base_dir / path)
 
 
-def _check_sqlalchemy_url(value: str) -> str:
-    try:
-        make_url(value)
-    except ArgumentError:
-        raise ValueError(
-            f'not a database URL: "{value}"; write e.g. "sqlite:///state.db" or '
-            '"postgresql+psycopg://user@host/db"'
-        ) from None
-    return value
-
-
 def _toml_path(loc: tuple[int | str, ...]) -> str:
     parts = list(loc)
     # A discriminated union puts the tag into the location: destinations.x.segment.write_key.
@@ -402,6 +201,7 @@ def _all_field_names() -> set[str]:
         StateConfig,
         SourceConfig,
         Defaults,
+        DaemonConfig,
         AudienceConfig,
         SegmentDestination,
         WishpondDestination,

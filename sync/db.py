@@ -47,6 +47,13 @@ def describe_url(url: str) -> str:
         return "<unparseable URL>"
 
 
+def _configure_sqlite_reader(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA query_only = ON")
+    cursor.close()
+
+
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
@@ -57,16 +64,23 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_state_engine(url: str, *, must_exist: bool = False) -> Engine:
+def make_state_engine(url: str, *, must_exist: bool = False, read_only: bool = False) -> Engine:
     """Create the engine for the state database, configured for concurrent use.
 
-    ``must_exist`` refuses to create a missing SQLite file (read-only commands use it).
+    ``must_exist`` refuses to create a missing SQLite file; ``read_only`` (inspection commands)
+    opens SQLite with ``mode=ro`` and runs every PostgreSQL transaction ``READ ONLY``.
     """
     parsed = make_url(url)
+    must_exist = must_exist or read_only
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):
             path = Path(database)
+            if read_only and path.exists():
+                ro_url = parsed.set(database=f"file:{path}", query={"mode": "ro", "uri": "true"})
+                engine = create_engine(ro_url)
+                event.listen(engine, "connect", _configure_sqlite_reader)
+                return engine
             if must_exist and not path.exists():
                 raise StateDatabaseMissingError(
                     f"state database {path} does not exist; run `{UPGRADE_HINT}` to create it"
@@ -76,7 +90,23 @@ def make_state_engine(url: str, *, must_exist: bool = False) -> Engine:
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _configure_sqlite)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True)
+    if read_only:
+        event.listen(engine, "begin", read_only_transaction)
+    return engine
+
+
+def read_only_transaction(connection: Connection) -> None:
+    """Begin-event hook: make the transaction READ ONLY (PostgreSQL, MySQL)."""
+    # On the raw DBAPI cursor: the Connection may be set to stream through a server-side
+    # cursor, which cannot carry a SET statement.
+    dbapi_connection = connection.connection.dbapi_connection
+    assert dbapi_connection is not None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SET TRANSACTION READ ONLY")
+    finally:
+        cursor.close()
 
 
 def alembic_config(engine: Engine) -> AlembicConfig:

@@ -6,6 +6,7 @@ Each batch's outcome is recorded in one transaction, acknowledging with compare-
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
 import threading
@@ -206,7 +207,10 @@ class Deliverer:
                             self._collect(in_flight, FIRST_COMPLETED)
                         if self._should_stop():
                             break
-                        in_flight[pool.submit(self._send_with_retries, batch)] = batch
+                        # The copied context carries the run id into the worker's log lines.
+                        context = contextvars.copy_context()
+                        future = pool.submit(context.run, self._send_with_retries, batch)
+                        in_flight[future] = batch
                     self.heartbeat()
                     if self._should_stop():
                         break

@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable
+from contextvars import ContextVar
 from typing import Any
 
 from sqlalchemy.engine import make_url
@@ -16,6 +17,32 @@ REDACTED = "***"
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]+)(?P<at>@)")
 
 logger = logging.getLogger("sync")
+
+# The run a log line belongs to ("<run id> <audience key>"), set by the runner for its thread
+# and copied into delivery worker threads.
+current_run: ContextVar[str | None] = ContextVar("current_run", default=None)
+
+
+class RunContextFilter(logging.Filter):
+    """Stamps each record with the run it belongs to, if any."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        run = current_run.get()
+        if run is not None and not hasattr(record, "run_id"):
+            record.run_id = run
+        return True
+
+
+class HumanFormatter(logging.Formatter):
+    """``time LEVEL [run 12 key] message``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(run_prefix)s%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        run = getattr(record, "run_id", None)
+        record.run_prefix = f"[run {run}] " if run else ""
+        return super().format(record)
 
 
 class RedactingFilter(logging.Filter):
@@ -72,7 +99,8 @@ def configure_logging(level: str = "INFO", fmt: str = "human", secrets: Iterable
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+        handler.setFormatter(HumanFormatter())
+    handler.addFilter(RunContextFilter())
     handler.addFilter(RedactingFilter(secrets))
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())

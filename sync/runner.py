@@ -6,19 +6,17 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from sync.config import AudienceConfig, Config
 from sync.db import installation_id
-from sync.delivery import Deliverer, RetryPolicy
+from sync.delivery import RetryPolicy
 from sync.destinations import Destination, build_destination
+from sync.dispatch import ProgressFactory, deliver_destinations
 from sync.errors import AudienceSyncError, SourceError, UnknownAudienceError
 from sync.leases import Lease, new_owner_id
-from sync.messages import AudienceContext
+from sync.logs import current_run
 from sync.models import AUDIENCES as A
 from sync.models import RUN_DELIVERIES, RUNS, RunStatus, RunTrigger, utcnow
 from sync.planner import (
@@ -30,80 +28,13 @@ from sync.planner import (
     mark_full_resync,
     plan_destination,
 )
+from sync.reports import DestinationReport, RunOptions, RunReport
 from sync.sources import make_source_engine
 from sync.staging import SnapshotStats, stage_from_source, stage_in_database
 
 logger = logging.getLogger("sync.runner")
 
-ProgressFactory = Callable[[str, str, int], Callable[[int], None]]
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How to run: a normal delta sync unless told otherwise."""
-
-    full: bool = False
-    include_exited: bool = False
-    dry_run: bool = False
-    force: bool = False
-    trigger: RunTrigger = "manual"
-    wait: float = 0.0
-
-
-@dataclass
-class DestinationReport:
-    """One destination's part of a run."""
-
-    destination: str
-    added: int = 0
-    removed: int = 0
-    pending: int = 0
-    sent: int = 0
-    rejected: int = 0
-    failed: int = 0
-    skipped: int = 0
-    left_pending: int = 0
-    error: str | None = None
-
-
-@dataclass
-class RunReport:
-    """The outcome of one run, as printed by `sync` and stored in `runs`."""
-
-    audience: str
-    key: str
-    status: RunStatus | str
-    run_id: int | None = None
-    members: int = 0
-    invalid: int = 0
-    duplicates: int = 0
-    destinations: list[DestinationReport] = field(default_factory=list)
-    seconds: float = 0.0
-    error: str | None = None
-    invalid_samples: list[str] = field(default_factory=list)
-    dry_run: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """Whether the run neither failed nor was guarded."""
-        return self.status not in ("failed", "guarded", "abandoned")
-
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready view."""
-        return {
-            "audience": self.audience,
-            "key": self.key,
-            "status": self.status,
-            "run_id": self.run_id,
-            "members": self.members,
-            "invalid": self.invalid,
-            "duplicates": self.duplicates,
-            "seconds": round(self.seconds, 3),
-            "error": self.error,
-            "invalid_samples": self.invalid_samples,
-            "dry_run": self.dry_run,
-            "destinations": [vars(d) for d in self.destinations],
-        }
+__all__ = ["DestinationReport", "RunOptions", "RunReport", "Syncer"]
 
 
 def definition_hash(audience: AudienceConfig) -> str:
@@ -197,14 +128,18 @@ class Syncer:
                 audience.name,
                 abandoned,
             )
+        token = None
         try:
             with self.engine.begin() as connection:
                 report.run_id = self._start_run(connection, audience_id, options)
+            token = current_run.set(f"{report.run_id} {audience.trait_key}")
             self._run(audience, audience_id, install, options, report, lease)
         finally:
             lease.release()
-        report.seconds = time.monotonic() - started
-        self._log_summary(report)
+            report.seconds = time.monotonic() - started
+            self._log_summary(report)
+            if token is not None:
+                current_run.reset(token)
         return report
 
     def _start_run(self, connection: Connection, audience_id: int, options: RunOptions) -> int:
@@ -430,47 +365,22 @@ class Syncer:
         report: RunReport,
         lease: Lease,
     ) -> None:
-        deadline = time.monotonic() + self.policy.time_budget
-        by_name = {d.destination: d for d in report.destinations}
-        for target, destination in pairs:
-            if self.stop.is_set():
-                break
-            settings = self.config.destinations[target.name]
-            context = AudienceContext(
-                installation_id=install,
+        report.error = (
+            deliver_destinations(
+                self.engine,
+                self.config,
+                self.policy,
                 audience_id=audience_id,
                 key=audience.trait_key,
-                destination=target.name,
-                mode=settings.mode,
-                space_id=settings.space_id,
-                namespace=settings.namespace,
-                integrations=destination.integrations,
-            )
-            entry = by_name[target.name]
-            progress = (
-                self.progress(audience.trait_key, target.name, entry.pending)
-                if self.progress
-                else None
-            )
-            stats = Deliverer(
-                self.engine,
-                audience_id,
-                context,
-                destination,
-                self.policy,
-                deadline=deadline,
+                install=install,
+                pairs=pairs,
+                entries=report.destinations,
+                lease=lease,
                 stop=self.stop,
-                heartbeat=lease.renew,
-                progress=progress,
-            ).run()
-            entry.sent, entry.rejected = stats.sent, stats.rejected
-            with self.engine.connect() as connection:
-                counts = count_status(connection, audience_id, target.name)
-            entry.failed = counts.get("failed", 0)
-            entry.left_pending = counts.get("pending", 0) + counts.get("rejected", 0)
-            entry.error = stats.error
-            if stats.fatal:
-                report.error = stats.error
+                progress=self.progress,
+            )
+            or report.error
+        )
 
     @staticmethod
     def _status_after_delivery(report: RunReport) -> RunStatus:

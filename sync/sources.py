@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from sync.db import read_only_transaction
 from sync.errors import SourceError
 from sync.logs import redact_url
 
@@ -28,18 +29,7 @@ def make_source_engine(name: str, url: str) -> Engine:
     if backend == "postgresql":
         engine = create_engine(parsed, pool_pre_ping=True)
 
-        @event.listens_for(engine, "begin")
-        def _read_only(connection: Connection) -> None:
-            # On the raw DBAPI cursor: the Connection may be set to stream through a
-            # server-side cursor, which cannot carry a SET statement.
-            dbapi_connection = connection.connection.dbapi_connection
-            assert dbapi_connection is not None
-            cursor = dbapi_connection.cursor()
-            try:
-                cursor.execute("SET TRANSACTION READ ONLY")
-            finally:
-                cursor.close()
-
+        event.listen(engine, "begin", read_only_transaction)
         return engine
     return create_engine(parsed, pool_pre_ping=True)
 

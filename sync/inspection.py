@@ -1,0 +1,243 @@
+"""Read-only views of the state database for `status`, `runs`, `members` and `user`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import Connection, and_, case, func, select
+
+from sync.config import Config
+from sync.errors import UnknownAudienceError
+from sync.models import AUDIENCES as A
+from sync.models import MEMBERSHIPS as M
+from sync.models import RUN_DELIVERIES as D
+from sync.models import RUNS as R
+
+MemberFilter = Literal["all", "pending", "failed", "exited"]
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.astimezone(UTC).isoformat(timespec="seconds") if moment else None
+
+
+def next_run_at(config: Config, key: str, last_started: datetime | None) -> datetime | None:
+    """When the daemon's schedule would next run the audience with ``key``."""
+    audience = next((a for a in config.audiences if a.trait_key == key), None)
+    if audience is None or not audience.enabled:
+        return None
+    schedule = config.schedule_of(audience)
+    now = datetime.now(UTC)
+    if schedule.interval_seconds is not None:
+        if last_started is None:
+            return now
+        return max(now, last_started + timedelta(seconds=schedule.interval_seconds))
+    from apscheduler.triggers.cron import CronTrigger
+
+    trigger = CronTrigger.from_crontab(schedule.cron, timezone="UTC")
+    fire: datetime | None = trigger.get_next_fire_time(None, now)
+    return fire
+
+
+def audience_by_name(connection: Connection, config: Config, name: str) -> Any:
+    """The state-DB row of the audience named ``name`` (config name or key, or a stored key)."""
+    configured = config.find_audience(name)
+    key = configured.trait_key if configured else name
+    row = connection.execute(select(A).where(A.c.key == key)).first()
+    if row is None:
+        row = connection.execute(select(A).where(A.c.name == name)).first()
+    if row is None:
+        known = connection.execute(select(A.c.key).order_by(A.c.key)).scalars().all()
+        raise UnknownAudienceError(
+            f'no audience "{name}" in the state database (known: {", ".join(known) or "none"})'
+        )
+    return row
+
+
+def status_rows(connection: Connection, config: Config) -> list[dict[str, Any]]:
+    """One row per audience and destination, plus configured audiences never synced."""
+    counts = connection.execute(
+        select(
+            M.c.audience_id,
+            M.c.destination,
+            func.sum(case((M.c.desired, 1), else_=0)).label("members"),
+            func.sum(case((M.c.status.in_(("pending", "rejected")), 1), else_=0)).label("pending"),
+            func.sum(case((M.c.status == "failed", 1), else_=0)).label("failed"),
+        ).group_by(M.c.audience_id, M.c.destination)
+    ).all()
+    by_audience: dict[int, list[Any]] = {}
+    for row in counts:
+        by_audience.setdefault(row.audience_id, []).append(row)
+    configured = {a.trait_key: a for a in config.audiences}
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for audience in connection.execute(select(A).order_by(A.c.key)).all():
+        seen.add(audience.key)
+        last = connection.execute(
+            select(R).where(R.c.audience_id == audience.id).order_by(R.c.id.desc()).limit(1)
+        ).first()
+        if audience.retired_at is not None:
+            state = "retired"
+        elif audience.key not in configured:
+            state = "orphaned"
+        elif not configured[audience.key].enabled:
+            state = "disabled"
+        else:
+            state = "active"
+        destinations = by_audience.get(audience.id) or [None]
+        for entry in destinations:
+            rows.append(
+                {
+                    "key": audience.key,
+                    "name": audience.name,
+                    "state": state,
+                    "destination": entry.destination if entry else None,
+                    "members": int(entry.members or 0) if entry else 0,
+                    "pending": int(entry.pending or 0) if entry else 0,
+                    "failed": int(entry.failed or 0) if entry else 0,
+                    "last_run": _run_summary(last),
+                    "lease_owner": audience.lease_owner,
+                    "next_run": _iso(
+                        next_run_at(config, audience.key, last.started_at if last else None)
+                    )
+                    if state == "active"
+                    else None,
+                }
+            )
+    for key, audience_config in configured.items():
+        if key not in seen:
+            rows.append(
+                {
+                    "key": key,
+                    "name": audience_config.name,
+                    "state": "never synced" if audience_config.enabled else "disabled",
+                    "destination": None,
+                    "members": 0,
+                    "pending": 0,
+                    "failed": 0,
+                    "last_run": None,
+                    "lease_owner": None,
+                    "next_run": _iso(next_run_at(config, key, None)),
+                }
+            )
+    return rows
+
+
+def _run_summary(run: Any) -> dict[str, Any] | None:
+    if run is None:
+        return None
+    return {
+        "id": run.id,
+        "status": run.status,
+        "started_at": _iso(run.started_at),
+        "finished_at": _iso(run.finished_at),
+        "added": run.added,
+        "removed": run.removed,
+        "sent": run.sent,
+        "rejected": run.rejected,
+    }
+
+
+def run_rows(
+    connection: Connection, config: Config, audience: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """Run history, newest first, with per-destination results."""
+    query = select(R, A.c.key).join(A, A.c.id == R.c.audience_id).order_by(R.c.id.desc())
+    if audience is not None:
+        query = query.where(R.c.audience_id == audience_by_name(connection, config, audience).id)
+    runs = connection.execute(query.limit(limit)).all()
+    details: dict[int, list[dict[str, Any]]] = {}
+    if runs:
+        for d in connection.execute(select(D).where(D.c.run_id.in_([r.id for r in runs]))).all():
+            details.setdefault(d.run_id, []).append(
+                {k: getattr(d, k) for k in d._fields if k != "run_id"}
+            )
+    rows = []
+    for run in runs:
+        seconds = (run.finished_at - run.started_at).total_seconds() if run.finished_at else None
+        rows.append(
+            {
+                "id": run.id,
+                "audience": run.key,
+                "trigger": run.trigger,
+                "status": run.status,
+                "owner": run.owner,
+                "started_at": _iso(run.started_at),
+                "finished_at": _iso(run.finished_at),
+                "seconds": round(seconds, 3) if seconds is not None else None,
+                "members": run.members,
+                "added": run.added,
+                "removed": run.removed,
+                "sent": run.sent,
+                "rejected": run.rejected,
+                "invalid": run.invalid,
+                "duplicates": run.duplicates,
+                "skipped": run.skipped,
+                "compute_seconds": run.compute_seconds,
+                "plan_seconds": run.plan_seconds,
+                "deliver_seconds": run.deliver_seconds,
+                "error": run.error,
+                "invalid_samples": run.invalid_samples or [],
+                "destinations": details.get(run.id, []),
+            }
+        )
+    return rows
+
+
+def _membership(row: Any, key: str | None = None) -> dict[str, Any]:
+    data = {
+        "destination": row.destination,
+        "id_kind": row.id_kind,
+        "member_id": row.member_id,
+        "anonymous_id": row.anonymous_id,
+        "desired": bool(row.desired),
+        "synced": None if row.synced is None else bool(row.synced),
+        "version": row.version,
+        "changed_at": _iso(row.changed_at),
+        "status": row.status,
+        "attempts": row.attempts,
+        "next_attempt_at": _iso(row.next_attempt_at),
+        "delivered_at": _iso(row.delivered_at),
+        "last_error": row.last_error,
+        "traits": row.traits,
+    }
+    if key is not None:
+        data = {"audience": key, **data}
+    return data
+
+
+def member_rows(
+    connection: Connection,
+    config: Config,
+    audience: str,
+    *,
+    destination: str | None,
+    which: MemberFilter,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """Memberships of one audience, in member order."""
+    row = audience_by_name(connection, config, audience)
+    query = select(M).where(M.c.audience_id == row.id)
+    if destination is not None:
+        query = query.where(M.c.destination == destination)
+    if which == "pending":
+        query = query.where(M.c.status.in_(("pending", "rejected")))
+    elif which == "failed":
+        query = query.where(M.c.status == "failed")
+    elif which == "exited":
+        query = query.where(and_(M.c.desired.is_(False)))
+    else:
+        query = query.where(M.c.desired.is_(True))
+    query = query.order_by(M.c.destination, M.c.id_kind, M.c.member_id).limit(limit)
+    return [_membership(r) for r in connection.execute(query).all()]
+
+
+def user_rows(connection: Connection, member_id: str) -> list[dict[str, Any]]:
+    """Every audience and destination one member (user or anonymous id) appears in."""
+    query = (
+        select(M, A.c.key)
+        .join(A, A.c.id == M.c.audience_id)
+        .where(M.c.member_id == member_id)
+        .order_by(A.c.key, M.c.destination)
+    )
+    return [_membership(r, r.key) for r in connection.execute(query).all()]

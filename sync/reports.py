@@ -1,0 +1,76 @@
+"""What a run was asked to do, and what it did."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sync.models import RunStatus, RunTrigger
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run: a normal delta sync unless told otherwise."""
+
+    full: bool = False
+    include_exited: bool = False
+    dry_run: bool = False
+    force: bool = False
+    trigger: RunTrigger = "manual"
+    wait: float = 0.0
+
+
+@dataclass
+class DestinationReport:
+    """One destination's part of a run."""
+
+    destination: str
+    added: int = 0
+    removed: int = 0
+    pending: int = 0
+    sent: int = 0
+    rejected: int = 0
+    failed: int = 0
+    skipped: int = 0
+    left_pending: int = 0
+    error: str | None = None
+
+
+@dataclass
+class RunReport:
+    """The outcome of one run, as printed by `sync` and stored in `runs`."""
+
+    audience: str
+    key: str
+    status: RunStatus | str
+    run_id: int | None = None
+    members: int = 0
+    invalid: int = 0
+    duplicates: int = 0
+    destinations: list[DestinationReport] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+    invalid_samples: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run neither failed nor was guarded."""
+        return self.status not in ("failed", "guarded", "abandoned")
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {
+            "audience": self.audience,
+            "key": self.key,
+            "status": self.status,
+            "run_id": self.run_id,
+            "members": self.members,
+            "invalid": self.invalid,
+            "duplicates": self.duplicates,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+            "invalid_samples": self.invalid_samples,
+            "dry_run": self.dry_run,
+            "destinations": [vars(d) for d in self.destinations],
+        }
