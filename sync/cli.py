@@ -257,4 +257,4 @@ def main() -> None:
 
 
 # Command modules register themselves on `cli` when imported.
-from sync import cli_sync  # noqa: E402, F401
+from sync import cli_ops, cli_sync  # noqa: E402, F401

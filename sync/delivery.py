@@ -120,6 +120,17 @@ def count_pending(connection: Connection, audience_id: int, destination: str) ->
     return int(connection.execute(query).scalar_one())
 
 
+def retry_due(connection: Connection, audience_id: int) -> bool:
+    """Whether transient leftovers of this audience have waited out their backoff."""
+    query = select(M.c.member_id).where(
+        M.c.audience_id == audience_id,
+        M.c.status == "pending",
+        M.c.next_attempt_at.is_not(None),
+        M.c.next_attempt_at <= utcnow(),
+    )
+    return connection.execute(query.limit(1)).first() is not None
+
+
 def _pages(engine: Engine, audience_id: int, destination: str, page: int) -> Iterator[list[Any]]:
     """Pending rows in (status pass, member) order, read in pages by keyset."""
     now = utcnow()

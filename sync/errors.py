@@ -49,6 +49,10 @@ class LeaseHeldError(AudienceSyncError):
     """Another process holds the lease of an audience."""
 
 
+class RunInterruptedError(AudienceSyncError):
+    """The process was asked to stop while the run was computing its snapshot."""
+
+
 class UnknownAudienceError(AudienceSyncError):
     """A name or key given on the command line matches no configured audience."""
 

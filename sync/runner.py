@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
+from sync.audiences import ensure_audience
 from sync.config import AudienceConfig, Config
 from sync.db import installation_id
-from sync.delivery import RetryPolicy
+from sync.delivery import RetryPolicy, retry_due
 from sync.destinations import Destination, build_destination
 from sync.dispatch import ProgressFactory, deliver_destinations
-from sync.errors import AudienceSyncError, SourceError, UnknownAudienceError
+from sync.errors import (
+    AudienceSyncError,
+    LeaseHeldError,
+    RunInterruptedError,
+    SourceError,
+    UnknownAudienceError,
+)
 from sync.leases import Lease, new_owner_id
 from sync.logs import current_run
 from sync.models import AUDIENCES as A
@@ -37,37 +43,6 @@ logger = logging.getLogger("sync.runner")
 __all__ = ["DestinationReport", "RunOptions", "RunReport", "Syncer"]
 
 
-def definition_hash(audience: AudienceConfig) -> str:
-    """Fingerprint of what defines an audience's members."""
-    material = "\x1f".join([audience.source, audience.query.strip(), *audience.traits])
-    return hashlib.sha256(material.encode("utf-8")).hexdigest()
-
-
-def ensure_audience(connection: Connection, audience: AudienceConfig) -> int:
-    """The audience's id, creating its row (and freezing its key) on first sync."""
-    key = audience.trait_key
-    row = connection.execute(select(A.c.id, A.c.retired_at, A.c.name).where(A.c.key == key)).first()
-    digest = definition_hash(audience)
-    if row is None:
-        result = connection.execute(
-            insert(A).values(
-                key=key, name=audience.name, definition_hash=digest, created_at=utcnow()
-            )
-        )
-        return int(result.inserted_primary_key[0])  # type: ignore[index]
-    if row.retired_at is not None:
-        if not audience.allow_key_reuse:
-            raise AudienceSyncError(
-                f'audience "{audience.name}": the key "{key}" belonged to the retired audience '
-                f'"{row.name}"; choose another key or set allow_key_reuse = true'
-            )
-        connection.execute(update(A).where(A.c.id == row.id).values(retired_at=None))
-    connection.execute(
-        update(A).where(A.c.id == row.id).values(name=audience.name, definition_hash=digest)
-    )
-    return int(row.id)
-
-
 class Syncer:
     """Runs audiences against one state database. Thread-safe for different audiences."""
 
@@ -85,6 +60,7 @@ class Syncer:
         self.owner = owner or new_owner_id()
         self.stop = stop or threading.Event()
         self.progress = progress
+        self.lease_seconds = config.daemon.lease_seconds
         defaults = config.defaults
         self.policy = RetryPolicy(
             initial_delay=defaults.retry_initial_delay,
@@ -120,7 +96,7 @@ class Syncer:
         with self.engine.begin() as connection:
             audience_id = ensure_audience(connection, audience)
             install = installation_id(connection)
-        lease = Lease(self.engine, audience_id, audience.name, self.owner)
+        lease = Lease(self.engine, audience_id, audience.name, self.owner, self.lease_seconds)
         abandoned = lease.acquire(options.wait)
         if abandoned:
             logger.warning(
@@ -134,6 +110,53 @@ class Syncer:
                 report.run_id = self._start_run(connection, audience_id, options)
             token = current_run.set(f"{report.run_id} {audience.trait_key}")
             self._run(audience, audience_id, install, options, report, lease)
+        finally:
+            lease.release()
+            report.seconds = time.monotonic() - started
+            self._log_summary(report)
+            if token is not None:
+                current_run.reset(token)
+        return report
+
+    def sweep(self, audience: AudienceConfig) -> RunReport | None:
+        """Deliver transient leftovers whose backoff expired (the daemon's sweep); None when
+        there is nothing due or another process holds the audience."""
+        with self.engine.begin() as connection:
+            audience_id = connection.execute(
+                select(A.c.id).where(A.c.key == audience.trait_key, A.c.retired_at.is_(None))
+            ).scalar()
+            if audience_id is None or not retry_due(connection, audience_id):
+                return None
+            install = installation_id(connection)
+        lease = Lease(self.engine, audience_id, audience.name, self.owner, self.lease_seconds)
+        try:
+            lease.acquire()
+        except LeaseHeldError:
+            return None
+        started = time.monotonic()
+        report = RunReport(audience.name, audience.trait_key, "running")
+        token = None
+        try:
+            with self.engine.begin() as connection:
+                report.run_id = self._start_run(
+                    connection, audience_id, RunOptions(trigger="sweep")
+                )
+            token = current_run.set(f"{report.run_id} {audience.trait_key}")
+            pairs = self._targets(audience)
+            with self.engine.connect() as connection:
+                for target, _ in pairs:
+                    counts = count_status(connection, audience_id, target.name)
+                    pending = counts.get("pending", 0) + counts.get("rejected", 0)
+                    report.destinations.append(DestinationReport(target.name, pending=pending))
+            try:
+                self._deliver(audience, audience_id, install, pairs, report, lease)
+                report.status = self._status_after_delivery(report)
+            except AudienceSyncError as exc:
+                report.status, report.error = "failed", str(exc)
+            finally:
+                for _, destination in pairs:
+                    destination.close()
+            self._finish_safely(report, {"deliver_seconds": time.monotonic() - started})
         finally:
             lease.release()
             report.seconds = time.monotonic() - started
@@ -173,7 +196,12 @@ class Syncer:
         return pairs
 
     def _compute(
-        self, connection: Connection, audience: AudienceConfig, run_id: int, commit: bool
+        self,
+        connection: Connection,
+        audience: AudienceConfig,
+        run_id: int,
+        commit: bool,
+        lease: Lease | None = None,
     ) -> SnapshotStats:
         source = self.config.sources[audience.source]
         if source.url == self.config.state.url:
@@ -201,9 +229,16 @@ class Syncer:
                 traits=audience.traits,
                 chunk_size=source.chunk_size,
                 commit_each_chunk=commit,
+                after_chunk=lambda: self._between_chunks(lease),
             )
         finally:
             engine.dispose()
+
+    def _between_chunks(self, lease: Lease | None) -> None:
+        if self.stop.is_set():
+            raise RunInterruptedError("stopped while computing the snapshot; nothing changed")
+        if lease is not None:
+            lease.renew()
 
     def _plan(
         self,
@@ -296,9 +331,9 @@ class Syncer:
                 drop_staging(connection, audience_id)
                 connection.commit()
                 try:
-                    stats = self._compute(connection, audience, run_id, commit=True)
+                    stats = self._compute(connection, audience, run_id, commit=True, lease=lease)
                     connection.commit()
-                except SourceError:
+                except (SourceError, RunInterruptedError):
                     connection.rollback()
                     drop_staging(connection, audience_id)
                     connection.commit()

@@ -12,7 +12,7 @@ import datetime as dt
 import decimal
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,6 +190,7 @@ def stage_from_source(
     traits: Sequence[str],
     chunk_size: int,
     commit_each_chunk: bool = True,
+    after_chunk: Callable[[], None] | None = None,
 ) -> SnapshotStats:
     """Stream the query's rows from ``source`` into the staging table of ``state``."""
     stats = SnapshotStats()
@@ -219,6 +220,8 @@ def stage_from_source(
                     state.execute(statement, staged_rows)
                 if commit_each_chunk:
                     state.commit()
+                if after_chunk is not None:
+                    after_chunk()  # renews the lease; raises to stop a shutting-down run
     except SQLAlchemyError as exc:
         raise _source_error(audience, source_name, exc) from None
     stats.staged = count_staged(state, run_id)

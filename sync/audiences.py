@@ -1,0 +1,96 @@
+"""Audience rows in the state DB: creation (freezing the key), retry of failed rows, retirement."""
+
+from __future__ import annotations
+
+import hashlib
+
+from sqlalchemy import Connection, Engine, case, insert, select, true, update
+
+from sync.config import AudienceConfig, Config
+from sync.errors import AudienceSyncError
+from sync.models import AUDIENCES as A
+from sync.models import MEMBERSHIPS as M
+from sync.models import utcnow
+
+
+def definition_hash(audience: AudienceConfig) -> str:
+    """Fingerprint of what defines an audience's members."""
+    material = "\x1f".join([audience.source, audience.query.strip(), *audience.traits])
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()
+
+
+def ensure_audience(connection: Connection, audience: AudienceConfig) -> int:
+    """The audience's id, creating its row (and freezing its key) on first sync."""
+    key = audience.trait_key
+    row = connection.execute(select(A.c.id, A.c.retired_at, A.c.name).where(A.c.key == key)).first()
+    digest = definition_hash(audience)
+    if row is None:
+        result = connection.execute(
+            insert(A).values(
+                key=key, name=audience.name, definition_hash=digest, created_at=utcnow()
+            )
+        )
+        return int(result.inserted_primary_key[0])  # type: ignore[index]
+    if row.retired_at is not None:
+        if not audience.allow_key_reuse:
+            raise AudienceSyncError(
+                f'audience "{audience.name}": the key "{key}" belonged to the retired audience '
+                f'"{row.name}"; choose another key or set allow_key_reuse = true'
+            )
+        connection.execute(update(A).where(A.c.id == row.id).values(retired_at=None))
+    connection.execute(
+        update(A).where(A.c.id == row.id).values(name=audience.name, definition_hash=digest)
+    )
+    return int(row.id)
+
+
+def retry_failed(connection: Connection, audience_id: int) -> int:
+    """Re-queue the rows that exhausted ``max_attempts``; return how many."""
+    result = connection.execute(
+        update(M)
+        .where(M.c.audience_id == audience_id, M.c.status == "failed")
+        .values(status="pending", attempts=0, next_attempt_at=None)
+    )
+    return int(result.rowcount)
+
+
+def orphaned_audience(connection: Connection, config: Config, key: str) -> int:
+    """The id of an audience that is in the state DB but no longer in the config."""
+    if any(a.trait_key == key for a in config.audiences):
+        raise AudienceSyncError(
+            f'audience "{key}" is still in the config; remove it from the config before retiring it'
+        )
+    row = connection.execute(select(A.c.id, A.c.retired_at).where(A.c.key == key)).first()
+    if row is None:
+        raise AudienceSyncError(f'no audience with the key "{key}" in the state database')
+    if row.retired_at is not None:
+        raise AudienceSyncError(f'audience "{key}" is already retired')
+    return int(row.id)
+
+
+def mark_all_exited(connection: Connection, audience_id: int) -> list[str]:
+    """Plan ``false`` for every current member (before retiring); return the destinations."""
+    now = utcnow()
+    connection.execute(
+        update(M)
+        .where(M.c.audience_id == audience_id, M.c.desired == true())
+        .values(
+            desired=False,
+            version=M.c.version + 1,
+            changed_at=now,
+            status=case((M.c.synced == true(), "pending"), else_="in_sync"),
+            attempts=0,
+            last_error=None,
+            next_attempt_at=None,
+        )
+    )
+    rows = connection.execute(
+        select(M.c.destination).where(M.c.audience_id == audience_id).distinct()
+    )
+    return sorted(rows.scalars())
+
+
+def mark_retired(engine: Engine, audience_id: int) -> None:
+    """Retire the audience; its key stays reserved."""
+    with engine.begin() as connection:
+        connection.execute(update(A).where(A.c.id == audience_id).values(retired_at=utcnow()))

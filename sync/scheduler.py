@@ -1,0 +1,183 @@
+"""The daemon: every enabled audience on its schedule, a retry sweep, and a graceful stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import Engine
+
+from sync.config import AudienceConfig, Config
+from sync.errors import AudienceSyncError, LeaseHeldError
+from sync.reports import RunOptions, RunReport
+from sync.runner import Syncer
+
+logger = logging.getLogger("sync.daemon")
+
+
+class Daemon:
+    """Runs audiences on their schedules until asked to stop."""
+
+    def __init__(
+        self, config: Config, engine: Engine, *, stop: threading.Event | None = None
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.stop = stop or threading.Event()
+        self.syncer = Syncer(config, engine, stop=self.stop)
+        self._active = 0
+        self._idle = threading.Condition()
+        self.failures = 0
+
+    @property
+    def audiences(self) -> list[AudienceConfig]:
+        """The audiences the daemon schedules (enabled ones)."""
+        return [a for a in self.config.audiences if a.enabled]
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def _tracked(self, work: Callable[[], RunReport | None]) -> RunReport | None:
+        if self.stop.is_set():
+            return None
+        with self._idle:
+            self._active += 1
+        try:
+            return work()
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def run_audience(self, audience: AudienceConfig) -> RunReport | None:
+        """One scheduled run; a busy audience is skipped, every failure is logged."""
+
+        def work() -> RunReport | None:
+            try:
+                report = self.syncer.sync(audience, RunOptions(trigger="schedule"))
+            except LeaseHeldError as exc:
+                logger.info("skipped: %s", exc)
+                return None
+            except AudienceSyncError as exc:
+                logger.error('audience "%s": %s', audience.trait_key, exc)
+                self.failures += 1
+                return None
+            except Exception:
+                logger.exception('audience "%s": unexpected error', audience.trait_key)
+                self.failures += 1
+                return None
+            if not report.ok:
+                self.failures += 1
+            return report
+
+        return self._tracked(work)
+
+    def sweep(self) -> None:
+        """Retry transient leftovers of every audience whose backoff has expired."""
+        for audience in self.audiences:
+            if self.stop.is_set():
+                return
+
+            def work(audience: AudienceConfig = audience) -> RunReport | None:
+                try:
+                    return self.syncer.sweep(audience)
+                except Exception:
+                    logger.exception('audience "%s": sweep failed', audience.trait_key)
+                    return None
+
+            self._tracked(work)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def run_once(self) -> int:
+        """Run every enabled audience once; exit code 1 when any run failed or was guarded."""
+        for audience in self.audiences:
+            if self.stop.is_set():
+                break
+            self.run_audience(audience)
+        return 1 if self.failures else 0
+
+    def _trigger(self, audience: AudienceConfig) -> Any:
+        schedule = self.config.schedule_of(audience)
+        jitter = int(self.config.daemon.jitter) or None
+        if schedule.interval_seconds is not None:
+            return IntervalTrigger(seconds=schedule.interval_seconds, timezone=UTC, jitter=jitter)
+        return CronTrigger.from_crontab(schedule.cron, timezone=UTC)
+
+    def build_scheduler(self) -> BackgroundScheduler:
+        """A scheduler with one job per enabled audience plus the sweep."""
+        settings = self.config.daemon
+        scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={"default": ThreadPoolExecutor(settings.workers)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+        now = datetime.now(UTC)
+        for audience in self.audiences:
+            options: dict[str, Any] = {}
+            if settings.run_on_start:
+                options["next_run_time"] = now
+            scheduler.add_job(
+                self.run_audience,
+                self._trigger(audience),
+                args=[audience],
+                id=f"audience:{audience.trait_key}",
+                name=audience.trait_key,
+                **options,
+            )
+        scheduler.add_job(
+            self.sweep,
+            IntervalTrigger(seconds=settings.sweep_interval, timezone=UTC),
+            id="sweep",
+            name="retry sweep",
+        )
+        return scheduler
+
+    def serve(self, install_signal_handlers: bool = True) -> int:
+        """Run until SIGTERM/SIGINT (or ``stop``); then finish in-flight batches and exit."""
+        if install_signal_handlers:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._on_signal)
+        scheduler = self.build_scheduler()
+        scheduler.start()
+        logger.info(
+            "daemon started: %d audience(s), %d worker(s), sweep every %gs",
+            len(self.audiences),
+            self.config.daemon.workers,
+            self.config.daemon.sweep_interval,
+        )
+        while not self.stop.wait(0.2):
+            pass
+        logger.info("stopping: no new runs; finishing the batches in flight")
+        scheduler.shutdown(wait=False)
+        return 0 if self.wait_idle(self.config.daemon.shutdown_timeout) else 1
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait for running jobs to finish; False if some still run after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._active:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    logger.error(
+                        "%d run(s) still busy after %gs; their leases expire on their own",
+                        self._active,
+                        timeout,
+                    )
+                    return False
+                self._idle.wait(remaining)
+        logger.info("stopped cleanly")
+        return True
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        self.stop.set()
