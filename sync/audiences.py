@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from sqlalchemy import Connection, Engine, case, insert, select, true, update
+from sqlalchemy import Connection, Engine, case, insert, or_, select, true, update
 
 from sync.config import AudienceConfig, Config
 from sync.errors import AudienceSyncError
@@ -78,7 +78,9 @@ def mark_all_exited(connection: Connection, audience_id: int) -> list[str]:
             desired=False,
             version=M.c.version + 1,
             changed_at=now,
-            status=case((M.c.synced == true(), "pending"), else_="in_sync"),
+            status=case(
+                (or_(M.c.synced == true(), M.c.in_doubt == true()), "pending"), else_="in_sync"
+            ),
             attempts=0,
             last_error=None,
             next_attempt_at=None,

@@ -95,6 +95,18 @@ class _BatchResult:
     left: list[_Unit] = field(default_factory=list)
     left_reason: str | None = None
     retry_delay: float = 0.0
+    # Some attempt ended without knowing whether the destination applied the batch.
+    uncertain: bool = False
+
+
+def _groups(units: list[_Unit]) -> dict[tuple[str, int], list[str]]:
+    """Member ids by (id kind, version): one indexed ``IN`` statement per group."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for unit in units:
+        groups.setdefault((unit.change.id_kind, unit.change.version), []).append(
+            unit.change.member_id
+        )
+    return groups
 
 
 def pending_condition(audience_id: int, destination: str) -> Any:
@@ -102,7 +114,11 @@ def pending_condition(audience_id: int, destination: str) -> Any:
     return and_(
         M.c.audience_id == audience_id,
         M.c.destination == destination,
-        or_(and_(M.c.synced.is_(None), M.c.desired), M.c.synced != M.c.desired),
+        or_(
+            and_(M.c.synced.is_(None), M.c.desired),
+            M.c.synced != M.c.desired,
+            M.c.in_doubt,
+        ),
     )
 
 
@@ -143,6 +159,7 @@ def _pages(engine: Engine, audience_id: int, destination: str, page: int) -> Ite
                     M.c.member_id,
                     M.c.anonymous_id,
                     M.c.desired,
+                    M.c.in_doubt,
                     M.c.version,
                     M.c.changed_at,
                     M.c.traits,
@@ -218,6 +235,7 @@ class Deliverer:
                             self._collect(in_flight, FIRST_COMPLETED)
                         if self._should_stop():
                             break
+                        self._mark_in_doubt(batch)
                         # The copied context carries the run id into the worker's log lines.
                         context = contextvars.copy_context()
                         future = pool.submit(context.run, self._send_with_retries, batch)
@@ -252,6 +270,7 @@ class Deliverer:
                 version=row.version,
                 changed_at=row.changed_at,
                 traits=row.traits,
+                in_doubt=bool(row.in_doubt),
             )
             messages = build_messages(self.context, change)
             sizes = [encoded_size(m) + 1 for m in messages]
@@ -293,6 +312,29 @@ class Deliverer:
                 continue
             self._record(result)
 
+    @staticmethod
+    def _doubt(unit: _Unit, result: _BatchResult) -> bool:
+        """Still in doubt after a failed batch: it was before, or this batch's fate is unknown."""
+        return unit.change.in_doubt or result.uncertain
+
+    def _mark_in_doubt(self, batch: list[_Unit]) -> None:
+        """Commit, before sending, that the destination may soon hold these values."""
+        fresh = [u for u in batch if not u.change.in_doubt]
+        if not fresh:
+            return
+        with self.engine.begin() as connection:
+            for (kind, _version), members in _groups(fresh).items():
+                connection.execute(
+                    update(M)
+                    .where(
+                        M.c.audience_id == self.audience_id,
+                        M.c.destination == self.context.destination,
+                        M.c.id_kind == kind,
+                        M.c.member_id.in_(members),
+                    )
+                    .values(in_doubt=True)
+                )
+
     def _record(self, result: _BatchResult) -> None:
         now = utcnow()
         key = {
@@ -320,19 +362,28 @@ class Deliverer:
 
         with self.engine.begin() as connection:
             if result.delivered:
-                connection.execute(
-                    update(M)
-                    .where(where)
-                    .values(
-                        synced=M.c.desired,
-                        status="in_sync",
-                        attempts=0,
-                        last_error=None,
-                        next_attempt_at=None,
-                        delivered_at=bindparam("b_now"),
-                    ),
-                    [params(u, b_now=now) for u in result.delivered],
-                )
+                # One statement per (kind, version) group, usually one per batch; the version
+                # makes it a compare-and-set.
+                for (kind, version), members in _groups(result.delivered).items():
+                    connection.execute(
+                        update(M)
+                        .where(
+                            M.c.audience_id == self.audience_id,
+                            M.c.destination == self.context.destination,
+                            M.c.id_kind == kind,
+                            M.c.member_id.in_(members),
+                            M.c.version == version,
+                        )
+                        .values(
+                            synced=M.c.desired,
+                            in_doubt=False,
+                            status="in_sync",
+                            attempts=0,
+                            last_error=None,
+                            next_attempt_at=None,
+                            delivered_at=now,
+                        )
+                    )
             if result.rejected:
                 connection.execute(
                     update(M)
@@ -345,16 +396,32 @@ class Deliverer:
                         ),
                         last_error=bindparam("b_error"),
                         next_attempt_at=None,
+                        in_doubt=bindparam("b_doubt"),
                     ),
-                    [params(u, b_error=reason) for u, reason in result.rejected],
+                    [
+                        params(u, b_error=reason, b_doubt=self._doubt(u, result))
+                        for u, reason in result.rejected
+                    ],
                 )
             if result.left:
                 retry_at = now + timedelta(seconds=result.retry_delay)
                 connection.execute(
                     update(M)
                     .where(where)
-                    .values(last_error=bindparam("b_error"), next_attempt_at=bindparam("b_at")),
-                    [params(u, b_error=result.left_reason, b_at=retry_at) for u in result.left],
+                    .values(
+                        last_error=bindparam("b_error"),
+                        next_attempt_at=bindparam("b_at"),
+                        in_doubt=bindparam("b_doubt"),
+                    ),
+                    [
+                        params(
+                            u,
+                            b_error=result.left_reason,
+                            b_at=retry_at,
+                            b_doubt=self._doubt(u, result),
+                        )
+                        for u in result.left
+                    ],
                 )
         self.stats.sent += len(result.delivered)
         self.stats.left_pending += len(result.left)
@@ -369,18 +436,25 @@ class Deliverer:
 
     def _send_with_retries(self, units: list[_Unit]) -> _BatchResult:
         attempt = 0
+        uncertain = False
         while True:
             try:
-                return self._send_splitting(units)
+                result = self._send_splitting(units)
+                result.uncertain = result.uncertain or uncertain
+                return result
             except TransientDeliveryError as exc:
+                uncertain = uncertain or exc.outcome_unknown
                 delay = self.policy.backoff(attempt, exc.retry_after)
                 attempt += 1
+                left = _BatchResult(
+                    left=units, left_reason=str(exc), retry_delay=delay, uncertain=uncertain
+                )
                 out_of_time = time.monotonic() + delay > self.deadline
                 if out_of_time or self.stop.is_set() or self._abort.is_set():
-                    return _BatchResult(left=units, left_reason=str(exc), retry_delay=delay)
+                    return left
                 logger.warning("%s; retry %d in %.1fs", exc, attempt, delay)
                 if self.stop.wait(delay) or self._abort.is_set():
-                    return _BatchResult(left=units, left_reason=str(exc), retry_delay=delay)
+                    return left
 
     def _send_splitting(self, units: list[_Unit]) -> _BatchResult:
         """Send; on a rejected batch, split it in halves until the bad messages are alone."""
@@ -404,5 +478,6 @@ class Deliverer:
                 left=first.left + second.left,
                 left_reason=first.left_reason or second.left_reason,
                 retry_delay=max(first.retry_delay, second.retry_delay),
+                uncertain=first.uncertain or second.uncertain,
             )
         return _BatchResult(delivered=list(units))

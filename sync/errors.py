@@ -64,9 +64,14 @@ class DeliveryError(AudienceSyncError):
 class TransientDeliveryError(DeliveryError):
     """A delivery attempt failed in a way that may succeed later (network, timeout, 429, 5xx)."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after: float | None = None, *, outcome_unknown: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        # True when the destination may have applied the batch although we saw a failure
+        # (a timeout after sending, a reset connection, a lost response).
+        self.outcome_unknown = outcome_unknown
 
 
 class PermanentDeliveryError(DeliveryError):

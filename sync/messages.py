@@ -27,6 +27,7 @@ class MembershipChange:
     version: int
     changed_at: datetime
     traits: dict[str, Any] | None
+    in_doubt: bool = False
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,10 @@ class Membership(Base):
     anonymous_id: Mapped[str | None] = mapped_column(String(MAX_MEMBER_ID_LENGTH), nullable=True)
     desired: Mapped[bool] = mapped_column(Boolean)
     synced: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    # True from the moment a message for this row is handed to the destination until it is
+    # acknowledged: the destination may hold a value we never saw confirmed (a crash, a lost
+    # response), so the row stays pending whatever `desired` becomes.
+    in_doubt: Mapped[bool] = mapped_column(Boolean, default=False)
     version: Mapped[int] = mapped_column(Integer)
     changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
     traits: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

@@ -144,7 +144,11 @@ def plan_destination(
     leavers = connection.execute(
         update(M)
         .where(of, M.c.desired == true(), ~_staged_match(run_id))
-        .values(desired=False, status=_status(target, M.c.synced == true()), **bump)
+        .values(
+            desired=False,
+            status=_status(target, or_(M.c.synced == true(), M.c.in_doubt == true())),
+            **bump,
+        )
     )
     plan.removed = leavers.rowcount
 
@@ -169,7 +173,10 @@ def plan_destination(
         .where(of, M.c.desired == False, _staged_match(run_id))  # noqa: E712
         .values(
             desired=True,
-            status=_status(target, or_(M.c.synced.is_(None), M.c.synced == False)),  # noqa: E712
+            status=_status(
+                target,
+                or_(M.c.synced.is_(None), M.c.synced == False, M.c.in_doubt == true()),  # noqa: E712
+            ),
             traits=_staged_value(run_id, S.c.traits),
             anonymous_id=_staged_value(run_id, S.c.anonymous_id),
             **bump,
@@ -189,6 +196,7 @@ def plan_destination(
                 "anonymous_id",
                 "desired",
                 "synced",
+                "in_doubt",
                 "version",
                 "changed_at",
                 "traits",
@@ -203,6 +211,7 @@ def plan_destination(
                 S.c.anonymous_id,
                 literal(True),
                 literal(None),
+                literal(False),
                 literal(1),
                 literal(now, M.c.changed_at.type),
                 S.c.traits,

@@ -56,7 +56,7 @@ class RunReport:
     @property
     def ok(self) -> bool:
         """Whether the run neither failed nor was guarded."""
-        return self.status not in ("failed", "guarded", "abandoned")
+        return self.status not in ("failed", "guarded", "abandoned", "busy")
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""

@@ -36,7 +36,12 @@ from sync.planner import (
 )
 from sync.reports import DestinationReport, RunOptions, RunReport
 from sync.sources import make_source_engine
-from sync.staging import SnapshotStats, stage_from_source, stage_in_database
+from sync.staging import (
+    SnapshotStats,
+    refresh_statistics,
+    stage_from_source,
+    stage_in_database,
+)
 
 logger = logging.getLogger("sync.runner")
 
@@ -332,6 +337,8 @@ class Syncer:
                 connection.commit()
                 try:
                     stats = self._compute(connection, audience, run_id, commit=True, lease=lease)
+                    connection.commit()
+                    refresh_statistics(connection)
                     connection.commit()
                 except (SourceError, RunInterruptedError):
                     connection.rollback()

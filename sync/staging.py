@@ -318,3 +318,11 @@ def stage_in_database(
         raise _source_error(audience, source_name, exc) from None
     stats.duplicates = stats.rows - stats.invalid - stats.staged
     return stats
+
+
+def refresh_statistics(connection: Connection) -> None:
+    """Let PostgreSQL's planner see the staged snapshot's size before planning joins on it
+    (without this it estimates one row and picks nested loops: quadratic at scale)."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("ANALYZE staged_members"))
+        connection.execute(text("ANALYZE memberships"))

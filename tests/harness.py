@@ -48,6 +48,7 @@ class Harness:
             "delivery_time_budget": "20s",
         }
         self.source_url = f"sqlite:///{self.warehouse}"
+        self.config_extra = ""  # raw TOML appended (extra tables, more audiences)
 
     def set_members(self, rows: list[str | tuple[Any, ...]]) -> None:
         """Replace the warehouse's members: ids, or (user_id, email[, anonymous_id]) tuples."""
@@ -70,7 +71,7 @@ class Harness:
         lines.append("[[audiences]]")
         lines.append('source = "warehouse"')
         lines += [f"{k} = {_toml(v)}" for k, v in self.audience.items()]
-        return "\n".join(lines)
+        return "\n".join(lines) + "\n" + self.config_extra
 
     def config(self) -> Config:
         return parse_config(self.config_text(), "test.toml", self.tmp_path, {})

@@ -95,7 +95,9 @@ def classify_transport_error(exc: httpx.TransportError) -> DeliveryError:
         cause = cause.__cause__ or cause.__context__
     kind = type(exc).__name__
     text = str(exc) or kind
-    return TransientDeliveryError(f"{kind}: {text}")
+    # Connecting failed: the request never left. Anything later may have reached the server.
+    never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+    return TransientDeliveryError(f"{kind}: {text}", outcome_unknown=not never_sent)
 
 
 class HttpSender:
@@ -143,7 +145,12 @@ class HttpSender:
         if outcome.verdict == "ok":
             return
         if outcome.verdict == "transient":
-            raise TransientDeliveryError(f"{where}: {outcome.reason}", outcome.retry_after)
+            raise TransientDeliveryError(
+                f"{where}: {outcome.reason}",
+                outcome.retry_after,
+                # A 2xx that is not an API answer may come from a proxy that forwarded it.
+                outcome_unknown=200 <= response.status_code < 300,
+            )
         if outcome.verdict == "rejected":
             raise RejectedBatchError(outcome.reason)
         if outcome.verdict == "credentials":
