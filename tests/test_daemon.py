@@ -37,7 +37,9 @@ def final_state(receiver: Receiver, key: str) -> dict[str, bool]:
     return {who: value for (who, k), value in receiver.state.items() if k == key}
 
 
-def test_daemon_delivers_deltas_and_stops_cleanly(harness: Harness, receiver: Receiver, tmp_path: Path) -> None:
+def test_daemon_delivers_deltas_and_stops_cleanly(
+    harness: Harness, receiver: Receiver, tmp_path: Path
+) -> None:
     harness.set_members(["a", ("n1", "n1@example.com")])
     config = two_audiences(harness)
     log = tmp_path / "daemon.log"
@@ -51,7 +53,9 @@ def test_daemon_delivers_deltas_and_stops_cleanly(harness: Harness, receiver: Re
             20,
             "deltas",
         )
-        wait_for(lambda: final_state(receiver, "newsletter") == {"n1": True, "n2": True}, 20, "deltas 2")
+        wait_for(
+            lambda: final_state(receiver, "newsletter") == {"n1": True, "n2": True}, 20, "deltas 2"
+        )
     finally:
         daemon.send_signal(signal.SIGTERM)
         code = daemon.wait(timeout=30)
@@ -63,11 +67,15 @@ def test_daemon_delivers_deltas_and_stops_cleanly(harness: Harness, receiver: Re
         statuses = set(connection.execute(select(RUNS.c.status)).scalars())
     assert "running" not in statuses and "succeeded" in statuses
     # Each change went out once: no duplicates from overlapping runs.
-    counts = Counter((m["userId"], m["traits"].get(KEY)) for m in receiver.messages() if KEY in m["traits"])
+    counts = Counter(
+        (m["userId"], m["traits"].get(KEY)) for m in receiver.messages() if KEY in m["traits"]
+    )
     assert max(counts.values()) == 1
 
 
-def test_concurrent_syncs_of_one_audience(harness: Harness, receiver: Receiver, tmp_path: Path) -> None:
+def test_concurrent_syncs_of_one_audience(
+    harness: Harness, receiver: Receiver, tmp_path: Path
+) -> None:
     harness.destinations["segment"]["batch_size"] = 10
     harness.destinations["segment"]["concurrency"] = 1
     harness.set_members([f"u{i:03d}" for i in range(60)])
@@ -90,7 +98,10 @@ def test_concurrent_syncs_of_one_audience(harness: Harness, receiver: Receiver, 
     wait_for(lambda: len(receiver.requests) > before, 20, "the third process to deliver")
     fourth = subprocess.run(
         [*first.args[:-1], "sync", "--wait", "30", "--json"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert third.wait(timeout=60) == 0 and fourth.returncode == 0, fourth.stdout + fourth.stderr
     assert '"sent": 0' in fourth.stdout
@@ -98,7 +109,9 @@ def test_concurrent_syncs_of_one_audience(harness: Harness, receiver: Receiver, 
     assert len(counts) == 90 and set(counts.values()) == {1}
 
 
-def test_sigkill_mid_delivery_then_recovery(harness: Harness, receiver: Receiver, tmp_path: Path) -> None:
+def test_sigkill_mid_delivery_then_recovery(
+    harness: Harness, receiver: Receiver, tmp_path: Path
+) -> None:
     harness.destinations["segment"].update(batch_size=20, concurrency=1)
     harness.config_extra = '\n[daemon]\nlease_seconds = "5s"\n'
     members = [f"u{i:03d}" for i in range(200)]
@@ -111,24 +124,34 @@ def test_sigkill_mid_delivery_then_recovery(harness: Harness, receiver: Receiver
     victim.wait(timeout=10)
     receiver.delay = 0
     # Change the snapshot while the crashed run's lease is still held.
-    last = members[50:] + ["late-1", "late-2"]
+    last = [*members[50:], "late-1", "late-2"]
     harness.set_members(last)
-    busy = subprocess.run([*victim.args[:-1], "sync"], capture_output=True, text=True, timeout=60, check=False)
+    busy = subprocess.run(
+        [*victim.args[:-1], "sync"], capture_output=True, text=True, timeout=60, check=False
+    )
     assert busy.returncode == 1 and "is being synced by" in busy.stdout
     after = subprocess.run(
-        [*victim.args[:-1], "sync", "--wait", "20"], capture_output=True, text=True, timeout=60, check=False
+        [*victim.args[:-1], "sync", "--wait", "20"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert after.returncode == 0, after.stdout + after.stderr
     with harness.engine.connect() as connection:
         statuses = connection.execute(select(RUNS.c.status).order_by(RUNS.c.id)).scalars().all()
     assert statuses == ["abandoned", "succeeded"]
-    expected = {m: True for m in last} | {m: False for m in members[:50] if m in final_state(receiver, KEY)}
+    expected = {m: True for m in last} | {
+        m: False for m in members[:50] if m in final_state(receiver, KEY)
+    }
     assert final_state(receiver, KEY) == expected
     # Every member of the last snapshot is true at the receiver; nobody else is.
     assert {u for u, v in final_state(receiver, KEY).items() if v} == set(last)
 
 
-def test_full_resync_while_the_daemon_runs(harness: Harness, receiver: Receiver, tmp_path: Path) -> None:
+def test_full_resync_while_the_daemon_runs(
+    harness: Harness, receiver: Receiver, tmp_path: Path
+) -> None:
     harness.defaults["schedule"] = "1s"
     harness.config_extra = '\n[daemon]\nsweep_interval = "1s"\n'
     harness.set_members(["a", "b", "c"])
@@ -138,7 +161,10 @@ def test_full_resync_while_the_daemon_runs(harness: Harness, receiver: Receiver,
         wait_for(lambda: len(receiver.messages()) == 3, 20, "first sync")
         full = subprocess.run(
             [*daemon.args[:-1], "sync", "--full", KEY, "--wait", "20"],
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert full.returncode == 0, full.stdout + full.stderr
         wait_for(lambda: len(receiver.messages()) >= 6, 10, "the resend")
@@ -158,7 +184,11 @@ def test_run_once(harness: Harness, receiver: Receiver, tmp_path: Path) -> None:
     harness.set_members(["a"])
     config = harness.write_config()
     result = subprocess.run(
-        [*spawn_args(config), "run", "--once"], capture_output=True, text=True, timeout=60, check=False
+        [*spawn_args(config), "run", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert final_state(receiver, KEY) == {"a": True}
