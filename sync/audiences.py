@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 
-from sqlalchemy import Connection, Engine, case, insert, or_, select, true, update
+from sqlalchemy import Connection, Engine, case, or_, select, true, update
 
 from sync.config import AudienceConfig, Config
 from sync.errors import AudienceSyncError
 from sync.models import AUDIENCES as A
 from sync.models import MEMBERSHIPS as M
 from sync.models import utcnow
+from sync.staging import insert_ignoring_duplicates
 
 
 def definition_hash(audience: AudienceConfig) -> str:
@@ -25,12 +26,15 @@ def ensure_audience(connection: Connection, audience: AudienceConfig) -> int:
     row = connection.execute(select(A.c.id, A.c.retired_at, A.c.name).where(A.c.key == key)).first()
     digest = definition_hash(audience)
     if row is None:
-        result = connection.execute(
-            insert(A).values(
+        # Two processes may create the same audience at once: the loser reads the winner's row.
+        connection.execute(
+            insert_ignoring_duplicates(connection, A).values(
                 key=key, name=audience.name, definition_hash=digest, created_at=utcnow()
             )
         )
-        return int(result.inserted_primary_key[0])  # type: ignore[index]
+        row = connection.execute(
+            select(A.c.id, A.c.retired_at, A.c.name).where(A.c.key == key)
+        ).one()
     if row.retired_at is not None:
         if not audience.allow_key_reuse:
             raise AudienceSyncError(

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Engine,
     Insert,
     String,
+    Table,
     Text,
     and_,
     case,
@@ -63,14 +64,14 @@ class SnapshotStats:
             self.samples.append(description)
 
 
-def insert_ignoring_duplicates(connection: Connection) -> Insert:
-    """``INSERT`` into the staging table that silently skips a member already staged."""
+def insert_ignoring_duplicates(connection: Connection, table: Table = STAGED) -> Insert:
+    """``INSERT`` that silently skips rows whose key exists (staged members, audiences)."""
     dialect = connection.dialect.name
     if dialect == "postgresql":
-        return postgresql.insert(STAGED).on_conflict_do_nothing()
+        return postgresql.insert(table).on_conflict_do_nothing()
     if dialect in ("mysql", "mariadb"):
-        return insert(STAGED).prefix_with("IGNORE")
-    return insert(STAGED).prefix_with("OR IGNORE")
+        return insert(table).prefix_with("IGNORE")
+    return insert(table).prefix_with("OR IGNORE")
 
 
 def _query_problem(columns: Sequence[str], traits: Sequence[str]) -> str | None:

@@ -303,3 +303,31 @@ def test_memberships_record_versions_and_timestamps(harness: Harness) -> None:
     harness.sync()
     again = harness.memberships()["a"]
     assert (again.desired, again.synced, again.version) == (True, True, 3)
+
+
+def test_acknowledgement_is_compare_and_set(harness: Harness, receiver: Receiver) -> None:
+    """A change planned while its batch is in flight stays pending after the ack."""
+    from sqlalchemy import update
+
+    from sync.models import MEMBERSHIPS
+
+    harness.set_members(["a", "b"])
+    original = receiver._respond
+
+    def respond_and_replan(raw, headers, path):
+        # What a concurrent plan would do: a's membership changes while the batch is out.
+        with harness.engine.begin() as connection:
+            connection.execute(
+                update(MEMBERSHIPS)
+                .where(MEMBERSHIPS.c.member_id == "a")
+                .values(desired=False, version=MEMBERSHIPS.c.version + 1)
+            )
+        receiver._respond = original
+        return original(raw, headers, path)
+
+    receiver._respond = respond_and_replan
+    harness.sync()
+    rows = harness.memberships()
+    assert rows["b"].synced is True and rows["b"].status == "in_sync"
+    assert rows["a"].synced is None and rows["a"].version == 2
+    assert rows["a"].status == "pending" and rows["a"].in_doubt  # its `false` is still to be sent

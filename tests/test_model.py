@@ -1,0 +1,209 @@
+"""Model-based convergence: any sequence of snapshots, faults, crashes, full resyncs and
+concurrent runs ends, once faults stop, with the destination equal to the last snapshot."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, func, select
+
+import sync.runner
+from sync.delivery import Deliverer
+from sync.destinations.segment import SegmentDestination
+from sync.errors import LeaseHeldError
+from sync.models import AUDIENCES, MEMBERSHIPS, RUNS
+from tests.chaos import ChaosReceiver
+from tests.harness import WRITE_KEY, Harness
+
+POOL = [f"u{i:02d}" for i in range(10)]
+INVALID = ["", "   ", None, "x" * 300, "new\nline"]
+CRASH_POINTS = (None, "staging", "planning", "send", "record")
+
+
+class SimulatedCrash(BaseException):
+    """Stands in for the process dying at one point of a run."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    members: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Sync:
+    faults: bool
+    crash: str | None
+    full: bool
+    include_exited: bool
+
+
+@dataclass(frozen=True)
+class Concurrent:
+    faults: bool
+
+
+steps = st.one_of(
+    st.builds(Snapshot, st.lists(st.sampled_from(POOL + INVALID), max_size=12).map(tuple)),
+    st.builds(Sync, st.booleans(), st.sampled_from(CRASH_POINTS), st.booleans(), st.booleans()),
+    st.builds(Concurrent, st.booleans()),
+)
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def chaos(request: pytest.FixtureRequest) -> Any:
+    receiver = ChaosReceiver(WRITE_KEY, seed=7, fault_rate=0.35, slow_seconds=0.3)
+    with receiver.running() as running:
+        yield running
+
+
+class Crasher:
+    """Arms one crash point for the next run."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.armed: str | None = None
+        original_chunks = sync.runner.Syncer._between_chunks
+        original_plan = sync.runner.plan_destination
+        original_send = SegmentDestination.send
+        original_record = Deliverer._record
+        crasher = self
+
+        def between_chunks(self: Any, lease: Any) -> None:
+            crasher.fire("staging")
+            original_chunks(self, lease)
+
+        def plan(*args: Any, **kwargs: Any) -> Any:
+            result = original_plan(*args, **kwargs)
+            crasher.fire("planning")
+            return result
+
+        def send(self: Any, messages: Any) -> None:
+            original_send(self, messages)
+            crasher.fire("send")  # delivered, but the process dies before it knows
+
+        def record(self: Any, result: Any) -> None:
+            crasher.fire("record")
+            original_record(self, result)
+
+        monkeypatch.setattr(sync.runner.Syncer, "_between_chunks", between_chunks)
+        monkeypatch.setattr(sync.runner, "plan_destination", plan)
+        monkeypatch.setattr(SegmentDestination, "send", send)
+        monkeypatch.setattr(Deliverer, "_record", record)
+
+    def fire(self, point: str) -> None:
+        if self.armed == point:
+            self.armed = None
+            raise SimulatedCrash(point)
+
+
+def pending_count(engine: Engine, key: str) -> int:
+    query = (
+        select(func.count())
+        .select_from(MEMBERSHIPS.join(AUDIENCES, AUDIENCES.c.id == MEMBERSHIPS.c.audience_id))
+        .where(AUDIENCES.c.key == key, MEMBERSHIPS.c.status.in_(("pending", "rejected")))
+    )
+    with engine.connect() as connection:
+        return int(connection.execute(query).scalar_one())
+
+
+def valid(members: tuple[Any, ...]) -> set[str]:
+    return {
+        m for m in members if isinstance(m, str) and m.strip() and len(m) <= 255 and "\n" not in m
+    }
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,  # the same 200 examples every run, so a failure reproduces
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(script=st.lists(steps, min_size=1, max_size=5))
+def test_any_history_converges_to_the_last_snapshot(
+    script: list[Any],
+    state_engine: Engine,
+    chaos: ChaosReceiver,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    number = next(_counter)
+    folder = tmp_path / f"example-{number}"
+    folder.mkdir()
+    harness = Harness(folder, state_engine, chaos.url)
+    harness.audience["name"] = f"Model {number}"
+    key = f"model_{number}"
+    harness.destinations["segment"].update(timeout=0.2, batch_size=4, concurrency=2)
+    harness.defaults.update(
+        delivery_time_budget="400ms",
+        guard_min_members=1000,
+        max_attempts=100,
+        retry_initial_delay="5ms",
+        retry_max_delay="20ms",
+    )
+    crasher = Crasher(monkeypatch)
+    ever_members: set[str] = set()
+    last: set[str] = set()
+    fulls = 0
+
+    def run(faults: bool, **options: Any) -> None:
+        chaos.faults_enabled = faults
+        try:
+            harness.sync(**options)
+        except (SimulatedCrash, LeaseHeldError):
+            pass
+
+    for step in script:
+        if isinstance(step, Snapshot):
+            rows = [(m, None, None) for m in step.members]
+            harness.set_members(rows)  # type: ignore[arg-type]
+            last = valid(step.members)
+        elif isinstance(step, Sync):
+            crasher.armed = step.crash
+            ever_members |= last
+            run(step.faults, full=step.full, include_exited=step.full and step.include_exited)
+            fulls += step.full
+            crasher.armed = None
+        else:
+            ever_members |= last
+            threads = [threading.Thread(target=run, args=(step.faults,)) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+    # Faults off: runs (and the retry backoff) until nothing is pending.
+    ever_members |= last
+    for _ in range(20):
+        run(False)
+        if pending_count(state_engine, key) == 0:
+            break
+        time.sleep(0.05)
+    assert pending_count(state_engine, key) == 0
+
+    state = chaos.values(key)
+    assert {who for who, value in state.items() if value} == last
+    assert set(state) <= ever_members, "a user who was never a member received something"
+    assert not chaos.log.violations
+    # A resend carries the messageId of the change it repeats; only a full resync mints new ones.
+    ids: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    for delivery in chaos.log.deliveries:
+        if key in delivery.values:
+            ids[(delivery.who, str(delivery.values[key]), delivery.timestamp)].add(
+                delivery.message_id
+            )
+    assert all(len(found) <= 1 + fulls for found in ids.values())
+    with state_engine.connect() as connection:
+        running = connection.execute(
+            select(func.count()).where(RUNS.c.status == "running")
+        ).scalar_one()
+    assert running == 0
