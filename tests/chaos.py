@@ -12,7 +12,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -169,10 +169,8 @@ class ChaosReceiver:
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                try:
+                with suppress(OSError):
                     self.wfile.write(payload)
-                except OSError:
-                    pass
 
             def reset(self) -> None:
                 self.close_connection = True

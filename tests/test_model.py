@@ -3,6 +3,7 @@ concurrent runs ends, once faults stop, with the destination equal to the last s
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -157,10 +158,8 @@ def test_any_history_converges_to_the_last_snapshot(
 
     def run(faults: bool, **options: Any) -> None:
         chaos.faults_enabled = faults
-        try:
+        with contextlib.suppress(SimulatedCrash, LeaseHeldError):
             harness.sync(**options)
-        except (SimulatedCrash, LeaseHeldError):
-            pass
 
     for step in script:
         if isinstance(step, Snapshot):
