@@ -10,6 +10,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
 
 from sync import __version__
 from sync.config import DEFAULT_CONFIG_PATH, Config, load_config
@@ -51,6 +52,10 @@ class ErrorBoundaryGroup(click.Group):
             if _debug(ctx):
                 raise
             raise click.ClickException(str(exc)) from None
+        except SQLAlchemyError as exc:
+            if _debug(ctx):
+                raise
+            raise click.ClickException(f"state database error: {database_reason(exc)}") from None
         except Exception as exc:
             if _debug(ctx):
                 raise
@@ -58,6 +63,12 @@ class ErrorBoundaryGroup(click.Group):
             raise click.ClickException(
                 f"unexpected {type(exc).__name__}: {first} (run with --debug for the traceback)"
             ) from None
+
+
+def database_reason(exc: SQLAlchemyError) -> str:
+    """The driver's own message, on one line, without SQLAlchemy's statement dump."""
+    reason = str(getattr(exc, "orig", None) or exc)
+    return " ".join(reason.split("[SQL:")[0].split())
 
 
 def _debug(ctx: click.Context) -> bool:

@@ -214,8 +214,14 @@ class AudienceConfig(_Model):
         return self.key or derive_key(self.name)
 
 
+# The config file format this version reads; a file may say `version = N` at the top.
+CONFIG_VERSION = 1
+
+
 class Config(_Model):
     """The whole, validated configuration."""
+
+    version: int = CONFIG_VERSION
 
     state: StateConfig = Field(default_factory=StateConfig)
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
@@ -223,6 +229,18 @@ class Config(_Model):
     defaults: Defaults = Field(default_factory=Defaults)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     audiences: list[AudienceConfig] = Field(default_factory=list)
+
+    @field_validator("version")
+    @classmethod
+    def _check_version(cls, value: int) -> int:
+        if value > CONFIG_VERSION:
+            raise ValueError(
+                f"this file is written for a newer audience-sync (config version {value}); "
+                f"this one reads version {CONFIG_VERSION}: upgrade audience-sync"
+            )
+        if value < 1:
+            raise ValueError(f"config version {value} does not exist; write version = 1")
+        return value
 
     def schedule_of(self, audience: AudienceConfig) -> Schedule:
         """The audience's own schedule, or the default one."""

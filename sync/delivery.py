@@ -150,7 +150,9 @@ def retry_due(connection: Connection, audience_id: int) -> bool:
 def _pages(engine: Engine, audience_id: int, destination: str, page: int) -> Iterator[list[Any]]:
     """Pending rows in (status pass, member) order, read in pages by keyset."""
     now = utcnow()
-    for status in ("pending", "rejected"):
+    # Rows rejected by earlier runs first: a row rejected during this run's `pending` pass must
+    # not be retried by the same run.
+    for status in ("rejected", "pending"):
         last: tuple[str, str] | None = None
         while True:
             query = (
@@ -306,9 +308,11 @@ class Deliverer:
             except PermanentDeliveryError as exc:
                 self._abort.set()
                 self.stats.fatal = True
-                self.stats.error = str(exc)
-                self.stats.left_pending += len(units)
                 logger.error("%s", exc)
+                self._record(
+                    _BatchResult(left=units, left_reason=str(exc), uncertain=exc.outcome_unknown)
+                )
+                self.stats.error = str(exc)
                 continue
             self._record(result)
 

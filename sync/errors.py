@@ -60,6 +60,9 @@ class UnknownAudienceError(AudienceSyncError):
 class DeliveryError(AudienceSyncError):
     """Base class of delivery outcomes that are not a success."""
 
+    # True when the destination may have applied the batch although we saw a failure.
+    outcome_unknown = False
+
 
 class TransientDeliveryError(DeliveryError):
     """A delivery attempt failed in a way that may succeed later (network, timeout, 429, 5xx)."""
@@ -69,8 +72,7 @@ class TransientDeliveryError(DeliveryError):
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
-        # True when the destination may have applied the batch although we saw a failure
-        # (a timeout after sending, a reset connection, a lost response).
+        # e.g. a timeout after sending, a reset connection, a lost response
         self.outcome_unknown = outcome_unknown
 
 

@@ -233,17 +233,27 @@ def mark_full_resync(
     *,
     include_exited: bool,
 ) -> None:
-    """Make every member pending again (and, with ``include_exited``, every ex-member)."""
+    """Make every member pending again (and, with ``include_exited``, every ex-member that was
+    ever delivered).
+
+    Rows are marked ``in_doubt`` rather than forgetting ``synced``: a member who leaves before
+    the resend is delivered must still get its ``false``, since the destination holds ``true``.
+    """
     of = _of(audience_id, target.name)
     # A new version gives resent messages new messageIds, so destinations that de-duplicate
     # do not drop the deliberate resend.
-    again = {"version": M.c.version + 1, "status": _status(target, true()), **_RESET}
-    connection.execute(update(M).where(of, M.c.desired == true()).values(synced=None, **again))
+    again = {
+        "version": M.c.version + 1,
+        "in_doubt": True,
+        "status": _status(target, true()),
+        **_RESET,
+    }
+    connection.execute(update(M).where(of, M.c.desired == true()).values(**again))
     if include_exited:
         connection.execute(
             update(M)
             .where(of, M.c.desired == False, M.c.synced.is_not(None))  # noqa: E712
-            .values(synced=True, **again)
+            .values(**again)
         )
 
 

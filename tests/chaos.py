@@ -72,6 +72,7 @@ class ChaosReceiver:
         self.log = ChaosLog()
         self.state: dict[tuple[str, str], Any] = {}
         self.seen: set[str] = set()
+        self.stamps: dict[tuple[str, str], str] = {}
         self.lock = threading.Lock()
         self.server = _Server(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -149,7 +150,13 @@ class ChaosReceiver:
                     continue  # Segment drops a messageId it has seen
                 self.seen.add(message["messageId"])
                 for key, value in values.items():
-                    self.state[(who, key)] = value
+                    # Last writer wins by `timestamp`, as Segment orders a profile's traits: a
+                    # request that sat in a socket past the client's timeout cannot undo a
+                    # newer change when it lands late.
+                    stamp = message["timestamp"]
+                    if stamp >= self.stamps.get((who, key), ""):
+                        self.state[(who, key)] = value
+                        self.stamps[(who, key)] = stamp
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         receiver = self

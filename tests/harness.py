@@ -87,9 +87,12 @@ class Harness:
         syncer = Syncer(config, self.engine)
         return syncer.sync(config.audiences[0], RunOptions(**options))
 
-    def memberships(self) -> dict[str, Any]:
+    def memberships(self, destination: str | None = None) -> dict[str, Any]:
+        query = select(MEMBERSHIPS).order_by(MEMBERSHIPS.c.member_id)
+        if destination is not None:
+            query = query.where(MEMBERSHIPS.c.destination == destination)
         with self.engine.connect() as connection:
-            rows = connection.execute(select(MEMBERSHIPS).order_by(MEMBERSHIPS.c.member_id)).all()
+            rows = connection.execute(query).all()
         return {row.member_id: row for row in rows}
 
     def runs(self) -> list[Any]:

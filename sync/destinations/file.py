@@ -41,9 +41,11 @@ class FileDestination:
                     os.fsync(handle.fileno())
         except OSError as exc:
             reason = exc.strerror or str(exc)
-            raise PermanentDeliveryError(
+            error = PermanentDeliveryError(
                 f'destination "{self.name}": cannot write {self.path}: {reason}'
-            ) from None
+            )
+            error.outcome_unknown = True  # part of the batch may be on disk
+            raise error from None
 
     def close(self) -> None:
         """Nothing to release: the file is opened per batch."""
