@@ -129,6 +129,6 @@ def build_messages(ctx: AudienceContext, change: MembershipChange) -> list[dict[
     return messages
 
 
-def encoded_size(message: dict[str, Any]) -> int:
-    """Bytes the message takes in a JSON request body."""
-    return len(json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+def encode(message: dict[str, Any]) -> str:
+    """A message as compact JSON, encoded once and reused for sizing and sending."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)

@@ -18,6 +18,9 @@ class RunOptions:
     force: bool = False
     trigger: RunTrigger = "manual"
     wait: float = 0.0
+    # False: compute and plan, commit, and leave the rows pending (benchmarks measure the
+    # phases apart; the next run delivers them).
+    deliver: bool = True
 
 
 @dataclass

@@ -380,10 +380,13 @@ class Syncer:
                 # The plan and the run's planned counts commit together, before any send.
                 self._finish(connection, report, timings, status="running")
                 connection.commit()
-            t2 = time.monotonic()
-            self._deliver(audience, audience_id, install, pairs, report, lease)
-            timings["deliver_seconds"] = time.monotonic() - t2
-            report.status = self._status_after_delivery(report)
+            if not options.deliver:
+                report.status, report.error = "partial", "delivery skipped (plan only)"
+            else:
+                t2 = time.monotonic()
+                self._deliver(audience, audience_id, install, pairs, report, lease)
+                timings["deliver_seconds"] = time.monotonic() - t2
+                report.status = self._status_after_delivery(report)
         except SourceError as exc:
             report.status, report.error = "failed", str(exc)
         except AudienceSyncError as exc:

@@ -20,8 +20,9 @@ class Destination(Protocol):
     requires_user_id: bool
     integrations: dict[str, Any] | None
 
-    def send(self, messages: list[dict[str, Any]]) -> None:
-        """Deliver one batch; return only when the destination acknowledged all of it."""
+    def send(self, messages: list[str]) -> None:
+        """Deliver one batch of messages, each already encoded as compact JSON; return only
+        when the destination acknowledged all of it."""
 
     def close(self) -> None:
         """Release connections and files."""

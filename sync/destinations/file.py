@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
@@ -27,11 +26,9 @@ class FileDestination:
         self.max_batch_messages = config.batch_size
         self._lock = threading.Lock()
 
-    def send(self, messages: list[dict[str, Any]]) -> None:
+    def send(self, messages: list[str]) -> None:
         """Append the batch; a full or read-only disk is a permanent error for this run."""
-        lines = "".join(
-            json.dumps(m, separators=(",", ":"), ensure_ascii=False) + "\n" for m in messages
-        )
+        lines = "".join(m + "\n" for m in messages)
         try:
             with self._lock:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import email.utils
 import gzip
-import json
 import ssl
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
 import httpx
 
@@ -125,10 +124,10 @@ class HttpSender:
             headers={"User-Agent": f"audience-sync/{__version__}", **(headers or {})},
         )
 
-    def body_for(self, messages: list[dict[str, Any]]) -> bytes:
-        """The request body for a batch (Segment's batch envelope)."""
-        payload = {"batch": messages, "sentAt": iso_timestamp(datetime.now(UTC))}
-        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    def body_for(self, messages: list[str]) -> bytes:
+        """The request body for a batch of encoded messages (Segment's batch envelope)."""
+        sent_at = iso_timestamp(datetime.now(UTC))
+        return f'{{"batch":[{",".join(messages)}],"sentAt":"{sent_at}"}}'.encode()
 
     def post(self, body: bytes, extra_headers: dict[str, str] | None = None) -> None:
         """POST ``body``; raise the ``DeliveryError`` that classifies any failure."""

@@ -36,7 +36,7 @@ class SegmentDestination:
             auth=(config.write_key.get_secret_value(), ""),
         )
 
-    def send(self, messages: list[dict[str, Any]]) -> None:
+    def send(self, messages: list[str]) -> None:
         """POST one batch."""
         self._sender.post(self._sender.body_for(messages))
 

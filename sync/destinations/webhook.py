@@ -38,7 +38,7 @@ class WebhookDestination:
             headers=config.headers,
         )
 
-    def send(self, messages: list[dict[str, Any]]) -> None:
+    def send(self, messages: list[str]) -> None:
         """POST one signed batch (the signature covers the uncompressed body)."""
         body = self._sender.body_for(messages)
         headers = {self._header: signature(self._secret, body)} if self._secret else {}
