@@ -26,6 +26,7 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.dialects import postgresql
 
 from sync.models import MEMBERSHIPS as M
 from sync.models import RUNS
@@ -185,9 +186,19 @@ def plan_destination(
     entrant_status: Any = literal("pending")
     if target.requires_user_id:
         entrant_status = case((S.c.id_kind == "anonymous", "skipped"), else_="pending")
-    already = exists().where(of, M.c.id_kind == S.c.id_kind, M.c.member_id == S.c.member_id)
+    snapshot = S.c.run_id == run_id
+    if connection.dialect.name == "postgresql":
+        # An anti-join on the table being inserted into makes PostgreSQL re-scan the rows the
+        # statement itself appends (invisible, but read): quadratic. Let the key decide.
+        insert_entrants: Any = postgresql.insert(M).on_conflict_do_nothing()
+    else:
+        insert_entrants = insert(M)
+        snapshot = and_(
+            snapshot,
+            ~exists().where(of, M.c.id_kind == S.c.id_kind, M.c.member_id == S.c.member_id),
+        )
     entrants = connection.execute(
-        insert(M).from_select(
+        insert_entrants.from_select(
             [
                 "audience_id",
                 "destination",
@@ -217,7 +228,7 @@ def plan_destination(
                 S.c.traits,
                 entrant_status,
                 literal(0),
-            ).where(S.c.run_id == run_id, ~already),
+            ).where(snapshot),
         ),
         execution_options={"preserve_rowcount": True},
     )

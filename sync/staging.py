@@ -8,9 +8,9 @@ Python memory. When the source is the state database itself, the snapshot is sta
 from __future__ import annotations
 
 import base64
-import json
 import datetime as dt
 import decimal
+import json
 import math
 import uuid
 from collections.abc import Callable, Sequence
@@ -239,7 +239,41 @@ _SQLITE_STAGE = (
 )
 
 
+# PostgreSQL: COPY into a session-private table, then one INSERT … ON CONFLICT DO NOTHING
+# (COPY alone cannot skip duplicate members).
+_PG_INCOMING = (
+    "CREATE TEMP TABLE IF NOT EXISTS staged_incoming (run_id integer, id_kind varchar(16), "
+    "member_id varchar(255), anonymous_id varchar(255), traits json)"
+)
+_PG_MOVE = (
+    "INSERT INTO staged_members (run_id, id_kind, member_id, anonymous_id, traits) "
+    "SELECT run_id, id_kind, member_id, anonymous_id, traits FROM staged_incoming "
+    "ON CONFLICT DO NOTHING"
+)
+
+
+def _copy_staged(state: Connection, rows: list[dict[str, Any]]) -> None:
+    dbapi_connection: Any = state.connection.dbapi_connection
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute(_PG_INCOMING)
+        with cursor.copy(
+            "COPY staged_incoming (run_id, id_kind, member_id, anonymous_id, traits) FROM STDIN"
+        ) as copy:
+            for r in rows:
+                traits = (
+                    None if r["traits"] is None else json.dumps(r["traits"], ensure_ascii=False)
+                )
+                copy.write_row(
+                    (r["run_id"], r["id_kind"], r["member_id"], r["anonymous_id"], traits)
+                )
+        cursor.execute(_PG_MOVE)
+        cursor.execute("DELETE FROM staged_incoming")
+
+
 def _insert_staged(state: Connection, statement: Insert, rows: list[dict[str, Any]]) -> None:
+    if state.dialect.name == "postgresql" and state.dialect.driver == "psycopg":
+        _copy_staged(state, rows)
+        return
     if state.dialect.name == "sqlite":
         state.exec_driver_sql(
             _SQLITE_STAGE,
