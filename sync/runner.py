@@ -47,6 +47,10 @@ logger = logging.getLogger("sync.runner")
 
 __all__ = ["DestinationReport", "RunOptions", "RunReport", "Syncer"]
 
+# Above this many changed rows, PostgreSQL's statistics are refreshed before delivery (a first
+# sync grows memberships from nothing; plans made for an empty table scan it per batch).
+PLANNER_STATISTICS_THRESHOLD = 10_000
+
 
 class Syncer:
     """Runs audiences against one state database. Thread-safe for different audiences."""
@@ -380,6 +384,11 @@ class Syncer:
                 # The plan and the run's planned counts commit together, before any send.
                 self._finish(connection, report, timings, status="running")
                 connection.commit()
+                changed = sum(d.added + d.removed for d in report.destinations)
+                if changed > PLANNER_STATISTICS_THRESHOLD:
+                    # Delivery's queries should be planned for the table as it is now.
+                    refresh_statistics(connection, memberships_only=True)
+                    connection.commit()
             if not options.deliver:
                 report.status, report.error = "partial", "delivery skipped (plan only)"
             else:

@@ -383,9 +383,10 @@ def stage_in_database(
     return stats
 
 
-def refresh_statistics(connection: Connection) -> None:
+def refresh_statistics(connection: Connection, *, memberships_only: bool = False) -> None:
     """Let PostgreSQL's planner see the staged snapshot's size before planning joins on it
     (without this it estimates one row and picks nested loops: quadratic at scale)."""
     if connection.dialect.name == "postgresql":
-        connection.execute(text("ANALYZE staged_members"))
+        if not memberships_only:
+            connection.execute(text("ANALYZE staged_members"))
         connection.execute(text("ANALYZE memberships"))
