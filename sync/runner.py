@@ -299,16 +299,7 @@ class Syncer:
                 )
                 report.status = "guarded" if problem else "planned"
                 report.error = problem
-                report.destinations = [
-                    DestinationReport(
-                        p.destination,
-                        added=p.added,
-                        removed=p.removed,
-                        pending=p.pending,
-                        skipped=p.skipped,
-                    )
-                    for p in plans
-                ]
+                report.destinations = _reports_of(plans)
             except SourceError as exc:
                 report.status, report.error = "failed", str(exc)
             finally:
@@ -366,16 +357,7 @@ class Syncer:
                     connection.rollback()
                 drop_staging(connection, audience_id)
                 timings["plan_seconds"] = time.monotonic() - t1
-                report.destinations = [
-                    DestinationReport(
-                        p.destination,
-                        added=p.added,
-                        removed=p.removed,
-                        pending=p.pending,
-                        skipped=p.skipped,
-                    )
-                    for p in plans
-                ]
+                report.destinations = _reports_of(plans)
                 if problem:
                     report.status, report.error = "guarded", problem
                     self._finish(connection, report, timings)
@@ -505,3 +487,13 @@ class Syncer:
             report.seconds,
             f": {report.error}" if report.error else "",
         )
+
+
+def _reports_of(plans: list[DestinationPlan]) -> list[DestinationReport]:
+    """A report entry per destination, filled with what planning decided."""
+    return [
+        DestinationReport(
+            p.destination, added=p.added, removed=p.removed, pending=p.pending, skipped=p.skipped
+        )
+        for p in plans
+    ]
