@@ -14,9 +14,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sync import __version__
 from sync.config import DEFAULT_CONFIG_PATH, Config, load_config
-from sync.db import describe_url, make_state_engine, schema_status, upgrade
+from sync.db import make_state_engine, schema_status, upgrade
 from sync.errors import AudienceSyncError, SourceError, StateDatabaseMissingError, StateError
-from sync.logs import configure_logging
+from sync.logs import configure_logging, redact_url
 from sync.sources import check_source, demo_warehouse_exists
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -184,7 +184,7 @@ def check(app: AppContext, as_json: bool) -> None:
 
 
 def _check_state(config: Config) -> dict[str, Any]:
-    url = describe_url(config.state.url)
+    url = redact_url(config.state.url)
     try:
         engine = make_state_engine(config.state.url, must_exist=True)
     except StateDatabaseMissingError:
@@ -210,12 +210,12 @@ def _check_state(config: Config) -> dict[str, Any]:
 def _check_one_source(name: str, url: str, demo: bool) -> dict[str, Any]:
     if demo and not demo_warehouse_exists(url):
         detail = "demo warehouse not created yet; `audience-sync demo` or `sync` creates it"
-        return {"what": f"source {name}", "url": describe_url(url), "ok": True, "detail": detail}
+        return {"what": f"source {name}", "url": redact_url(url), "ok": True, "detail": detail}
     try:
         check_source(name, url)
     except SourceError as exc:
-        return {"what": f"source {name}", "url": describe_url(url), "ok": False, "detail": str(exc)}
-    return {"what": f"source {name}", "url": describe_url(url), "ok": True, "detail": "connected"}
+        return {"what": f"source {name}", "url": redact_url(url), "ok": False, "detail": str(exc)}
+    return {"what": f"source {name}", "url": redact_url(url), "ok": True, "detail": "connected"}
 
 
 @cli.group()
@@ -236,7 +236,7 @@ def db_upgrade(app: AppContext, revision: str) -> None:
         after = schema_status(engine)
     finally:
         engine.dispose()
-    where = describe_url(config.state.url)
+    where = redact_url(config.state.url)
     if before.current == after.current:
         click.echo(f"state database {where} already at schema {after.current}")
     else:

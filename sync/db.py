@@ -16,7 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, insert, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import OperationalError
 
 from sync.errors import (
     SchemaOutOfDateError,
@@ -24,6 +24,7 @@ from sync.errors import (
     StateDatabaseMissingError,
     StateError,
 )
+from sync.logs import redact_url
 from sync.models import INSTALLATION, utcnow
 
 # How long a SQLite writer waits for another (the daemon and a manual `sync` share one file).
@@ -37,14 +38,6 @@ def _migrations_dir() -> Path:
     if packaged.is_dir():
         return packaged
     return Path(__file__).resolve().parent.parent / "migrations"
-
-
-def describe_url(url: str) -> str:
-    """A database URL safe to show: the password is masked."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except SQLAlchemyError:
-        return "<unparseable URL>"
 
 
 def _configure_sqlite_reader(dbapi_connection: Any, _record: Any) -> None:
@@ -132,7 +125,7 @@ def current_revision(engine: Engine) -> str | None:
             return MigrationContext.configure(connection).get_current_revision()
     except OperationalError as exc:
         raise StateError(
-            f"cannot open the state database {describe_url(str(engine.url))}: {exc.orig}"
+            f"cannot open the state database {redact_url(str(engine.url))}: {exc.orig}"
         ) from None
 
 
@@ -164,7 +157,7 @@ def schema_status(engine: Engine) -> SchemaStatus:
 def require_current_schema(engine: Engine) -> None:
     """Refuse to work on a state database whose schema is not this version's."""
     status = schema_status(engine)
-    where = describe_url(str(engine.url))
+    where = redact_url(str(engine.url))
     if status.state == "empty":
         raise SchemaOutOfDateError(
             f"state database {where} has no schema yet; run `{UPGRADE_HINT}`"

@@ -75,7 +75,6 @@ class RetryPolicy:
 class DeliveryStats:
     """What delivery did for one destination in one run."""
 
-    pending: int = 0
     sent: int = 0
     rejected: int = 0
     failed: int = 0
@@ -104,11 +103,15 @@ class _BatchResult:
     uncertain: bool = False
 
 
-def _groups(units: list[_Unit]) -> dict[tuple[str, int], list[str]]:
-    """Member ids by (id kind, version): one indexed ``IN`` statement per group."""
-    groups: dict[tuple[str, int], list[str]] = {}
+def _groups(
+    units: list[_Unit], doubt: Callable[[_Unit], bool] | None = None
+) -> dict[tuple[str, int, bool], list[str]]:
+    """Member ids by (id kind, version, in doubt afterwards): one indexed ``IN`` statement per
+    group, usually one per batch."""
+    groups: dict[tuple[str, int, bool], list[str]] = {}
     for unit in units:
-        groups.setdefault((unit.change.id_kind, unit.change.version), []).append(
+        flag = doubt(unit) if doubt else False
+        groups.setdefault((unit.change.id_kind, unit.change.version, flag), []).append(
             unit.change.member_id
         )
     return groups
@@ -140,20 +143,6 @@ def pending_condition(audience_id: int, destination: str) -> Any:
             M.c.in_doubt,
         ),
     )
-
-
-def count_pending(connection: Connection, audience_id: int, destination: str) -> int:
-    """How many rows delivery would send now."""
-
-    query = (
-        select(func.count())
-        .select_from(M)
-        .where(
-            pending_condition(audience_id, destination),
-            M.c.status.in_(("pending", "rejected")),
-        )
-    )
-    return int(connection.execute(query).scalar_one())
 
 
 def retry_due(connection: Connection, audience_id: int) -> bool:
@@ -242,10 +231,6 @@ class Deliverer:
     def run(self) -> DeliveryStats:
         """Deliver until nothing is pending, the budget is spent, a stop is asked, or a fatal
         error (bad credentials, unwritable file) ends this destination's delivery."""
-        with self.engine.connect() as connection:
-            self.stats.pending = count_pending(
-                connection, self.audience_id, self.context.destination
-            )
         concurrency = max(1, self.destination.concurrency)
         page = max(PAGE_ROWS, self.destination.max_batch_messages * concurrency)
         in_flight: dict[Future[_BatchResult], list[_Unit]] = {}
@@ -342,77 +327,68 @@ class Deliverer:
         """Still in doubt after a failed batch: it was before, or this batch's fate is unknown."""
         return unit.change.in_doubt or result.uncertain
 
+    def _rows(self, kind: str, members: list[str], version: int | None = None) -> Any:
+        """These members' rows at this destination (at ``version``: compare-and-set)."""
+        where = and_(
+            M.c.audience_id == self.audience_id,
+            M.c.destination == self.context.destination,
+            M.c.id_kind == kind,
+            member_in(self.engine, members),
+        )
+        return where if version is None else and_(where, M.c.version == version)
+
     def _mark_in_doubt(self, batch: list[_Unit]) -> None:
         """Commit, before sending, that the destination may soon hold these values."""
         fresh = [u for u in batch if not u.change.in_doubt]
         if not fresh:
             return
         with self.engine.begin() as connection:
-            for (kind, _version), members in _groups(fresh).items():
+            for (kind, _version, _doubt), members in _groups(fresh).items():
+                connection.execute(update(M).where(self._rows(kind, members)).values(in_doubt=True))
+
+    def _record(self, result: _BatchResult) -> None:
+        """One transaction per batch outcome; every update is a compare-and-set on version, so
+        a change planned while the batch was in flight stays pending."""
+        now = utcnow()
+
+        def doubt(unit: _Unit) -> bool:
+            return self._doubt(unit, result)
+
+        with self.engine.begin() as connection:
+            for (kind, version, _), members in _groups(result.delivered).items():
+                connection.execute(
+                    update(M)
+                    .where(self._rows(kind, members, version))
+                    .values(
+                        synced=M.c.desired,
+                        in_doubt=False,
+                        status="in_sync",
+                        attempts=0,
+                        last_error=None,
+                        next_attempt_at=None,
+                        delivered_at=now,
+                    )
+                )
+            retry_at = now + timedelta(seconds=result.retry_delay)
+            for (kind, version, in_doubt), members in _groups(result.left, doubt).items():
+                connection.execute(
+                    update(M)
+                    .where(self._rows(kind, members, version))
+                    .values(
+                        last_error=result.left_reason, next_attempt_at=retry_at, in_doubt=in_doubt
+                    )
+                )
+            # Rejections carry one reason each: few rows, one executemany.
+            if result.rejected:
                 connection.execute(
                     update(M)
                     .where(
                         M.c.audience_id == self.audience_id,
                         M.c.destination == self.context.destination,
-                        M.c.id_kind == kind,
-                        member_in(self.engine, members),
+                        M.c.id_kind == bindparam("b_kind"),
+                        M.c.member_id == bindparam("b_member"),
+                        M.c.version == bindparam("b_version"),
                     )
-                    .values(in_doubt=True)
-                )
-
-    def _record(self, result: _BatchResult) -> None:
-        now = utcnow()
-        key = {
-            "b_audience": self.audience_id,
-            "b_destination": self.context.destination,
-        }
-        where = and_(
-            M.c.audience_id == bindparam("b_audience"),
-            M.c.destination == bindparam("b_destination"),
-            M.c.id_kind == bindparam("b_kind"),
-            M.c.member_id == bindparam("b_member"),
-            # Compare-and-set: a change planned while the batch was in flight stays pending.
-            M.c.version == bindparam("b_version"),
-        )
-
-        def params(unit: _Unit, **extra: Any) -> dict[str, Any]:
-            change = unit.change
-            return {
-                **key,
-                "b_kind": change.id_kind,
-                "b_member": change.member_id,
-                "b_version": change.version,
-                **extra,
-            }
-
-        with self.engine.begin() as connection:
-            if result.delivered:
-                # One statement per (kind, version) group, usually one per batch; the version
-                # makes it a compare-and-set.
-                for (kind, version), members in _groups(result.delivered).items():
-                    connection.execute(
-                        update(M)
-                        .where(
-                            M.c.audience_id == self.audience_id,
-                            M.c.destination == self.context.destination,
-                            M.c.id_kind == kind,
-                            member_in(self.engine, members),
-                            M.c.version == version,
-                        )
-                        .values(
-                            synced=M.c.desired,
-                            in_doubt=False,
-                            status="in_sync",
-                            attempts=0,
-                            last_error=None,
-                            next_attempt_at=None,
-                            delivered_at=now,
-                        )
-                    )
-            if result.rejected:
-                connection.execute(
-                    update(M)
-                    .where(where)
                     .values(
                         attempts=M.c.attempts + 1,
                         status=case(
@@ -424,28 +400,14 @@ class Deliverer:
                         in_doubt=bindparam("b_doubt"),
                     ),
                     [
-                        params(u, b_error=reason, b_doubt=self._doubt(u, result))
+                        {
+                            "b_kind": u.change.id_kind,
+                            "b_member": u.change.member_id,
+                            "b_version": u.change.version,
+                            "b_error": reason,
+                            "b_doubt": doubt(u),
+                        }
                         for u, reason in result.rejected
-                    ],
-                )
-            if result.left:
-                retry_at = now + timedelta(seconds=result.retry_delay)
-                connection.execute(
-                    update(M)
-                    .where(where)
-                    .values(
-                        last_error=bindparam("b_error"),
-                        next_attempt_at=bindparam("b_at"),
-                        in_doubt=bindparam("b_doubt"),
-                    ),
-                    [
-                        params(
-                            u,
-                            b_error=result.left_reason,
-                            b_at=retry_at,
-                            b_doubt=self._doubt(u, result),
-                        )
-                        for u in result.left
                     ],
                 )
         self.stats.sent += len(result.delivered)

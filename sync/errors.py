@@ -53,6 +53,10 @@ class RunInterruptedError(AudienceSyncError):
     """The process was asked to stop while the run was computing its snapshot."""
 
 
+class LeaseLostError(AudienceSyncError):
+    """Our lease expired and another process took the audience over."""
+
+
 class UnknownAudienceError(AudienceSyncError):
     """A name or key given on the command line matches no configured audience."""
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from sqlalchemy import Engine, or_, select, update
 
-from sync.errors import AudienceSyncError, LeaseHeldError
+from sync.errors import LeaseHeldError, LeaseLostError
 from sync.models import AUDIENCES as A
 from sync.models import RUNS, utcnow
 
@@ -19,10 +19,6 @@ from sync.models import RUNS, utcnow
 DEFAULT_LEASE_SECONDS = 60.0
 # How often `--wait` polls for a held lease.
 LEASE_POLL_SECONDS = 0.5
-
-
-class LeaseLostError(AudienceSyncError):
-    """Our lease expired and another process took the audience over."""
 
 
 def new_owner_id() -> str:

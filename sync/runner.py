@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
@@ -105,27 +107,46 @@ class Syncer:
         with self.engine.begin() as connection:
             audience_id = ensure_audience(connection, audience)
             install = installation_id(connection)
+        lease = self._take_lease(audience, audience_id, options.wait)
+        with self._running(audience, audience_id, lease, options, report, started):
+            self._run(audience, audience_id, install, options, report, lease)
+        return report
+
+    def _take_lease(self, audience: AudienceConfig, audience_id: int, wait: float) -> Lease:
         lease = Lease(self.engine, audience_id, audience.name, self.owner, self.lease_seconds)
-        abandoned = lease.acquire(options.wait)
+        abandoned = lease.acquire(wait)
         if abandoned:
             logger.warning(
                 'audience "%s": marked %d run(s) abandoned by a crashed process',
                 audience.name,
                 abandoned,
             )
+        return lease
+
+    @contextmanager
+    def _running(
+        self,
+        audience: AudienceConfig,
+        audience_id: int,
+        lease: Lease,
+        options: RunOptions,
+        report: RunReport,
+        started: float,
+    ) -> Iterator[None]:
+        """Record a run row and tag log lines with it; afterwards release the lease and log
+        the run's one summary line."""
         token = None
         try:
             with self.engine.begin() as connection:
                 report.run_id = self._start_run(connection, audience_id, options)
             token = current_run.set(f"{report.run_id} {audience.trait_key}")
-            self._run(audience, audience_id, install, options, report, lease)
+            yield
         finally:
             lease.release()
             report.seconds = time.monotonic() - started
             self._log_summary(report)
             if token is not None:
                 current_run.reset(token)
-        return report
 
     def sweep(self, audience: AudienceConfig) -> RunReport | None:
         """Deliver transient leftovers whose backoff expired (the daemon's sweep); None when
@@ -137,20 +158,14 @@ class Syncer:
             if audience_id is None or not retry_due(connection, audience_id):
                 return None
             install = installation_id(connection)
-        lease = Lease(self.engine, audience_id, audience.name, self.owner, self.lease_seconds)
         try:
-            lease.acquire()
+            lease = self._take_lease(audience, audience_id, 0.0)
         except LeaseHeldError:
             return None
         started = time.monotonic()
         report = RunReport(audience.name, audience.trait_key, "running")
-        token = None
-        try:
-            with self.engine.begin() as connection:
-                report.run_id = self._start_run(
-                    connection, audience_id, RunOptions(trigger="sweep")
-                )
-            token = current_run.set(f"{report.run_id} {audience.trait_key}")
+        options = RunOptions(trigger="sweep")
+        with self._running(audience, audience_id, lease, options, report, started):
             pairs = self._targets(audience)
             with self.engine.connect() as connection:
                 for target, _ in pairs:
@@ -166,12 +181,6 @@ class Syncer:
                 for _, destination in pairs:
                     destination.close()
             self._finish_safely(report, {"deliver_seconds": time.monotonic() - started})
-        finally:
-            lease.release()
-            report.seconds = time.monotonic() - started
-            self._log_summary(report)
-            if token is not None:
-                current_run.reset(token)
         return report
 
     def _start_run(self, connection: Connection, audience_id: int, options: RunOptions) -> int:
@@ -378,9 +387,7 @@ class Syncer:
                 self._deliver(audience, audience_id, install, pairs, report, lease)
                 timings["deliver_seconds"] = time.monotonic() - t2
                 report.status = self._status_after_delivery(report)
-        except SourceError as exc:
-            report.status, report.error = "failed", str(exc)
-        except AudienceSyncError as exc:
+        except AudienceSyncError as exc:  # SourceError, LeaseLostError, RunInterruptedError, ...
             report.status, report.error = "failed", str(exc)
         except BaseException as exc:
             report.status = "failed"
