@@ -35,6 +35,9 @@ def serve(port: int = 0) -> None:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out as two writes; with Nagle on, the body waits for the
+        # client's delayed ACK (~40 ms per request).
+        disable_nagle_algorithm = True
 
         def log_message(self, *args: Any) -> None:
             pass

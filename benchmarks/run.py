@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -288,27 +288,40 @@ def _identify(i: int) -> dict[str, Any]:
     }
 
 
-def floor_send(env: Env) -> float:
-    """Bare httpx + JSON: the same batches, four in flight, no state."""
-    receiver_reset(env.receiver_url)
-    auth = (WRITE_KEY, "")
-    started = time.perf_counter()
-    with httpx.Client(auth=auth, limits=httpx.Limits(max_connections=4)) as client:
+def _body(env: Env, start: int) -> bytes:
+    batch = [_identify(i) for i in range(start, min(start + BATCH, env.members))]
+    return json.dumps({"batch": batch, "sentAt": "2026-11-28T00:00:00.000Z"}).encode()
 
-        def post(start: int) -> None:
-            batch = [_identify(i) for i in range(start, min(start + BATCH, env.members))]
-            body = json.dumps({"batch": batch, "sentAt": "2026-11-28T00:00:00.000Z"})
+
+def _post_all(env: Env, bodies: Iterable[Any], make: Callable[[Any], bytes]) -> float:
+    """POST make(item) for every item, four in flight; seconds until all were answered."""
+    receiver_reset(env.receiver_url)
+    started = time.perf_counter()
+    with httpx.Client(auth=(WRITE_KEY, ""), limits=httpx.Limits(max_connections=4)) as client:
+
+        def post(item: Any) -> None:
             client.post(
                 f"{env.receiver_url}/v1/batch",
-                content=body,
+                content=make(item),
                 headers={"Content-Type": "application/json"},
             ).raise_for_status()
 
         with ThreadPoolExecutor(4) as pool:
-            list(pool.map(post, range(0, env.members, BATCH)))
+            list(pool.map(post, bodies))
     seconds = time.perf_counter() - started
     assert receiver_stats(env.receiver_url)["distinct"] == env.members
     return seconds
+
+
+def floor_send(env: Env) -> float:
+    """Bare httpx + JSON: the same batches, four in flight, no state."""
+    return _post_all(env, range(0, env.members, BATCH), lambda start: _body(env, start))
+
+
+def receiver_alone(env: Env) -> float:
+    """The receiver's own capacity: the same batches, encoded before the clock starts."""
+    bodies = [_body(env, start) for start in range(0, env.members, BATCH)]
+    return _post_all(env, bodies, lambda body: body)
 
 
 def _peer(env: Env, **settings: Any) -> tuple[float, int]:
@@ -347,6 +360,7 @@ def peer_tuned(env: Env) -> float:
 SCENARIOS: dict[str, Callable[[Env], float]] = {
     "floor-load-diff": floor_load_diff,
     "floor-send": floor_send,
+    "receiver": receiver_alone,
     "plan-first": plan_first,
     "plan-delta": plan_delta,
     "deliver": deliver,
@@ -476,6 +490,7 @@ def print_table(results: dict[str, Any]) -> None:
         return f"{value:.2f}x"
 
     notes = {
+        "receiver": "pre-encoded bodies: the receiver's own capacity",
         "plan-first": f"{ratio('plan-first', 'floor-load-diff')} of floor load+diff (target <= 3.0x)",
         "plan-delta": f"{ratio('plan-delta', 'floor-load-diff')} of floor load+diff (target <= 2.0x)",
         "deliver": f"{ratio('deliver', 'floor-send', invert=True)} of bare httpx rate (target >= 0.5x); "

@@ -20,7 +20,7 @@ def test_benchmark_runs_every_scenario(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads(out.read_text())
     assert set(results["scenarios"]) == {
-        "floor-load-diff", "floor-send", "plan-first", "plan-delta", "deliver", "end-to-end",
+        "floor-load-diff", "floor-send", "receiver", "plan-first", "plan-delta", "deliver", "end-to-end",
         "peer-default", "peer-tuned",
     }
     assert all(row["median"] > 0 for row in results["scenarios"].values())
