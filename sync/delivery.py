@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -22,16 +23,21 @@ from sqlalchemy import (
     Connection,
     Engine,
     String,
+    Text,
     and_,
     any_,
     bindparam,
     case,
+    cast,
+    delete,
     func,
+    insert,
     literal,
     literal_column,
     or_,
     select,
     tuple_,
+    type_coerce,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -42,8 +48,8 @@ from sync.errors import (
     RejectedBatchError,
     TransientDeliveryError,
 )
-from sync.messages import AudienceContext, MembershipChange, build_messages, encode
-from sync.models import MEMBERSHIPS, utcnow
+from sync.messages import AudienceContext, MessageEncoder
+from sync.models import DELIVERY_PROGRESS, MEMBERSHIPS, utcnow
 
 logger = logging.getLogger("sync.delivery")
 
@@ -53,6 +59,7 @@ BATCH_ENVELOPE_BYTES = 128
 PAGE_ROWS = 2_000
 
 M = MEMBERSHIPS
+P = DELIVERY_PROGRESS
 
 
 @dataclass(frozen=True)
@@ -83,11 +90,14 @@ class DeliveryStats:
     fatal: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _Unit:
     """One membership change and the message(s) that announce it."""
 
-    change: MembershipChange
+    id_kind: str
+    member_id: str
+    version: int
+    in_doubt: bool
     messages: list[str]  # encoded JSON
     size: int
 
@@ -111,9 +121,7 @@ def _groups(
     groups: dict[tuple[str, int, bool], list[str]] = {}
     for unit in units:
         flag = doubt(unit) if doubt else False
-        groups.setdefault((unit.change.id_kind, unit.change.version, flag), []).append(
-            unit.change.member_id
-        )
+        groups.setdefault((unit.id_kind, unit.version, flag), []).append(unit.member_id)
     return groups
 
 
@@ -145,6 +153,46 @@ def pending_condition(audience_id: int, destination: str) -> Any:
     )
 
 
+def recover_in_flight(
+    connection: Connection, audience_id: int, destination: str | None = None
+) -> int:
+    """After a delivery that did not end (a crash, a kill), mark the rows it may have handed
+    over without an acknowledgement ``in_doubt``; return how many. Runs before planning, since
+    whether a leaver still needs its ``false`` depends on it.
+
+    Every unacknowledged row up to the recorded key is marked, sent or not: marking a row that
+    was never sent costs at most one extra message, missing one would leave a stale ``true``.
+    """
+    of = P.c.audience_id == audience_id
+    if destination is not None:
+        of = and_(of, P.c.destination == destination)
+    marked = 0
+    progress = connection.execute(
+        select(P.c.destination, P.c.through_kind, P.c.through_member).where(of)
+    ).all()
+    for name, kind, member in progress:
+        if member is not None:
+            marked += connection.execute(
+                update(M)
+                .where(
+                    M.c.audience_id == audience_id,
+                    M.c.destination == name,
+                    M.c.status.in_(("pending", "rejected")),
+                    M.c.in_doubt == False,  # noqa: E712
+                    tuple_(M.c.id_kind, M.c.member_id) <= tuple_(literal(kind), literal(member)),
+                )
+                .values(in_doubt=True)
+            ).rowcount
+            logger.warning(
+                'an earlier delivery to "%s" did not finish; its unacknowledged rows are marked '
+                "in doubt and stay pending",
+                name,
+            )
+    if progress:
+        connection.execute(delete(P).where(of))
+    return marked
+
+
 def retry_due(connection: Connection, audience_id: int) -> bool:
     """Whether transient leftovers of this audience have waited out their backoff."""
     query = select(M.c.member_id).where(
@@ -164,16 +212,18 @@ def _pages(engine: Engine, audience_id: int, destination: str, page: int) -> Ite
     for status in ("rejected", "pending"):
         last: tuple[str, str] | None = None
         while True:
+            # Values go into messages as stored: no enum checks, no JSON decoding and
+            # re-encoding, no datetime parsing per row (MessageEncoder takes both forms).
             query = (
                 select(
-                    M.c.id_kind,
+                    type_coerce(M.c.id_kind, String).label("id_kind"),
                     M.c.member_id,
                     M.c.anonymous_id,
                     M.c.desired,
                     M.c.in_doubt,
                     M.c.version,
-                    M.c.changed_at,
-                    M.c.traits,
+                    type_coerce(M.c.changed_at, String).label("changed_at"),
+                    cast(M.c.traits, Text).label("traits"),
                 )
                 .where(
                     pending_condition(audience_id, destination),
@@ -223,8 +273,23 @@ class Deliverer:
         self.heartbeat = heartbeat or (lambda: None)
         self.progress = progress or (lambda n: None)
         self.max_message_bytes = destination.max_message_bytes
+        self.encoder = MessageEncoder(context)
         self.stats = DeliveryStats()
         self._abort = threading.Event()
+        self._lock = threading.Lock()  # stats and progress, updated by worker threads
+        # SQLite has one writer at a time, and a waiting writer sleeps in its busy handler
+        # (1, 2, 5, 10… ms): the workers queue on a mutex instead.
+        self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A write transaction on the state DB, from any thread."""
+        if self._write_lock is None:
+            with self.engine.begin() as connection:
+                yield connection
+            return
+        with self._write_lock, self.engine.begin() as connection:
+            yield connection
 
     # --- main thread ---------------------------------------------------------------------
 
@@ -233,29 +298,30 @@ class Deliverer:
         error (bad credentials, unwritable file) ends this destination's delivery."""
         concurrency = max(1, self.destination.concurrency)
         page = max(PAGE_ROWS, self.destination.max_batch_messages * concurrency)
-        in_flight: dict[Future[_BatchResult], list[_Unit]] = {}
+        in_flight: set[Future[None]] = set()
+        self._start()
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="deliver") as pool:
             try:
                 for rows in _pages(self.engine, self.audience_id, self.context.destination, page):
                     for batch in self._batches(rows):
                         while len(in_flight) >= concurrency:
-                            self._collect(in_flight, FIRST_COMPLETED)
+                            self._collect(in_flight)
                         if self._should_stop():
                             break
-                        self._mark_in_doubt(batch)
                         # The copied context carries the run id into the worker's log lines.
                         context = contextvars.copy_context()
-                        future = pool.submit(context.run, self._send_with_retries, batch)
-                        in_flight[future] = batch
+                        in_flight.add(pool.submit(context.run, self._deliver_batch, batch))
                     self.heartbeat()
                     if self._should_stop():
                         break
                 while in_flight:
-                    self._collect(in_flight, FIRST_COMPLETED)
+                    self._collect(in_flight)
+                # Not on an exception: a batch's fate may be unknown, the next run recovers.
+                self._done()
             finally:
                 self._abort.set()
                 while in_flight:
-                    self._collect(in_flight, FIRST_COMPLETED)
+                    self._collect(in_flight)
         return self.stats
 
     def _should_stop(self) -> bool:
@@ -268,21 +334,12 @@ class Deliverer:
         batch_messages = 0
         batch_bytes = BATCH_ENVELOPE_BYTES
         oversized: list[tuple[_Unit, str]] = []
-        for row in rows:
-            change = MembershipChange(
-                id_kind=row.id_kind,
-                member_id=row.member_id,
-                anonymous_id=row.anonymous_id,
-                desired=bool(row.desired),
-                version=row.version,
-                changed_at=row.changed_at,
-                traits=row.traits,
-                in_doubt=bool(row.in_doubt),
-            )
-            messages = [encode(m) for m in build_messages(self.context, change)]
+        encode = self.encoder.messages
+        for kind, member, anonymous, desired, in_doubt, version, changed_at, traits in rows:
+            messages = encode(kind, member, anonymous, bool(desired), version, changed_at, traits)
             # Bytes in the body (UTF-8) plus the separating comma.
-            sizes = [len(m.encode("utf-8")) + 1 for m in messages]
-            unit = _Unit(change, messages, sum(sizes))
+            sizes = [(len(m) if m.isascii() else len(m.encode("utf-8"))) + 1 for m in messages]
+            unit = _Unit(kind, member, version, bool(in_doubt), messages, sum(sizes))
             if self.max_message_bytes is not None and max(sizes) > self.max_message_bytes:
                 oversized.append(
                     (
@@ -305,27 +362,18 @@ class Deliverer:
         if batch:
             yield batch
 
-    def _collect(self, in_flight: dict[Future[_BatchResult], list[_Unit]], how: str) -> None:
-        done, _ = wait(list(in_flight), return_when=how)
+    @staticmethod
+    def _collect(in_flight: set[Future[None]]) -> None:
+        """Wait for a batch to finish; a database error in a worker surfaces here."""
+        done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
         for future in done:
-            units = in_flight.pop(future)
-            try:
-                result = future.result()
-            except PermanentDeliveryError as exc:
-                self._abort.set()
-                self.stats.fatal = True
-                logger.error("%s", exc)
-                self._record(
-                    _BatchResult(left=units, left_reason=str(exc), uncertain=exc.outcome_unknown)
-                )
-                self.stats.error = str(exc)
-                continue
-            self._record(result)
+            in_flight.discard(future)
+            future.result()
 
     @staticmethod
     def _doubt(unit: _Unit, result: _BatchResult) -> bool:
         """Still in doubt after a failed batch: it was before, or this batch's fate is unknown."""
-        return unit.change.in_doubt or result.uncertain
+        return unit.in_doubt or result.uncertain
 
     def _rows(self, kind: str, members: list[str], version: int | None = None) -> Any:
         """These members' rows at this destination (at ``version``: compare-and-set)."""
@@ -337,14 +385,57 @@ class Deliverer:
         )
         return where if version is None else and_(where, M.c.version == version)
 
-    def _mark_in_doubt(self, batch: list[_Unit]) -> None:
-        """Commit, before sending, that the destination may soon hold these values."""
-        fresh = [u for u in batch if not u.change.in_doubt]
-        if not fresh:
-            return
-        with self.engine.begin() as connection:
-            for (kind, _version, _doubt), members in _groups(fresh).items():
-                connection.execute(update(M).where(self._rows(kind, members)).values(in_doubt=True))
+    def _progress(self) -> Any:
+        return and_(
+            P.c.audience_id == self.audience_id, P.c.destination == self.context.destination
+        )
+
+    def _start(self) -> None:
+        """Recover what an unfinished earlier delivery left, then record this one's start."""
+        with self._writing() as connection:
+            recover_in_flight(connection, self.audience_id, self.context.destination)
+            connection.execute(
+                insert(P).values(
+                    audience_id=self.audience_id,
+                    destination=self.context.destination,
+                    updated_at=utcnow(),
+                )
+            )
+
+    def _hand_over(self, batch: list[_Unit]) -> None:
+        """Commit, before sending, that rows up to this batch's last key may soon be at the
+        destination (batches are cut in key order; several may be in flight at once)."""
+        last = batch[-1]
+        through = tuple_(literal(last.id_kind), literal(last.member_id))
+        with self._writing() as connection:
+            connection.execute(
+                update(P)
+                .where(
+                    self._progress(),
+                    or_(
+                        P.c.through_member.is_(None),
+                        tuple_(P.c.through_kind, P.c.through_member) < through,
+                    ),
+                )
+                .values(
+                    through_kind=last.id_kind, through_member=last.member_id, updated_at=utcnow()
+                )
+            )
+
+    def _done(self) -> None:
+        """Every batch is recorded: nothing is in flight any more."""
+        with self._writing() as connection:
+            connection.execute(delete(P).where(self._progress()))
+
+    def _doubt_changed(
+        self, connection: Connection, kind: str, version: int, members: list[str]
+    ) -> None:
+        """Rows changed while their batch was in flight (the compare-and-set missed them): the
+        destination may hold what was sent, which is no longer ``desired``, so they stay
+        pending and in doubt."""
+        connection.execute(
+            update(M).where(self._rows(kind, members), M.c.version != version).values(in_doubt=True)
+        )
 
     def _record(self, result: _BatchResult) -> None:
         """One transaction per batch outcome; every update is a compare-and-set on version, so
@@ -354,9 +445,9 @@ class Deliverer:
         def doubt(unit: _Unit) -> bool:
             return self._doubt(unit, result)
 
-        with self.engine.begin() as connection:
+        with self._writing() as connection:
             for (kind, version, _), members in _groups(result.delivered).items():
-                connection.execute(
+                acked = connection.execute(
                     update(M)
                     .where(self._rows(kind, members, version))
                     .values(
@@ -368,7 +459,9 @@ class Deliverer:
                         next_attempt_at=None,
                         delivered_at=now,
                     )
-                )
+                ).rowcount
+                if acked < len(members):
+                    self._doubt_changed(connection, kind, version, members)
             retry_at = now + timedelta(seconds=result.retry_delay)
             for (kind, version, in_doubt), members in _groups(result.left, doubt).items():
                 connection.execute(
@@ -378,6 +471,11 @@ class Deliverer:
                         last_error=result.left_reason, next_attempt_at=retry_at, in_doubt=in_doubt
                     )
                 )
+                if in_doubt:
+                    self._doubt_changed(connection, kind, version, members)
+            doubtful = [u for u, _reason in result.rejected if doubt(u)]
+            for (kind, version, _), members in _groups(doubtful).items():
+                self._doubt_changed(connection, kind, version, members)
             # Rejections carry one reason each: few rows, one executemany.
             if result.rejected:
                 connection.execute(
@@ -401,25 +499,42 @@ class Deliverer:
                     ),
                     [
                         {
-                            "b_kind": u.change.id_kind,
-                            "b_member": u.change.member_id,
-                            "b_version": u.change.version,
+                            "b_kind": u.id_kind,
+                            "b_member": u.member_id,
+                            "b_version": u.version,
                             "b_error": reason,
                             "b_doubt": doubt(u),
                         }
                         for u, reason in result.rejected
                     ],
                 )
-        self.stats.sent += len(result.delivered)
-        self.stats.left_pending += len(result.left)
-        for _unit, _reason in result.rejected:
-            self.stats.rejected += 1
-        if result.left_reason and not self.stats.error:
-            self.stats.error = result.left_reason
-        if result.delivered:
-            self.progress(len(result.delivered))
+        with self._lock:
+            self.stats.sent += len(result.delivered)
+            self.stats.left_pending += len(result.left)
+            self.stats.rejected += len(result.rejected)
+            if result.left_reason and not self.stats.error:
+                self.stats.error = result.left_reason
+            if result.delivered:
+                self.progress(len(result.delivered))
 
     # --- worker threads -------------------------------------------------------------------
+
+    def _deliver_batch(self, units: list[_Unit]) -> None:
+        """Mark, send and record one batch. Workers do their own state DB writes, so that
+        they overlap the main thread's reading and encoding (drivers release the GIL)."""
+        if self._abort.is_set():
+            return
+        self._hand_over(units)
+        try:
+            result = self._send_with_retries(units)
+        except PermanentDeliveryError as exc:
+            self._abort.set()
+            logger.error("%s", exc)
+            with self._lock:
+                self.stats.fatal = True
+                self.stats.error = str(exc)
+            result = _BatchResult(left=units, left_reason=str(exc), uncertain=exc.outcome_unknown)
+        self._record(result)
 
     def _send_with_retries(self, units: list[_Unit]) -> _BatchResult:
         attempt = 0
@@ -452,7 +567,7 @@ class Deliverer:
                 logger.warning(
                     'destination "%s" rejected member %s: %s',
                     self.context.destination,
-                    units[0].change.member_id,
+                    units[0].member_id,
                     exc,
                 )
                 return _BatchResult(rejected=[(units[0], str(exc))])

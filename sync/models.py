@@ -212,6 +212,27 @@ class RunDelivery(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class DeliveryProgress(Base):
+    """How far a delivery in progress has handed rows to one destination.
+
+    Committed before each batch is sent and deleted when delivery ends normally, so after a
+    crash it bounds the rows the destination may hold unacknowledged: the next run marks the
+    unacknowledged rows up to it ``in_doubt`` before planning. One small write per batch
+    instead of marking every row before it is sent.
+    """
+
+    __tablename__ = "delivery_progress"
+
+    audience_id: Mapped[int] = mapped_column(
+        ForeignKey("audiences.id", ondelete="CASCADE"), primary_key=True
+    )
+    destination: Mapped[str] = mapped_column(String(100), primary_key=True)
+    # The greatest (id_kind, member_id) handed over so far; NULL before the first batch.
+    through_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    through_member: Mapped[str | None] = mapped_column(String(MAX_MEMBER_ID_LENGTH), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class StagedMember(Base):
     """A run's snapshot of the audience query, between compute and plan (then deleted)."""
 
@@ -231,3 +252,4 @@ RUNS = cast(Table, Run.__table__)
 AUDIENCES = cast(Table, Audience.__table__)
 INSTALLATION = cast(Table, Installation.__table__)
 RUN_DELIVERIES = cast(Table, RunDelivery.__table__)
+DELIVERY_PROGRESS = cast(Table, DeliveryProgress.__table__)

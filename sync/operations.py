@@ -7,6 +7,7 @@ from sqlalchemy import select
 from sync.audiences import mark_all_exited, mark_retired, orphaned_audience, retry_failed
 from sync.config import Config
 from sync.db import installation_id
+from sync.delivery import recover_in_flight
 from sync.destinations import build_destination
 from sync.dispatch import deliver_destinations
 from sync.errors import AudienceSyncError
@@ -45,6 +46,7 @@ def retire_audience(
     try:
         if send_false:
             with syncer.engine.begin() as connection:
+                recover_in_flight(connection, audience_id)
                 destinations = mark_all_exited(connection, audience_id)
                 missing = [d for d in destinations if d not in config.destinations]
                 if missing:

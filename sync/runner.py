@@ -13,7 +13,7 @@ from sqlalchemy import Connection, Engine, insert, select, update
 from sync.audiences import ensure_audience
 from sync.config import AudienceConfig, Config
 from sync.db import installation_id
-from sync.delivery import RetryPolicy, retry_due
+from sync.delivery import RetryPolicy, recover_in_flight, retry_due
 from sync.destinations import Destination, build_destination
 from sync.dispatch import ProgressFactory, deliver_destinations
 from sync.errors import (
@@ -268,6 +268,8 @@ class Syncer:
         stats: SnapshotStats,
         options: RunOptions,
     ) -> tuple[str | None, list[DestinationPlan]]:
+        # Before the plan: a leaver's status depends on whether its row is in doubt.
+        recover_in_flight(connection, audience_id)
         problem = guard_problem(
             connection,
             audience_id,

@@ -13,8 +13,9 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
 from sync.cli import cli
+from sync.destinations.segment import SegmentDestination
 from sync.errors import AudienceSyncError
-from sync.models import AUDIENCES, MEMBERSHIPS
+from sync.models import AUDIENCES, DELIVERY_PROGRESS, MEMBERSHIPS
 from tests.harness import WRITE_KEY, Harness
 from tests.receiver import Receiver, Scripted
 
@@ -88,6 +89,39 @@ def test_a_lost_response_keeps_the_member_in_doubt(harness: Harness, receiver: R
     # It entered and left before any acknowledgement, but the destination may hold `true`.
     assert receiver.state[("flaky", KEY)] is False
     assert harness.memberships()["flaky"].in_doubt is False
+
+
+class Killed(BaseException):
+    """The process dies here (no handler runs)."""
+
+
+def test_a_crash_after_sending_is_recovered_before_the_next_plan(
+    harness: Harness, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination took the batch; the process died before recording anything."""
+    original = SegmentDestination.send
+
+    def send_then_die(self: SegmentDestination, messages: list[str]) -> None:
+        original(self, messages)
+        raise Killed
+
+    monkeypatch.setattr(SegmentDestination, "send", send_then_die)
+    harness.set_members(["gone", "stays"])
+    with pytest.raises(Killed):
+        harness.sync()
+    assert receiver.state[("gone", KEY)] is True
+    assert harness.memberships()["gone"].synced is None
+    with harness.engine.connect() as connection:
+        progress = connection.execute(select(DELIVERY_PROGRESS.c.through_member)).all()
+    assert progress == [("stays",)]  # how far the dead delivery handed rows over
+    monkeypatch.undo()
+    harness.set_members(["stays"])
+    assert harness.sync().status == "succeeded"
+    # It entered and left without an acknowledgement; the destination holds `true`.
+    assert receiver.state[("gone", KEY)] is False
+    assert receiver.state[("stays", KEY)] is True
+    with harness.engine.connect() as connection:
+        assert connection.execute(select(DELIVERY_PROGRESS)).all() == []
 
 
 def test_a_refused_batch_is_not_in_doubt(harness: Harness, receiver: Receiver) -> None:
