@@ -12,9 +12,11 @@ import datetime as dt
 import decimal
 import json
 import math
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 from typing import Any
 
 from sqlalchemy import (
@@ -46,6 +48,7 @@ from sync.models import MAX_MEMBER_ID_LENGTH, STAGED
 MAX_INVALID_SAMPLES = 5
 # Characters that make an id unusable as a userId (they break logs, CSV exports and lookups).
 FORBIDDEN_ID_CHARACTERS = ("\n", "\r", "\t", "\x00")
+_FORBIDDEN_ID = re.compile("[\n\r\t\x00]")
 
 
 @dataclass
@@ -121,6 +124,13 @@ def json_value(value: Any) -> Any:
 def normalize_id(value: Any) -> tuple[str | None, str | None]:
     """Return ``(id, None)`` for a usable id, ``(None, None)`` when absent, or
     ``(None, reason)`` when present but unusable."""
+    if (
+        type(value) is str  # the common case, checked in one pass
+        and 0 < len(value) <= MAX_MEMBER_ID_LENGTH
+        and not value.isspace()
+        and _FORBIDDEN_ID.search(value) is None
+    ):
+        return value, None
     if value is None:
         return None, None
     if isinstance(value, bool):
@@ -146,13 +156,38 @@ def normalize_id(value: Any) -> tuple[str | None, str | None]:
     return text_id, None
 
 
+def traits_json(row: Sequence[Any], trait_indexes: Sequence[tuple[str, int]]) -> str | None:
+    """The row's traits as a JSON object text, exactly as ``json.dumps(…, ensure_ascii=False)``
+    writes it (the planner compares stored texts to find changed traits), built directly for
+    the common value types."""
+    if not trait_indexes:
+        return None
+    parts = []
+    for name, index in trait_indexes:
+        value = row[index]
+        kind = type(value)
+        if kind is str:
+            encoded = encode_basestring(value)
+        elif value is None:
+            encoded = "null"
+        elif kind is bool:
+            encoded = "true" if value else "false"
+        elif kind is int:
+            encoded = int.__repr__(value)
+        else:
+            encoded = json.dumps(json_value(value), ensure_ascii=False)
+        parts.append(f"{encode_basestring(name)}: {encoded}")
+    return "{" + ", ".join(parts) + "}"
+
+
 def validate_row(
     row: Sequence[Any],
     user_index: int | None,
     anon_index: int | None,
     trait_indexes: Sequence[tuple[str, int]],
-) -> dict[str, Any] | str:
-    """A staging row for one query row, or why the row is invalid."""
+) -> tuple[str, str, str | None, str | None] | str:
+    """A staging row for one query row — ``(id_kind, member_id, anonymous_id, traits JSON)``
+    — or why the row is invalid."""
     user_id, user_problem = (
         normalize_id(row[user_index]) if user_index is not None else (None, None)
     )
@@ -165,15 +200,11 @@ def validate_row(
         return f"anonymous_id: {anon_problem}"
     if user_id is None and anon_id is None:
         return "no user_id or anonymous_id (NULL or blank)"
-    traits = {name: json_value(row[index]) for name, index in trait_indexes} or None
+    traits = traits_json(row, trait_indexes)
     if user_id is not None:
-        return {
-            "id_kind": "user",
-            "member_id": user_id,
-            "anonymous_id": anon_id,
-            "traits": traits,
-        }
-    return {"id_kind": "anonymous", "member_id": anon_id, "anonymous_id": None, "traits": traits}
+        return ("user", user_id, anon_id, traits)
+    assert anon_id is not None
+    return ("anonymous", anon_id, None, traits)
 
 
 def _source_error(audience: str, source: str, exc: SQLAlchemyError) -> SourceError:
@@ -207,17 +238,16 @@ def stage_from_source(
                 raise SourceError(f'audience "{audience}": the query {problem}')
             user_index = columns.index("user_id") if "user_id" in columns else None
             anon_index = columns.index("anonymous_id") if "anonymous_id" in columns else None
-            trait_indexes = [(name, columns.index(name)) for name in traits]
+            trait_indexes = [(name, columns.index(name)) for name in dict.fromkeys(traits)]
             for chunk in result.partitions(chunk_size):
-                staged_rows: list[dict[str, Any]] = []
+                staged_rows: list[tuple[Any, ...]] = []
                 for row in chunk:
                     stats.rows += 1
                     checked = validate_row(row, user_index, anon_index, trait_indexes)
                     if isinstance(checked, str):
                         stats.add_invalid(f"row {stats.rows}: {checked}")
                         continue
-                    checked["run_id"] = run_id
-                    staged_rows.append(checked)
+                    staged_rows.append((run_id, *checked))
                 if staged_rows:
                     _insert_staged(state, statement, staged_rows)
                 if commit_each_chunk:
@@ -252,44 +282,32 @@ _PG_MOVE = (
 )
 
 
-def _copy_staged(state: Connection, rows: list[dict[str, Any]]) -> None:
+def _copy_staged(state: Connection, rows: list[tuple[Any, ...]]) -> None:
     dbapi_connection: Any = state.connection.dbapi_connection
     with dbapi_connection.cursor() as cursor:
         cursor.execute(_PG_INCOMING)
         with cursor.copy(
             "COPY staged_incoming (run_id, id_kind, member_id, anonymous_id, traits) FROM STDIN"
         ) as copy:
-            for r in rows:
-                traits = (
-                    None if r["traits"] is None else json.dumps(r["traits"], ensure_ascii=False)
-                )
-                copy.write_row(
-                    (r["run_id"], r["id_kind"], r["member_id"], r["anonymous_id"], traits)
-                )
+            for row in rows:
+                copy.write_row(row)
         cursor.execute(_PG_MOVE)
         cursor.execute("DELETE FROM staged_incoming")
 
 
-def _insert_staged(state: Connection, statement: Insert, rows: list[dict[str, Any]]) -> None:
+def _insert_staged(state: Connection, statement: Insert, rows: list[tuple[Any, ...]]) -> None:
+    """Rows are ``(run_id, id_kind, member_id, anonymous_id, traits JSON text)``."""
     if state.dialect.name == "postgresql" and state.dialect.driver == "psycopg":
         _copy_staged(state, rows)
         return
     if state.dialect.name == "sqlite":
-        state.exec_driver_sql(
-            _SQLITE_STAGE,
-            [
-                (
-                    r["run_id"],
-                    r["id_kind"],
-                    r["member_id"],
-                    r["anonymous_id"],
-                    None if r["traits"] is None else json.dumps(r["traits"], ensure_ascii=False),
-                )
-                for r in rows
-            ],
-        )
+        state.exec_driver_sql(_SQLITE_STAGE, rows)
         return
-    state.execute(statement, rows)
+    columns = ("run_id", "id_kind", "member_id", "anonymous_id", "traits")
+    dicts = [dict(zip(columns, row, strict=True)) for row in rows]
+    for values in dicts:  # the generic path binds the JSON column with a Python value
+        values["traits"] = None if values["traits"] is None else json.loads(values["traits"])
+    state.execute(statement, dicts)
 
 
 def count_staged(connection: Connection, run_id: int) -> int:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text
 
 import sync.runner
-from sync.staging import json_value, normalize_id
+from sync.staging import json_value, normalize_id, traits_json
 from tests.harness import Harness
 from tests.receiver import Receiver
 
@@ -68,6 +71,40 @@ def test_json_value_and_normalize_id() -> None:
     assert normalize_id(12) == ("12", None)
     assert normalize_id(float("inf"))[1] is not None
     assert normalize_id("") == (None, None)
+
+
+_values = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=8)
+    | st.decimals(allow_nan=True)
+    | st.dates()
+    | st.binary(max_size=4)
+    | st.lists(st.integers() | st.text(max_size=3), max_size=3)
+)
+
+
+@settings(max_examples=300, derandomize=True)
+@given(names=st.lists(st.text(min_size=1, max_size=6), unique=True, max_size=4), data=st.data())
+def test_traits_json_writes_what_json_dumps_writes(names: list[str], data: st.DataObject) -> None:
+    """The planner compares stored traits texts, so the fast encoding must match exactly."""
+    row = data.draw(st.lists(_values, min_size=len(names), max_size=len(names)))
+    indexes = [(name, i) for i, name in enumerate(names)]
+    expected = {name: json_value(row[i]) for name, i in indexes} or None
+    got = traits_json(row, indexes)
+    assert got == (None if expected is None else json.dumps(expected, ensure_ascii=False))
+
+
+@settings(max_examples=300, derandomize=True)
+@given(st.text(max_size=300))
+def test_normalize_id_of_text(value: str) -> None:
+    usable = bool(value.strip()) and len(value) <= 255
+    usable = usable and not any(c in value for c in "\n\r\t\x00")
+    member, problem = normalize_id(value)
+    assert (member == value) if usable else (member is None)
+    assert (problem is None) if (usable or not value.strip()) else (problem is not None)
 
 
 def test_query_error_fails_the_run_and_changes_nothing(
