@@ -47,6 +47,7 @@ from sync.db import make_state_engine, upgrade
 from sync.models import MEMBERSHIPS
 from sync.reports import RunOptions
 from sync.runner import Syncer
+from sync.tuning import settle_heap
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 BATCH = 500  # messages per request for us, the floor and the tuned peer
@@ -168,7 +169,9 @@ class Env:
             config_text(state_url, warehouse, self.receiver_url), "bench", self.folder, {}
         )
         engine = make_state_engine(state_url)
-        return Syncer(config, engine), config.audiences[0]
+        syncer = Syncer(config, engine)
+        settle_heap()  # as the `sync` and `run` commands do once they are set up
+        return syncer, config.audiences[0]
 
 
 def plan_first(env: Env) -> float:

@@ -20,6 +20,7 @@ from sync.logs import configure_logging
 from sync.operations import retire_audience, retry_audience
 from sync.runner import Syncer
 from sync.scheduler import Daemon
+from sync.tuning import settle_heap
 
 
 @contextmanager
@@ -55,6 +56,7 @@ def run_command(app: AppContext, once: bool) -> None:
     engine = open_state(config.state.url, auto_upgrade=config.state.auto_upgrade)
     try:
         daemon = Daemon(config, engine)
+        settle_heap()
         code = daemon.run_once() if once else daemon.serve()
     finally:
         engine.dispose()

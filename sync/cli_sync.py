@@ -18,6 +18,7 @@ from sync.db import open_state
 from sync.demo import advance_demo_clock, demo_path, ensure_demo_warehouse
 from sync.errors import AudienceSyncError, LeaseHeldError
 from sync.runner import DestinationReport, RunOptions, RunReport, Syncer
+from sync.tuning import settle_heap
 
 
 @contextmanager
@@ -51,6 +52,7 @@ def run_audiences(
     try:
         with _progress_bars(bars) as progress:
             syncer = Syncer(config, engine, progress=progress)
+            settle_heap()
             reports = []
             for audience in syncer.resolve(names):
                 try:

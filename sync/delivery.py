@@ -6,6 +6,7 @@ Each batch's outcome is recorded in one transaction, acknowledging with compare-
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -113,6 +114,11 @@ class _BatchResult:
     uncertain: bool = False
 
 
+def _size(message: str) -> int:
+    """UTF-8 bytes of one encoded message in a batch body, with its separating comma."""
+    return (len(message) if message.isascii() else len(message.encode("utf-8"))) + 1
+
+
 def _groups(
     units: list[_Unit], doubt: Callable[[_Unit], bool] | None = None
 ) -> dict[tuple[str, int, bool], list[str]]:
@@ -125,19 +131,24 @@ def _groups(
     return groups
 
 
-def member_in(engine: Engine, members: list[str]) -> Any:
-    """``member_id IN (...)`` as one bound value: a JSON array on SQLite, an array on
-    PostgreSQL. Binding hundreds of separate parameters per statement costs more than the
-    statement itself."""
+def member_in(engine: Engine) -> Any:
+    """``member_id IN (:b_members)`` with the list as one bound value (``members_value``): a
+    JSON array on SQLite, an array on PostgreSQL. Binding hundreds of separate parameters per
+    statement costs more than the statement itself."""
     dialect = engine.dialect.name
     if dialect == "sqlite":
         ids: Any = select(literal_column("value")).select_from(
-            func.json_each(literal(json.dumps(members), String))
+            func.json_each(bindparam("b_members", type_=String))
         )
         return M.c.member_id.in_(ids)
     if dialect == "postgresql":
-        return M.c.member_id == any_(literal(members, ARRAY(String)))
-    return M.c.member_id.in_(members)
+        return M.c.member_id == any_(bindparam("b_members", type_=ARRAY(String)))
+    return M.c.member_id.in_(bindparam("b_members", expanding=True))
+
+
+def members_value(engine: Engine, members: list[str]) -> Any:
+    """The bound value of ``member_in``'s list."""
+    return json.dumps(members) if engine.dialect.name == "sqlite" else members
 
 
 def pending_condition(audience_id: int, destination: str) -> Any:
@@ -238,11 +249,13 @@ def _pages(engine: Engine, audience_id: int, destination: str, page: int) -> Ite
                     tuple_(M.c.id_kind, M.c.member_id) > tuple_(literal(last[0]), literal(last[1]))
                 )
             with engine.connect() as connection:
-                rows = connection.execute(query).all()
+                # The driver's plain tuples: every column is already in the form the encoder
+                # takes, so SQLAlchemy's row objects would only cost time.
+                rows = list(connection.execute(query).cursor.fetchall())
             if not rows:
                 break
-            yield list(rows)
-            last = (rows[-1].id_kind, rows[-1].member_id)
+            yield rows
+            last = (rows[-1][0], rows[-1][1])
             if len(rows) < page:
                 break
 
@@ -280,15 +293,59 @@ class Deliverer:
         # SQLite has one writer at a time, and a waiting writer sleeps in its busy handler
         # (1, 2, 5, 10… ms): the workers queue on a mutex instead.
         self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None
+        self._local = threading.local()
+        # Statements built once, executed per batch with bound values.
+        self._where = and_(
+            M.c.audience_id == audience_id,
+            M.c.destination == context.destination,
+            M.c.id_kind == bindparam("b_kind"),
+            member_in(engine),
+        )
+        self._where_at = and_(self._where, M.c.version == bindparam("b_version"))
+        self._ack = (
+            update(M)
+            .where(self._where_at)
+            .values(
+                synced=M.c.desired,
+                in_doubt=False,
+                status="in_sync",
+                attempts=0,
+                last_error=None,
+                next_attempt_at=None,
+                delivered_at=bindparam("b_now", type_=M.c.delivered_at.type),
+            )
+        )
+        self._progress_row = and_(
+            P.c.audience_id == audience_id, P.c.destination == context.destination
+        )
+        self._advance = (
+            update(P)
+            .where(
+                self._progress_row,
+                or_(
+                    P.c.through_member.is_(None),
+                    tuple_(P.c.through_kind, P.c.through_member)
+                    < tuple_(bindparam("b_kind"), bindparam("b_member")),
+                ),
+            )
+            .values(
+                through_kind=bindparam("b_new_kind", type_=String),
+                through_member=bindparam("b_new_member", type_=String),
+                updated_at=bindparam("b_now", type_=P.c.updated_at.type),
+            )
+        )
+        self._connections: list[Connection] = []
 
     @contextmanager
     def _writing(self) -> Iterator[Connection]:
-        """A write transaction on the state DB, from any thread."""
-        if self._write_lock is None:
-            with self.engine.begin() as connection:
-                yield connection
-            return
-        with self._write_lock, self.engine.begin() as connection:
+        """A write transaction on the state DB, from any thread, on that thread's connection
+        (a pool checkout per batch costs a ping on PostgreSQL)."""
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = self.engine.connect()
+            with self._lock:
+                self._connections.append(connection)
+        with self._write_lock or contextlib.nullcontext(), connection.begin():
             yield connection
 
     # --- main thread ---------------------------------------------------------------------
@@ -299,9 +356,9 @@ class Deliverer:
         concurrency = max(1, self.destination.concurrency)
         page = max(PAGE_ROWS, self.destination.max_batch_messages * concurrency)
         in_flight: set[Future[None]] = set()
-        self._start()
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="deliver") as pool:
             try:
+                self._start()
                 for rows in _pages(self.engine, self.audience_id, self.context.destination, page):
                     for batch in self._batches(rows):
                         while len(in_flight) >= concurrency:
@@ -322,6 +379,8 @@ class Deliverer:
                 self._abort.set()
                 while in_flight:
                     self._collect(in_flight)
+                for connection in self._connections:
+                    connection.close()
         return self.stats
 
     def _should_stop(self) -> bool:
@@ -337,14 +396,19 @@ class Deliverer:
         encode = self.encoder.messages
         for kind, member, anonymous, desired, in_doubt, version, changed_at, traits in rows:
             messages = encode(kind, member, anonymous, bool(desired), version, changed_at, traits)
-            # Bytes in the body (UTF-8) plus the separating comma.
-            sizes = [(len(m) if m.isascii() else len(m.encode("utf-8"))) + 1 for m in messages]
-            unit = _Unit(kind, member, version, bool(in_doubt), messages, sum(sizes))
-            if self.max_message_bytes is not None and max(sizes) > self.max_message_bytes:
+            # Bytes in the body (UTF-8) plus the separating comma; one message in the common
+            # (identify) case, so no list is built for it.
+            if len(messages) == 1:
+                size = largest = _size(messages[0])
+            else:
+                sizes = [_size(m) for m in messages]
+                size, largest = sum(sizes), max(sizes)
+            unit = _Unit(kind, member, version, bool(in_doubt), messages, size)
+            if self.max_message_bytes is not None and largest > self.max_message_bytes:
                 oversized.append(
                     (
                         unit,
-                        f"message is {max(sizes)} bytes, over the destination's limit of "
+                        f"message is {largest} bytes, over the destination's limit of "
                         f"{self.max_message_bytes} bytes (trim the traits)",
                     )
                 )
@@ -375,20 +439,11 @@ class Deliverer:
         """Still in doubt after a failed batch: it was before, or this batch's fate is unknown."""
         return unit.in_doubt or result.uncertain
 
-    def _rows(self, kind: str, members: list[str], version: int | None = None) -> Any:
-        """These members' rows at this destination (at ``version``: compare-and-set)."""
-        where = and_(
-            M.c.audience_id == self.audience_id,
-            M.c.destination == self.context.destination,
-            M.c.id_kind == kind,
-            member_in(self.engine, members),
-        )
-        return where if version is None else and_(where, M.c.version == version)
-
-    def _progress(self) -> Any:
-        return and_(
-            P.c.audience_id == self.audience_id, P.c.destination == self.context.destination
-        )
+    def _params(self, kind: str, members: list[str], version: int | None = None) -> Any:
+        """Bound values of ``self._where``/``self._where_at``: these members' rows (at
+        ``version``: compare-and-set)."""
+        params = {"b_kind": kind, "b_members": members_value(self.engine, members)}
+        return params if version is None else {**params, "b_version": version}
 
     def _start(self) -> None:
         """Recover what an unfinished earlier delivery left, then record this one's start."""
@@ -406,26 +461,22 @@ class Deliverer:
         """Commit, before sending, that rows up to this batch's last key may soon be at the
         destination (batches are cut in key order; several may be in flight at once)."""
         last = batch[-1]
-        through = tuple_(literal(last.id_kind), literal(last.member_id))
         with self._writing() as connection:
             connection.execute(
-                update(P)
-                .where(
-                    self._progress(),
-                    or_(
-                        P.c.through_member.is_(None),
-                        tuple_(P.c.through_kind, P.c.through_member) < through,
-                    ),
-                )
-                .values(
-                    through_kind=last.id_kind, through_member=last.member_id, updated_at=utcnow()
-                )
+                self._advance,
+                {
+                    "b_kind": last.id_kind,
+                    "b_member": last.member_id,
+                    "b_new_kind": last.id_kind,
+                    "b_new_member": last.member_id,
+                    "b_now": utcnow(),
+                },
             )
 
     def _done(self) -> None:
         """Every batch is recorded: nothing is in flight any more."""
         with self._writing() as connection:
-            connection.execute(delete(P).where(self._progress()))
+            connection.execute(delete(P).where(self._progress_row))
 
     def _doubt_changed(
         self, connection: Connection, kind: str, version: int, members: list[str]
@@ -434,7 +485,8 @@ class Deliverer:
         destination may hold what was sent, which is no longer ``desired``, so they stay
         pending and in doubt."""
         connection.execute(
-            update(M).where(self._rows(kind, members), M.c.version != version).values(in_doubt=True)
+            update(M).where(self._where, M.c.version != version).values(in_doubt=True),
+            self._params(kind, members),
         )
 
     def _record(self, result: _BatchResult) -> None:
@@ -448,17 +500,7 @@ class Deliverer:
         with self._writing() as connection:
             for (kind, version, _), members in _groups(result.delivered).items():
                 acked = connection.execute(
-                    update(M)
-                    .where(self._rows(kind, members, version))
-                    .values(
-                        synced=M.c.desired,
-                        in_doubt=False,
-                        status="in_sync",
-                        attempts=0,
-                        last_error=None,
-                        next_attempt_at=None,
-                        delivered_at=now,
-                    )
+                    self._ack, {**self._params(kind, members, version), "b_now": now}
                 ).rowcount
                 if acked < len(members):
                     self._doubt_changed(connection, kind, version, members)
@@ -466,10 +508,11 @@ class Deliverer:
             for (kind, version, in_doubt), members in _groups(result.left, doubt).items():
                 connection.execute(
                     update(M)
-                    .where(self._rows(kind, members, version))
+                    .where(self._where_at)
                     .values(
                         last_error=result.left_reason, next_attempt_at=retry_at, in_doubt=in_doubt
-                    )
+                    ),
+                    self._params(kind, members, version),
                 )
                 if in_doubt:
                     self._doubt_changed(connection, kind, version, members)
