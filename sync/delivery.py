@@ -360,6 +360,9 @@ class Deliverer:
             try:
                 self._start()
                 for rows in _pages(self.engine, self.audience_id, self.context.destination, page):
+                    if self._should_stop():
+                        break
+                    self._hand_over(rows[-1][0], rows[-1][1])
                     for batch in self._batches(rows):
                         while len(in_flight) >= concurrency:
                             self._collect(in_flight)
@@ -457,19 +460,19 @@ class Deliverer:
                 )
             )
 
-    def _hand_over(self, batch: list[_Unit]) -> None:
-        """Commit, before sending, that rows up to this batch's last key may soon be at the
-        destination (batches are cut in key order; several may be in flight at once)."""
-        last = batch[-1]
+    def _hand_over(self, kind: str, member: str) -> None:
+        """Commit, before a page's batches are sent, that rows up to its last key may soon be
+        at the destination (one small write per page; pages come in key order)."""
+        now = utcnow()
         with self._writing() as connection:
             connection.execute(
                 self._advance,
                 {
-                    "b_kind": last.id_kind,
-                    "b_member": last.member_id,
-                    "b_new_kind": last.id_kind,
-                    "b_new_member": last.member_id,
-                    "b_now": utcnow(),
+                    "b_kind": kind,
+                    "b_member": member,
+                    "b_new_kind": kind,
+                    "b_new_member": member,
+                    "b_now": now,
                 },
             )
 
@@ -563,11 +566,10 @@ class Deliverer:
     # --- worker threads -------------------------------------------------------------------
 
     def _deliver_batch(self, units: list[_Unit]) -> None:
-        """Mark, send and record one batch. Workers do their own state DB writes, so that
+        """Send and record one batch. Workers do their own state DB writes, so that
         they overlap the main thread's reading and encoding (drivers release the GIL)."""
         if self._abort.is_set():
             return
-        self._hand_over(units)
         try:
             result = self._send_with_retries(units)
         except PermanentDeliveryError as exc:

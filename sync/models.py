@@ -215,10 +215,10 @@ class RunDelivery(Base):
 class DeliveryProgress(Base):
     """How far a delivery in progress has handed rows to one destination.
 
-    Committed before each batch is sent and deleted when delivery ends normally, so after a
-    crash it bounds the rows the destination may hold unacknowledged: the next run marks the
-    unacknowledged rows up to it ``in_doubt`` before planning. One small write per batch
-    instead of marking every row before it is sent.
+    Advanced (and committed) before each page of pending rows is sent and deleted when
+    delivery ends normally, so after a crash it bounds the rows the destination may hold
+    unacknowledged: the next run marks the unacknowledged rows up to it ``in_doubt`` before
+    planning. One small write per page instead of marking every row before it is sent.
     """
 
     __tablename__ = "delivery_progress"

@@ -155,18 +155,20 @@ def plan_destination(
 
     # Continuing members keep their version; only their traits follow the source, so that a
     # later `false` carries the latest e-mail.
-    changed_traits = exists().where(
-        S.c.run_id == run_id,
-        S.c.id_kind == M.c.id_kind,
-        S.c.member_id == M.c.member_id,
-        func.coalesce(cast(S.c.traits, Text), "").is_distinct_from(
-            func.coalesce(cast(M.c.traits, Text), "")
-        ),
-    )
+    # UPDATE … FROM: one join instead of a correlated lookup per member.
     connection.execute(
         update(M)
-        .where(of, M.c.desired == true(), changed_traits)
-        .values(traits=_staged_value(run_id, S.c.traits))
+        .where(
+            of,
+            M.c.desired == true(),
+            S.c.run_id == run_id,
+            S.c.id_kind == M.c.id_kind,
+            S.c.member_id == M.c.member_id,
+            func.coalesce(cast(S.c.traits, Text), "").is_distinct_from(
+                func.coalesce(cast(M.c.traits, Text), "")
+            ),
+        )
+        .values(traits=S.c.traits)
     )
 
     reentrants = connection.execute(
@@ -187,16 +189,19 @@ def plan_destination(
     if target.requires_user_id:
         entrant_status = case((S.c.id_kind == "anonymous", "skipped"), else_="pending")
     snapshot = S.c.run_id == run_id
-    if connection.dialect.name == "postgresql":
-        # An anti-join on the table being inserted into makes PostgreSQL re-scan the rows the
-        # statement itself appends (invisible, but read): quadratic. Let the key decide.
-        insert_entrants: Any = postgresql.insert(M).on_conflict_do_nothing()
-    else:
-        insert_entrants = insert(M)
+    if connection.execute(select(exists().where(of))).scalar():
+        # Only staged members without a row are entrants (an anti-join on the key). A first
+        # plan needs none: on PostgreSQL, an anti-join against the table being inserted into
+        # may be planned as a loop that re-reads every row the statement appends (quadratic).
         snapshot = and_(
             snapshot,
             ~exists().where(of, M.c.id_kind == S.c.id_kind, M.c.member_id == S.c.member_id),
         )
+    insert_entrants: Any = insert(M)
+    if connection.dialect.name == "postgresql":
+        # Belt and braces: should a row appear after the anti-join read (another writer
+        # despite the lease), the key decides instead of failing the run.
+        insert_entrants = postgresql.insert(M).on_conflict_do_nothing()
     entrants = connection.execute(
         insert_entrants.from_select(
             [
