@@ -18,7 +18,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Connection,
@@ -91,9 +91,8 @@ class DeliveryStats:
     fatal: bool = False
 
 
-@dataclass(slots=True)
-class _Unit:
-    """One membership change and the message(s) that announce it."""
+class _Unit(NamedTuple):
+    """One membership change and the message(s) that announce it (a tuple: built per row)."""
 
     id_kind: str
     member_id: str
