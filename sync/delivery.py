@@ -355,34 +355,39 @@ class Deliverer:
         concurrency = max(1, self.destination.concurrency)
         page = max(PAGE_ROWS, self.destination.max_batch_messages * concurrency)
         in_flight: set[Future[None]] = set()
-        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="deliver") as pool:
-            try:
-                self._start()
-                for rows in _pages(self.engine, self.audience_id, self.context.destination, page):
-                    if self._should_stop():
-                        break
-                    self._hand_over(rows[-1][0], rows[-1][1])
-                    for batch in self._batches(rows):
-                        while len(in_flight) >= concurrency:
-                            self._collect(in_flight)
+        try:
+            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="deliver") as pool:
+                try:
+                    self._start()
+                    for rows in _pages(
+                        self.engine, self.audience_id, self.context.destination, page
+                    ):
                         if self._should_stop():
                             break
-                        # The copied context carries the run id into the worker's log lines.
-                        context = contextvars.copy_context()
-                        in_flight.add(pool.submit(context.run, self._deliver_batch, batch))
-                    self.heartbeat()
-                    if self._should_stop():
-                        break
-                while in_flight:
-                    self._collect(in_flight)
-                # Not on an exception: a batch's fate may be unknown, the next run recovers.
-                self._done()
-            finally:
-                self._abort.set()
-                while in_flight:
-                    self._collect(in_flight)
-                for connection in self._connections:
-                    connection.close()
+                        self._hand_over(rows[-1][0], rows[-1][1])
+                        for batch in self._batches(rows):
+                            while len(in_flight) >= concurrency:
+                                self._collect(in_flight)
+                            if self._should_stop():
+                                break
+                            # The copied context carries the run id into the worker's logs.
+                            context = contextvars.copy_context()
+                            in_flight.add(pool.submit(context.run, self._deliver_batch, batch))
+                        self.heartbeat()
+                        if self._should_stop():
+                            break
+                    while in_flight:
+                        self._collect(in_flight)
+                    # Not on an exception: a batch's fate may be unknown, the next run recovers.
+                    self._done()
+                finally:
+                    self._abort.set()
+                    while in_flight:
+                        self._collect(in_flight)
+        finally:
+            # After the pool has joined its workers: no connection is still in use.
+            for connection in self._connections:
+                connection.close()
         return self.stats
 
     def _should_stop(self) -> bool:

@@ -237,6 +237,8 @@ class StagedMember(Base):
     """A run's snapshot of the audience query, between compute and plan (then deleted)."""
 
     __tablename__ = "staged_members"
+    # SQLite: rows live in the primary key's B-tree, one write per staged row (migration 0006).
+    __table_args__ = {"sqlite_with_rowid": False}
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     id_kind: Mapped[IdKind] = mapped_column(_enum(ID_KINDS, "staged_id_kind"), primary_key=True)

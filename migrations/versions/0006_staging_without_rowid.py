@@ -1,0 +1,57 @@
+"""staged_members WITHOUT ROWID on SQLite (rows live in the primary key's B-tree)
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-11-28
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0006"
+down_revision: str | None = "0005"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def _create(with_rowid: bool) -> None:
+    op.create_table(
+        "staged_members",
+        sa.Column("run_id", sa.Integer(), nullable=False),
+        sa.Column(
+            "id_kind",
+            sa.Enum(
+                "user",
+                "anonymous",
+                name="staged_id_kind",
+                native_enum=False,
+                create_constraint=True,
+                length=16,
+            ),
+            nullable=False,
+        ),
+        sa.Column("member_id", sa.String(length=255), nullable=False),
+        sa.Column("anonymous_id", sa.String(length=255), nullable=True),
+        sa.Column("traits", sa.JSON(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["run_id"], ["runs.id"], name=op.f("fk_staged_members_run_id_runs"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("run_id", "id_kind", "member_id", name=op.f("pk_staged_members")),
+        sqlite_with_rowid=with_rowid,
+    )
+
+
+def upgrade() -> None:
+    # Staging is transient (emptied after every plan), so the table is simply recreated: one
+    # B-tree to write per staged row instead of the table plus its primary key index.
+    if op.get_bind().dialect.name == "sqlite":
+        op.drop_table("staged_members")
+        _create(with_rowid=False)
+
+
+def downgrade() -> None:
+    if op.get_bind().dialect.name == "sqlite":
+        op.drop_table("staged_members")
+        _create(with_rowid=True)
