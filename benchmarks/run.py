@@ -111,8 +111,6 @@ write_key = "{WRITE_KEY}"
 endpoint = "{receiver_url}"
 batch_size = {BATCH}
 concurrency = 4
-[defaults]
-guard_min_members = 1000000000
 [[audiences]]
 name = "Bench Audience"
 source = "warehouse"

@@ -92,39 +92,32 @@ def count_members(connection: Connection, audience_id: int, destination: str) ->
     return int(connection.execute(query).scalar_one())
 
 
-def guard_problem(
-    connection: Connection,
-    audience_id: int,
-    run_id: int,
-    destinations: list[DestinationTarget],
+def removal_problem(
+    plan: DestinationPlan,
     staged: int,
     *,
     max_removal_ratio: float,
     min_members: int,
     audience_name: str,
 ) -> str | None:
-    """Why the plan must not proceed unforced (mass removal, emptied audience), or None."""
-    for target in destinations:
-        current = count_members(connection, audience_id, target.name)
-        if current == 0 or current < min_members:
-            continue
-        hint = f"check the source, then run `audience-sync sync --force '{audience_name}'`"
-        if staged == 0:
-            return (
-                f"the query returned no members; this would remove all {current} members at "
-                f'destination "{target.name}"; {hint}'
-            )
-        removed = connection.execute(
-            select(func.count()).where(
-                _of(audience_id, target.name), M.c.desired == true(), ~_staged_match(run_id)
-            )
-        ).scalar_one()
-        if removed / current > max_removal_ratio:
-            return (
-                f"this run would remove {removed} of {current} members "
-                f'({removed / current:.0%}) at destination "{target.name}", more than '
-                f"max_removal_ratio {max_removal_ratio:.0%}; {hint}"
-            )
+    """Why a planned destination must not be committed unforced (a mass removal, an emptied
+    audience), or None. Judged from the plan itself: its leavers are the removals, so no
+    separate anti-join counts them first."""
+    current, removed = plan.current, plan.removed
+    if current == 0 or current < min_members:
+        return None
+    hint = f"check the source, then run `audience-sync sync --force '{audience_name}'`"
+    if staged == 0:
+        return (
+            f"the query returned no members; this would remove all {current} members at "
+            f'destination "{plan.destination}"; {hint}'
+        )
+    if removed / current > max_removal_ratio:
+        return (
+            f"this run would remove {removed} of {current} members "
+            f'({removed / current:.0%}) at destination "{plan.destination}", more than '
+            f"max_removal_ratio {max_removal_ratio:.0%}; {hint}"
+        )
     return None
 
 

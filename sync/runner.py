@@ -32,9 +32,9 @@ from sync.planner import (
     DestinationTarget,
     count_status,
     drop_staging,
-    guard_problem,
     mark_full_resync,
     plan_destination,
+    removal_problem,
 )
 from sync.reports import DestinationReport, RunOptions, RunReport
 from sync.sources import make_source_engine
@@ -270,22 +270,19 @@ class Syncer:
     ) -> tuple[str | None, list[DestinationPlan]]:
         # Before the plan: a leaver's status depends on whether its row is in doubt.
         recover_in_flight(connection, audience_id)
-        problem = guard_problem(
-            connection,
-            audience_id,
-            run_id,
-            targets,
-            stats.staged,
-            max_removal_ratio=self.config.max_removal_ratio_of(audience),
-            min_members=self.config.guard_min_members_of(audience),
-            audience_name=audience.name,
-        )
-        if problem and not options.force:
-            return problem, []
         now = utcnow()
         plans = []
         for target in targets:
             plan = plan_destination(connection, audience_id, run_id, target, now)
+            problem = removal_problem(
+                plan,
+                stats.staged,
+                max_removal_ratio=self.config.max_removal_ratio_of(audience),
+                min_members=self.config.guard_min_members_of(audience),
+                audience_name=audience.name,
+            )
+            if problem and not options.force:
+                return problem, []  # the caller rolls the plan back
             if options.full:
                 mark_full_resync(
                     connection, audience_id, target, now, include_exited=options.include_exited
