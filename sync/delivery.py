@@ -56,8 +56,9 @@ logger = logging.getLogger("sync.delivery")
 
 # Bytes of the batch envelope around the messages ({"batch":[...],"sentAt":"..."}), rounded up.
 BATCH_ENVELOPE_BYTES = 128
-# Rows read from the state DB per page (times the concurrency), bounding memory.
-PAGE_ROWS = 2_000
+# Rows read from the state DB per page (at least one batch per worker). Each page costs a
+# query and a progress write; its encoded messages (a few MB) bound delivery's memory.
+PAGE_ROWS = 10_000
 
 M = MEMBERSHIPS
 P = DELIVERY_PROGRESS
