@@ -229,6 +229,15 @@ def unicode_names_and_ids(case: Case) -> None:
     assert case.receiver.state[("ünïcødé-用户", "clients_cafe_uber_30j")] is True
 
 
+def backslashes_and_quotes_in_ids_and_traits(case: Case) -> None:
+    """Characters that bulk-load formats escape (COPY text on PostgreSQL, JSON everywhere)."""
+    ids = ["back\\slash", 'quo"te', "\\N", "tab\\tlike"]
+    _rows(case, [("a", "a@x"), ("b", "b@x"), *[(i, f"{i}@x\\y") for i in ids]])
+    assert case.sync_report()["status"] == "succeeded"
+    by_user = {m["userId"]: m["traits"]["email"] for m in case.receiver.messages()}
+    assert {i: by_user.get(i) for i in ids} == {i: f"{i}@x\\y" for i in ids}
+
+
 # --- destinations --------------------------------------------------------------------------------
 
 
@@ -379,6 +388,7 @@ CASES: dict[str, Callable[[Case], None]] = {
         traits_with_non_json_values,
         duplicate_rows_with_different_traits,
         unicode_names_and_ids,
+        backslashes_and_quotes_in_ids_and_traits,
         destination_url_does_not_resolve,
         tls_failure,
         credentials_rejected,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import gzip
 import ssl
 import time
@@ -99,6 +100,13 @@ def classify_transport_error(exc: httpx.TransportError) -> DeliveryError:
     return TransientDeliveryError(f"{kind}: {text}", outcome_unknown=not never_sent)
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One TLS context per process: building one loads the CA bundle (tens of milliseconds),
+    and every run builds its destinations afresh. Honours SSL_CERT_FILE / SSL_CERT_DIR."""
+    return httpx.create_ssl_context(trust_env=True)
+
+
 class HttpSender:
     """POSTs JSON bodies to one URL over a keep-alive connection pool."""
 
@@ -121,6 +129,7 @@ class HttpSender:
             timeout=timeout,
             limits=limits,
             auth=auth,
+            verify=tls_context(),
             headers={"User-Agent": f"audience-sync/{__version__}", **(headers or {})},
         )
 
