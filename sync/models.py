@@ -240,7 +240,9 @@ class StagedMember(Base):
     # SQLite: rows live in the primary key's B-tree, one write per staged row (migration 0006).
     __table_args__ = {"sqlite_with_rowid": False}
 
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    # A run's id, without a foreign key: SQLite deletes a table with one row by row instead of
+    # emptying it at once (see planner.drop_staging); runs are never deleted.
+    run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     id_kind: Mapped[IdKind] = mapped_column(_enum(ID_KINDS, "staged_id_kind"), primary_key=True)
     member_id: Mapped[str] = mapped_column(String(MAX_MEMBER_ID_LENGTH), primary_key=True)
     anonymous_id: Mapped[str | None] = mapped_column(String(MAX_MEMBER_ID_LENGTH), nullable=True)

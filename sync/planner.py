@@ -271,7 +271,20 @@ def count_status(connection: Connection, audience_id: int, destination: str) -> 
     return {status: int(count) for status, count in rows}
 
 
-def drop_staging(connection: Connection, audience_id: int) -> None:
-    """Delete staged snapshots of this audience (a run's own, or those crashed runs left)."""
+def drop_staging(
+    connection: Connection, audience_id: int, *, holds_write_lock: bool = False
+) -> None:
+    """Delete staged snapshots of this audience (a run's own, or those crashed runs left).
+
+    ``holds_write_lock``: this SQLite transaction has already written (the plan), so no other
+    run can stage until it commits. If no other run's rows are staged, the table is emptied
+    whole — SQLite frees its pages at once, where deleting a million rows one by one took an
+    eighth of a plan.
+    """
     runs = select(RUNS.c.id).where(RUNS.c.audience_id == audience_id)
+    if holds_write_lock and connection.dialect.name == "sqlite":
+        others = select(S.c.run_id).where(S.c.run_id.not_in(runs)).limit(1)
+        if connection.execute(others).first() is None:
+            connection.execute(delete(S))
+            return
     connection.execute(delete(S).where(S.c.run_id.in_(runs)))

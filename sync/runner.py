@@ -363,7 +363,7 @@ class Syncer:
                 )
                 if problem:
                     connection.rollback()
-                drop_staging(connection, audience_id)
+                drop_staging(connection, audience_id, holds_write_lock=not problem)
                 timings["plan_seconds"] = time.monotonic() - t1
                 report.destinations = _reports_of(plans)
                 if problem:

@@ -331,3 +331,24 @@ def test_acknowledgement_is_compare_and_set(harness: Harness, receiver: Receiver
     assert rows["b"].synced is True and rows["b"].status == "in_sync"
     assert rows["a"].synced is None and rows["a"].version == 2
     assert rows["a"].status == "pending" and rows["a"].in_doubt  # its `false` is still to be sent
+
+
+def test_emptying_the_staging_table_spares_other_runs(harness: Harness, receiver: Receiver) -> None:
+    """After a plan only this run's staged rows go; another run's (another audience staging
+    at the same time) stay, and with none the table ends empty."""
+    from sqlalchemy import func, insert, select
+
+    from sync.models import STAGED
+
+    harness.set_members(["a", "b"])
+    harness.sync()
+    with harness.engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(STAGED)).scalar() == 0
+    other = {"run_id": 999_999, "id_kind": "user", "member_id": "elsewhere", "traits": None}
+    with harness.engine.begin() as connection:
+        connection.execute(insert(STAGED).values(**other))
+    harness.set_members(["a", "c"])
+    assert harness.sync().status == "succeeded"
+    with harness.engine.connect() as connection:
+        left = connection.execute(select(STAGED.c.run_id, STAGED.c.member_id)).all()
+    assert left == [(999_999, "elsewhere")]
