@@ -10,6 +10,7 @@ from json.encoder import encode_basestring
 from typing import Any, Literal
 
 from sync import __version__
+from sync.models import stored_utc
 
 MessageMode = Literal["identify", "track", "both"]
 ENTERED_EVENT = "Audience Entered"
@@ -44,36 +45,30 @@ class AudienceContext:
     integrations: dict[str, Any] | None = None
 
 
+def _id_head(ctx: AudienceContext) -> Any:
+    """The messageId hash fed with what every message of one audience and destination shares."""
+    head = "\x1f".join([ctx.installation_id, ctx.key, ctx.destination, ""])
+    return hashlib.sha256(head.encode("utf-8"))
+
+
+def _finish_id(head: Any, id_kind: str, member_id: str, version: int, message_type: str) -> str:
+    digest = head.copy()
+    digest.update(f"{id_kind}\x1f{member_id}\x1f{version}\x1f{message_type}".encode())
+    return f"as-{digest.hexdigest()[:40]}-v{version}"
+
+
 def message_id(ctx: AudienceContext, change: MembershipChange, message_type: str) -> str:
     """Stable id for one change: a resend after a crash carries the same id (< 100 chars).
 
     Segment and RudderStack de-duplicate on it, so a crash between sending and recording the
     acknowledgement never turns into a second delivery.
     """
-    material = "\x1f".join(
-        [
-            ctx.installation_id,
-            ctx.key,
-            ctx.destination,
-            change.id_kind,
-            change.member_id,
-            str(change.version),
-            message_type,
-        ]
-    )
-    digest = hashlib.sha256(material.encode("utf-8")).hexdigest()[:40]
-    return f"as-{digest}-v{change.version}"
+    return _finish_id(_id_head(ctx), change.id_kind, change.member_id, change.version, message_type)
 
 
 def iso_timestamp(moment: datetime) -> str:
     """ISO-8601 in UTC with a Z suffix and milliseconds, as Segment's libraries write it."""
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _as_utc(stored: datetime | str) -> datetime:
-    """A stored timestamp as read raw: SQLite keeps UTC text without a zone."""
-    moment = stored if isinstance(stored, datetime) else datetime.fromisoformat(stored)
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _identity(change: MembershipChange) -> dict[str, str]:
@@ -157,8 +152,7 @@ class MessageEncoder:
         if ctx.integrations is not None:
             self._integrations = f',"integrations":{encode(ctx.integrations)}'
         self._context = encode(_context(ctx))
-        head = "\x1f".join([ctx.installation_id, ctx.key, ctx.destination, ""])
-        self._hash = hashlib.sha256(head.encode("utf-8"))
+        self._id_head = _id_head(ctx)
         self._stamps: dict[Any, str] = {}
 
     def messages(
@@ -184,7 +178,7 @@ class MessageEncoder:
                     anonymous_id,
                     desired,
                     version,
-                    _as_utc(changed_at),
+                    stored_utc(changed_at),
                     json.loads(text),
                 )
                 return [encode(m) for m in build_messages(self.ctx, change)]
@@ -198,13 +192,14 @@ class MessageEncoder:
         common = f'{ids},"timestamp":"{self._stamp(changed_at)}"{self._integrations}'
         value = "true" if desired else "false"
         mode = self.ctx.mode
+        finish = _finish_id
         out: list[str] = []
         if mode in ("identify", "both"):
             first = "" if inner is None else f"{inner},"
             merged = f"{{{first}{self._quoted_key}{value}}}"
             out.append(
                 f'{{"type":"identify",{common},"traits":{merged},'
-                f'"messageId":"{self._message_id(id_kind, member_id, version, "identify")}",'
+                f'"messageId":"{finish(self._id_head, id_kind, member_id, version, "identify")}",'
                 f'"context":{self._context}}}'
             )
         if mode in ("track", "both"):
@@ -215,22 +210,16 @@ class MessageEncoder:
             out.append(
                 f'{{"type":"track",{common},"event":"{event}",'
                 f'"properties":{{"audience_key":{self._key},{self._quoted_key}{value}}},'
-                f'"messageId":"{self._message_id(id_kind, member_id, version, "track")}",'
+                f'"messageId":"{finish(self._id_head, id_kind, member_id, version, "track")}",'
                 f'"context":{context}}}'
             )
         return out
-
-    def _message_id(self, id_kind: str, member_id: str, version: int, message_type: str) -> str:
-        # The same id as ``message_id``: the hash of the shared head continues with this row's.
-        digest = self._hash.copy()
-        digest.update(f"{id_kind}\x1f{member_id}\x1f{version}\x1f{message_type}".encode())
-        return f"as-{digest.hexdigest()[:40]}-v{version}"
 
     def _stamp(self, changed_at: datetime | str) -> str:
         """ISO timestamp of a stored value; one plan writes one ``changed_at`` for many rows."""
         stamp = self._stamps.get(changed_at)
         if stamp is None:
-            stamp = iso_timestamp(_as_utc(changed_at))
+            stamp = iso_timestamp(stored_utc(changed_at))
             if len(self._stamps) > 10_000:
                 self._stamps.clear()
             self._stamps[changed_at] = stamp

@@ -15,6 +15,7 @@ from sync.messages import (
     MessageEncoder,
     build_messages,
     encode,
+    message_id,
 )
 
 KEY = "high_value"
@@ -93,6 +94,19 @@ def test_encoder_treats_empty_and_null_traits_as_none() -> None:
     stamp = datetime(2026, 11, 28, tzinfo=UTC)
     encoder = MessageEncoder(ctx)
     for stored in (None, "{}", "{ }", "null"):
-        identify, track = (json.loads(m) for m in encoder.messages("user", "u", None, True, 1, stamp, stored))
+        identify, track = (
+            json.loads(m) for m in encoder.messages("user", "u", None, True, 1, stamp, stored)
+        )
         assert identify["traits"] == {KEY: True}
         assert "traits" not in track["context"]
+
+
+def test_message_ids_never_change_across_versions() -> None:
+    """A resend after an upgrade must carry the id the old version sent, or destinations that
+    de-duplicate would apply it twice: the derivation is pinned here."""
+    ctx = AudienceContext("inst", 3, "k", "segment")
+    change = MembershipChange("user", "ü-1", None, True, 7, datetime(2026, 1, 1, tzinfo=UTC), None)
+    pinned = "as-ca9a9f239258484a4bc94e1810c682c2e910a905-v7"
+    assert message_id(ctx, change, "identify") == pinned
+    (encoded,) = MessageEncoder(ctx).messages("user", "ü-1", None, True, 7, change.changed_at, None)
+    assert json.loads(encoded)["messageId"] == pinned
