@@ -15,7 +15,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sync import __version__
 from sync.config import DEFAULT_CONFIG_PATH, Config, load_config
 from sync.db import make_state_engine, schema_status, upgrade
-from sync.errors import AudienceSyncError, SourceError, StateDatabaseMissingError, StateError
+from sync.errors import (
+    AudienceSyncError,
+    SourceError,
+    StateDatabaseMissingError,
+    StateError,
+    driver_reason,
+)
 from sync.logs import configure_logging, redact_url
 from sync.sources import check_source, demo_warehouse_exists
 
@@ -55,7 +61,7 @@ class ErrorBoundaryGroup(click.Group):
         except SQLAlchemyError as exc:
             if _debug(ctx):
                 raise
-            raise click.ClickException(f"state database error: {database_reason(exc)}") from None
+            raise click.ClickException(f"state database error: {driver_reason(exc)}") from None
         except Exception as exc:
             if _debug(ctx):
                 raise
@@ -63,12 +69,6 @@ class ErrorBoundaryGroup(click.Group):
             raise click.ClickException(
                 f"unexpected {type(exc).__name__}: {first} (run with --debug for the traceback)"
             ) from None
-
-
-def database_reason(exc: SQLAlchemyError) -> str:
-    """The driver's own message, on one line, without SQLAlchemy's statement dump."""
-    reason = str(getattr(exc, "orig", None) or exc)
-    return " ".join(reason.split("[SQL:")[0].split())
 
 
 def _debug(ctx: click.Context) -> bool:

@@ -7,6 +7,13 @@ a ``PermanentError`` will not until someone changes something.
 from __future__ import annotations
 
 
+def driver_reason(exc: BaseException) -> str:
+    """A database error as one line: the driver's own message (a SQLAlchemy error's ``orig``),
+    whitespace collapsed, without SQLAlchemy's statement and parameter dump."""
+    reason = str(getattr(exc, "orig", None) or exc)
+    return " ".join(reason.split("[SQL:")[0].split())
+
+
 class AudienceSyncError(Exception):
     """Base class of every error audience-sync raises on purpose."""
 

@@ -9,7 +9,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from sync.db import read_only_transaction
-from sync.errors import SourceError
+from sync.errors import SourceError, driver_reason
 from sync.logs import redact_url
 
 
@@ -44,9 +44,8 @@ def check_source(name: str, url: str) -> None:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise SourceError(
-            f'source "{name}" ({redact_url(url)}): cannot connect: {reason}'
+            f'source "{name}" ({redact_url(url)}): cannot connect: {driver_reason(exc)}'
         ) from None
     finally:
         engine.dispose()

@@ -41,7 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import SQLAlchemyError
 
-from sync.errors import SourceError
+from sync.errors import SourceError, driver_reason
 from sync.models import MAX_MEMBER_ID_LENGTH, STAGED
 
 # Invalid rows kept as examples on the run (the rest are only counted).
@@ -208,7 +208,7 @@ def validate_row(
 
 
 def _source_error(audience: str, source: str, exc: SQLAlchemyError) -> SourceError:
-    reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+    reason = driver_reason(exc)
     return SourceError(f'audience "{audience}": query failed on source "{source}": {reason}')
 
 
