@@ -162,55 +162,53 @@ class Env:
         make_warehouse(self.base, self.members)
         make_warehouse(self.churned, self.members, self.churn)
 
-    def syncer(self, state_url: str, warehouse: Path) -> tuple[Syncer, Any]:
+    @contextmanager
+    def syncer(self, state_url: str, warehouse: Path) -> Iterator[tuple[Syncer, Any]]:
+        """A Syncer on an upgraded state DB, reading ``warehouse``; disposed afterwards."""
         config = parse_config(
             config_text(state_url, warehouse, self.receiver_url), "bench", self.folder, {}
         )
         engine = make_state_engine(state_url)
+        upgrade(engine)
         syncer = Syncer(config, engine)
         settle_heap()  # as the `sync` and `run` commands do once they are set up
-        return syncer, config.audiences[0]
+        try:
+            yield syncer, config.audiences[0]
+        finally:
+            engine.dispose()
 
 
 def plan_first(env: Env) -> float:
-    with state_database(env.state, env.folder) as url:
-        syncer, audience = env.syncer(url, env.base)
-        upgrade(syncer.engine)
-        report = syncer.sync(audience, RunOptions(deliver=False))
-        assert report.members == env.members, report
-        syncer.engine.dispose()
-        return report.seconds
+    with state_database(env.state, env.folder) as url, env.syncer(url, env.base) as (syncer, aud):
+        report = syncer.sync(aud, RunOptions(deliver=False))
+    assert report.members == env.members, report
+    return report.seconds
 
 
 def plan_delta(env: Env) -> float:
     with state_database(env.state, env.folder) as url:
-        syncer, audience = env.syncer(url, env.base)
-        upgrade(syncer.engine)
-        syncer.sync(audience, RunOptions(deliver=False))
-        with syncer.engine.begin() as connection:  # as if everything had been delivered
-            connection.execute(
-                update(MEMBERSHIPS).values(synced=MEMBERSHIPS.c.desired, status="in_sync")
-            )
-        syncer.engine.dispose()
-        syncer, audience = env.syncer(url, env.churned)
-        report = syncer.sync(audience, RunOptions(deliver=False))
-        moved = int(env.members * env.churn)
-        assert report.destinations[0].added == moved == report.destinations[0].removed, report
-        syncer.engine.dispose()
-        return report.seconds
+        with env.syncer(url, env.base) as (syncer, audience):
+            syncer.sync(audience, RunOptions(deliver=False))
+            with syncer.engine.begin() as connection:  # as if everything had been delivered
+                connection.execute(
+                    update(MEMBERSHIPS).values(synced=MEMBERSHIPS.c.desired, status="in_sync")
+                )
+        with env.syncer(url, env.churned) as (syncer, audience):
+            report = syncer.sync(audience, RunOptions(deliver=False))
+    moved = int(env.members * env.churn)
+    assert report.destinations[0].added == moved == report.destinations[0].removed, report
+    return report.seconds
 
 
 def deliver(env: Env) -> float:
     with state_database(env.state, env.folder) as url:
-        syncer, audience = env.syncer(url, env.base)
-        upgrade(syncer.engine)
-        syncer.sync(audience, RunOptions(deliver=False))
-        receiver_reset(env.receiver_url)
-        report = syncer.sync(audience)
+        with env.syncer(url, env.base) as (syncer, audience):
+            syncer.sync(audience, RunOptions(deliver=False))
+            receiver_reset(env.receiver_url)
+            report = syncer.sync(audience)
         stats = receiver_stats(env.receiver_url)
         assert report.status == "succeeded", report
         assert stats["distinct"] == env.members and stats["invalid"] == 0, stats
-        syncer.engine.dispose()
         # The run re-plans (no changes) before delivering: report delivery alone.
         return _deliver_seconds(url)
 
@@ -224,15 +222,12 @@ def _deliver_seconds(url: str) -> float:
 
 
 def end_to_end(env: Env) -> float:
-    with state_database(env.state, env.folder) as url:
-        syncer, audience = env.syncer(url, env.base)
-        upgrade(syncer.engine)
+    with state_database(env.state, env.folder) as url, env.syncer(url, env.base) as (syncer, aud):
         receiver_reset(env.receiver_url)
-        report = syncer.sync(audience)
-        assert report.status == "succeeded", report
-        assert receiver_stats(env.receiver_url)["distinct"] == env.members
-        syncer.engine.dispose()
-        return report.seconds
+        report = syncer.sync(aud)
+    assert report.status == "succeeded", report
+    assert receiver_stats(env.receiver_url)["distinct"] == env.members
+    return report.seconds
 
 
 def floor_load_diff(env: Env) -> float:
