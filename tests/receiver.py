@@ -50,6 +50,10 @@ class Receiver:
         self.script: list[Scripted] = []
         self.poison: set[str] = set()
         self.delay = 0.0
+        # While set to an unset Event, every request waits for it before being answered: a
+        # test holds a sender mid-batch for exactly as long as it needs (no timing guesses).
+        self.gate: threading.Event | None = None
+        self.arrivals = 0  # requests read so far, counted before any gate or delay
         self.requests: list[Request] = []
         self.accepted: list[dict[str, Any]] = []
         self.seen_ids: set[str] = set()
@@ -114,6 +118,11 @@ class Receiver:
                 length = int(self.headers.get("content-length", 0))
                 raw = self.rfile.read(length)
                 headers = {k.lower(): v for k, v in self.headers.items()}
+                with receiver.lock:
+                    receiver.arrivals += 1
+                    gate = receiver.gate
+                if gate is not None:
+                    gate.wait(timeout=120)
                 scripted, body = receiver._respond(raw, headers, self.path)
                 if scripted.delay:
                     time.sleep(scripted.delay)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -78,33 +79,35 @@ def test_concurrent_syncs_of_one_audience(
 ) -> None:
     harness.destinations["segment"]["batch_size"] = 10
     harness.destinations["segment"]["concurrency"] = 1
+    harness.destinations["segment"]["timeout"] = 90  # a batch held at the gate is not abandoned
     harness.set_members([f"u{i:03d}" for i in range(60)])
     config = harness.write_config()
-    receiver.delay = 0.3  # six batches: the first process holds the lease for about two seconds
+    # The receiver holds the first process's first batch until the second has been refused.
+    receiver.gate = threading.Event()
     first = spawn(config, "sync", log=tmp_path / "first.log")
-    wait_for(lambda: len(receiver.requests) >= 1, 20, "the first process to deliver")
+    wait_for(lambda: receiver.arrivals >= 1, 30, "the first process to deliver")
     second = subprocess.run(
         [*first.args[:-1], "sync"], capture_output=True, text=True, timeout=60, check=False
     )
+    receiver.gate.set()
     assert first.wait(timeout=60) == 0, (tmp_path / "first.log").read_text()
     assert second.returncode == 1
     assert "is being synced by" in second.stdout and "since" in second.stdout
     counts = Counter(m["userId"] for m in receiver.messages())
     assert len(counts) == 60 and set(counts.values()) == {1}
-    # With --wait the second process waits its turn, then finds nothing left to send.
+    # With --wait the fourth process waits its turn, then finds nothing left to send.
     harness.set_members([f"u{i:03d}" for i in range(90)])
-    before = len(receiver.requests)
+    receiver.gate = threading.Event()
+    arrived = receiver.arrivals
     third = spawn(config, "sync", log=tmp_path / "third.log")
-    wait_for(lambda: len(receiver.requests) > before, 20, "the third process to deliver")
-    fourth = subprocess.run(
-        [*first.args[:-1], "sync", "--wait", "30", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert third.wait(timeout=60) == 0 and fourth.returncode == 0, fourth.stdout + fourth.stderr
-    assert '"sent": 0' in fourth.stdout
+    wait_for(lambda: receiver.arrivals > arrived, 30, "the third process to deliver")
+    fourth_log = tmp_path / "fourth.log"
+    fourth = spawn(config, "--log-level", "INFO", "sync", "--wait", "30", "--json", log=fourth_log)
+    wait_for(lambda: "waiting up to 30s" in fourth_log.read_text(), 30, "the fourth to wait")
+    receiver.gate.set()
+    assert third.wait(timeout=60) == 0, (tmp_path / "third.log").read_text()
+    assert fourth.wait(timeout=60) == 0, fourth_log.read_text()
+    assert '"sent": 0' in fourth_log.read_text()
     counts = Counter(m["userId"] for m in receiver.messages())
     assert len(counts) == 90 and set(counts.values()) == {1}
 
@@ -168,10 +171,13 @@ def test_full_resync_while_the_daemon_runs(
         )
         assert full.returncode == 0, full.stdout + full.stderr
         wait_for(lambda: len(receiver.messages()) >= 6, 10, "the resend")
-        # Let the daemon run a few more times: nothing more is sent.
-        import time
-
-        time.sleep(2.5)
+        # Let the daemon finish two more scheduled runs: nothing more is sent.
+        finished = len([r for r in harness.runs() if r.finished_at is not None])
+        wait_for(
+            lambda: len([r for r in harness.runs() if r.finished_at is not None]) >= finished + 2,
+            30,
+            "two more scheduled runs",
+        )
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0
