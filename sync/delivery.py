@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -43,14 +43,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from sync.clock import StateClock, state_now
 from sync.destinations import Destination
 from sync.errors import (
     PermanentDeliveryError,
     RejectedBatchError,
     TransientDeliveryError,
 )
+from sync.leases import Lease
 from sync.messages import AudienceContext, MessageEncoder
-from sync.models import DELIVERY_PROGRESS, MEMBERSHIPS, utcnow
+from sync.models import DELIVERY_PROGRESS, MEMBERSHIPS
 
 logger = logging.getLogger("sync.delivery")
 
@@ -210,14 +212,16 @@ def retry_due(connection: Connection, audience_id: int) -> bool:
         M.c.audience_id == audience_id,
         M.c.status == "pending",
         M.c.next_attempt_at.is_not(None),
-        M.c.next_attempt_at <= utcnow(),
+        M.c.next_attempt_at <= state_now(connection),
     )
     return connection.execute(query.limit(1)).first() is not None
 
 
-def _pages(engine: Engine, audience_id: int, destination: str, page: int) -> Iterator[list[Any]]:
-    """Pending rows in (status pass, member) order, read in pages by keyset."""
-    now = utcnow()
+def _pages(
+    engine: Engine, audience_id: int, destination: str, page: int, now: datetime
+) -> Iterator[list[Any]]:
+    """Pending rows in (status pass, member) order, read in pages by keyset; rows waiting
+    for a retry later than ``now`` (the state DB's time) are left for a later run."""
     # Rows rejected by earlier runs first: a row rejected during this run's `pending` pass must
     # not be retried by the same run.
     for status in ("rejected", "pending"):
@@ -273,9 +277,10 @@ class Deliverer:
         *,
         deadline: float,
         stop: threading.Event | None = None,
-        heartbeat: Callable[[], None] | None = None,
+        lease: Lease | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> None:
+        """With a ``lease``, every write is fenced by it and no batch is sent without it."""
         self.engine = engine
         self.audience_id = audience_id
         self.context = context
@@ -283,7 +288,8 @@ class Deliverer:
         self.policy = policy
         self.deadline = deadline
         self.stop = stop or threading.Event()
-        self.heartbeat = heartbeat or (lambda: None)
+        self.lease = lease
+        self.clock: StateClock | None = None  # measured when delivery starts
         self.progress = progress or (lambda n: None)
         self.max_message_bytes = destination.max_message_bytes
         self.encoder = MessageEncoder(context)
@@ -347,6 +353,8 @@ class Deliverer:
                 self._connections.append(connection)
         with self._write_lock or contextlib.nullcontext(), connection.begin():
             yield connection
+            if self.lease is not None:
+                self.lease.fence(connection)
 
     # --- main thread ---------------------------------------------------------------------
 
@@ -361,7 +369,7 @@ class Deliverer:
                 try:
                     self._start()
                     for rows in _pages(
-                        self.engine, self.audience_id, self.context.destination, page
+                        self.engine, self.audience_id, self.context.destination, page, self._now()
                     ):
                         if self._should_stop():
                             break
@@ -374,7 +382,8 @@ class Deliverer:
                             # The copied context carries the run id into the worker's logs.
                             context = contextvars.copy_context()
                             in_flight.add(pool.submit(context.run, self._deliver_batch, batch))
-                        self.heartbeat()
+                        if self.lease is not None:
+                            self.lease.ensure_held()
                         if self._should_stop():
                             break
                     while in_flight:
@@ -453,22 +462,28 @@ class Deliverer:
         params = {"b_kind": kind, "b_members": members_value(self.engine, members)}
         return params if version is None else {**params, "b_version": version}
 
+    def _now(self) -> datetime:
+        """The state DB's time (retry times and acknowledgements are compared across hosts)."""
+        assert self.clock is not None
+        return self.clock.now()
+
     def _start(self) -> None:
         """Recover what an unfinished earlier delivery left, then record this one's start."""
         with self._writing() as connection:
+            self.clock = StateClock(connection)
             recover_in_flight(connection, self.audience_id, self.context.destination)
             connection.execute(
                 insert(P).values(
                     audience_id=self.audience_id,
                     destination=self.context.destination,
-                    updated_at=utcnow(),
+                    updated_at=self._now(),
                 )
             )
 
     def _hand_over(self, kind: str, member: str) -> None:
         """Commit, before a page's batches are sent, that rows up to its last key may soon be
         at the destination (one small write per page; pages come in key order)."""
-        now = utcnow()
+        now = self._now()
         with self._writing() as connection:
             connection.execute(
                 self._advance,
@@ -500,7 +515,7 @@ class Deliverer:
     def _record(self, result: _BatchResult) -> None:
         """One transaction per batch outcome; every update is a compare-and-set on version, so
         a change planned while the batch was in flight stays pending."""
-        now = utcnow()
+        now = self._now()
 
         def doubt(unit: _Unit) -> bool:
             return self._doubt(unit, result)
@@ -610,6 +625,8 @@ class Deliverer:
 
     def _send_splitting(self, units: list[_Unit]) -> _BatchResult:
         """Send; on a rejected batch, split it in halves until the bad messages are alone."""
+        if self.lease is not None:
+            self.lease.ensure_sendable()  # after a long wait too: a run without it sends nothing
         try:
             self.destination.send([m for u in units for m in u.messages])
         except RejectedBatchError as exc:

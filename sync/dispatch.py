@@ -63,7 +63,7 @@ def deliver_destinations(
             policy,
             deadline=deadline,
             stop=stop,
-            heartbeat=lease.renew,
+            lease=lease,
             progress=progress(key, target.name, entry.pending) if progress else None,
         ).run()
         entry.sent, entry.rejected = stats.sent, stats.rejected

@@ -23,6 +23,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from sync import clock
+
 # Longest member id we accept (Segment has no documented limit; 255 keeps the primary key
 # index compact on every database and fits MySQL's index prefix limits).
 MAX_MEMBER_ID_LENGTH = 255
@@ -89,8 +91,9 @@ def stored_utc(value: datetime | str) -> datetime:
 
 
 def utcnow() -> datetime:
-    """The current time, timezone-aware, in UTC."""
-    return datetime.now(UTC)
+    """This host's current time, timezone-aware, in UTC (``sync.clock.local_now``; what hosts
+    compare goes through ``sync.clock.state_now`` instead)."""
+    return clock.local_now()
 
 
 def _enum(values: tuple[str, ...], name: str) -> Enum:

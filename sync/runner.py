@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from sync.audiences import ensure_audience
+from sync.clock import state_now
 from sync.config import AudienceConfig, Config
 from sync.db import installation_id
 from sync.delivery import RetryPolicy, recover_in_flight, retry_due
@@ -19,6 +20,7 @@ from sync.dispatch import ProgressFactory, deliver_destinations
 from sync.errors import (
     AudienceSyncError,
     LeaseHeldError,
+    LeaseLostError,
     RunInterruptedError,
     SourceError,
     UnknownAudienceError,
@@ -26,7 +28,7 @@ from sync.errors import (
 from sync.leases import Lease, new_owner_id
 from sync.logs import current_run
 from sync.models import AUDIENCES as A
-from sync.models import RUN_DELIVERIES, RUNS, RunStatus, RunTrigger, utcnow
+from sync.models import RUN_DELIVERIES, RUNS, RunStatus, RunTrigger
 from sync.planner import (
     DestinationPlan,
     DestinationTarget,
@@ -65,12 +67,16 @@ class Syncer:
         owner: str | None = None,
         stop: threading.Event | None = None,
         progress: ProgressFactory | None = None,
+        on_lease: Callable[[Lease], None] | None = None,
     ) -> None:
+        """``on_lease`` is called with each lease this syncer takes: a seam for fault drills
+        and tests (e.g. stalling a run's heartbeat)."""
         self.config = config
         self.engine = engine
         self.owner = owner or new_owner_id()
         self.stop = stop or threading.Event()
         self.progress = progress
+        self.on_lease = on_lease
         self.lease_seconds = config.daemon.lease_seconds
         defaults = config.defaults
         self.policy = RetryPolicy(
@@ -115,9 +121,12 @@ class Syncer:
     def _take_lease(self, audience: AudienceConfig, audience_id: int, wait: float) -> Lease:
         lease = Lease(self.engine, audience_id, audience.name, self.owner, self.lease_seconds)
         abandoned = lease.acquire(wait)
+        if self.on_lease is not None:
+            self.on_lease(lease)
         if abandoned:
             logger.warning(
-                'audience "%s": marked %d run(s) abandoned by a crashed process',
+                'audience "%s": marked %d run(s) abandoned (their process crashed or lost its '
+            "lease)",
                 audience.name,
                 abandoned,
             )
@@ -138,6 +147,7 @@ class Syncer:
         token = None
         try:
             with self.engine.begin() as connection:
+                lease.fence(connection)
                 report.run_id = self._start_run(connection, audience_id, options)
             token = current_run.set(f"{report.run_id} {audience.trait_key}")
             yield
@@ -180,7 +190,7 @@ class Syncer:
             finally:
                 for _, destination in pairs:
                     destination.close()
-            self._finish_safely(report, {"deliver_seconds": time.monotonic() - started})
+            self._finish_safely(report, {"deliver_seconds": time.monotonic() - started}, lease)
         return report
 
     def _start_run(self, connection: Connection, audience_id: int, options: RunOptions) -> int:
@@ -193,7 +203,7 @@ class Syncer:
                 trigger=trigger,
                 status="running",
                 owner=self.owner,
-                started_at=utcnow(),
+                started_at=state_now(connection),
                 members=0,
                 added=0,
                 removed=0,
@@ -256,7 +266,7 @@ class Syncer:
         if self.stop.is_set():
             raise RunInterruptedError("stopped while computing the snapshot; nothing changed")
         if lease is not None:
-            lease.renew()
+            lease.ensure_held()  # the heartbeat renews it; a lost lease stops the compute
 
     def _plan(
         self,
@@ -270,7 +280,7 @@ class Syncer:
     ) -> tuple[str | None, list[DestinationPlan]]:
         # Before the plan: a leaver's status depends on whether its row is in doubt.
         recover_in_flight(connection, audience_id)
-        now = utcnow()
+        now = state_now(connection)  # changed_at: one clock for every host
         plans = []
         for target in targets:
             plan = plan_destination(connection, audience_id, run_id, target, now)
@@ -337,20 +347,19 @@ class Syncer:
             t0 = time.monotonic()
             with self.engine.connect() as connection:
                 drop_staging(connection, audience_id)
-                connection.commit()
+                _fenced_commit(connection, lease)
                 try:
                     stats = self._compute(connection, audience, run_id, commit=True, lease=lease)
-                    connection.commit()
+                    _fenced_commit(connection, lease)
                     refresh_statistics(connection)
                     connection.commit()
                 except (SourceError, RunInterruptedError):
                     connection.rollback()
                     drop_staging(connection, audience_id)
-                    connection.commit()
+                    _fenced_commit(connection, lease)
                     raise
                 timings["compute_seconds"] = time.monotonic() - t0
                 self._fill_snapshot(report, stats)
-                lease.renew()
                 t1 = time.monotonic()
                 problem, plans = self._plan(
                     connection,
@@ -368,11 +377,11 @@ class Syncer:
                 report.destinations = _reports_of(plans)
                 if problem:
                     report.status, report.error = "guarded", problem
-                    self._finish(connection, report, timings)
+                    self._finish(connection, report, timings, lease)
                     connection.commit()
                     return
                 # The plan and the run's planned counts commit together, before any send.
-                self._finish(connection, report, timings, status="running")
+                self._finish(connection, report, timings, lease, status="running")
                 connection.commit()
                 changed = sum(d.added + d.removed for d in report.destinations)
                 if changed > PLANNER_STATISTICS_THRESHOLD:
@@ -391,12 +400,12 @@ class Syncer:
         except BaseException as exc:
             report.status = "failed"
             report.error = f"unexpected {type(exc).__name__}: {exc}"
-            self._finish_safely(report, timings)
+            self._finish_safely(report, timings, lease)
             raise
         finally:
             for _, destination in pairs:
                 destination.close()
-        self._finish_safely(report, timings)
+        self._finish_safely(report, timings, lease)
 
     def _deliver(
         self,
@@ -437,16 +446,22 @@ class Syncer:
         connection: Connection,
         report: RunReport,
         timings: dict[str, float],
+        lease: Lease,
         status: str | None = None,
     ) -> None:
+        """Record the run's counts (and, unless ``status`` says it goes on, its outcome);
+        fenced first, so that a run that lost its lease leaves the record to its successor."""
         assert report.run_id is not None
+        # Before touching `runs`: a takeover locks the lease row, then marks `runs`; taking the
+        # locks in the same order cannot deadlock.
+        lease.fence(connection)
         final = status is None
         connection.execute(
             update(RUNS)
-            .where(RUNS.c.id == report.run_id)
+            .where(RUNS.c.id == report.run_id, RUNS.c.status == "running")
             .values(
                 status=status or report.status,
-                finished_at=utcnow() if final else None,
+                finished_at=state_now(connection) if final else None,
                 members=report.members,
                 added=sum(d.added for d in report.destinations),
                 removed=sum(d.removed for d in report.destinations),
@@ -469,9 +484,15 @@ class Syncer:
                     [{"run_id": report.run_id, **vars(d)} for d in report.destinations],
                 )
 
-    def _finish_safely(self, report: RunReport, timings: dict[str, float]) -> None:
-        with self.engine.begin() as connection:
-            self._finish(connection, report, timings)
+    def _finish_safely(self, report: RunReport, timings: dict[str, float], lease: Lease) -> None:
+        """Record the run's outcome; a run that lost its lease records nothing and reports
+        itself ``abandoned``, as its successor recorded it."""
+        try:
+            with self.engine.begin() as connection:
+                self._finish(connection, report, timings, lease)
+        except LeaseLostError as exc:
+            report.status = "abandoned"
+            report.error = str(exc)
 
     def _log_summary(self, report: RunReport) -> None:
         parts = ", ".join(
@@ -503,3 +524,13 @@ def _reports_of(plans: list[DestinationPlan]) -> list[DestinationReport]:
         )
         for p in plans
     ]
+
+
+def _fenced_commit(connection: Connection, lease: Lease) -> None:
+    """Commit a step of the run only while its lease is still its own."""
+    try:
+        lease.fence(connection)
+    except LeaseLostError:
+        connection.rollback()
+        raise
+    connection.commit()

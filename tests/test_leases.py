@@ -1,0 +1,174 @@
+"""One runner per audience: the lease outlives slow destinations, fences a run that lost it,
+and is judged by the state database's clock, not the host's."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text, update
+
+from sync import clock
+from sync.audiences import ensure_audience
+from sync.errors import LeaseHeldError
+from sync.leases import Lease
+from sync.models import AUDIENCES, MEMBERSHIPS
+from sync.runner import RunOptions, RunReport, Syncer
+from tests.harness import Harness
+from tests.processes import wait_for
+from tests.receiver import Receiver, Scripted
+
+
+def _database_now(connection: Any) -> datetime:
+    """The database's clock, read without our code (PostgreSQL: aware; MySQL: naive UTC)."""
+    if connection.dialect.name == "postgresql":
+        return connection.execute(text("SELECT now()")).scalar()
+    return connection.execute(text("SELECT UTC_TIMESTAMP(6)")).scalar().replace(tzinfo=UTC)
+
+
+MEMBERS = [f"u{i:03d}" for i in range(30)]
+
+
+def _start_in_thread(syncer: Syncer, harness: Harness) -> tuple[threading.Thread, list[Any]]:
+    """Run one sync in a thread; its report (or exception) lands in the returned list."""
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append(syncer.sync(syncer.config.audiences[0], RunOptions()))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, outcome
+
+
+def _lease_expires_at(harness: Harness) -> Any:
+    with harness.engine.connect() as connection:
+        return connection.execute(select(AUDIENCES.c.lease_expires_at)).scalar()
+
+
+def test_a_retry_after_longer_than_the_lease_keeps_the_lease(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """A worker waits out `Retry-After: 3` with a one-second lease: the heartbeat keeps the
+    lease, so a second sync started meanwhile is refused and nobody is messaged twice."""
+    harness.set_members(MEMBERS)
+    receiver.script = [Scripted(429, headers={"Retry-After": "3"})]
+    config = harness.config()
+    first = Syncer(config, harness.engine)
+    first.lease_seconds = 1.0
+    thread, outcome = _start_in_thread(first, harness)
+    wait_for(lambda: len(receiver.requests) >= 1, 20, "the first run's throttled batch")
+    taken = _lease_expires_at(harness)
+    # Past the lease's first expiry, by the state DB's clock, while the worker still waits.
+    wait_for(
+        lambda: clock.local_now() > taken + timedelta(seconds=0.5), 10, "the first expiry"
+    )
+    second = Syncer(config, harness.engine)
+    second.lease_seconds = 1.0
+    with pytest.raises(LeaseHeldError):
+        second.sync(config.audiences[0], RunOptions())
+    thread.join(30)
+    report = outcome[0]
+    assert isinstance(report, RunReport) and report.status == "succeeded", outcome
+    counts = Counter(m["userId"] for m in receiver.messages())
+    assert counts == Counter(MEMBERS)
+    assert [run.status for run in harness.runs()] == ["succeeded"]
+
+
+def test_a_run_that_lost_its_lease_neither_sends_nor_writes(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """The first run's heartbeat stalls while it waits out a `Retry-After`; its lease expires
+    and a second run takes over and delivers everything. The first wakes up, sends nothing
+    more and writes nothing: its run stays `abandoned` as the second recorded it."""
+    harness.set_members(MEMBERS)
+    receiver.script = [Scripted(429, headers={"Retry-After": "4"})]
+    config = harness.config()
+    stalled: list[Lease] = []
+    first = Syncer(config, harness.engine, on_lease=stalled.append)
+    first.lease_seconds = 1.0
+    first_thread, first_outcome = _start_in_thread(first, harness)
+    wait_for(lambda: bool(stalled), 20, "the first run's lease")
+    stalled[0].heartbeat_paused.set()
+    wait_for(lambda: len(receiver.requests) >= 1, 20, "the first run's throttled batch")
+    second = Syncer(config, harness.engine)
+    second_report = second.sync(config.audiences[0], RunOptions(wait=10))
+    assert second_report.status == "succeeded"
+    first_thread.join(30)
+    first_report = first_outcome[0]
+    assert isinstance(first_report, RunReport), first_outcome
+    assert first_report.status == "abandoned"
+    assert "lease" in (first_report.error or "")
+    counts = Counter(m["userId"] for m in receiver.messages())
+    assert counts == Counter(MEMBERS), "a member was messaged by both runs"
+    runs = harness.runs()
+    assert [run.status for run in runs] == ["abandoned", "succeeded"]
+    assert "lease expired" in runs[0].error
+    assert {row.status for row in harness.memberships().values()} == {"in_sync"}
+
+
+@pytest.fixture
+def host_clock_ahead(monkeypatch: pytest.MonkeyPatch) -> timedelta:
+    """This host's clock three minutes ahead of the state database's."""
+    skew = timedelta(seconds=180)
+    real = clock.local_now
+    monkeypatch.setattr(clock, "local_now", lambda: real() + skew)
+    return skew
+
+
+def test_a_host_whose_clock_is_ahead_does_not_take_a_live_lease(
+    harness: Harness, host_clock_ahead: timedelta
+) -> None:
+    if harness.engine.dialect.name == "sqlite":
+        pytest.skip("SQLite: every process shares one machine's clock")
+    harness.set_members(MEMBERS)
+    config = harness.config()
+    with harness.engine.begin() as connection:
+        audience_id = ensure_audience(connection, config.audiences[0])
+        # A run on another host holds the lease for another minute by the state DB's clock.
+        database_now = _database_now(connection)
+        connection.execute(
+            update(AUDIENCES)
+            .where(AUDIENCES.c.id == audience_id)
+            .values(
+                lease_owner="elsewhere:1:abc:def",
+                lease_acquired_at=database_now,
+                lease_expires_at=database_now + timedelta(seconds=60),
+            )
+        )
+    with pytest.raises(LeaseHeldError, match="elsewhere"):
+        Syncer(config, harness.engine).sync(config.audiences[0], RunOptions())
+
+
+def test_changed_at_comes_from_the_state_databases_clock(
+    harness: Harness, receiver: Receiver, host_clock_ahead: timedelta
+) -> None:
+    """Message timestamps of one member must not invert between hosts: `changed_at` (each
+    message's `timestamp`) is the state DB's time, not the planning host's."""
+    harness.set_members(MEMBERS[:3])
+    assert harness.sync().status == "succeeded"
+    with harness.engine.connect() as connection:
+        database_now = clock.state_now(connection) if harness.engine.dialect.name != "sqlite" else None
+        stamps = connection.execute(select(MEMBERSHIPS.c.changed_at)).scalars().all()
+    if database_now is None:
+        pytest.skip("SQLite: the host's clock is the database's")
+    for stamp in stamps:
+        assert abs(stamp - database_now) < timedelta(seconds=60), (stamp, database_now)
+
+
+def test_the_state_clock_follows_the_database(state_engine: Any, host_clock_ahead: timedelta) -> None:
+    with state_engine.connect() as connection:
+        estimated = clock.StateClock(connection).now()
+        actual = clock.state_now(connection)
+    if state_engine.dialect.name == "sqlite":
+        assert abs(estimated - actual) < timedelta(seconds=5)
+    else:
+        assert abs(estimated - actual) < timedelta(seconds=5)
+        assert abs(clock.local_now() - actual - host_clock_ahead) < timedelta(seconds=5)
+
