@@ -195,7 +195,11 @@ class Lease:
     def ensure_held(self, margin: float = 0.0) -> None:
         """Raise ``LeaseLostError`` unless the lease is held for at least ``margin`` more
         seconds by this host's monotonic clock (the last renewal's start plus the lease's
-        life: never later than the state DB's expiry)."""
+        life: never later than the state DB's expiry). When the heartbeat fell behind (a
+        long SQLite plan held the write lock), renew now: that succeeds only if nobody took
+        the lease over meanwhile."""
+        if not self._lost.is_set() and time.monotonic() + margin >= self._valid_until:
+            self.renew()
         if self._lost.is_set():
             holder = self.taken_over_by
             by = f" by {_process_of(holder)}" if holder else ""

@@ -9,19 +9,23 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 
 import sync.runner
+from sync.clock import state_now
 from sync.delivery import Deliverer
 from sync.destinations.segment import SegmentDestination
 from sync.errors import LeaseHeldError
+from sync.leases import Lease
 from sync.models import AUDIENCES, MEMBERSHIPS, RUNS
+from sync.runner import RunOptions, RunReport, Syncer
 from tests.chaos import ChaosReceiver
 from tests.harness import WRITE_KEY, Harness
 
@@ -52,10 +56,19 @@ class Concurrent:
     faults: bool
 
 
+@dataclass(frozen=True)
+class Takeover:
+    """A run's lease expires mid-delivery (its heartbeat stalled) and a second run takes the
+    audience over while the first still has a batch in hand."""
+
+    faults: bool
+
+
 steps = st.one_of(
     st.builds(Snapshot, st.lists(st.sampled_from(POOL + INVALID), max_size=12).map(tuple)),
     st.builds(Sync, st.booleans(), st.sampled_from(CRASH_POINTS), st.booleans(), st.booleans()),
     st.builds(Concurrent, st.booleans()),
+    st.builds(Takeover, st.booleans()),
 )
 
 _counter = itertools.count()
@@ -73,6 +86,7 @@ class Crasher:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.armed: str | None = None
+        self.on_takeover: Any = None
         original_chunks = sync.runner.Syncer._between_chunks
         original_plan = sync.runner.plan_destination
         original_send = SegmentDestination.send
@@ -89,6 +103,9 @@ class Crasher:
             return result
 
         def send(self: Any, messages: Any) -> None:
+            if crasher.armed == "takeover" and crasher.on_takeover is not None:
+                crasher.armed = None
+                crasher.on_takeover()  # the batch is sent after another run took over
             original_send(self, messages)
             crasher.fire("send")  # delivered, but the process dies before it knows
 
@@ -105,6 +122,33 @@ class Crasher:
         if self.armed == point:
             self.armed = None
             raise SimulatedCrash(point)
+
+
+def take_over_mid_delivery(
+    harness: Harness, crasher: Crasher, faults: bool, run: Any
+) -> RunReport:
+    """Sync with a stalled heartbeat; at its first send, expire its lease and let a second run
+    take the audience over and finish, then let the first go on."""
+    leases: list[Lease] = []
+    config = harness.config()
+    syncer = Syncer(config, harness.engine, on_lease=leases.append)
+
+    def second_runner() -> None:
+        leases[-1].heartbeat_paused.set()
+        with harness.engine.begin() as connection:
+            connection.execute(
+                update(AUDIENCES)
+                .where(AUDIENCES.c.id == leases[-1].audience_id)
+                .values(lease_expires_at=state_now(connection) - timedelta(days=1))
+            )
+        run(faults)
+
+    crasher.on_takeover = second_runner
+    crasher.armed = "takeover"
+    try:
+        return syncer.sync(config.audiences[0], RunOptions())
+    finally:
+        crasher.on_takeover = None
 
 
 def pending_count(engine: Engine, key: str) -> int:
@@ -171,6 +215,13 @@ def test_any_history_converges_to_the_last_snapshot(
             ever_members |= last
             run(step.faults, full=step.full, include_exited=step.full and step.include_exited)
             fulls += step.full
+            crasher.armed = None
+        elif isinstance(step, Takeover):
+            ever_members |= last
+            first = take_over_mid_delivery(harness, crasher, step.faults, run)
+            # The stalled run wrote nothing after the takeover: its record stays `abandoned`.
+            if crasher.armed is None:
+                assert first.status == "abandoned", (first.status, first.error)
             crasher.armed = None
         else:
             ever_members |= last
