@@ -304,7 +304,8 @@ class Syncer:
             plan.pending = counts.get("pending", 0) + counts.get("rejected", 0)
             plan.skipped = counts.get("skipped", 0)
             plans.append(plan)
-        record_endpoints(connection, self.config, audience_id, [t.name for t in targets], now)
+        if not options.dry_run:  # a dry run writes nothing another run could wait for
+            record_endpoints(connection, self.config, audience_id, [t.name for t in targets], now)
         return None, plans
 
     def _dry_run(self, audience: AudienceConfig, options: RunOptions, report: RunReport) -> None:

@@ -175,6 +175,40 @@ def test_the_daemon_retires_a_removed_audience_under_the_guard(
     assert states(config)[(OTHER, "segment")]["state"] == "retired"
 
 
+def test_the_daemon_sweep_retires_a_removed_audience(harness: Harness, receiver: Receiver) -> None:
+    """A daemon that keeps running applies on_removed on its sweep, not only at start."""
+    from sync.scheduler import Daemon
+
+    harness.defaults.update(on_removed="retire")
+    harness.set_members(["a", "c1"])
+    harness.config_extra = CHURNED
+    assert invoke(harness.write_config(), "sync")[0] == 0
+    harness.config_extra = ""
+    daemon = Daemon(harness.config(), harness.engine)
+    daemon.sweep()
+    assert receiver.state[("c1", OTHER)] is False
+    assert states(harness.write_config())[(OTHER, "segment")]["state"] == "retired"
+    assert daemon.failures == 0
+
+
+def test_a_named_or_dry_sync_only_warns_about_a_removed_audience(
+    harness: Harness, receiver: Receiver
+) -> None:
+    harness.defaults.update(on_removed="retire")
+    harness.set_members(["a", "c1"])
+    harness.config_extra = CHURNED
+    assert invoke(harness.write_config(), "sync")[0] == 0
+    harness.config_extra = ""
+    config = harness.write_config()
+    receiver.reset()
+    for command in (["sync", KEY], ["sync", "--dry-run"]):
+        code, output = invoke(config, *command)
+        assert code == 0, (command, output)
+        assert len(lines_with(output, f'"{OTHER}"', "on_removed")) == 1, output
+    assert receiver.messages() == []
+    assert states(config)[(OTHER, "segment")]["state"] == "orphaned"
+
+
 # --- dropped destination ---------------------------------------------------------------------
 
 
