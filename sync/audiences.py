@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 
-from sqlalchemy import Connection, Engine, case, or_, select, true, update
+from sqlalchemy import Connection, Engine, case, delete, or_, select, true, update
 
 from sync.config import AudienceConfig, Config
 from sync.errors import AudienceSyncError
 from sync.models import AUDIENCES as A
+from sync.models import DELIVERY_PROGRESS as P
+from sync.models import DESTINATION_ENDPOINTS as E
 from sync.models import MEMBERSHIPS as M
 from sync.models import utcnow
 from sync.staging import insert_ignoring_duplicates
@@ -20,16 +22,23 @@ def definition_hash(audience: AudienceConfig) -> str:
     return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
+def destinations_hash(audience: AudienceConfig) -> str:
+    """Fingerprint of where an audience is sent (order does not matter)."""
+    material = "\x1f".join(sorted(audience.destinations))
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()
+
+
 def ensure_audience(connection: Connection, audience: AudienceConfig) -> int:
     """The audience's id, creating its row (and freezing its key) on first sync."""
     key = audience.trait_key
     row = connection.execute(select(A.c.id, A.c.retired_at, A.c.name).where(A.c.key == key)).first()
     digest = definition_hash(audience)
+    hashes = {"definition_hash": digest, "destinations_hash": destinations_hash(audience)}
     if row is None:
         # Two processes may create the same audience at once: the loser reads the winner's row.
         connection.execute(
             insert_ignoring_duplicates(connection, A).values(
-                key=key, name=audience.name, definition_hash=digest, created_at=utcnow()
+                key=key, name=audience.name, created_at=utcnow(), **hashes
             )
         )
         row = connection.execute(
@@ -42,9 +51,7 @@ def ensure_audience(connection: Connection, audience: AudienceConfig) -> int:
                 f'"{row.name}"; choose another key or set allow_key_reuse = true'
             )
         connection.execute(update(A).where(A.c.id == row.id).values(retired_at=None))
-    connection.execute(
-        update(A).where(A.c.id == row.id).values(name=audience.name, definition_hash=digest)
-    )
+    connection.execute(update(A).where(A.c.id == row.id).values(name=audience.name, **hashes))
     return int(row.id)
 
 
@@ -64,6 +71,11 @@ def orphaned_audience(connection: Connection, config: Config, key: str) -> int:
         raise AudienceSyncError(
             f'audience "{key}" is still in the config; remove it from the config before retiring it'
         )
+    return live_audience(connection, key)
+
+
+def live_audience(connection: Connection, key: str) -> int:
+    """The id of the non-retired audience with ``key``."""
     row = connection.execute(select(A.c.id, A.c.retired_at).where(A.c.key == key)).first()
     if row is None:
         raise AudienceSyncError(f'no audience with the key "{key}" in the state database')
@@ -72,12 +84,50 @@ def orphaned_audience(connection: Connection, config: Config, key: str) -> int:
     return int(row.id)
 
 
-def mark_all_exited(connection: Connection, audience_id: int) -> list[str]:
-    """Plan ``false`` for every current member (before retiring); return the destinations."""
+def audience_leaving_destination(
+    connection: Connection, config: Config, name: str, destination: str
+) -> tuple[int, str]:
+    """(id, key) of the audience named ``name`` that has rows at ``destination`` but no longer
+    lists it (configured or orphaned)."""
+    configured = config.find_audience(name)
+    key = configured.trait_key if configured else name
+    if configured and destination in configured.destinations:
+        raise AudienceSyncError(
+            f'audience "{key}" still lists destination "{destination}" in its destinations; '
+            "remove it from there first, then retire it"
+        )
+    audience_id = live_audience(connection, key)
+    of = (M.c.audience_id == audience_id, M.c.destination == destination)
+    if connection.execute(select(M.c.member_id).where(*of).limit(1)).first() is None:
+        raise AudienceSyncError(
+            f'audience "{key}" has nothing recorded for destination "{destination}"'
+        )
+    return audience_id, key
+
+
+def forget_destination(engine: Engine, audience_id: int, destination: str) -> None:
+    """Delete what the state DB knows of an audience at a destination it left."""
+    with engine.begin() as connection:
+        for table in (M, P, E):
+            connection.execute(
+                delete(table).where(
+                    table.c.audience_id == audience_id, table.c.destination == destination
+                )
+            )
+
+
+def mark_all_exited(
+    connection: Connection, audience_id: int, destination: str | None = None
+) -> list[str]:
+    """Plan ``false`` for every current member (before retiring), at every destination or one;
+    return the destinations."""
     now = utcnow()
+    scope = [M.c.audience_id == audience_id]
+    if destination is not None:
+        scope.append(M.c.destination == destination)
     connection.execute(
         update(M)
-        .where(M.c.audience_id == audience_id, M.c.desired == true())
+        .where(*scope, M.c.desired == true())
         .values(
             desired=False,
             version=M.c.version + 1,
@@ -90,9 +140,7 @@ def mark_all_exited(connection: Connection, audience_id: int) -> list[str]:
             next_attempt_at=None,
         )
     )
-    rows = connection.execute(
-        select(M.c.destination).where(M.c.audience_id == audience_id).distinct()
-    )
+    rows = connection.execute(select(M.c.destination).where(*scope).distinct())
     return sorted(rows.scalars())
 
 

@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sync import __version__
 from sync.config import DEFAULT_CONFIG_PATH, Config, load_config
 from sync.db import make_state_engine, schema_status, upgrade
+from sync.drift import drift_report
 from sync.errors import (
     AudienceSyncError,
     SourceError,
@@ -146,7 +147,8 @@ def check(app: AppContext, as_json: bool) -> None:
         _check_state(config),
         *(_check_one_source(n, s.url, s.demo) for n, s in config.sources.items()),
     ]
-    ok = all(c["ok"] for c in connections)
+    problems, warnings = _check_drift(config)
+    ok = all(c["ok"] for c in connections) and not problems
     if as_json:
         echo_json(
             {
@@ -154,6 +156,8 @@ def check(app: AppContext, as_json: bool) -> None:
                 "ok": ok,
                 "audiences": audiences,
                 "connections": connections,
+                "problems": problems,
+                "warnings": warnings,
             }
         )
     else:
@@ -179,6 +183,10 @@ def check(app: AppContext, as_json: bool) -> None:
                 c["what"], c["url"], c["detail"] if c["ok"] else f"[red]{c['detail']}[/red]"
             )
         out.print(conns)
+        for line in problems:
+            out.print(line, style="red", markup=False, soft_wrap=True)
+        for line in warnings:
+            out.print(f"warning: {line}", style="yellow", markup=False, soft_wrap=True)
     if not ok:
         raise click.exceptions.Exit(1)
 
@@ -205,6 +213,22 @@ def _check_state(config: Config) -> dict[str, Any]:
         "ahead": f"schema {status.current} is newer than this audience-sync",
     }[status.state]
     return {"what": "state", "url": url, "ok": status.state != "ahead", "detail": detail}
+
+
+def _check_drift(config: Config) -> tuple[list[str], list[str]]:
+    """Drift problems and warnings (sync.drift), when the state DB is there and current."""
+    try:
+        engine = make_state_engine(config.state.url, must_exist=True, read_only=True)
+    except StateError:
+        return [], []
+    try:
+        if schema_status(engine).state != "current":
+            return [], []
+        return drift_report(engine, config)
+    except StateError:
+        return [], []
+    finally:
+        engine.dispose()
 
 
 def _check_one_source(name: str, url: str, demo: bool) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from sync.config import Config
 from sync.db import make_state_engine, open_state, require_current_schema
 from sync.inspection import MemberFilter, member_rows, run_rows, status_rows, user_rows
 from sync.logs import configure_logging
-from sync.operations import retire_audience, retry_audience
+from sync.operations import retire_audience, retire_destination, retry_audience
 from sync.runner import Syncer
 from sync.scheduler import Daemon
 from sync.tuning import settle_heap
@@ -290,6 +290,12 @@ def retry(app: AppContext, audience: str) -> None:
 @click.argument("audience")
 @click.option("--send-false", is_flag=True, help="Send false to its current members first.")
 @click.option(
+    "--destination",
+    default=None,
+    metavar="NAME",
+    help="Only this destination, which the audience no longer lists (it may stay configured).",
+)
+@click.option(
     "--wait",
     type=float,
     default=0.0,
@@ -298,16 +304,26 @@ def retry(app: AppContext, audience: str) -> None:
     help="Wait this long if another process holds the audience.",
 )
 @pass_app
-def retire(app: AppContext, audience: str, send_false: bool, wait: float) -> None:
-    """Retire an audience removed from the config; its key stays reserved."""
+def retire(
+    app: AppContext, audience: str, send_false: bool, destination: str | None, wait: float
+) -> None:
+    """Retire an audience removed from the config (its key stays reserved), or with
+    --destination its rows at a destination it no longer lists."""
     config = app.config()
     engine = open_state(config.state.url, auto_upgrade=config.state.auto_upgrade)
     try:
-        entries = retire_audience(
-            Syncer(config, engine), audience, send_false=send_false, wait=wait
-        )
+        syncer = Syncer(config, engine)
+        if destination is None:
+            entries = retire_audience(syncer, audience, send_false=send_false, wait=wait)
+        else:
+            entries = retire_destination(
+                syncer, audience, destination, send_false=send_false, wait=wait
+            )
     finally:
         engine.dispose()
     sent = sum(e.sent for e in entries)
     extra = f" after sending {sent} false value(s)" if send_false else ""
-    click.echo(f"audience {audience} retired{extra}; its key stays reserved")
+    if destination is None:
+        click.echo(f"audience {audience} retired{extra}; its key stays reserved")
+    else:
+        click.echo(f"audience {audience} left destination {destination}{extra}")

@@ -16,7 +16,9 @@ from sync.cli import AppContext, cli, console, echo_json, pass_app
 from sync.config import Config, load_config
 from sync.db import open_state
 from sync.demo import advance_demo_clock, demo_path, ensure_demo_warehouse
+from sync.drift import warn_about_drift
 from sync.errors import AudienceSyncError, LeaseHeldError
+from sync.operations import retire_orphans
 from sync.runner import DestinationReport, RunOptions, RunReport, Syncer
 from sync.tuning import settle_heap
 
@@ -47,9 +49,13 @@ def run_audiences(
     config: Config, names: list[str], options: RunOptions, *, bars: bool
 ) -> list[RunReport]:
     """Run the named audiences (all when none), one report each; a busy or broken audience
-    does not stop the others."""
+    does not stop the others. Audiences removed from the config are warned about, or, with
+    ``on_removed = "retire"`` and no names, retired."""
     engine = open_state(config.state.url, auto_upgrade=config.state.auto_upgrade)
+    # Retiring other audiences is for a run of them all, never for a named or dry one.
+    retire = config.defaults.on_removed == "retire" and not names and not options.dry_run
     try:
+        warn_about_drift(engine, config, warn_orphans=not retire)
         with _progress_bars(bars) as progress:
             syncer = Syncer(config, engine, progress=progress)
             settle_heap()
@@ -65,6 +71,8 @@ def run_audiences(
                     reports.append(
                         RunReport(audience.name, audience.trait_key, "failed", error=str(exc))
                     )
+            if retire:
+                reports.extend(retire_orphans(syncer, force=options.force))
             return reports
     finally:
         engine.dispose()

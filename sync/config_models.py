@@ -27,6 +27,8 @@ SEGMENT_MAX_BATCH_BYTES = 500 * 1024
 SEGMENT_MAX_MESSAGE_BYTES = 32 * 1024
 
 DestinationMode = Literal["identify", "track", "both"]
+# What `sync` and `run` do about an audience removed from the config (see sync.drift).
+OnRemoved = Literal["warn", "retire"]
 
 
 def _check_sqlalchemy_url(value: str) -> str:
@@ -145,6 +147,7 @@ class Defaults(_Model):
     delivery_time_budget: Annotated[float, Field(gt=0)] = 600.0
     retry_initial_delay: float = Field(default=1.0, gt=0)
     retry_max_delay: float = Field(default=60.0, gt=0)
+    on_removed: OnRemoved = "warn"
 
     _durations = field_validator(
         "delivery_time_budget", "retry_initial_delay", "retry_max_delay", mode="before"

@@ -97,3 +97,8 @@ class RejectedBatchError(PermanentDeliveryError):
 
 class CredentialsRejectedError(PermanentDeliveryError):
     """The destination refused our credentials (401/403): stop the run."""
+
+
+class ConfigDriftError(AudienceSyncError):
+    """The config disagrees with what the state DB delivered (a likely rename, a destination
+    whose endpoint changed): running as configured would leave stale values silently."""

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, and_, case, func, select
 
-from sync.config import Config
+from sync.config import AudienceConfig, Config
 from sync.errors import UnknownAudienceError
 from sync.models import AUDIENCES as A
 from sync.models import MEMBERSHIPS as M
@@ -90,7 +90,7 @@ def status_rows(connection: Connection, config: Config) -> list[dict[str, Any]]:
                 {
                     "key": audience.key,
                     "name": audience.name,
-                    "state": state,
+                    "state": _row_state(state, configured.get(audience.key), entry),
                     "destination": entry.destination if entry else None,
                     "members": int(entry.members or 0) if entry else 0,
                     "pending": int(entry.pending or 0) if entry else 0,
@@ -121,6 +121,16 @@ def status_rows(connection: Connection, config: Config) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _row_state(state: str, configured: AudienceConfig | None, entry: Any) -> str:
+    """A configured audience's rows at a destination it no longer lists are `dropped`
+    (`retire AUDIENCE --destination NAME` ends them)."""
+    if state != "active" or configured is None or entry is None:
+        return state
+    if entry.destination not in configured.destinations:
+        return "dropped"
+    return state
 
 
 def _run_summary(run: Any) -> dict[str, Any] | None:

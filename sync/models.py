@@ -122,6 +122,9 @@ class Audience(Base):
     key: Mapped[str] = mapped_column(String(100), unique=True)
     name: Mapped[str] = mapped_column(String(255))
     definition_hash: Mapped[str] = mapped_column(String(64))
+    # sha256 of the sorted destination names at the last sync: with ``definition_hash`` it
+    # recognises a renamed audience (sync.drift). NULL for audiences last synced before 0009.
+    destinations_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
@@ -255,6 +258,24 @@ class StagedMember(Base):
     traits: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
+class DestinationEndpoint(Base):
+    """The endpoint an audience's rows at one destination were planned against.
+
+    ``fingerprint`` is the sha256 of the destination's type, scheme, host, port and path (never
+    credentials, query or write key; see sync.drift): a destination whose URL changed under the
+    same name would otherwise get only the changes.
+    """
+
+    __tablename__ = "destination_endpoints"
+
+    audience_id: Mapped[int] = mapped_column(
+        ForeignKey("audiences.id", ondelete="CASCADE"), primary_key=True
+    )
+    destination: Mapped[str] = mapped_column(String(100), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 # Core handles for the bulk paths (set operations, executemany), typed as tables.
 MEMBERSHIPS = cast(Table, Membership.__table__)
 STAGED = cast(Table, StagedMember.__table__)
@@ -263,3 +284,4 @@ AUDIENCES = cast(Table, Audience.__table__)
 INSTALLATION = cast(Table, Installation.__table__)
 RUN_DELIVERIES = cast(Table, RunDelivery.__table__)
 DELIVERY_PROGRESS = cast(Table, DeliveryProgress.__table__)
+DESTINATION_ENDPOINTS = cast(Table, DestinationEndpoint.__table__)

@@ -17,8 +17,10 @@ from sync.db import installation_id
 from sync.delivery import RetryPolicy, recover_in_flight, retry_due
 from sync.destinations import Destination, build_destination
 from sync.dispatch import ProgressFactory, deliver_destinations
+from sync.drift import drift_problem, record_endpoints
 from sync.errors import (
     AudienceSyncError,
+    ConfigDriftError,
     LeaseHeldError,
     LeaseLostError,
     RunInterruptedError,
@@ -106,6 +108,7 @@ class Syncer:
         options = options or RunOptions()
         started = time.monotonic()
         report = RunReport(audience.name, audience.trait_key, "running", dry_run=options.dry_run)
+        self._refuse_drift(audience, full=options.full)
         if options.dry_run:
             self._dry_run(audience, options, report)
             report.seconds = time.monotonic() - started
@@ -117,6 +120,14 @@ class Syncer:
         with self._running(audience, audience_id, lease, options, report, started):
             self._run(audience, audience_id, install, options, report, lease)
         return report
+
+    def _refuse_drift(self, audience: AudienceConfig, *, full: bool) -> None:
+        """Raise ``ConfigDriftError`` for a likely rename or a moved endpoint (sync.drift)."""
+        with self.engine.connect() as connection:
+            problem = drift_problem(connection, self.config, audience, full=full)
+            connection.rollback()
+        if problem:
+            raise ConfigDriftError(problem)
 
     def _take_lease(self, audience: AudienceConfig, audience_id: int, wait: float) -> Lease:
         lease = Lease(self.engine, audience_id, audience.name, self.owner, self.lease_seconds)
@@ -167,6 +178,8 @@ class Syncer:
             ).scalar()
             if audience_id is None or not retry_due(connection, audience_id):
                 return None
+            if drift_problem(connection, self.config, audience, full=False):
+                return None  # its scheduled run reports it
             install = installation_id(connection)
         try:
             lease = self._take_lease(audience, audience_id, 0.0)
@@ -301,6 +314,8 @@ class Syncer:
             plan.pending = counts.get("pending", 0) + counts.get("rejected", 0)
             plan.skipped = counts.get("skipped", 0)
             plans.append(plan)
+        if not options.dry_run:  # a dry run writes nothing another run could wait for
+            record_endpoints(connection, self.config, audience_id, [t.name for t in targets], now)
         return None, plans
 
     def _dry_run(self, audience: AudienceConfig, options: RunOptions, report: RunReport) -> None:

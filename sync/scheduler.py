@@ -18,7 +18,9 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Engine
 
 from sync.config import AudienceConfig, Config
+from sync.drift import warn_about_drift
 from sync.errors import AudienceSyncError, LeaseHeldError
+from sync.operations import retire_orphans
 from sync.reports import RunOptions, RunReport
 from sync.runner import Syncer
 
@@ -38,6 +40,7 @@ class Daemon:
         self._active = 0
         self._idle = threading.Condition()
         self.failures = 0
+        self._guarded_orphans: set[str] = set()  # logged once, not on every sweep
 
     @property
     def audiences(self) -> list[AudienceConfig]:
@@ -81,8 +84,37 @@ class Daemon:
 
         return self._tracked(work)
 
+    def warn_about_drift(self) -> None:
+        """Log, once, what the config dropped but the state DB still delivers (sync.drift)."""
+        retire = self.config.defaults.on_removed == "retire"
+        try:
+            warn_about_drift(self.engine, self.config, warn_orphans=not retire)
+        except Exception:
+            logger.exception("could not check the config against the state database")
+
+    def retire_removed(self) -> None:
+        """``on_removed = "retire"``: send false to audiences removed from the config and retire
+        them, within the removal guard (a guarded one is logged once and left)."""
+        if self.config.defaults.on_removed != "retire" or self.stop.is_set():
+            return
+        for report in retire_orphans(self.syncer, force=False):
+            if report.status == "retired":
+                sent = sum(d.sent for d in report.destinations)
+                logger.warning(
+                    'audience "%s" removed from the config: retired after sending false to %d '
+                    'member(s) (on_removed = "retire")',
+                    report.key,
+                    sent,
+                )
+            elif report.status != "busy" and report.key not in self._guarded_orphans:
+                self._guarded_orphans.add(report.key)
+                logger.error('audience "%s": %s', report.key, report.error)
+                self.failures += 1
+
     def sweep(self) -> None:
-        """Retry transient leftovers of every audience whose backoff has expired."""
+        """Retry transient leftovers of every audience whose backoff has expired, and apply
+        ``on_removed``."""
+        self._tracked(self._retire_removed_safely)
         for audience in self.audiences:
             if self.stop.is_set():
                 return
@@ -96,14 +128,23 @@ class Daemon:
 
             self._tracked(work)
 
+    def _retire_removed_safely(self) -> None:
+        try:
+            self.retire_removed()
+        except Exception:
+            logger.exception("retiring audiences removed from the config failed")
+            self.failures += 1
+
     # --- lifecycle -------------------------------------------------------------------------
 
     def run_once(self) -> int:
         """Run every enabled audience once; exit code 1 when any run failed or was guarded."""
+        self.warn_about_drift()
         for audience in self.audiences:
             if self.stop.is_set():
                 break
             self.run_audience(audience)
+        self._retire_removed_safely()
         return 1 if self.failures else 0
 
     def _trigger(self, audience: AudienceConfig) -> Any:
@@ -147,6 +188,7 @@ class Daemon:
         if install_signal_handlers:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._on_signal)
+        self.warn_about_drift()
         scheduler = self.build_scheduler()
         scheduler.start()
         logger.info(

@@ -186,6 +186,9 @@ def test_any_history_converges_to_the_last_snapshot(
     folder.mkdir()
     harness = Harness(folder, state_engine, chaos.url)
     harness.audience["name"] = f"Model {number}"
+    # Each example is a new audience in the shared state DB, not a rename of the previous one
+    # (which sync.drift would refuse): give it a definition of its own.
+    harness.audience["query"] = f"SELECT user_id, email FROM members WHERE {number} = {number}"
     key = f"model_{number}"
     harness.destinations["segment"].update(timeout=0.2, batch_size=4, concurrency=2)
     harness.defaults.update(

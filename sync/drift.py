@@ -1,0 +1,269 @@
+"""Config drift: what the state DB remembers that the config no longer says.
+
+The config is the source of truth for definitions, the state DB for what was delivered. Four
+edits would otherwise leave a destination holding stale values without a word:
+
+- a renamed audience derives a new key and leaves the old key ``true``: refused, naming both;
+- an audience removed from the config (orphaned): warned about, or retired (``on_removed``);
+- a destination dropped from an audience: warned about, naming ``retire --destination``;
+- a destination whose endpoint changed under the same name: refused until ``sync --full``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shlex
+from dataclasses import dataclass
+from datetime import datetime
+from urllib.parse import urlsplit
+
+from sqlalchemy import Connection, Engine, insert, select, update
+
+from sync.audiences import definition_hash, destinations_hash
+from sync.config import AudienceConfig, Config, Destination, FileDestination, WebhookDestination
+from sync.models import AUDIENCES as A
+from sync.models import DESTINATION_ENDPOINTS as E
+from sync.models import MEMBERSHIPS as M
+
+logger = logging.getLogger("sync.drift")
+
+# Ports an URL without one means (RFC 9110 §4.2): `https://h` and `https://h:443` are one place.
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _quoted(name: str) -> str:
+    return shlex.quote(name)
+
+
+# --- endpoints -------------------------------------------------------------------------------
+
+
+def endpoint_text(settings: Destination) -> str:
+    """What identifies where a destination delivers: its type, scheme, host, port and path.
+
+    Never credentials: URL userinfo, the query string, write keys and secrets are left out, so
+    rotating a key is not an endpoint change (and only a hash of this text is stored).
+    """
+    if isinstance(settings, FileDestination):
+        return f"file {os.path.normpath(settings.path)}"
+    url = settings.url if isinstance(settings, WebhookDestination) else settings.endpoint
+    try:
+        parts = urlsplit(url.strip())
+        scheme, netloc, path = parts.scheme.lower(), parts.netloc, parts.path
+    except ValueError:  # e.g. an unbalanced "[": keep what follows the last "@", minus the query
+        scheme, netloc, path = "", url.rpartition("@")[2].split("?")[0].split("#")[0], ""
+    host, port = _host_and_port(netloc.rpartition("@")[2].lower())
+    port = port or _DEFAULT_PORTS.get(scheme, "")
+    return f"{settings.type} {scheme}://{host}:{port}{path.rstrip('/')}"
+
+
+def _host_and_port(host_port: str) -> tuple[str, str]:
+    if host_port.startswith("["):  # an IPv6 literal
+        host, _, rest = host_port.partition("]")
+        return host + "]", rest.removeprefix(":")
+    host, _, port = host_port.partition(":")
+    return host, port
+
+
+def endpoint_fingerprint(settings: Destination) -> str:
+    """sha256 hex of ``endpoint_text``: what the state DB keeps per audience and destination."""
+    return hashlib.sha256(endpoint_text(settings).encode("utf-8")).hexdigest()
+
+
+def endpoint_problems(
+    connection: Connection, config: Config, audience: AudienceConfig
+) -> list[str]:
+    """One line per destination of ``audience`` whose endpoint differs from the one its rows
+    were planned against (nothing recorded yet: nothing to compare)."""
+    rows = connection.execute(
+        select(E.c.destination, E.c.fingerprint)
+        .join(A, A.c.id == E.c.audience_id)
+        .where(A.c.key == audience.trait_key)
+    ).all()
+    stored: dict[str, str] = {row.destination: row.fingerprint for row in rows}
+    key = audience.trait_key
+    return [
+        f'audience "{key}": destination "{name}" now points at another endpoint than the one '
+        "its members were sent to, which would get only later changes; run "
+        f"`audience-sync sync {_quoted(key)} --full` to resend everything there, or give the "
+        "new endpoint a new destination name"
+        for name in audience.destinations
+        if name in stored and stored[name] != endpoint_fingerprint(config.destinations[name])
+    ]
+
+
+def record_endpoints(
+    connection: Connection, config: Config, audience_id: int, names: list[str], now: datetime
+) -> None:
+    """Remember the endpoints a plan was made against (in the plan's transaction, so a crash
+    before it commits leaves the old fingerprint and the refusal in place)."""
+    rows = connection.execute(
+        select(E.c.destination, E.c.fingerprint).where(E.c.audience_id == audience_id)
+    ).all()
+    stored: dict[str, str] = {row.destination: row.fingerprint for row in rows}
+    for name in names:
+        fingerprint = endpoint_fingerprint(config.destinations[name])
+        if name not in stored:
+            connection.execute(
+                insert(E).values(
+                    audience_id=audience_id,
+                    destination=name,
+                    fingerprint=fingerprint,
+                    recorded_at=now,
+                )
+            )
+        elif stored[name] != fingerprint:
+            connection.execute(
+                update(E)
+                .where(E.c.audience_id == audience_id, E.c.destination == name)
+                .values(fingerprint=fingerprint, recorded_at=now)
+            )
+
+
+# --- renames ---------------------------------------------------------------------------------
+
+
+def rename_problem(connection: Connection, config: Config, audience: AudienceConfig) -> str | None:
+    """Why ``audience`` looks like a vanished audience renamed, or None.
+
+    Only an audience the state DB does not know yet can be a rename; it is one when a
+    non-retired audience that left the config had the same source, query and traits
+    (``definition_hash``) and the same destinations (unknown for rows older than 0009).
+    """
+    key = audience.trait_key
+    if connection.execute(select(A.c.id).where(A.c.key == key)).first() is not None:
+        return None
+    configured = {a.trait_key for a in config.audiences}
+    digest, destinations = definition_hash(audience), destinations_hash(audience)
+    rows = connection.execute(
+        select(A.c.key, A.c.definition_hash, A.c.destinations_hash)
+        .where(A.c.retired_at.is_(None))
+        .order_by(A.c.key)
+    ).all()
+    for row in rows:
+        if row.key in configured or row.definition_hash != digest:
+            continue
+        if row.destinations_hash not in (None, destinations):
+            continue
+        old = row.key
+        return (
+            f'audience "{audience.name}" looks like "{old}" renamed (same source, query, traits '
+            f'and destinations): it would send true under the new key "{key}" and leave "{old}" '
+            f'true at its destinations; set key = "{old}" on it to keep the old key, or run '
+            f"`audience-sync retire {_quoted(old)} --send-false` first"
+        )
+    return None
+
+
+def drift_problem(
+    connection: Connection, config: Config, audience: AudienceConfig, *, full: bool
+) -> str | None:
+    """Why ``audience`` must not run as configured (a rename; a moved endpoint, unless this is
+    the ``--full`` run that accepts it), or None."""
+    problem = rename_problem(connection, config, audience)
+    if problem is None and not full:
+        problem = next(iter(endpoint_problems(connection, config, audience)), None)
+    return problem
+
+
+# --- orphans and dropped destinations --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """An audience in the state DB, not retired, that the config no longer has."""
+
+    audience_id: int
+    key: str
+    name: str
+
+
+def orphans(connection: Connection, config: Config) -> list[Orphan]:
+    """Audiences removed from the config and not retired, by key."""
+    configured = {a.trait_key for a in config.audiences}
+    rows = connection.execute(
+        select(A.c.id, A.c.key, A.c.name).where(A.c.retired_at.is_(None)).order_by(A.c.key)
+    ).all()
+    return [Orphan(row.id, row.key, row.name) for row in rows if row.key not in configured]
+
+
+def recorded_destinations(connection: Connection, audience_id: int) -> list[str]:
+    """The destinations an audience has membership rows for.
+
+    One index seek per destination (the delivery index leads with audience and destination)
+    rather than a DISTINCT over every member: this runs before every sync.
+    """
+    found: list[str] = []
+    while True:
+        query = select(M.c.destination).where(M.c.audience_id == audience_id)
+        if found:
+            query = query.where(M.c.destination > found[-1])
+        name = connection.execute(query.order_by(M.c.destination).limit(1)).scalar()
+        if name is None:
+            return found
+        found.append(name)
+
+
+def dropped_destinations(connection: Connection, config: Config) -> list[tuple[str, str]]:
+    """(key, destination) pairs: a configured audience with rows at a destination it no longer
+    lists."""
+    rows = connection.execute(select(A.c.key, A.c.id).where(A.c.retired_at.is_(None))).all()
+    ids: dict[str, int] = {row.key: row.id for row in rows}
+    found = []
+    for audience in config.audiences:
+        audience_id = ids.get(audience.trait_key)
+        if audience_id is None:
+            continue
+        for name in recorded_destinations(connection, audience_id):
+            if name not in audience.destinations:
+                found.append((audience.trait_key, name))
+    return found
+
+
+def drift_warnings(connection: Connection, config: Config, *, warn_orphans: bool) -> list[str]:
+    """One line per orphaned audience (when ``warn_orphans``) and per dropped destination, each
+    naming the command that ends it."""
+    lines = []
+    tail = (
+        ' (the next `audience-sync sync` or `run` does it: on_removed = "retire")'
+        if config.defaults.on_removed == "retire"
+        else ', or set [defaults] on_removed = "retire"'
+    )
+    if warn_orphans:
+        for orphan in orphans(connection, config):
+            key = _quoted(orphan.key)
+            lines.append(
+                f'audience "{orphan.key}" was removed from the config but its members keep '
+                f"their values at its destinations; run `audience-sync retire {key} "
+                f"--send-false` to send them false{tail}"
+            )
+    for key, name in dropped_destinations(connection, config):
+        lines.append(
+            f'audience "{key}" no longer lists destination "{name}", which still holds its '
+            f"values; run `audience-sync retire {_quoted(key)} --destination {_quoted(name)} "
+            "--send-false`"
+        )
+    return lines
+
+
+def warn_about_drift(engine: Engine, config: Config, *, warn_orphans: bool) -> None:
+    """Log each drift warning once (a `sync`, or the start of `run`)."""
+    with engine.connect() as connection:
+        lines = drift_warnings(connection, config, warn_orphans=warn_orphans)
+    for line in lines:
+        logger.warning("%s", line)
+
+
+def drift_report(engine: Engine, config: Config) -> tuple[list[str], list[str]]:
+    """What `check` shows: problems that stop audiences, and warnings."""
+    with engine.connect() as connection:
+        problems = [
+            problem
+            for audience in config.audiences
+            if (problem := drift_problem(connection, config, audience, full=False))
+        ]
+        warnings = drift_warnings(connection, config, warn_orphans=True)
+        connection.rollback()
+    return problems, warnings

@@ -1,0 +1,303 @@
+"""Config drift: a renamed audience, a removed one, a dropped destination, a moved endpoint.
+
+Each is what an operator does by editing the config; none may leave `true`s at a destination
+silently. Everything goes through the CLI, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from sync.cli import cli
+from sync.config import SegmentDestination, WebhookDestination
+from tests.harness import WRITE_KEY, Harness
+from tests.receiver import Receiver
+
+KEY = "high_value_users"
+OTHER = "churned"
+CHURNED = """
+[[audiences]]
+name = "Churned"
+source = "warehouse"
+query = "SELECT user_id FROM members WHERE user_id LIKE 'c%'"
+destinations = ["segment"]
+"""
+
+
+def invoke(config: Path, *args: str) -> tuple[int, str]:
+    """Exit code and everything printed (stdout and the log lines on stderr)."""
+    result = CliRunner().invoke(cli, ["--config", str(config), *args])
+    return result.exit_code, result.output
+
+
+def lines_with(output: str, *needles: str) -> list[str]:
+    return [line for line in output.splitlines() if all(n in line for n in needles)]
+
+
+def states(config: Path) -> dict[tuple[str, str | None], dict[str, Any]]:
+    code, output = invoke(config, "status", "--json")
+    assert code == 0, output
+    return {(r["key"], r["destination"]): r for r in json.loads(output)}
+
+
+# --- rename ----------------------------------------------------------------------------------
+
+
+def test_a_rename_is_refused_naming_both_keys_until_key_keeps_it(
+    harness: Harness, receiver: Receiver
+) -> None:
+    harness.set_members(["a", "b"])
+    config = harness.write_config()
+    assert invoke(config, "sync")[0] == 0
+    receiver.reset()
+    harness.audience["name"] = "Big Spenders"
+    config = harness.write_config()
+    for command in (["sync"], ["sync", "--dry-run"], ["run", "--once"], ["check"]):
+        code, output = invoke(config, *command)
+        assert code == 1, (command, output)
+        refused = lines_with(output, '"big_spenders"', f'"{KEY}"', f'key = "{KEY}"')
+        assert len(refused) == 1, (command, output)
+        assert f"audience-sync retire {KEY} --send-false" in refused[0]
+    assert receiver.messages() == []
+    # The first way out: keep the key. Nothing is new, so nothing is sent.
+    harness.audience["key"] = KEY
+    config = harness.write_config()
+    code, output = invoke(config, "sync")
+    assert code == 0, output
+    assert receiver.messages() == []
+    assert states(config)[(KEY, "segment")]["state"] == "active"
+
+
+def test_a_rename_is_accepted_once_the_old_key_is_retired(
+    harness: Harness, receiver: Receiver
+) -> None:
+    harness.set_members(["a", "b"])
+    config = harness.write_config()
+    assert invoke(config, "sync")[0] == 0
+    harness.audience["name"] = "Big Spenders"
+    config = harness.write_config()
+    assert invoke(config, "sync")[0] == 1
+    receiver.reset()
+    code, output = invoke(config, "retire", KEY, "--send-false")
+    assert code == 0, output
+    code, output = invoke(config, "sync")
+    assert code == 0, output
+    assert {k: v for k, v in receiver.state.items() if k[1] != "email"} == {
+        ("a", KEY): False,
+        ("b", KEY): False,
+        ("a", "big_spenders"): True,
+        ("b", "big_spenders"): True,
+    }
+
+
+def test_a_new_audience_unlike_any_removed_one_is_not_a_rename(
+    harness: Harness, receiver: Receiver
+) -> None:
+    harness.set_members(["a", "c1"])
+    harness.config_extra = CHURNED
+    config = harness.write_config()
+    assert invoke(config, "sync")[0] == 0
+    harness.config_extra = CHURNED.replace('"Churned"', '"Lapsed"').replace("'c%'", "'a%'")
+    code, output = invoke(harness.write_config(), "sync")
+    assert code == 0, output
+    assert receiver.state[("a", "lapsed")] is True
+
+
+# --- removal ---------------------------------------------------------------------------------
+
+
+def test_a_removed_audience_is_warned_about_on_every_run_and_shown_orphaned(
+    harness: Harness, receiver: Receiver
+) -> None:
+    harness.set_members(["a", "c1", "c2"])
+    harness.config_extra = CHURNED
+    config = harness.write_config()
+    assert invoke(config, "sync")[0] == 0
+    harness.config_extra = ""
+    config = harness.write_config()
+    receiver.reset()
+    for command in (["sync"], ["sync", KEY], ["run", "--once"]):
+        code, output = invoke(config, *command)
+        assert code == 0, (command, output)
+        warned = lines_with(output, f'"{OTHER}"', f"audience-sync retire {OTHER} --send-false")
+        assert len(warned) == 1, (command, output)
+    assert receiver.messages() == []  # "warn" sends nothing
+    assert states(config)[(OTHER, "segment")]["state"] == "orphaned"
+
+
+def test_on_removed_retire_sends_false_to_everyone_guarded_over_the_ratio(
+    harness: Harness, receiver: Receiver
+) -> None:
+    harness.defaults.update(on_removed="retire", guard_min_members=2, max_removal_ratio=0.5)
+    harness.set_members(["a", "c1", "c2", "c3"])
+    harness.config_extra = CHURNED
+    config = harness.write_config()
+    assert invoke(config, "sync")[0] == 0
+    harness.config_extra = ""
+    config = harness.write_config()
+    receiver.reset()
+    code, output = invoke(config, "sync")
+    assert code == 1, output
+    assert lines_with(output, f'"{OTHER}"', "max_removal_ratio", "--force")
+    assert receiver.messages() == []
+    assert states(config)[(OTHER, "segment")]["state"] == "orphaned"
+    code, output = invoke(config, "sync", "--force")
+    assert code == 0, output
+    sent = {(m["userId"], k): v for m in receiver.messages() for k, v in m["traits"].items()}
+    assert sent == {("c1", OTHER): False, ("c2", OTHER): False, ("c3", OTHER): False}
+    assert states(config)[(OTHER, "segment")]["state"] == "retired"
+    receiver.reset()
+    code, output = invoke(config, "sync")
+    assert code == 0, output
+    assert not lines_with(output, f'"{OTHER}"') and receiver.messages() == []
+
+
+def test_the_daemon_retires_a_removed_audience_under_the_guard(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """Below `guard_min_members` an orphan is retired without --force, by `run` too."""
+    harness.defaults.update(on_removed="retire")
+    harness.set_members(["a", "c1", "c2"])
+    harness.config_extra = CHURNED
+    config = harness.write_config()
+    assert invoke(config, "sync")[0] == 0
+    harness.config_extra = ""
+    config = harness.write_config()
+    receiver.reset()
+    code, output = invoke(config, "run", "--once")
+    assert code == 0, output
+    assert receiver.state[("c1", OTHER)] is False and receiver.state[("c2", OTHER)] is False
+    assert states(config)[(OTHER, "segment")]["state"] == "retired"
+
+
+def test_the_daemon_sweep_retires_a_removed_audience(harness: Harness, receiver: Receiver) -> None:
+    """A daemon that keeps running applies on_removed on its sweep, not only at start."""
+    from sync.scheduler import Daemon
+
+    harness.defaults.update(on_removed="retire")
+    harness.set_members(["a", "c1"])
+    harness.config_extra = CHURNED
+    assert invoke(harness.write_config(), "sync")[0] == 0
+    harness.config_extra = ""
+    daemon = Daemon(harness.config(), harness.engine)
+    daemon.sweep()
+    assert receiver.state[("c1", OTHER)] is False
+    assert states(harness.write_config())[(OTHER, "segment")]["state"] == "retired"
+    assert daemon.failures == 0
+
+
+def test_a_named_or_dry_sync_only_warns_about_a_removed_audience(
+    harness: Harness, receiver: Receiver
+) -> None:
+    harness.defaults.update(on_removed="retire")
+    harness.set_members(["a", "c1"])
+    harness.config_extra = CHURNED
+    assert invoke(harness.write_config(), "sync")[0] == 0
+    harness.config_extra = ""
+    config = harness.write_config()
+    receiver.reset()
+    for command in (["sync", KEY], ["sync", "--dry-run"]):
+        code, output = invoke(config, *command)
+        assert code == 0, (command, output)
+        assert len(lines_with(output, f'"{OTHER}"', "on_removed")) == 1, output
+    assert receiver.messages() == []
+    assert states(config)[(OTHER, "segment")]["state"] == "orphaned"
+
+
+# --- dropped destination ---------------------------------------------------------------------
+
+
+def test_a_dropped_destination_is_warned_about_and_retired_with_send_false(
+    harness: Harness, receiver: Receiver, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    harness.destinations["preview"] = {"type": "file", "path": str(out)}
+    harness.audience["destinations"] = ["segment", "preview"]
+    harness.set_members(["a", "b"])
+    config = harness.write_config()
+    assert invoke(config, "sync")[0] == 0
+    harness.audience["destinations"] = ["segment"]
+    config = harness.write_config()
+    command = f"audience-sync retire {KEY} --destination preview --send-false"
+    for _ in range(2):
+        code, output = invoke(config, "sync")
+        assert code == 0, output
+        assert len(lines_with(output, f'"{KEY}"', '"preview"', command)) == 1, output
+    assert states(config)[(KEY, "preview")]["members"] == 2
+    out.write_text("")
+    code, output = invoke(config, "retire", KEY, "--destination", "preview", "--send-false")
+    assert code == 0, output
+    sent = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(m["userId"], m["traits"][KEY]) for m in sent} == {("a", False), ("b", False)}
+    assert (KEY, "preview") not in states(config)
+    assert states(config)[(KEY, "segment")]["members"] == 2
+    code, output = invoke(config, "sync")
+    assert code == 0 and "preview" not in output, output
+    assert receiver.state[("a", KEY)] is True  # the other destination is untouched
+
+
+def test_retiring_a_destination_the_audience_still_lists_is_refused(harness: Harness) -> None:
+    harness.set_members(["a"])
+    harness.sync()
+    config = harness.write_config()
+    code, output = invoke(config, "retire", KEY, "--destination", "segment", "--send-false")
+    assert code == 1
+    assert lines_with(output, f'"{KEY}"', '"segment"', "destinations")
+
+
+# --- endpoint change -------------------------------------------------------------------------
+
+
+def test_an_endpoint_change_is_refused_until_a_full_sync(
+    harness: Harness, receiver: Receiver
+) -> None:
+    harness.set_members(["a", "b"])
+    config = harness.write_config()
+    assert invoke(config, "sync")[0] == 0
+    with Receiver(write_key=WRITE_KEY).running() as moved:
+        harness.destinations["segment"]["endpoint"] = moved.url
+        config = harness.write_config()
+        harness.set_members(["a", "b", "c"])
+        for command in (["sync"], ["run", "--once"], ["check"]):
+            code, output = invoke(config, *command)
+            assert code == 1, (command, output)
+            refused = lines_with(output, '"segment"', f"audience-sync sync {KEY} --full")
+            assert len(refused) == 1, (command, output)
+        assert moved.messages() == []
+        code, output = invoke(config, "sync", KEY, "--full")
+        assert code == 0, output
+        assert {m["userId"] for m in moved.messages()} == {"a", "b", "c"}
+        moved.reset()
+        code, output = invoke(config, "sync")
+        assert code == 0, output
+        assert moved.messages() == []
+    # The fingerprint is a hash: no URL, no key in the state DB.
+    with harness.engine.connect() as connection:
+        stored = connection.execute(text("SELECT * FROM destination_endpoints")).all()
+    assert len(stored) == 1 and len(stored[0].fingerprint) == 64
+    assert "127.0.0.1" not in str(stored) and WRITE_KEY not in str(stored)
+
+
+def test_the_endpoint_fingerprint_ignores_credentials_and_queries() -> None:
+    """Only scheme, host, port and path define an endpoint: a new password or write key is
+    the same destination, and no secret ever reaches the fingerprinted text."""
+    from sync.drift import endpoint_text
+
+    def hook(url: str) -> WebhookDestination:
+        return WebhookDestination(type="webhook", url=url, secret="s3cret")
+
+    base = endpoint_text(hook("https://hooks.example.com/in/"))
+    assert base == endpoint_text(hook("HTTPS://user:pw@Hooks.Example.com:443/in?token=t0k"))
+    assert base != endpoint_text(hook("https://hooks.example.com:8443/in"))
+    assert base != endpoint_text(hook("https://hooks.example.com/other"))
+    leaky = endpoint_text(hook("https://user:p@ss@hooks.example.com/in?token=t0k#frag"))
+    assert "p@ss" not in leaky and "t0k" not in leaky and "user" not in leaky
+    segment = SegmentDestination(type="segment", write_key="wk_1", endpoint="https://api.x.io")
+    rotated = SegmentDestination(type="segment", write_key="wk_2", endpoint="https://api.x.io")
+    assert endpoint_text(segment) == endpoint_text(rotated)
+    assert "wk_" not in endpoint_text(segment)
