@@ -37,13 +37,9 @@ from sync.planner import (
     removal_problem,
 )
 from sync.reports import DestinationReport, RunOptions, RunReport
+from sync.same_database import stage_in_database
 from sync.sources import make_source_engine
-from sync.staging import (
-    SnapshotStats,
-    refresh_statistics,
-    stage_from_source,
-    stage_in_database,
-)
+from sync.staging import SnapshotStats, refresh_statistics, stage_from_source
 
 logger = logging.getLogger("sync.runner")
 
@@ -223,7 +219,7 @@ class Syncer:
     ) -> SnapshotStats:
         source = self.config.sources[audience.source]
         if source.url == self.config.state.url:
-            return stage_in_database(
+            stats = stage_in_database(
                 connection,
                 run_id,
                 audience=audience.name,
@@ -231,6 +227,8 @@ class Syncer:
                 query=audience.query,
                 traits=audience.traits,
             )
+            if stats is not None:
+                return stats  # else values SQL cannot render as Python does: stream them
         if source.demo:
             from sync.demo import ensure_demo_warehouse
 

@@ -23,18 +23,9 @@ from sqlalchemy import (
     Connection,
     Engine,
     Insert,
-    String,
     Table,
-    Text,
-    and_,
-    case,
-    cast,
     func,
     insert,
-    literal,
-    literal_column,
-    null,
-    or_,
     select,
     text,
 )
@@ -46,9 +37,9 @@ from sync.models import MAX_MEMBER_ID_LENGTH, STAGED
 
 # Invalid rows kept as examples on the run (the rest are only counted).
 MAX_INVALID_SAMPLES = 5
-# Characters that make an id unusable as a userId (they break logs, CSV exports and lookups).
-FORBIDDEN_ID_CHARACTERS = ("\n", "\r", "\t", "\x00")
-_FORBIDDEN_ID = re.compile("[\n\r\t\x00]")
+# Characters that make an id unusable as a userId (they break logs, CSV exports and lookups),
+# and lone surrogates: bytes a source's text was decoded around (not valid UTF-8).
+_FORBIDDEN_ID = re.compile("[\n\r\t\x00\ud800-\udfff]")
 
 
 @dataclass
@@ -78,7 +69,12 @@ def insert_ignoring_duplicates(connection: Connection, table: Table = STAGED) ->
     return insert(table).prefix_with("OR IGNORE")
 
 
-def _query_problem(columns: Sequence[str], traits: Sequence[str]) -> str | None:
+def invalid_sample(row_number: int, reason: str) -> str:
+    """How an invalid row is described on the run (the same words on every staging path)."""
+    return f"row {row_number}: {reason}"
+
+
+def query_problem(columns: Sequence[str], traits: Sequence[str]) -> str | None:
     names = set(columns)
     if "user_id" not in names and "anonymous_id" not in names:
         return (
@@ -123,7 +119,14 @@ def json_value(value: Any) -> Any:
 
 def normalize_id(value: Any) -> tuple[str | None, str | None]:
     """Return ``(id, None)`` for a usable id, ``(None, None)`` when absent, or
-    ``(None, reason)`` when present but unusable."""
+    ``(None, reason)`` when present but unusable.
+
+    The one rule for ids on every path (the same-database path renders the same in SQL):
+    text is kept as it is; NULL, empty or whitespace-only text is absent; integers, and
+    integral floats and decimals (``42.0``, ``7.00``), are their integer text; other numbers
+    (fractions, NaN, infinities) and booleans are invalid; so is text over
+    ``MAX_MEMBER_ID_LENGTH`` characters, with a newline, tab or NUL, or not valid UTF-8.
+    """
     if (
         type(value) is str  # the common case, checked in one pass
         and 0 < len(value) <= MAX_MEMBER_ID_LENGTH
@@ -137,9 +140,9 @@ def normalize_id(value: Any) -> tuple[str | None, str | None]:
         return None, f"id {value!r} is a boolean, not text"
     if isinstance(value, int):
         text_id = str(value)
-    elif (
-        isinstance(value, float | decimal.Decimal) and math.isfinite(value) and value == int(value)
-    ):
+    elif isinstance(value, float | decimal.Decimal):
+        if not _is_whole_number(value):
+            return None, f"id {value} is not a whole number"
         text_id = str(int(value))
     elif isinstance(value, str):
         text_id = value
@@ -151,9 +154,16 @@ def normalize_id(value: Any) -> tuple[str | None, str | None]:
         return None, None
     if len(text_id) > MAX_MEMBER_ID_LENGTH:
         return None, f"id of {len(text_id)} characters (at most {MAX_MEMBER_ID_LENGTH})"
-    if any(c in text_id for c in FORBIDDEN_ID_CHARACTERS):
+    if (found := _FORBIDDEN_ID.search(text_id)) is not None:
+        if found.group() >= "\ud800":  # a byte the source's text decoding could not read
+            return None, f"id {text_id[:40]!r} is not valid UTF-8"
         return None, f"id {text_id[:40]!r} contains a newline, tab or NUL"
     return text_id, None
+
+
+def _is_whole_number(value: float | decimal.Decimal) -> bool:
+    finite = value.is_finite() if isinstance(value, decimal.Decimal) else math.isfinite(value)
+    return finite and value == int(value)
 
 
 def traits_json(row: Sequence[Any], trait_indexes: Sequence[tuple[str, int]]) -> str | None:
@@ -207,7 +217,7 @@ def validate_row(
     return ("anonymous", anon_id, None, traits)
 
 
-def _source_error(audience: str, source: str, exc: SQLAlchemyError) -> SourceError:
+def source_error(audience: str, source: str, exc: SQLAlchemyError) -> SourceError:
     reason = driver_reason(exc)
     return SourceError(f'audience "{audience}": query failed on source "{source}": {reason}')
 
@@ -234,7 +244,7 @@ def stage_from_source(
                 stream_results=True, yield_per=chunk_size
             ).execute(text(query))
             columns = list(result.keys())
-            if problem := _query_problem(columns, traits):
+            if problem := query_problem(columns, traits):
                 raise SourceError(f'audience "{audience}": the query {problem}')
             user_index = columns.index("user_id") if "user_id" in columns else None
             anon_index = columns.index("anonymous_id") if "anonymous_id" in columns else None
@@ -245,7 +255,7 @@ def stage_from_source(
                     stats.rows += 1
                     checked = validate_row(row, user_index, anon_index, trait_indexes)
                     if isinstance(checked, str):
-                        stats.add_invalid(f"row {stats.rows}: {checked}")
+                        stats.add_invalid(invalid_sample(stats.rows, checked))
                         continue
                     staged_rows.append((run_id, *checked))
                 if staged_rows:
@@ -255,7 +265,7 @@ def stage_from_source(
                 if after_chunk is not None:
                     after_chunk()  # renews the lease; raises to stop a shutting-down run
     except SQLAlchemyError as exc:
-        raise _source_error(audience, source_name, exc) from None
+        raise source_error(audience, source_name, exc) from None
     stats.staged = count_staged(state, run_id)
     stats.duplicates = stats.rows - stats.invalid - stats.staged
     return stats
@@ -334,91 +344,6 @@ def count_staged(connection: Connection, run_id: int) -> int:
     """How many distinct members a run staged."""
     query = select(func.count()).select_from(STAGED).where(STAGED.c.run_id == run_id)
     return int(connection.execute(query).scalar_one())
-
-
-def stage_in_database(
-    state: Connection,
-    run_id: int,
-    *,
-    audience: str,
-    source_name: str,
-    query: str,
-    traits: Sequence[str],
-) -> SnapshotStats:
-    """Stage with one ``INSERT … SELECT`` when the source is the state database itself."""
-    body = query.strip().rstrip(";")
-    dialect = state.dialect.name
-    try:
-        probe = state.execute(text(f"SELECT * FROM ({body}) AS q WHERE 1 = 0"))
-        columns = list(probe.keys())
-        probe.close()
-        if problem := _query_problem(columns, traits):
-            raise SourceError(f'audience "{audience}": the query {problem}')
-        source = text(body).columns().subquery("q")
-
-        def id_parts(column: str) -> tuple[Any, Any, Any]:
-            """The id as text, whether it is present, and whether it is usable."""
-            if column not in columns:
-                return null(), literal(False), literal(False)
-            value = cast(literal_column(f"q.{column}"), Text)
-            position = func.strpos if dialect == "postgresql" else func.instr
-            present = and_(value.is_not(None), func.trim(value) != "")
-            clean = and_(
-                present,
-                func.length(value) <= MAX_MEMBER_ID_LENGTH,
-                *[func.coalesce(position(value, literal(c)), 0) == 0 for c in "\n\r\t"],
-            )
-            return value, present, clean
-
-        user_value, user_present, user_clean = id_parts("user_id")
-        anon_value, _anon_present, anon_clean = id_parts("anonymous_id")
-        valid = or_(user_clean, and_(~user_present, anon_clean))
-        if traits:
-            builder = func.json_build_object if dialect == "postgresql" else func.json_object
-            pairs: list[Any] = []
-            for name in traits:
-                pairs += [literal(name), literal_column(f"q.{name}")]
-            traits_json: Any = builder(*pairs)
-        else:
-            traits_json = null()
-        snapshot = (
-            select(
-                literal(run_id).label("run_id"),
-                case((user_present, "user"), else_="anonymous").label("id_kind"),
-                cast(case((user_present, user_value), else_=anon_value), String).label("member_id"),
-                case(
-                    (user_present, anon_value if "anonymous_id" in columns else null()),
-                    else_=null(),
-                ).label("anonymous_id"),
-                traits_json.label("traits"),
-            )
-            .select_from(source)
-            .where(valid)
-        )
-        counts = state.execute(
-            select(func.count(), func.sum(case((valid, 1), else_=0))).select_from(source)
-        ).one()
-        state.execute(
-            insert_ignoring_duplicates(state).from_select(
-                ["run_id", "id_kind", "member_id", "anonymous_id", "traits"], snapshot
-            )
-        )
-        stats = SnapshotStats(rows=int(counts[0]), staged=count_staged(state, run_id))
-        stats.invalid = stats.rows - int(counts[1] or 0)
-        if stats.invalid:
-            samples = state.execute(
-                select(user_value.label("u"), anon_value.label("a"))
-                .select_from(source)
-                .where(~valid)
-                .limit(MAX_INVALID_SAMPLES)
-            ).all()
-            stats.samples = [
-                f"invalid id: user_id={u!r} anonymous_id={a!r}"[:200] for u, a in samples
-            ]
-    except SQLAlchemyError as exc:
-        raise _source_error(audience, source_name, exc) from None
-    stats.duplicates = stats.rows - stats.invalid - stats.staged
-    return stats
 
 
 def refresh_statistics(connection: Connection, *, memberships_only: bool = False) -> None:
