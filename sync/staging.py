@@ -16,6 +16,7 @@ import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from json.encoder import encode_basestring
 from typing import Any
 
@@ -24,6 +25,7 @@ from sqlalchemy import (
     Engine,
     Insert,
     Table,
+    delete,
     func,
     insert,
     select,
@@ -34,12 +36,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sync.errors import SourceError, driver_reason
 from sync.models import MAX_MEMBER_ID_LENGTH, STAGED
+from sync.sources import Unconvertible, conversion_failed, tolerate_unconvertible
 
 # Invalid rows kept as examples on the run (the rest are only counted).
 MAX_INVALID_SAMPLES = 5
 # Characters that make an id unusable as a userId (they break logs, CSV exports and lookups),
 # and lone surrogates: bytes a source's text was decoded around (not valid UTF-8).
 _FORBIDDEN_ID = re.compile("[\n\r\t\x00\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -148,6 +152,8 @@ def normalize_id(value: Any) -> tuple[str | None, str | None]:
         text_id = value
     elif isinstance(value, uuid.UUID):
         text_id = str(value)
+    elif isinstance(value, Unconvertible):
+        return None, f"id cannot be converted: {value.reason}"
     else:
         return None, f"id of type {type(value).__name__} is not text"
     if not text_id.strip():
@@ -235,40 +241,116 @@ def stage_from_source(
     commit_each_chunk: bool = True,
     after_chunk: Callable[[], None] | None = None,
 ) -> SnapshotStats:
-    """Stream the query's rows from ``source`` into the staging table of ``state``."""
-    stats = SnapshotStats()
-    statement = insert_ignoring_duplicates(state)
+    """Stream the query's rows from ``source`` into the staging table of ``state``.
+
+    A value the driver cannot convert (SQLite text that is not UTF-8, a PostgreSQL
+    ``infinity`` date) fails the whole fetch. The query then runs once more on a connection
+    that reads such values as markers, and their rows are invalid: the common case pays
+    nothing for it.
+    """
+    stream = partial(
+        _stream,
+        source,
+        state,
+        run_id,
+        audience=audience,
+        query=query,
+        traits=traits,
+        chunk_size=chunk_size,
+        commit_each_chunk=commit_each_chunk,
+        after_chunk=after_chunk,
+    )
     try:
-        with source.connect() as connection:
-            result = connection.execution_options(
-                stream_results=True, yield_per=chunk_size
-            ).execute(text(query))
-            columns = list(result.keys())
-            if problem := query_problem(columns, traits):
-                raise SourceError(f'audience "{audience}": the query {problem}')
-            user_index = columns.index("user_id") if "user_id" in columns else None
-            anon_index = columns.index("anonymous_id") if "anonymous_id" in columns else None
-            trait_indexes = [(name, columns.index(name)) for name in dict.fromkeys(traits)]
-            for chunk in result.partitions(chunk_size):
-                staged_rows: list[tuple[Any, ...]] = []
-                for row in chunk:
-                    stats.rows += 1
-                    checked = validate_row(row, user_index, anon_index, trait_indexes)
-                    if isinstance(checked, str):
-                        stats.add_invalid(invalid_sample(stats.rows, checked))
-                        continue
-                    staged_rows.append((run_id, *checked))
-                if staged_rows:
-                    _insert_staged(state, statement, staged_rows)
-                if commit_each_chunk:
-                    state.commit()
-                if after_chunk is not None:
-                    after_chunk()  # renews the lease; raises to stop a shutting-down run
+        try:
+            stats = stream(tolerant=False)
+        except SQLAlchemyError as exc:
+            if not conversion_failed(exc):
+                raise
+            state.execute(delete(STAGED).where(STAGED.c.run_id == run_id))
+            stats = stream(tolerant=True)
     except SQLAlchemyError as exc:
         raise source_error(audience, source_name, exc) from None
     stats.staged = count_staged(state, run_id)
     stats.duplicates = stats.rows - stats.invalid - stats.staged
     return stats
+
+
+def _stream(
+    source: Engine,
+    state: Connection,
+    run_id: int,
+    *,
+    audience: str,
+    query: str,
+    traits: Sequence[str],
+    chunk_size: int,
+    commit_each_chunk: bool,
+    after_chunk: Callable[[], None] | None,
+    tolerant: bool,
+) -> SnapshotStats:
+    stats = SnapshotStats()
+    statement = insert_ignoring_duplicates(state)
+    validate = _validate_tolerant if tolerant else validate_row
+    with source.connect() as connection:
+        if tolerant:
+            tolerate_unconvertible(connection)
+        result = connection.execution_options(stream_results=True, yield_per=chunk_size).execute(
+            text(query)
+        )
+        columns = list(result.keys())
+        if problem := query_problem(columns, traits):
+            raise SourceError(f'audience "{audience}": the query {problem}')
+        user_index = columns.index("user_id") if "user_id" in columns else None
+        anon_index = columns.index("anonymous_id") if "anonymous_id" in columns else None
+        trait_indexes = [(name, columns.index(name)) for name in dict.fromkeys(traits)]
+        for chunk in result.partitions(chunk_size):
+            staged_rows: list[tuple[Any, ...]] = []
+            for row in chunk:
+                stats.rows += 1
+                checked = validate(row, user_index, anon_index, trait_indexes)
+                if isinstance(checked, str):
+                    stats.add_invalid(invalid_sample(stats.rows, checked))
+                    continue
+                staged_rows.append((run_id, *checked))
+            if staged_rows:
+                _insert_staged(state, statement, staged_rows)
+            if commit_each_chunk:
+                state.commit()
+            if after_chunk is not None:
+                after_chunk()  # renews the lease; raises to stop a shutting-down run
+        if tolerant:
+            connection.invalidate()  # not back to the pool with its markers
+    return stats
+
+
+def _validate_tolerant(
+    row: Sequence[Any],
+    user_index: int | None,
+    anon_index: int | None,
+    trait_indexes: Sequence[tuple[str, int]],
+) -> tuple[str, str, str | None, str | None] | str:
+    """``validate_row`` for rows read by a tolerant connection: a trait that could not be read
+    makes its row invalid (ids are checked by ``normalize_id``)."""
+    checked = validate_row(row, user_index, anon_index, trait_indexes)
+    if isinstance(checked, str):
+        return checked
+    for name, index in trait_indexes:
+        if problem := _unreadable(row[index]):
+            label = "user_id" if checked[0] == "user" else "anonymous_id"
+            return f"trait {name} of {label} {checked[1]!r}: {problem}"
+    return checked
+
+
+def _unreadable(value: Any) -> str | None:
+    if isinstance(value, Unconvertible):
+        return f"cannot be converted: {value.reason}"
+    if isinstance(value, str):
+        return "not valid UTF-8" if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list | tuple):
+        return next(filter(None, map(_unreadable, value)), None)
+    return None
 
 
 # SQLite's driver inserts plain tuples much faster than SQLAlchemy binds dicts (no per-row
