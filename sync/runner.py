@@ -16,6 +16,7 @@ from sync.db import installation_id
 from sync.delivery import RetryPolicy, recover_in_flight, retry_due
 from sync.destinations import Destination, build_destination
 from sync.dispatch import ProgressFactory, deliver_destinations
+from sync.dry_run import DRY_RUN_ID, copy_audience_state, copy_audiences, scratch_state
 from sync.errors import (
     AudienceSyncError,
     LeaseHeldError,
@@ -229,11 +230,7 @@ class Syncer:
             )
             if stats is not None:
                 return stats  # else values SQL cannot render as Python does: stream them
-        if source.demo:
-            from sync.demo import ensure_demo_warehouse
-
-            ensure_demo_warehouse(source.url)
-        engine = make_source_engine(audience.source, source.url)
+        engine = self._source_engine(audience)
         try:
             return stage_from_source(
                 engine,
@@ -249,6 +246,14 @@ class Syncer:
             )
         finally:
             engine.dispose()
+
+    def _source_engine(self, audience: AudienceConfig) -> Engine:
+        source = self.config.sources[audience.source]
+        if source.demo:
+            from sync.demo import ensure_demo_warehouse
+
+            ensure_demo_warehouse(source.url)
+        return make_source_engine(audience.source, source.url)
 
     def _between_chunks(self, lease: Lease | None) -> None:
         if self.stop.is_set():
@@ -292,24 +297,56 @@ class Syncer:
         return None, plans
 
     def _dry_run(self, audience: AudienceConfig, options: RunOptions, report: RunReport) -> None:
-        """Compute and plan inside one transaction, report, and roll everything back."""
+        """Stage and plan into a private scratch copy of the audience's state, report, and
+        throw the copy away: the state DB is only read (after the source query), never written
+        nor locked (sync/dry_run.py)."""
         targets = [t for t, d in self._targets(audience)]
-        with self.engine.connect() as connection:
+        with scratch_state() as scratch:
+            copy_audiences(self.engine, scratch)
+            audience_id = ensure_audience(scratch, audience)
             try:
-                audience_id = ensure_audience(connection, audience)
-                run_id = self._start_run(connection, audience_id, options)
-                stats = self._compute(connection, audience, run_id, commit=False)
-                self._fill_snapshot(report, stats)
-                problem, plans = self._plan(
-                    connection, audience, audience_id, run_id, targets, stats, options
-                )
-                report.status = "guarded" if problem else "planned"
-                report.error = problem
-                report.destinations = _reports_of(plans)
+                stats = self._stage_dry(scratch, audience, options)
             except SourceError as exc:
                 report.status, report.error = "failed", str(exc)
-            finally:
-                connection.rollback()
+                return
+            self._fill_snapshot(report, stats)
+            names = [t.name for t in targets]
+            copy_audience_state(self.engine, scratch, audience.trait_key, audience_id, names)
+            problem, plans = self._plan(
+                scratch, audience, audience_id, DRY_RUN_ID, targets, stats, options
+            )
+            report.status = "guarded" if problem else "planned"
+            report.error = problem
+            report.destinations = _reports_of(plans)
+
+    def _stage_dry(
+        self, scratch: Connection, audience: AudienceConfig, options: RunOptions
+    ) -> SnapshotStats:
+        """A dry run always streams (the same-database path would write the state DB); both
+        paths stage the same rows."""
+
+        def after_chunk() -> None:
+            if self.stop.is_set():
+                raise RunInterruptedError("stopped while computing the dry run; nothing changed")
+            if options.after_chunk is not None:
+                options.after_chunk()
+
+        engine = self._source_engine(audience)
+        try:
+            return stage_from_source(
+                engine,
+                scratch,
+                DRY_RUN_ID,
+                audience=audience.name,
+                source_name=audience.source,
+                query=audience.query,
+                traits=audience.traits,
+                chunk_size=self.config.sources[audience.source].chunk_size,
+                commit_each_chunk=False,
+                after_chunk=after_chunk,
+            )
+        finally:
+            engine.dispose()
 
     @staticmethod
     def _fill_snapshot(report: RunReport, stats: SnapshotStats) -> None:
