@@ -18,6 +18,7 @@ from sync.delivery import RetryPolicy, recover_in_flight, retry_due
 from sync.destinations import Destination, build_destination
 from sync.dispatch import ProgressFactory, deliver_destinations
 from sync.drift import drift_problem, record_endpoints
+from sync.dry_run import DRY_RUN_ID, copy_audience_state, copy_audiences, scratch_state
 from sync.errors import (
     AudienceSyncError,
     ConfigDriftError,
@@ -41,13 +42,9 @@ from sync.planner import (
     removal_problem,
 )
 from sync.reports import DestinationReport, RunOptions, RunReport
+from sync.same_database import stage_in_database
 from sync.sources import make_source_engine
-from sync.staging import (
-    SnapshotStats,
-    refresh_statistics,
-    stage_from_source,
-    stage_in_database,
-)
+from sync.staging import SnapshotStats, refresh_statistics, stage_from_source
 
 logger = logging.getLogger("sync.runner")
 
@@ -246,7 +243,7 @@ class Syncer:
     ) -> SnapshotStats:
         source = self.config.sources[audience.source]
         if source.url == self.config.state.url:
-            return stage_in_database(
+            stats = stage_in_database(
                 connection,
                 run_id,
                 audience=audience.name,
@@ -254,11 +251,9 @@ class Syncer:
                 query=audience.query,
                 traits=audience.traits,
             )
-        if source.demo:
-            from sync.demo import ensure_demo_warehouse
-
-            ensure_demo_warehouse(source.url)
-        engine = make_source_engine(audience.source, source.url)
+            if stats is not None:
+                return stats  # else values SQL cannot render as Python does: stream them
+        engine = self._source_engine(audience)
         try:
             return stage_from_source(
                 engine,
@@ -274,6 +269,14 @@ class Syncer:
             )
         finally:
             engine.dispose()
+
+    def _source_engine(self, audience: AudienceConfig) -> Engine:
+        source = self.config.sources[audience.source]
+        if source.demo:
+            from sync.demo import ensure_demo_warehouse
+
+            ensure_demo_warehouse(source.url)
+        return make_source_engine(audience.source, source.url)
 
     def _between_chunks(self, lease: Lease | None) -> None:
         if self.stop.is_set():
@@ -319,24 +322,56 @@ class Syncer:
         return None, plans
 
     def _dry_run(self, audience: AudienceConfig, options: RunOptions, report: RunReport) -> None:
-        """Compute and plan inside one transaction, report, and roll everything back."""
+        """Stage and plan into a private scratch copy of the audience's state, report, and
+        throw the copy away: the state DB is only read (after the source query), never written
+        nor locked (sync/dry_run.py)."""
         targets = [t for t, d in self._targets(audience)]
-        with self.engine.connect() as connection:
+        with scratch_state() as scratch:
+            copy_audiences(self.engine, scratch)
+            audience_id = ensure_audience(scratch, audience)
             try:
-                audience_id = ensure_audience(connection, audience)
-                run_id = self._start_run(connection, audience_id, options)
-                stats = self._compute(connection, audience, run_id, commit=False)
-                self._fill_snapshot(report, stats)
-                problem, plans = self._plan(
-                    connection, audience, audience_id, run_id, targets, stats, options
-                )
-                report.status = "guarded" if problem else "planned"
-                report.error = problem
-                report.destinations = _reports_of(plans)
+                stats = self._stage_dry(scratch, audience, options)
             except SourceError as exc:
                 report.status, report.error = "failed", str(exc)
-            finally:
-                connection.rollback()
+                return
+            self._fill_snapshot(report, stats)
+            names = [t.name for t in targets]
+            copy_audience_state(self.engine, scratch, audience.trait_key, audience_id, names)
+            problem, plans = self._plan(
+                scratch, audience, audience_id, DRY_RUN_ID, targets, stats, options
+            )
+            report.status = "guarded" if problem else "planned"
+            report.error = problem
+            report.destinations = _reports_of(plans)
+
+    def _stage_dry(
+        self, scratch: Connection, audience: AudienceConfig, options: RunOptions
+    ) -> SnapshotStats:
+        """A dry run always streams (the same-database path would write the state DB); both
+        paths stage the same rows."""
+
+        def after_chunk() -> None:
+            if self.stop.is_set():
+                raise RunInterruptedError("stopped while computing the dry run; nothing changed")
+            if options.after_chunk is not None:
+                options.after_chunk()
+
+        engine = self._source_engine(audience)
+        try:
+            return stage_from_source(
+                engine,
+                scratch,
+                DRY_RUN_ID,
+                audience=audience.name,
+                source_name=audience.source,
+                query=audience.query,
+                traits=audience.traits,
+                chunk_size=self.config.sources[audience.source].chunk_size,
+                commit_each_chunk=False,
+                after_chunk=after_chunk,
+            )
+        finally:
+            engine.dispose()
 
     @staticmethod
     def _fill_snapshot(report: RunReport, stats: SnapshotStats) -> None:

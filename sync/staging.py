@@ -16,6 +16,7 @@ import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from json.encoder import encode_basestring
 from typing import Any
 
@@ -23,18 +24,10 @@ from sqlalchemy import (
     Connection,
     Engine,
     Insert,
-    String,
     Table,
-    Text,
-    and_,
-    case,
-    cast,
+    delete,
     func,
     insert,
-    literal,
-    literal_column,
-    null,
-    or_,
     select,
     text,
 )
@@ -43,12 +36,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sync.errors import SourceError, driver_reason
 from sync.models import MAX_MEMBER_ID_LENGTH, STAGED
+from sync.sources import Unconvertible, conversion_failed, tolerate_unconvertible
 
 # Invalid rows kept as examples on the run (the rest are only counted).
 MAX_INVALID_SAMPLES = 5
-# Characters that make an id unusable as a userId (they break logs, CSV exports and lookups).
-FORBIDDEN_ID_CHARACTERS = ("\n", "\r", "\t", "\x00")
-_FORBIDDEN_ID = re.compile("[\n\r\t\x00]")
+# Characters that make an id unusable as a userId (they break logs, CSV exports and lookups),
+# and lone surrogates: bytes a source's text was decoded around (not valid UTF-8).
+_FORBIDDEN_ID = re.compile("[\n\r\t\x00\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -78,7 +73,12 @@ def insert_ignoring_duplicates(connection: Connection, table: Table = STAGED) ->
     return insert(table).prefix_with("OR IGNORE")
 
 
-def _query_problem(columns: Sequence[str], traits: Sequence[str]) -> str | None:
+def invalid_sample(row_number: int, reason: str) -> str:
+    """How an invalid row is described on the run (the same words on every staging path)."""
+    return f"row {row_number}: {reason}"
+
+
+def query_problem(columns: Sequence[str], traits: Sequence[str]) -> str | None:
     names = set(columns)
     if "user_id" not in names and "anonymous_id" not in names:
         return (
@@ -123,7 +123,14 @@ def json_value(value: Any) -> Any:
 
 def normalize_id(value: Any) -> tuple[str | None, str | None]:
     """Return ``(id, None)`` for a usable id, ``(None, None)`` when absent, or
-    ``(None, reason)`` when present but unusable."""
+    ``(None, reason)`` when present but unusable.
+
+    The one rule for ids on every path (the same-database path renders the same in SQL):
+    text is kept as it is; NULL, empty or whitespace-only text is absent; integers, and
+    integral floats and decimals (``42.0``, ``7.00``), are their integer text; other numbers
+    (fractions, NaN, infinities) and booleans are invalid; so is text over
+    ``MAX_MEMBER_ID_LENGTH`` characters, with a newline, tab or NUL, or not valid UTF-8.
+    """
     if (
         type(value) is str  # the common case, checked in one pass
         and 0 < len(value) <= MAX_MEMBER_ID_LENGTH
@@ -137,23 +144,32 @@ def normalize_id(value: Any) -> tuple[str | None, str | None]:
         return None, f"id {value!r} is a boolean, not text"
     if isinstance(value, int):
         text_id = str(value)
-    elif (
-        isinstance(value, float | decimal.Decimal) and math.isfinite(value) and value == int(value)
-    ):
+    elif isinstance(value, float | decimal.Decimal):
+        if not _is_whole_number(value):
+            return None, f"id {value} is not a whole number"
         text_id = str(int(value))
     elif isinstance(value, str):
         text_id = value
     elif isinstance(value, uuid.UUID):
         text_id = str(value)
+    elif isinstance(value, Unconvertible):
+        return None, f"id cannot be converted: {value.reason}"
     else:
         return None, f"id of type {type(value).__name__} is not text"
     if not text_id.strip():
         return None, None
     if len(text_id) > MAX_MEMBER_ID_LENGTH:
         return None, f"id of {len(text_id)} characters (at most {MAX_MEMBER_ID_LENGTH})"
-    if any(c in text_id for c in FORBIDDEN_ID_CHARACTERS):
+    if (found := _FORBIDDEN_ID.search(text_id)) is not None:
+        if found.group() >= "\ud800":  # a byte the source's text decoding could not read
+            return None, f"id {text_id[:40]!r} is not valid UTF-8"
         return None, f"id {text_id[:40]!r} contains a newline, tab or NUL"
     return text_id, None
+
+
+def _is_whole_number(value: float | decimal.Decimal) -> bool:
+    finite = value.is_finite() if isinstance(value, decimal.Decimal) else math.isfinite(value)
+    return finite and value == int(value)
 
 
 def traits_json(row: Sequence[Any], trait_indexes: Sequence[tuple[str, int]]) -> str | None:
@@ -207,7 +223,7 @@ def validate_row(
     return ("anonymous", anon_id, None, traits)
 
 
-def _source_error(audience: str, source: str, exc: SQLAlchemyError) -> SourceError:
+def source_error(audience: str, source: str, exc: SQLAlchemyError) -> SourceError:
     reason = driver_reason(exc)
     return SourceError(f'audience "{audience}": query failed on source "{source}": {reason}')
 
@@ -225,40 +241,116 @@ def stage_from_source(
     commit_each_chunk: bool = True,
     after_chunk: Callable[[], None] | None = None,
 ) -> SnapshotStats:
-    """Stream the query's rows from ``source`` into the staging table of ``state``."""
-    stats = SnapshotStats()
-    statement = insert_ignoring_duplicates(state)
+    """Stream the query's rows from ``source`` into the staging table of ``state``.
+
+    A value the driver cannot convert (SQLite text that is not UTF-8, a PostgreSQL
+    ``infinity`` date) fails the whole fetch. The query then runs once more on a connection
+    that reads such values as markers, and their rows are invalid: the common case pays
+    nothing for it.
+    """
+    stream = partial(
+        _stream,
+        source,
+        state,
+        run_id,
+        audience=audience,
+        query=query,
+        traits=traits,
+        chunk_size=chunk_size,
+        commit_each_chunk=commit_each_chunk,
+        after_chunk=after_chunk,
+    )
     try:
-        with source.connect() as connection:
-            result = connection.execution_options(
-                stream_results=True, yield_per=chunk_size
-            ).execute(text(query))
-            columns = list(result.keys())
-            if problem := _query_problem(columns, traits):
-                raise SourceError(f'audience "{audience}": the query {problem}')
-            user_index = columns.index("user_id") if "user_id" in columns else None
-            anon_index = columns.index("anonymous_id") if "anonymous_id" in columns else None
-            trait_indexes = [(name, columns.index(name)) for name in dict.fromkeys(traits)]
-            for chunk in result.partitions(chunk_size):
-                staged_rows: list[tuple[Any, ...]] = []
-                for row in chunk:
-                    stats.rows += 1
-                    checked = validate_row(row, user_index, anon_index, trait_indexes)
-                    if isinstance(checked, str):
-                        stats.add_invalid(f"row {stats.rows}: {checked}")
-                        continue
-                    staged_rows.append((run_id, *checked))
-                if staged_rows:
-                    _insert_staged(state, statement, staged_rows)
-                if commit_each_chunk:
-                    state.commit()
-                if after_chunk is not None:
-                    after_chunk()  # renews the lease; raises to stop a shutting-down run
+        try:
+            stats = stream(tolerant=False)
+        except SQLAlchemyError as exc:
+            if not conversion_failed(exc):
+                raise
+            state.execute(delete(STAGED).where(STAGED.c.run_id == run_id))
+            stats = stream(tolerant=True)
     except SQLAlchemyError as exc:
-        raise _source_error(audience, source_name, exc) from None
+        raise source_error(audience, source_name, exc) from None
     stats.staged = count_staged(state, run_id)
     stats.duplicates = stats.rows - stats.invalid - stats.staged
     return stats
+
+
+def _stream(
+    source: Engine,
+    state: Connection,
+    run_id: int,
+    *,
+    audience: str,
+    query: str,
+    traits: Sequence[str],
+    chunk_size: int,
+    commit_each_chunk: bool,
+    after_chunk: Callable[[], None] | None,
+    tolerant: bool,
+) -> SnapshotStats:
+    stats = SnapshotStats()
+    statement = insert_ignoring_duplicates(state)
+    validate = _validate_tolerant if tolerant else validate_row
+    with source.connect() as connection:
+        if tolerant:
+            tolerate_unconvertible(connection)
+        result = connection.execution_options(stream_results=True, yield_per=chunk_size).execute(
+            text(query)
+        )
+        columns = list(result.keys())
+        if problem := query_problem(columns, traits):
+            raise SourceError(f'audience "{audience}": the query {problem}')
+        user_index = columns.index("user_id") if "user_id" in columns else None
+        anon_index = columns.index("anonymous_id") if "anonymous_id" in columns else None
+        trait_indexes = [(name, columns.index(name)) for name in dict.fromkeys(traits)]
+        for chunk in result.partitions(chunk_size):
+            staged_rows: list[tuple[Any, ...]] = []
+            for row in chunk:
+                stats.rows += 1
+                checked = validate(row, user_index, anon_index, trait_indexes)
+                if isinstance(checked, str):
+                    stats.add_invalid(invalid_sample(stats.rows, checked))
+                    continue
+                staged_rows.append((run_id, *checked))
+            if staged_rows:
+                _insert_staged(state, statement, staged_rows)
+            if commit_each_chunk:
+                state.commit()
+            if after_chunk is not None:
+                after_chunk()  # renews the lease; raises to stop a shutting-down run
+        if tolerant:
+            connection.invalidate()  # not back to the pool with its markers
+    return stats
+
+
+def _validate_tolerant(
+    row: Sequence[Any],
+    user_index: int | None,
+    anon_index: int | None,
+    trait_indexes: Sequence[tuple[str, int]],
+) -> tuple[str, str, str | None, str | None] | str:
+    """``validate_row`` for rows read by a tolerant connection: a trait that could not be read
+    makes its row invalid (ids are checked by ``normalize_id``)."""
+    checked = validate_row(row, user_index, anon_index, trait_indexes)
+    if isinstance(checked, str):
+        return checked
+    for name, index in trait_indexes:
+        if problem := _unreadable(row[index]):
+            label = "user_id" if checked[0] == "user" else "anonymous_id"
+            return f"trait {name} of {label} {checked[1]!r}: {problem}"
+    return checked
+
+
+def _unreadable(value: Any) -> str | None:
+    if isinstance(value, Unconvertible):
+        return f"cannot be converted: {value.reason}"
+    if isinstance(value, str):
+        return "not valid UTF-8" if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list | tuple):
+        return next(filter(None, map(_unreadable, value)), None)
+    return None
 
 
 # SQLite's driver inserts plain tuples much faster than SQLAlchemy binds dicts (no per-row
@@ -334,91 +426,6 @@ def count_staged(connection: Connection, run_id: int) -> int:
     """How many distinct members a run staged."""
     query = select(func.count()).select_from(STAGED).where(STAGED.c.run_id == run_id)
     return int(connection.execute(query).scalar_one())
-
-
-def stage_in_database(
-    state: Connection,
-    run_id: int,
-    *,
-    audience: str,
-    source_name: str,
-    query: str,
-    traits: Sequence[str],
-) -> SnapshotStats:
-    """Stage with one ``INSERT … SELECT`` when the source is the state database itself."""
-    body = query.strip().rstrip(";")
-    dialect = state.dialect.name
-    try:
-        probe = state.execute(text(f"SELECT * FROM ({body}) AS q WHERE 1 = 0"))
-        columns = list(probe.keys())
-        probe.close()
-        if problem := _query_problem(columns, traits):
-            raise SourceError(f'audience "{audience}": the query {problem}')
-        source = text(body).columns().subquery("q")
-
-        def id_parts(column: str) -> tuple[Any, Any, Any]:
-            """The id as text, whether it is present, and whether it is usable."""
-            if column not in columns:
-                return null(), literal(False), literal(False)
-            value = cast(literal_column(f"q.{column}"), Text)
-            position = func.strpos if dialect == "postgresql" else func.instr
-            present = and_(value.is_not(None), func.trim(value) != "")
-            clean = and_(
-                present,
-                func.length(value) <= MAX_MEMBER_ID_LENGTH,
-                *[func.coalesce(position(value, literal(c)), 0) == 0 for c in "\n\r\t"],
-            )
-            return value, present, clean
-
-        user_value, user_present, user_clean = id_parts("user_id")
-        anon_value, _anon_present, anon_clean = id_parts("anonymous_id")
-        valid = or_(user_clean, and_(~user_present, anon_clean))
-        if traits:
-            builder = func.json_build_object if dialect == "postgresql" else func.json_object
-            pairs: list[Any] = []
-            for name in traits:
-                pairs += [literal(name), literal_column(f"q.{name}")]
-            traits_json: Any = builder(*pairs)
-        else:
-            traits_json = null()
-        snapshot = (
-            select(
-                literal(run_id).label("run_id"),
-                case((user_present, "user"), else_="anonymous").label("id_kind"),
-                cast(case((user_present, user_value), else_=anon_value), String).label("member_id"),
-                case(
-                    (user_present, anon_value if "anonymous_id" in columns else null()),
-                    else_=null(),
-                ).label("anonymous_id"),
-                traits_json.label("traits"),
-            )
-            .select_from(source)
-            .where(valid)
-        )
-        counts = state.execute(
-            select(func.count(), func.sum(case((valid, 1), else_=0))).select_from(source)
-        ).one()
-        state.execute(
-            insert_ignoring_duplicates(state).from_select(
-                ["run_id", "id_kind", "member_id", "anonymous_id", "traits"], snapshot
-            )
-        )
-        stats = SnapshotStats(rows=int(counts[0]), staged=count_staged(state, run_id))
-        stats.invalid = stats.rows - int(counts[1] or 0)
-        if stats.invalid:
-            samples = state.execute(
-                select(user_value.label("u"), anon_value.label("a"))
-                .select_from(source)
-                .where(~valid)
-                .limit(MAX_INVALID_SAMPLES)
-            ).all()
-            stats.samples = [
-                f"invalid id: user_id={u!r} anonymous_id={a!r}"[:200] for u, a in samples
-            ]
-    except SQLAlchemyError as exc:
-        raise _source_error(audience, source_name, exc) from None
-    stats.duplicates = stats.rows - stats.invalid - stats.staged
-    return stats
 
 
 def refresh_statistics(connection: Connection, *, memberships_only: bool = False) -> None:

@@ -1,0 +1,225 @@
+"""The same-database path: a query that runs on the state database is staged with one
+``INSERT … SELECT``, no row passing through Python.
+
+One rule for ids and traits on every path (README "How a sync works"): this path stages in SQL
+only queries whose ids and traits it renders exactly as the streaming path's ``validate_row``
+does — text, integers, booleans (PostgreSQL) and NULL. A query with any other value (a float, a
+NUMERIC, a date, bytes, JSON, text with NUL or not UTF-8) is left to the streaming path, whole:
+:func:`stage_in_database` returns None and the caller streams it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    LargeBinary,
+    String,
+    Text,
+    and_,
+    case,
+    cast,
+    func,
+    literal,
+    literal_column,
+    null,
+    or_,
+    select,
+    text,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from sync.errors import SourceError
+from sync.models import MAX_MEMBER_ID_LENGTH
+from sync.staging import (
+    MAX_INVALID_SAMPLES,
+    SnapshotStats,
+    count_staged,
+    insert_ignoring_duplicates,
+    invalid_sample,
+    query_problem,
+    source_error,
+    validate_row,
+)
+
+# The characters Python's str.isspace() accepts: an id made only of them is blank (absent) on
+# both paths, as ``str.strip()`` decides on the streaming path.
+WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+    "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+# Control characters an id may not hold (NUL: SQLite text only; such a query is streamed).
+FORBIDDEN_IN_ID = "\n\r\t"
+# PostgreSQL type OIDs (pg_type) whose values this path renders as the streaming path does:
+# text, varchar, int2, int4, int8 for ids; booleans too for traits.
+PG_TEXT_OIDS = frozenset({25, 1043})
+PG_INTEGER_OIDS = frozenset({20, 21, 23})
+PG_BOOL_OID = 16
+# SQLite: a GLOB matching text with a character outside ASCII (then checked for valid UTF-8).
+NON_ASCII_GLOB = "*[^\x01-\x7f]*"
+UTF8_CHECK_FUNCTION = "audience_sync_is_utf8"
+
+
+def _is_utf8(raw: bytes | None) -> int:
+    if raw is None:
+        return 1
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return 0
+    return 1
+
+
+def _sqlite_plain(value: Any) -> ColumnElement[bool]:
+    """SQLite stores any type in any column: a value is plain when it is NULL, an integer, or
+    UTF-8 text without NUL."""
+    kind = func.typeof(value)
+    raw = cast(value, LargeBinary)
+    utf8 = or_(
+        ~value.op("GLOB")(literal(NON_ASCII_GLOB)),
+        getattr(func, UTF8_CHECK_FUNCTION)(raw) == 1,
+    )
+    no_nul = func.instr(raw, literal(b"\x00", LargeBinary)) == 0
+    return or_(kind.in_(("null", "integer")), and_(kind == "text", no_nul, utf8))
+
+
+def _postgres_plain(types: dict[str, Any], ids: Sequence[str], traits: Sequence[str]) -> bool:
+    """PostgreSQL columns have one type: the query is plain when every id column is text or an
+    integer and every trait column is also possibly a boolean."""
+    id_types = PG_TEXT_OIDS | PG_INTEGER_OIDS
+    return all(types.get(c) in id_types for c in ids) and all(
+        types.get(t) in id_types | {PG_BOOL_OID} for t in traits
+    )
+
+
+class _Rows:
+    """The id and validity expressions over a query aliased ``alias``."""
+
+    def __init__(self, dialect: str, alias: str, columns: Sequence[str]) -> None:
+        self.dialect, self.alias, self.columns = dialect, alias, columns
+        user, user_present, user_clean = self.id_parts("user_id")
+        anon, _anon_present, anon_clean = self.id_parts("anonymous_id")
+        self.user, self.anon, self.user_present = user, anon, user_present
+        self.anon_kept = and_(user_present, anon_clean)
+        self.valid = or_(user_clean, and_(~user_present, anon_clean))
+
+    def column(self, name: str) -> Any:
+        return literal_column(f"{self.alias}.{name}")
+
+    def id_parts(self, name: str) -> tuple[Any, Any, Any]:
+        """The id as text, whether it is present (not NULL or blank), and whether it is
+        usable — as ``staging.normalize_id`` decides for text and integers."""
+        if name not in self.columns:
+            return null(), literal(False), literal(False)
+        value = cast(self.column(name), Text)
+        trim = func.btrim if self.dialect == "postgresql" else func.trim
+        position = func.strpos if self.dialect == "postgresql" else func.instr
+        present = and_(value.is_not(None), trim(value, literal(WHITESPACE)) != "")
+        clean = and_(
+            present,
+            func.length(value) <= MAX_MEMBER_ID_LENGTH,
+            *[position(value, literal(c)) == 0 for c in FORBIDDEN_IN_ID],
+        )
+        return value, present, clean
+
+
+def _traits_json(dialect: str, rows: _Rows, traits: Sequence[str]) -> Any:
+    if not traits:
+        return null()
+    builder = func.json_build_object if dialect == "postgresql" else func.json_object
+    pairs: list[Any] = []
+    for name in traits:
+        pairs += [literal(name), rows.column(name)]
+    return builder(*pairs)
+
+
+def stage_in_database(
+    state: Connection,
+    run_id: int,
+    *,
+    audience: str,
+    source_name: str,
+    query: str,
+    traits: Sequence[str],
+) -> SnapshotStats | None:
+    """Stage with one ``INSERT … SELECT`` when the source is the state database itself; None
+    when the query holds values only the streaming path renders (the caller streams it)."""
+    dialect = state.dialect.name
+    if dialect not in ("sqlite", "postgresql"):
+        return None  # MySQL/MariaDB: no exact SQL rendering written; the streaming path
+    body = query.strip().rstrip(";")
+    try:
+        probe = state.execute(text(f"SELECT * FROM ({body}) AS q WHERE 1 = 0"))
+        columns = list(probe.keys())
+        types = {c: d[1] for c, d in zip(columns, probe.cursor.description or [], strict=False)}
+        probe.close()
+        if problem := query_problem(columns, traits):
+            raise SourceError(f'audience "{audience}": the query {problem}')
+        ids = [c for c in ("user_id", "anonymous_id") if c in columns]
+        if dialect == "postgresql" and not _postgres_plain(types, ids, traits):
+            return None
+        source = text(body).columns().subquery("q")
+        rows = _Rows(dialect, "q", columns)
+        totals = [func.count(), func.sum(case((rows.valid, 1), else_=0))]
+        if dialect == "sqlite":
+            state.connection.dbapi_connection.create_function(  # type: ignore[union-attr]
+                UTF8_CHECK_FUNCTION, 1, _is_utf8, deterministic=True
+            )
+            plain = and_(*[_sqlite_plain(rows.column(c)) for c in (*ids, *traits)])
+            totals.append(func.sum(case((plain, 0), else_=1)))
+        counts = state.execute(select(*totals).select_from(source)).one()
+        if dialect == "sqlite" and counts[2]:
+            return None
+        snapshot = (
+            select(
+                literal(run_id).label("run_id"),
+                case((rows.user_present, "user"), else_="anonymous").label("id_kind"),
+                cast(case((rows.user_present, rows.user), else_=rows.anon), String).label(
+                    "member_id"
+                ),
+                case((rows.anon_kept, rows.anon), else_=null()).label("anonymous_id"),
+                _traits_json(dialect, rows, traits).label("traits"),
+            )
+            .select_from(source)
+            .where(rows.valid)
+        )
+        state.execute(
+            insert_ignoring_duplicates(state).from_select(
+                ["run_id", "id_kind", "member_id", "anonymous_id", "traits"], snapshot
+            )
+        )
+        stats = SnapshotStats(rows=int(counts[0]), staged=count_staged(state, run_id))
+        stats.invalid = stats.rows - int(counts[1] or 0)
+        if stats.invalid:
+            stats.samples = _samples(state, dialect, body, columns, traits)
+    except SQLAlchemyError as exc:
+        raise source_error(audience, source_name, exc) from None
+    stats.duplicates = stats.rows - stats.invalid - stats.staged
+    return stats
+
+
+def _samples(
+    state: Connection, dialect: str, body: str, columns: list[str], traits: Sequence[str]
+) -> list[str]:
+    """The first invalid rows, described by the streaming path's own validation (so both paths
+    give the same reasons), numbered by their position in the result."""
+    numbered = text(f"SELECT row_number() OVER () AS audience_sync_row, q.* FROM ({body}) AS q")
+    rows = _Rows(dialect, "r", columns)
+    wanted = ["audience_sync_row", *columns]
+    found = state.execute(
+        select(*[rows.column(c) for c in wanted])
+        .select_from(numbered.columns().subquery("r"))
+        .where(~rows.valid)
+        .limit(MAX_INVALID_SAMPLES)
+    ).all()
+    user = columns.index("user_id") + 1 if "user_id" in columns else None
+    anon = columns.index("anonymous_id") + 1 if "anonymous_id" in columns else None
+    trait_indexes = [(t, columns.index(t) + 1) for t in dict.fromkeys(traits)]
+    samples = []
+    for row in found:
+        reason = validate_row(row, user, anon, trait_indexes)
+        samples.append(invalid_sample(int(row[0]), reason if isinstance(reason, str) else "id"))
+    return samples

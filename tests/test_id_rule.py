@@ -1,0 +1,171 @@
+"""One rule for ids and trait values: the same-database path (one ``INSERT … SELECT``) and the
+streaming path (rows through Python) stage the same rows from the same query (issue #10,
+finding 12)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, Engine, select, text
+
+from sync.models import STAGED
+from sync.same_database import stage_in_database
+from sync.sources import make_source_engine
+from sync.staging import SnapshotStats, stage_from_source
+
+SAME_DB_RUN, STREAMED_RUN = 1, 2
+
+
+def _canonical(traits: Any) -> str | None:
+    return None if traits is None else json.dumps(traits, sort_keys=True)
+
+
+def _staged(connection: Connection, run_id: int) -> list[tuple[Any, ...]]:
+    rows = connection.execute(
+        select(STAGED.c.id_kind, STAGED.c.member_id, STAGED.c.anonymous_id, STAGED.c.traits)
+        .where(STAGED.c.run_id == run_id)
+        .order_by(STAGED.c.id_kind, STAGED.c.member_id)
+    ).all()
+    return [(kind, member, anon, _canonical(traits)) for kind, member, anon, traits in rows]
+
+
+def _counts(stats: SnapshotStats) -> tuple[Any, ...]:
+    return (stats.rows, stats.staged, stats.invalid, stats.duplicates, sorted(stats.samples))
+
+
+def _both_paths(
+    engine: Engine, query: str, traits: list[str]
+) -> tuple[tuple[Any, ...], tuple[Any, ...], bool]:
+    """Stage ``query`` as a same-database source (falling back to streaming as the runner
+    does) and as a streamed source; return both results and whether SQL staged it."""
+    url = engine.url.render_as_string(hide_password=False)
+    names = {"audience": "A", "source_name": "w", "query": query, "traits": traits}
+    with engine.connect() as connection:
+        same = stage_in_database(connection, SAME_DB_RUN, **names)
+        in_sql = same is not None
+        source = make_source_engine("w", url)
+        try:
+            if same is None:
+                same = stage_from_source(source, connection, SAME_DB_RUN, chunk_size=3, **names)
+            streamed = stage_from_source(source, connection, STREAMED_RUN, chunk_size=3, **names)
+        finally:
+            source.dispose()
+        results = (
+            (_staged(connection, SAME_DB_RUN), _counts(same)),
+            (_staged(connection, STREAMED_RUN), _counts(streamed)),
+        )
+        connection.rollback()
+    return results[0], results[1], in_sql
+
+
+def _fill(engine: Engine, ddl: str, table: str, rows: list[tuple[Any, ...]]) -> None:
+    with engine.begin() as connection:
+        connection.execute(text(ddl))
+        width = len(rows[0])
+        marks = ", ".join(f":p{i}" for i in range(width))
+        connection.execute(
+            text(f"INSERT INTO {table} VALUES ({marks})"),
+            [{f"p{i}": v for i, v in enumerate(row)} for row in rows],
+        )
+
+
+TEXT_IDS: list[tuple[Any, ...]] = [
+    ("a", None, "a@x.co", 1),
+    (" b ", "anon-b", "b@x.co", None),
+    ("", "anon-empty", "e@x.co", 2),
+    ("   ", None, "blank@x.co", 3),
+    ("\u3000", "  ", "ideographic-space@x.co", 4),
+    ("\xa0x\xa0", "\u2003", "nbsp@x.co", 5),
+    (None, "anon-only", "anon@x.co", 6),
+    (None, "\t", "tab-anon@x.co", 7),
+    ("x" * 255, None, "max@x.co", 8),
+    ("y" * 300, None, "long@x.co", 9),
+    ("tab\tid", None, "tab@x.co", 10),
+    ("new\nline", None, "nl@x.co", 11),
+    ("Müller", None, "quote\"and\\back\nslash", 12),
+    ("a", None, "dup@x.co", 13),
+    ("u-big", None, "big@x.co", 2**62),
+]
+
+
+def test_text_ids_stage_alike_on_both_paths(state_engine: Engine) -> None:
+    _fill(
+        state_engine,
+        "CREATE TABLE people (user_id TEXT, anonymous_id TEXT, email TEXT, n BIGINT)",
+        "people",
+        TEXT_IDS,
+    )
+    query = "SELECT user_id, anonymous_id, email, n FROM people"
+    same, streamed, in_sql = _both_paths(state_engine, query, ["email", "n"])
+    assert in_sql, "plain text ids and text/integer traits are staged in SQL"
+    assert same == streamed
+    members = {row[1] for row in same[0]}
+    expected = {"a", " b ", "anon-empty", "\xa0x\xa0", "anon-only", "x" * 255, "Müller", "u-big"}
+    assert members == expected
+    rows, staged, invalid, duplicates, _ = same[1]
+    assert (rows, staged, invalid, duplicates) == (15, 8, 6, 1)
+
+
+def test_integer_ids_stage_alike_on_both_paths(state_engine: Engine) -> None:
+    _fill(
+        state_engine,
+        "CREATE TABLE counted (user_id BIGINT, email TEXT)",
+        "counted",
+        [(42, "a@x.co"), (7, "b@x.co"), (-3, None), (2**62, "c@x.co"), (None, "d@x.co")],
+    )
+    same, streamed, in_sql = _both_paths(
+        state_engine, "SELECT user_id, email FROM counted", ["email"]
+    )
+    assert in_sql
+    assert same == streamed
+    assert {row[1] for row in same[0]} == {"42", "7", "-3", str(2**62)}
+
+
+def _numeric_rows(dialect: str) -> tuple[str, list[tuple[Any, ...]], str]:
+    """Ids and traits that are not plain text or integers: 42.0, 7 and 7.00 as NUMERIC, NaN,
+    infinities, fractions, nested JSON."""
+    rows: list[tuple[Any, ...]] = [
+        (42.0, 42.0, 1.5, '{"a": [1, {"b": null}]}'),
+        (7, 7, 0.1 + 0.2, "[]"),
+        (7.0, "7.00", float("nan"), "{}"),
+        (4.5, "4.5", float("inf"), "1"),
+        (float("inf"), "1", float("-inf"), "null"),
+        ("t-1", "10.00", 1e300, '"text"'),
+    ]
+    if dialect == "postgresql":
+        ddl = "CREATE TABLE mixed (user_id DOUBLE PRECISION, num NUMERIC, score DOUBLE PRECISION, doc JSONB)"
+        rows = [r for r in rows if not isinstance(r[0], str)]
+        rows.append((float("nan"), "NaN", None, '{"k": "v"}'))
+        return ddl, rows, "SELECT user_id, num, score, doc FROM mixed"
+    ddl = "CREATE TABLE mixed (user_id, num NUMERIC, score REAL, doc TEXT)"
+    return ddl, rows, "SELECT user_id, num, score, doc FROM mixed"
+
+
+def test_numbers_nan_and_json_stage_alike_on_both_paths(state_engine: Engine) -> None:
+    ddl, rows, query = _numeric_rows(state_engine.dialect.name)
+    _fill(state_engine, ddl, "mixed", rows)
+    same, streamed, _ = _both_paths(state_engine, query, ["num", "score", "doc"])
+    assert same == streamed
+    by_id = {row[1]: json.loads(row[3]) for row in same[0]}
+    # Integral numbers are their integer text: 42.0 is "42"; 7 and 7.0 are one member.
+    assert {"42", "7"} <= set(by_id)
+    assert not {"42.0", "7.0", "4.5", "inf", "nan", "NaN"} & set(by_id)
+    # NaN and infinities have no JSON form: they are null; 7.00 as NUMERIC is 7.
+    assert by_id["42"]["num"] == 42 and by_id["7"]["num"] == 7
+    assert by_id["7"]["score"] == pytest.approx(0.1 + 0.2)
+
+
+def test_id_with_nul_is_invalid_on_both_paths(state_engine: Engine) -> None:
+    if state_engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL text cannot hold NUL")
+    _fill(
+        state_engine,
+        "CREATE TABLE nul (user_id TEXT, email TEXT)",
+        "nul",
+        [("ok", "a\x00b"), ("nul\x00id", "x@x.co")],
+    )
+    same, streamed, _ = _both_paths(state_engine, "SELECT user_id, email FROM nul", ["email"])
+    assert same == streamed
+    assert [row[1] for row in same[0]] == ["ok"]
