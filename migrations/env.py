@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Engine
 
+from sync.db import compare_column_type
 from sync.models import Base
 
 target_metadata = Base.metadata
@@ -18,7 +19,7 @@ def run_migrations_online() -> None:
         context.configure(
             connection=connection,
             target_metadata=target_metadata,
-            compare_type=True,
+            compare_type=compare_column_type,
             render_as_batch=True,  # SQLite needs table copies for most ALTERs
         )
         with context.begin_transaction():

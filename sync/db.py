@@ -25,7 +25,7 @@ from sync.errors import (
     StateError,
 )
 from sync.logs import redact_url
-from sync.models import INSTALLATION, utcnow
+from sync.models import INSTALLATION, MYSQL_DIALECTS, utcnow
 
 # How long a SQLite writer waits for another (the daemon and a manual `sync` share one file).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -83,7 +83,33 @@ def make_state_engine(url: str, *, must_exist: bool = False, read_only: bool = F
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _configure_sqlite)
         return engine
+    if parsed.get_backend_name() in MYSQL_DIALECTS:
+        return _make_mysql_engine(url, read_only=read_only)
     engine = create_engine(url, pool_pre_ping=True)
+    if read_only:
+        event.listen(engine, "begin", read_only_transaction)
+    return engine
+
+
+def _configure_mysql(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # Timestamps are stored as UTC without a zone (models.UTCDateTime): the database's own
+    # clock (NOW()) must read UTC too, whatever the server's time zone.
+    cursor.execute("SET time_zone = '+00:00'")
+    # Strict mode: a value too long or of the wrong type is an error, never silently truncated
+    # (two truncated ids would merge).
+    cursor.execute(
+        "SET SESSION sql_mode = CONCAT_WS(',', NULLIF(@@sql_mode, ''), 'STRICT_ALL_TABLES')"
+    )
+    cursor.close()
+
+
+def _make_mysql_engine(url: str, *, read_only: bool) -> Engine:
+    # READ COMMITTED, as on PostgreSQL: each statement sees what others committed before it.
+    # Under InnoDB's default REPEATABLE READ, a transaction keeps reading its first snapshot,
+    # so e.g. the loser of two concurrent audience creations would not see the winner's row.
+    engine = create_engine(url, pool_pre_ping=True, isolation_level="READ COMMITTED")
+    event.listen(engine, "connect", _configure_mysql)
     if read_only:
         event.listen(engine, "begin", read_only_transaction)
     return engine
@@ -100,6 +126,22 @@ def read_only_transaction(connection: Connection) -> None:
         cursor.execute("SET TRANSACTION READ ONLY")
     finally:
         cursor.close()
+
+
+def compare_column_type(
+    context: MigrationContext,
+    _inspected_column: Any,
+    _metadata_column: Any,
+    inspected_type: Any,
+    metadata_type: Any,
+) -> bool | None:
+    """Alembic ``compare_type`` hook: a column whose collation differs from the model's
+    (``models.Key`` on MySQL/MariaDB) differs, which Alembic's own comparison ignores; None
+    leaves every other type comparison to Alembic."""
+    wanted = getattr(metadata_type.dialect_impl(context.dialect), "collation", None)
+    if wanted is not None and getattr(inspected_type, "collation", None) != wanted:
+        return True
+    return None
 
 
 def alembic_config(engine: Engine) -> AlembicConfig:
