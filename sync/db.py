@@ -6,6 +6,9 @@ Engines are made here and passed down; nothing opens a connection at import time
 from __future__ import annotations
 
 import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +20,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, insert, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
 
 from sync.errors import (
     SchemaOutOfDateError,
@@ -144,12 +148,74 @@ def compare_column_type(
     return None
 
 
-def alembic_config(engine: Engine) -> AlembicConfig:
-    """An Alembic config bound to ``engine`` (no alembic.ini needed)."""
+def alembic_config(connection: Connection) -> AlembicConfig:
+    """An Alembic config that migrates on ``connection`` (no alembic.ini needed)."""
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(_migrations_dir()))
-    cfg.attributes["engine"] = engine
+    cfg.attributes["connection"] = connection
     return cfg
+
+
+@dataclass(frozen=True)
+class MigrationPause:
+    """Test seam (``db upgrade --test-pause-before TEXT --test-ready-file PATH``): before the
+    first SQL statement containing ``statement``, create ``ready`` and wait until killed."""
+
+    statement: str
+    ready: Path
+
+    def install(self, connection: Connection) -> None:
+        """Make ``connection`` stop there."""
+
+        def pause(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if self.statement in statement:
+                self.ready.touch()
+                threading.Event().wait()  # until the test kills this process
+
+        event.listen(connection, "before_cursor_execute", pause)
+
+
+def _configure_sqlite_migration(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite must not begin or commit on its own (it runs DDL outside any transaction):
+    # ``_begin_sqlite_migration`` opens the one transaction the whole upgrade runs in.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    # Off while tables are recreated (Alembic's batch copies): dropping a table others refer
+    # to would cascade into them or be refused. It cannot change inside a transaction, hence
+    # here; env.py runs PRAGMA foreign_key_check before committing.
+    cursor.execute("PRAGMA foreign_keys = OFF")
+    cursor.close()
+
+
+def _begin_sqlite_migration(connection: Connection) -> None:
+    # IMMEDIATE: hold the write lock from the start, so no daemon writes between two steps.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@contextmanager
+def _migration_connection(engine: Engine, pause: MigrationPause | None) -> Iterator[Connection]:
+    """The connection migrations run on. SQLite gets one of its own, made transactional for
+    DDL, so that a killed upgrade leaves the revision it started from (PostgreSQL's DDL is
+    transactional already; MySQL commits each DDL statement). The engines that sync use keep
+    pysqlite's default behaviour."""
+    migrating = engine
+    if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        migrating = create_engine(engine.url, poolclass=NullPool)
+        event.listen(migrating, "connect", _configure_sqlite_migration)
+        event.listen(migrating, "begin", _begin_sqlite_migration)
+    try:
+        with migrating.connect() as connection:
+            if pause is not None:
+                pause.install(connection)
+            yield connection
+    finally:
+        if migrating is not engine:
+            migrating.dispose()
+            # The caller's pooled connections keep the schema they read before: SQLite's
+            # PRAGMA index_list, for one, does not notice another connection's DDL.
+            engine.dispose()
 
 
 def head_revision() -> str:
@@ -216,17 +282,19 @@ def require_current_schema(engine: Engine) -> None:
         )
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "head", *, pause: MigrationPause | None = None) -> None:
     """Migrate the state database up to ``revision``."""
     status = schema_status(engine)
     if status.state == "ahead":
         require_current_schema(engine)
-    command.upgrade(alembic_config(engine), revision)
+    with _migration_connection(engine, pause) as connection:
+        command.upgrade(alembic_config(connection), revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
     """Migrate the state database down to ``revision`` (``base`` removes everything)."""
-    command.downgrade(alembic_config(engine), revision)
+    with _migration_connection(engine, None) as connection:
+        command.downgrade(alembic_config(connection), revision)
 
 
 def installation_id(connection: Connection) -> str:
