@@ -1,29 +1,44 @@
-"""Alembic environment: migrates the engine audience-sync hands over (see sync.db)."""
+"""Alembic environment: migrates on the connection audience-sync hands over (see sync.db)."""
 
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import Engine
+from sqlalchemy import Connection
 
+from sync.db import compare_column_type
 from sync.models import Base
 
 target_metadata = Base.metadata
 
 
 def run_migrations_online() -> None:
-    engine: Engine | None = context.config.attributes.get("engine")
-    if engine is None:
+    connection: Connection | None = context.config.attributes.get("connection")
+    if connection is None:
         raise RuntimeError("run migrations through `audience-sync db upgrade`")
-    with engine.connect() as connection:
-        context.configure(
-            connection=connection,
-            target_metadata=target_metadata,
-            compare_type=True,
-            render_as_batch=True,  # SQLite needs table copies for most ALTERs
-        )
-        with context.begin_transaction():
-            context.run_migrations()
-        connection.commit()
+    sqlite = connection.dialect.name == "sqlite"
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        compare_type=compare_column_type,
+        render_as_batch=True,  # SQLite needs table copies for most ALTERs
+        # SQLite's DDL is transactional, but Alembic assumes not: one transaction for the
+        # whole upgrade, so a killed one leaves the previous revision (see sync.db).
+        transactional_ddl=True if sqlite else None,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+        if sqlite:
+            check_foreign_keys(connection)
+    connection.commit()
+
+
+def check_foreign_keys(connection: Connection) -> None:
+    """Refuse to commit a migration that left rows pointing nowhere (SQLite migrates with
+    foreign keys off)."""
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+    if broken:
+        tables = sorted({str(row[0]) for row in broken})
+        raise RuntimeError(f"migration left rows with broken foreign keys in {', '.join(tables)}")
 
 
 if context.is_offline_mode():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
@@ -14,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sync import __version__
 from sync.config import DEFAULT_CONFIG_PATH, Config, load_config
-from sync.db import make_state_engine, schema_status, upgrade
+from sync.db import MigrationPause, make_state_engine, schema_status, upgrade
 from sync.drift import drift_report
 from sync.errors import (
     AudienceSyncError,
@@ -249,14 +250,30 @@ def db() -> None:
 
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True, help="Migrate to this revision.")
+@click.option(
+    "--test-pause-before",
+    hidden=True,
+    help="Test seam: stop before the first SQL statement containing this text.",
+)
+@click.option(
+    "--test-ready-file",
+    type=click.Path(path_type=Path),
+    hidden=True,
+    help="Test seam: created when the upgrade stops there.",
+)
 @pass_app
-def db_upgrade(app: AppContext, revision: str) -> None:
+def db_upgrade(
+    app: AppContext, revision: str, test_pause_before: str | None, test_ready_file: Path | None
+) -> None:
     """Create or migrate the state database to this version's schema."""
     config = app.config()
+    pause = None
+    if test_pause_before and test_ready_file:
+        pause = MigrationPause(test_pause_before, test_ready_file)
     engine = make_state_engine(config.state.url)
     try:
         before = schema_status(engine)
-        upgrade(engine, revision)
+        upgrade(engine, revision, pause=pause)
         after = schema_status(engine)
     finally:
         engine.dispose()

@@ -6,6 +6,9 @@ Engines are made here and passed down; nothing opens a connection at import time
 from __future__ import annotations
 
 import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +20,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, insert, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
 
 from sync.errors import (
     SchemaOutOfDateError,
@@ -25,7 +29,7 @@ from sync.errors import (
     StateError,
 )
 from sync.logs import redact_url
-from sync.models import INSTALLATION, utcnow
+from sync.models import INSTALLATION, MYSQL_DIALECTS, utcnow
 
 # How long a SQLite writer waits for another (the daemon and a manual `sync` share one file).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -83,7 +87,33 @@ def make_state_engine(url: str, *, must_exist: bool = False, read_only: bool = F
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _configure_sqlite)
         return engine
+    if parsed.get_backend_name() in MYSQL_DIALECTS:
+        return _make_mysql_engine(url, read_only=read_only)
     engine = create_engine(url, pool_pre_ping=True)
+    if read_only:
+        event.listen(engine, "begin", read_only_transaction)
+    return engine
+
+
+def _configure_mysql(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # Timestamps are stored as UTC without a zone (models.UTCDateTime): the database's own
+    # clock (NOW()) must read UTC too, whatever the server's time zone.
+    cursor.execute("SET time_zone = '+00:00'")
+    # Strict mode: a value too long or of the wrong type is an error, never silently truncated
+    # (two truncated ids would merge).
+    cursor.execute(
+        "SET SESSION sql_mode = CONCAT_WS(',', NULLIF(@@sql_mode, ''), 'STRICT_ALL_TABLES')"
+    )
+    cursor.close()
+
+
+def _make_mysql_engine(url: str, *, read_only: bool) -> Engine:
+    # READ COMMITTED, as on PostgreSQL: each statement sees what others committed before it.
+    # Under InnoDB's default REPEATABLE READ, a transaction keeps reading its first snapshot,
+    # so e.g. the loser of two concurrent audience creations would not see the winner's row.
+    engine = create_engine(url, pool_pre_ping=True, isolation_level="READ COMMITTED")
+    event.listen(engine, "connect", _configure_mysql)
     if read_only:
         event.listen(engine, "begin", read_only_transaction)
     return engine
@@ -102,12 +132,90 @@ def read_only_transaction(connection: Connection) -> None:
         cursor.close()
 
 
-def alembic_config(engine: Engine) -> AlembicConfig:
-    """An Alembic config bound to ``engine`` (no alembic.ini needed)."""
+def compare_column_type(
+    context: MigrationContext,
+    _inspected_column: Any,
+    _metadata_column: Any,
+    inspected_type: Any,
+    metadata_type: Any,
+) -> bool | None:
+    """Alembic ``compare_type`` hook: a column whose collation differs from the model's
+    (``models.Key`` on MySQL/MariaDB) differs, which Alembic's own comparison ignores; None
+    leaves every other type comparison to Alembic."""
+    wanted = getattr(metadata_type.dialect_impl(context.dialect), "collation", None)
+    if wanted is not None and getattr(inspected_type, "collation", None) != wanted:
+        return True
+    return None
+
+
+def alembic_config(connection: Connection) -> AlembicConfig:
+    """An Alembic config that migrates on ``connection`` (no alembic.ini needed)."""
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(_migrations_dir()))
-    cfg.attributes["engine"] = engine
+    cfg.attributes["connection"] = connection
     return cfg
+
+
+@dataclass(frozen=True)
+class MigrationPause:
+    """Test seam (``db upgrade --test-pause-before TEXT --test-ready-file PATH``): before the
+    first SQL statement containing ``statement``, create ``ready`` and wait until killed."""
+
+    statement: str
+    ready: Path
+
+    def install(self, connection: Connection) -> None:
+        """Make ``connection`` stop there."""
+
+        def pause(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if self.statement in statement:
+                self.ready.touch()
+                threading.Event().wait()  # until the test kills this process
+
+        event.listen(connection, "before_cursor_execute", pause)
+
+
+def _configure_sqlite_migration(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite must not begin or commit on its own (it runs DDL outside any transaction):
+    # ``_begin_sqlite_migration`` opens the one transaction the whole upgrade runs in.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    # Off while tables are recreated (Alembic's batch copies): dropping a table others refer
+    # to would cascade into them or be refused. It cannot change inside a transaction, hence
+    # here; env.py runs PRAGMA foreign_key_check before committing.
+    cursor.execute("PRAGMA foreign_keys = OFF")
+    cursor.close()
+
+
+def _begin_sqlite_migration(connection: Connection) -> None:
+    # IMMEDIATE: hold the write lock from the start, so no daemon writes between two steps.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@contextmanager
+def _migration_connection(engine: Engine, pause: MigrationPause | None) -> Iterator[Connection]:
+    """The connection migrations run on. SQLite gets one of its own, made transactional for
+    DDL, so that a killed upgrade leaves the revision it started from (PostgreSQL's DDL is
+    transactional already; MySQL commits each DDL statement). The engines that sync use keep
+    pysqlite's default behaviour."""
+    migrating = engine
+    if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        migrating = create_engine(engine.url, poolclass=NullPool)
+        event.listen(migrating, "connect", _configure_sqlite_migration)
+        event.listen(migrating, "begin", _begin_sqlite_migration)
+    try:
+        with migrating.connect() as connection:
+            if pause is not None:
+                pause.install(connection)
+            yield connection
+    finally:
+        if migrating is not engine:
+            migrating.dispose()
+            # The caller's pooled connections keep the schema they read before: SQLite's
+            # PRAGMA index_list, for one, does not notice another connection's DDL.
+            engine.dispose()
 
 
 def head_revision() -> str:
@@ -174,17 +282,19 @@ def require_current_schema(engine: Engine) -> None:
         )
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "head", *, pause: MigrationPause | None = None) -> None:
     """Migrate the state database up to ``revision``."""
     status = schema_status(engine)
     if status.state == "ahead":
         require_current_schema(engine)
-    command.upgrade(alembic_config(engine), revision)
+    with _migration_connection(engine, pause) as connection:
+        command.upgrade(alembic_config(connection), revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
     """Migrate the state database down to ``revision`` (``base`` removes everything)."""
-    command.downgrade(alembic_config(engine), revision)
+    with _migration_connection(engine, None) as connection:
+        command.downgrade(alembic_config(connection), revision)
 
 
 def installation_id(connection: Connection) -> str:

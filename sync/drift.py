@@ -130,7 +130,7 @@ def rename_problem(connection: Connection, config: Config, audience: AudienceCon
 
     Only an audience the state DB does not know yet can be a rename; it is one when a
     non-retired audience that left the config had the same source, query and traits
-    (``definition_hash``) and the same destinations (unknown for rows older than 0009).
+    (``definition_hash``) and the same destinations (unknown for rows older than 0008).
     """
     key = audience.trait_key
     if connection.execute(select(A.c.id).where(A.c.key == key)).first() is not None:

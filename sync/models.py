@@ -21,13 +21,26 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
 )
+from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sync import clock
 
 # Longest member id we accept (Segment has no documented limit; 255 keeps the primary key
-# index compact on every database and fits MySQL's index prefix limits).
+# index compact on every database and fits MySQL's index prefix limits: 255 utf8mb4 characters
+# are 1,020 bytes, and InnoDB's limit for one index key is 3,072 bytes).
 MAX_MEMBER_ID_LENGTH = 255
+
+# SQLAlchemy names MariaDB "mysql" with the mysql+pymysql:// scheme, "mariadb" with mariadb://.
+MYSQL_DIALECTS = ("mysql", "mariadb")
+# Binary NO PAD collations: ids compare code point by code point, trailing spaces included, as
+# on SQLite and PostgreSQL. MariaDB's default (utf8mb4_general_ci) would merge 'CaseA' with
+# 'casea' and 'Müller' with 'muller'; utf8mb4_bin still ignores trailing spaces ('a' = 'a ').
+# utf8mb4_nopad_bin exists since MariaDB 10.2, utf8mb4_0900_bin since MySQL 8.0.
+MARIADB_KEY_COLLATION = "utf8mb4_nopad_bin"
+MYSQL_KEY_COLLATION = "utf8mb4_0900_bin"
+# MySQL's DATETIME keeps whole seconds unless given a fractional precision (6 = microseconds).
+MYSQL_DATETIME_PRECISION = 6
 
 RunStatus = Literal["running", "succeeded", "partial", "failed", "guarded", "abandoned"]
 RUN_STATUSES: tuple[RunStatus, ...] = (
@@ -63,11 +76,40 @@ NAMING_CONVENTION = {
 }
 
 
+def key_collation(dialect: Dialect) -> str:
+    """The binary NO PAD collation of ``Key`` columns on a MySQL or MariaDB server."""
+    return MARIADB_KEY_COLLATION if getattr(dialect, "is_mariadb", False) else MYSQL_KEY_COLLATION
+
+
+class Key(TypeDecorator[str]):
+    """Text that identifies something (a member id, a key, a destination or lease owner name):
+    ``VARCHAR(length)``, compared exactly (case, accents and trailing spaces count) on every
+    state database. Use it for every new id or key column."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, length: int) -> None:
+        super().__init__(length)
+        self.length = length
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name in MYSQL_DIALECTS:
+            return mysql.VARCHAR(self.length, charset="utf8mb4", collation=key_collation(dialect))
+        return self.impl_instance
+
+
 class UTCDateTime(TypeDecorator[datetime]):
-    """A timestamp stored in UTC and always returned timezone-aware (SQLite keeps no zone)."""
+    """A timestamp stored in UTC and always returned timezone-aware (SQLite keeps no zone),
+    with microseconds on every database."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name in MYSQL_DIALECTS:
+            return mysql.DATETIME(timezone=True, fsp=MYSQL_DATETIME_PRECISION)
+        return self.impl_instance
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -109,7 +151,7 @@ class Installation(Base):
 
     __tablename__ = "installation"
 
-    installation_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    installation_id: Mapped[str] = mapped_column(Key(32), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
@@ -119,15 +161,15 @@ class Audience(Base):
     __tablename__ = "audiences"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    key: Mapped[str] = mapped_column(String(100), unique=True)
-    name: Mapped[str] = mapped_column(String(255))
-    definition_hash: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(Key(100), unique=True)
+    name: Mapped[str] = mapped_column(Key(255))
+    definition_hash: Mapped[str] = mapped_column(Key(64))
     # sha256 of the sorted destination names at the last sync: with ``definition_hash`` it
-    # recognises a renamed audience (sync.drift). NULL for audiences last synced before 0009.
+    # recognises a renamed audience (sync.drift). NULL for audiences last synced before 0008.
     destinations_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
-    lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(Key(255), nullable=True)
     lease_acquired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
@@ -153,10 +195,10 @@ class Membership(Base):
     audience_id: Mapped[int] = mapped_column(
         ForeignKey("audiences.id", ondelete="CASCADE"), primary_key=True
     )
-    destination: Mapped[str] = mapped_column(String(100), primary_key=True)
+    destination: Mapped[str] = mapped_column(Key(100), primary_key=True)
     id_kind: Mapped[IdKind] = mapped_column(_enum(ID_KINDS, "id_kind"), primary_key=True)
-    member_id: Mapped[str] = mapped_column(String(MAX_MEMBER_ID_LENGTH), primary_key=True)
-    anonymous_id: Mapped[str | None] = mapped_column(String(MAX_MEMBER_ID_LENGTH), nullable=True)
+    member_id: Mapped[str] = mapped_column(Key(MAX_MEMBER_ID_LENGTH), primary_key=True)
+    anonymous_id: Mapped[str | None] = mapped_column(Key(MAX_MEMBER_ID_LENGTH), nullable=True)
     desired: Mapped[bool] = mapped_column(Boolean)
     synced: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     # True from the moment a message for this row is handed to the destination until it is
@@ -185,7 +227,7 @@ class Run(Base):
     audience_id: Mapped[int] = mapped_column(ForeignKey("audiences.id", ondelete="CASCADE"))
     trigger: Mapped[RunTrigger] = mapped_column(_enum(RUN_TRIGGERS, "run_trigger"))
     status: Mapped[RunStatus] = mapped_column(_enum(RUN_STATUSES, "run_status"))
-    owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    owner: Mapped[str | None] = mapped_column(Key(255), nullable=True)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     members: Mapped[int] = mapped_column(Integer, default=0)
@@ -209,7 +251,7 @@ class RunDelivery(Base):
     __tablename__ = "run_deliveries"
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    destination: Mapped[str] = mapped_column(String(100), primary_key=True)
+    destination: Mapped[str] = mapped_column(Key(100), primary_key=True)
     added: Mapped[int] = mapped_column(Integer, default=0)
     removed: Mapped[int] = mapped_column(Integer, default=0)
     pending: Mapped[int] = mapped_column(Integer, default=0)
@@ -235,10 +277,10 @@ class DeliveryProgress(Base):
     audience_id: Mapped[int] = mapped_column(
         ForeignKey("audiences.id", ondelete="CASCADE"), primary_key=True
     )
-    destination: Mapped[str] = mapped_column(String(100), primary_key=True)
+    destination: Mapped[str] = mapped_column(Key(100), primary_key=True)
     # The greatest (id_kind, member_id) handed over so far; NULL before the first batch.
     through_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    through_member: Mapped[str | None] = mapped_column(String(MAX_MEMBER_ID_LENGTH), nullable=True)
+    through_member: Mapped[str | None] = mapped_column(Key(MAX_MEMBER_ID_LENGTH), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
@@ -253,8 +295,8 @@ class StagedMember(Base):
     # emptying it at once (see planner.drop_staging); runs are never deleted.
     run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     id_kind: Mapped[IdKind] = mapped_column(_enum(ID_KINDS, "staged_id_kind"), primary_key=True)
-    member_id: Mapped[str] = mapped_column(String(MAX_MEMBER_ID_LENGTH), primary_key=True)
-    anonymous_id: Mapped[str | None] = mapped_column(String(MAX_MEMBER_ID_LENGTH), nullable=True)
+    member_id: Mapped[str] = mapped_column(Key(MAX_MEMBER_ID_LENGTH), primary_key=True)
+    anonymous_id: Mapped[str | None] = mapped_column(Key(MAX_MEMBER_ID_LENGTH), nullable=True)
     traits: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
@@ -271,7 +313,7 @@ class DestinationEndpoint(Base):
     audience_id: Mapped[int] = mapped_column(
         ForeignKey("audiences.id", ondelete="CASCADE"), primary_key=True
     )
-    destination: Mapped[str] = mapped_column(String(100), primary_key=True)
+    destination: Mapped[str] = mapped_column(Key(100), primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(64))
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: real state databases (SQLite files and PostgreSQL schemas), never mocks."""
+"""Shared fixtures: real state databases (SQLite files, PostgreSQL schemas, MariaDB databases),
+never mocks."""
 
 from __future__ import annotations
 
@@ -19,18 +20,29 @@ if TYPE_CHECKING:
     from tests.receiver import Receiver
 
 POSTGRES_ENV = "AUDIENCE_SYNC_TEST_POSTGRES_URL"
+MYSQL_ENV = "AUDIENCE_SYNC_TEST_MYSQL_URL"
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _base_url(env: str, what: str, example: str) -> str:
+    """A test database URL from ``env``; required in CI, a skip elsewhere."""
+    url = os.environ.get(env)
+    if url:
+        return url
+    if os.environ.get("CI"):
+        pytest.fail(f"{env} must be set in CI (see .ci/run)")
+    pytest.skip(f"{what} tests need {env}, e.g. {example}")
 
 
 def postgres_base_url() -> str:
     """The PostgreSQL URL tests use; required in CI, a skip elsewhere."""
-    url = os.environ.get(POSTGRES_ENV)
-    if url:
-        return url
-    if os.environ.get("CI"):
-        pytest.fail(f"{POSTGRES_ENV} must be set in CI (see .ci/run)")
-    pytest.skip(
-        f"PostgreSQL tests need {POSTGRES_ENV}, e.g. postgresql+psycopg://postgres@127.0.0.1/test"
+    return _base_url(POSTGRES_ENV, "PostgreSQL", "postgresql+psycopg://postgres@127.0.0.1/test")
+
+
+def mysql_base_url() -> str:
+    """The MariaDB/MySQL URL tests use; required in CI, a skip elsewhere."""
+    return _base_url(
+        MYSQL_ENV, "MariaDB", "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4"
     )
 
 
@@ -57,11 +69,30 @@ def postgres_schema_url() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture
+def mysql_database_url() -> Iterator[str]:
+    """A MariaDB/MySQL URL on a fresh, private database (dropped afterwards)."""
+    base = make_url(mysql_base_url())
+    database = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f"CREATE DATABASE `{database}`"))
+        query = {"charset": "utf8mb4", **base.query}
+        yield base.set(database=database, query=query).render_as_string(hide_password=False)
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP DATABASE `{database}`"))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
 def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty state database URL, once on SQLite and once on PostgreSQL."""
+    """An empty state database URL, once on each supported state database."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'state.db'}"
+    if request.param == "mariadb":
+        return str(request.getfixturevalue("mysql_database_url"))
     return str(request.getfixturevalue("postgres_schema_url"))
 
 

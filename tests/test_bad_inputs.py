@@ -113,6 +113,10 @@ def state_db_read_only(case: Case) -> None:
     url = case.h.engine.url
     if url.get_backend_name() == "sqlite":
         read_only = f"sqlite:///file:{url.database}?mode=ro&uri=true"
+    elif url.get_backend_name() == "mysql":
+        read_only = url.update_query_dict(
+            {"init_command": "SET SESSION TRANSACTION READ ONLY"}
+        ).render_as_string(hide_password=False)
     else:
         read_only = url.update_query_dict(
             {"options": f"{url.query['options']} -cdefault_transaction_read_only=on"}
@@ -225,6 +229,18 @@ def unicode_names_and_ids(case: Case) -> None:
     report = case.sync_report()
     assert report["key"] == "clients_cafe_uber_30j" and report["status"] == "succeeded"
     assert case.receiver.state[("ünïcødé-用户", "clients_cafe_uber_30j")] is True
+
+
+def ids_differing_in_case_accents_or_spaces(case: Case) -> None:
+    """Ids are compared byte for byte on every state DB (MariaDB's default collation would
+    merge 'CaseA' with 'casea' and 'Müller' with 'muller')."""
+    ids = ["CaseA", "casea", "Müller", "muller", "a ", "😀" * 255]
+    _rows(case, [("a", "a@x"), ("b", "b@x"), *[(i, f"{i}@x") for i in ids]])
+    report = case.sync_report()
+    assert report["status"] == "succeeded" and report["members"] == 2 + len(ids), report
+    assert report["duplicates"] == 0 and report["invalid"] == 0
+    assert {i: case.receiver.state.get((i, KEY)) for i in ids} == dict.fromkeys(ids, True)
+    assert sorted(case.h.memberships()) == sorted(["a", "b", *ids])
 
 
 def backslashes_and_quotes_in_ids_and_traits(case: Case) -> None:
@@ -389,6 +405,7 @@ CASES: dict[str, Callable[[Case], None]] = {
         traits_with_non_json_values,
         duplicate_rows_with_different_traits,
         unicode_names_and_ids,
+        ids_differing_in_case_accents_or_spaces,
         backslashes_and_quotes_in_ids_and_traits,
         destination_url_does_not_resolve,
         tls_failure,

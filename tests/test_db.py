@@ -7,6 +7,7 @@ from sqlalchemy import Engine, inspect, text
 from sqlalchemy.orm import Session
 
 from sync.db import (
+    compare_column_type,
     current_revision,
     downgrade,
     head_revision,
@@ -17,7 +18,7 @@ from sync.db import (
     upgrade,
 )
 from sync.errors import SchemaOutOfDateError, SchemaTooNewError, StateDatabaseMissingError
-from sync.models import Audience, Base
+from sync.models import Audience, Base, Run
 
 TABLES = {"installation", "audiences", "memberships", "runs"}
 
@@ -34,11 +35,37 @@ def test_upgrade_downgrade_upgrade(bare_engine: Engine) -> None:
     assert current_revision(bare_engine) == head_revision()
 
 
+def schema_diff(engine: Engine) -> list[object]:
+    """What Alembic's autogenerate finds between the models and the database."""
+    with engine.connect() as connection:
+        context = MigrationContext.configure(
+            connection, opts={"compare_type": compare_column_type}
+        )
+        return list(compare_metadata(context, Base.metadata))
+
+
+def _modified_columns(diffs: list[object]) -> list[object]:
+    """The column changes (type, collation, nullability) among autogenerate's differences."""
+    changes = [d for diff in diffs for d in (diff if isinstance(diff, list) else [diff])]
+    return [c for c in changes if isinstance(c, tuple) and str(c[0]).startswith("modify_")]
+
+
 def test_models_and_migrations_agree(state_engine: Engine) -> None:
-    with state_engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"compare_type": True})
-        diff = compare_metadata(context, Base.metadata)
-    assert diff == []
+    assert schema_diff(state_engine) == []
+
+
+def test_0007_gives_mysql_binary_ids_and_microseconds(state_engine: Engine) -> None:
+    """Revision 0007 alters MySQL/MariaDB columns made by earlier revisions (no-op elsewhere),
+    and can run again over a half-altered schema (MySQL commits each ALTER at once)."""
+    downgrade(state_engine, "0006")
+    mysql = state_engine.dialect.name in ("mysql", "mariadb")
+    # Later revisions' tables and columns are missing now; 0007 is about column types.
+    assert bool(_modified_columns(schema_diff(state_engine))) is mysql
+    if mysql:
+        with state_engine.begin() as connection:  # as if a killed 0007 had altered one table
+            connection.execute(text("ALTER TABLE runs MODIFY started_at DATETIME(6) NOT NULL"))
+    upgrade(state_engine)
+    assert schema_diff(state_engine) == []
 
 
 def test_indexes_for_delivery_and_user_lookup(state_engine: Engine) -> None:
@@ -79,6 +106,30 @@ def test_timestamps_come_back_aware_in_utc(state_engine: Engine) -> None:
         stored = session.query(Audience).one().created_at
     assert stored == moment and stored.tzinfo is not None
     assert stored.utcoffset() == UTC.utcoffset(None)
+
+
+def test_timestamps_keep_microseconds(state_engine: Engine) -> None:
+    """Run durations under a second must not read 0.0 s (MySQL's DATETIME drops fractions)."""
+    started = datetime(2026, 3, 29, 1, 30, 0, 123456, tzinfo=UTC)
+    with Session(state_engine) as session:
+        audience = Audience(key="k", name="K", definition_hash="h", created_at=started)
+        session.add(audience)
+        session.flush()
+        session.add(
+            Run(
+                audience_id=audience.id,
+                trigger="manual",
+                status="succeeded",
+                started_at=started,
+                finished_at=started + timedelta(seconds=0.25),
+            )
+        )
+        session.commit()
+    with Session(state_engine) as session:
+        run = session.query(Run).one()
+    assert run.started_at == started
+    assert run.finished_at is not None
+    assert (run.finished_at - run.started_at).total_seconds() == 0.25
 
 
 def test_naive_timestamps_are_refused(state_engine: Engine) -> None:

@@ -116,9 +116,13 @@ def _fingerprint(folder: Path) -> dict[str, str]:
 
 
 def test_inspection_never_writes(populated: Harness, tmp_path: Path) -> None:
-    """SQLite: the file is unchanged. PostgreSQL: everything works for a SELECT-only role."""
+    """SQLite: the file is unchanged. PostgreSQL, MariaDB: everything works for a SELECT-only
+    role or user."""
     if populated.engine.dialect.name == "postgresql":
         _check_with_a_read_only_role(populated)
+        return
+    if populated.engine.dialect.name in ("mysql", "mariadb"):
+        _check_with_a_read_only_mysql_user(populated)
         return
     config = populated.write_config()
     populated.engine.dispose()
@@ -158,4 +162,28 @@ def _check_with_a_read_only_role(populated: Harness) -> None:
             connection.execute(text(f'REVOKE ALL ON ALL TABLES IN SCHEMA "{schema}" FROM {role}'))
             connection.execute(text(f'REVOKE ALL ON SCHEMA "{schema}" FROM {role}'))
             connection.execute(text(f"DROP ROLE {role}"))
+        admin.dispose()
+
+
+def _check_with_a_read_only_mysql_user(populated: Harness) -> None:
+    url = populated.engine.url
+    user = f"'ro_{uuid.uuid4().hex[:8]}'@'%'"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f"CREATE USER {user}"))
+            connection.execute(text(f"GRANT SELECT ON `{url.database}`.* TO {user}"))
+        reader_url = url.set(username=user.split("'")[1])
+        # The user really cannot write: the test would pass vacuously otherwise.
+        reader = create_engine(reader_url)
+        with reader.connect() as connection, pytest.raises(Exception, match="command denied"):
+            connection.execute(text("UPDATE runs SET error = 'x'"))
+        reader.dispose()
+        populated.engine = create_engine(reader_url)
+        outputs = run_everything(populated.write_config())
+        assert outputs[("user", "bad")][0]["status"] == "failed"
+    finally:
+        populated.engine.dispose()
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP USER IF EXISTS {user}"))
         admin.dispose()

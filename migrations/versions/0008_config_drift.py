@@ -1,7 +1,7 @@
 """config drift: audiences.destinations_hash and destination_endpoints
 
-Revision ID: 0009
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-01
 """
 
@@ -10,8 +10,10 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0009"
-down_revision: str | None = "0006"
+from sync.models import Key, UTCDateTime
+
+revision: str = "0008"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -24,9 +26,9 @@ def upgrade() -> None:
     op.create_table(
         "destination_endpoints",
         sa.Column("audience_id", sa.Integer(), nullable=False),
-        sa.Column("destination", sa.String(length=100), nullable=False),
+        sa.Column("destination", Key(100), nullable=False),
         sa.Column("fingerprint", sa.String(length=64), nullable=False),
-        sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("recorded_at", UTCDateTime(), nullable=False),
         sa.ForeignKeyConstraint(
             ["audience_id"],
             ["audiences.id"],

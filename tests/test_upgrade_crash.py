@@ -1,0 +1,124 @@
+"""SIGKILL a real `audience-sync db upgrade` mid-migration, then upgrade again.
+
+The upgrade pauses before a chosen SQL statement (the `--test-pause-before` seam), says so by
+creating a file, and is killed there. SQLite and PostgreSQL migrate in one transaction, so the
+killed upgrade leaves the revision it started from, with its data, and the rerun completes.
+(MariaDB/MySQL commit each DDL statement at once: see README "State database".)
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, func, select, text
+
+from sync.db import current_revision, head_revision, make_state_engine, upgrade
+from sync.models import MEMBERSHIPS, utcnow
+from tests.processes import spawn, wait_for
+from tests.test_db import schema_diff
+
+# (database, revision the database starts at, the statement the upgrade is killed before)
+KILL_POINTS = [
+    *[
+        (database, None, "CREATE TABLE memberships")  # mid-0001: "audiences already exists"
+        for database in ("sqlite", "postgresql")
+    ],
+    *[
+        (database, None, "UPDATE alembic_version SET version_num='0004'")  # between revisions
+        for database in ("sqlite", "postgresql")
+    ],
+    ("sqlite", None, "DROP TABLE staged_members"),  # 0006 recreates a table
+    ("sqlite", "0002", "DROP TABLE memberships"),  # 0003's batch copy of a table with rows
+    ("sqlite", "0002", "ALTER TABLE _alembic_tmp_memberships RENAME"),  # copied, not renamed
+    ("postgresql", "0002", "ALTER TABLE memberships ADD COLUMN in_doubt"),
+    ("postgresql", "0005", "ALTER TABLE staged_members DROP CONSTRAINT"),
+]
+MEMBERS = 500
+
+
+def _state_url(database: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if database == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return str(request.getfixturevalue("postgres_schema_url"))
+
+
+def _populate(engine: Engine) -> None:
+    """An audience and its members, in the columns every revision has."""
+    now = utcnow().replace(tzinfo=None)
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO audiences (id, key, name, definition_hash, created_at) "
+                "VALUES (1, 'k', 'K', 'h', :now)"
+            ),
+            {"now": now},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO memberships (audience_id, destination, id_kind, member_id, desired,"
+                " synced, version, changed_at, status, attempts) VALUES (1, 'segment', 'user',"
+                " :member, true, true, 1, :now, 'in_sync', 0)"
+            ),
+            [{"member": f"u{i:04d}", "now": now} for i in range(MEMBERS)],
+        )
+
+
+def _members(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(MEMBERSHIPS)).scalar_one())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("database", "start", "statement"), KILL_POINTS)
+def test_killed_upgrade_leaves_the_previous_revision(
+    database: str,
+    start: str | None,
+    statement: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:
+    url = _state_url(database, request, tmp_path)
+    engine = make_state_engine(url)
+    try:
+        if start:
+            upgrade(engine, start)
+            _populate(engine)
+        config = tmp_path / "audience-sync.toml"
+        config.write_text(f'[state]\nurl = "{url}"\n')
+        ready = tmp_path / "paused"
+        victim = spawn(
+            config,
+            "db",
+            "upgrade",
+            "--test-pause-before",
+            statement,
+            "--test-ready-file",
+            str(ready),
+            log=tmp_path / "killed.log",
+        )
+        try:
+            wait_for(ready.exists, 60, f"the upgrade to reach {statement!r}")
+        finally:
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=10)
+        assert current_revision(engine) == start
+        if start:
+            assert _members(engine) == MEMBERS
+
+        rerun = subprocess.run(
+            [*victim.args[:3], "--config", str(config), "db", "upgrade"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        assert current_revision(engine) == head_revision()
+        assert schema_diff(engine) == []
+        if start:
+            assert _members(engine) == MEMBERS
+    finally:
+        engine.dispose()
