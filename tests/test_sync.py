@@ -194,7 +194,7 @@ def test_timeouts_leave_rows_pending_and_the_run_partial(
 def test_changes_coalesce_before_delivery(harness: Harness, receiver: Receiver) -> None:
     harness.defaults["delivery_time_budget"] = "100ms"
     harness.set_members(["stays", "flaky"])
-    receiver.script = [Scripted(503)] * 50
+    receiver.script = [Scripted(429)] * 50  # refused: nothing about "flaky" was applied
     harness.sync()
     receiver.script = []
     receiver.reset()

@@ -39,6 +39,8 @@ class Outcome:
     verdict: Verdict
     reason: str
     retry_after: float | None = None
+    # The destination may have applied the batch although the answer is a failure.
+    outcome_unknown: bool = False
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -71,18 +73,26 @@ def classify_response(status: int, headers: httpx.Headers, body: str) -> Outcome
     if 200 <= status < 300:
         content_type = headers.get("content-type", "")
         if "html" in content_type or body.lstrip().lower().startswith(("<!doctype", "<html")):
+            # A proxy's page: it may have forwarded the batch before answering.
             return Outcome(
                 "transient",
                 f"HTTP {status} with an HTML page instead of an API answer; is the endpoint "
                 "URL right?",
+                outcome_unknown=True,
             )
         return Outcome("ok", f"HTTP {status}")
     if status in (401, 403):
         return Outcome("credentials", detail)
     if status in (400, 413, 422):
         return Outcome("rejected", detail)
-    if status in (408, 425, 429) or status >= 500:
-        return Outcome("transient", detail, parse_retry_after(headers.get("retry-after")))
+    retry_after = parse_retry_after(headers.get("retry-after"))
+    if status >= 500:
+        # A gateway's 502/503/504 (or any 5xx) says nothing about whether the service behind
+        # it applied the batch before failing or timing out.
+        return Outcome("transient", detail, retry_after, outcome_unknown=True)
+    if status in (408, 425, 429):
+        # Refused before processing: the batch was not applied.
+        return Outcome("transient", detail, retry_after)
     return Outcome("permanent", detail)
 
 
@@ -156,8 +166,7 @@ class HttpSender:
             raise TransientDeliveryError(
                 f"{where}: {outcome.reason}",
                 outcome.retry_after,
-                # A 2xx that is not an API answer may come from a proxy that forwarded it.
-                outcome_unknown=200 <= response.status_code < 300,
+                outcome_unknown=outcome.outcome_unknown,
             )
         if outcome.verdict == "rejected":
             raise RejectedBatchError(outcome.reason)
