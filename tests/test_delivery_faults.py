@@ -13,6 +13,7 @@ from sync.destinations.http import classify_response
 from sync.models import MEMBERSHIPS
 from tests.chaos import ChaosReceiver
 from tests.harness import WRITE_KEY, Harness
+from tests.receiver import Receiver, Scripted
 
 KEY = "high_value_users"
 
@@ -71,3 +72,32 @@ def test_the_classifier_says_whether_a_failed_batch_may_have_been_applied(
     assert outcome.outcome_unknown is unknown
     refused = classify_response(400, httpx.Headers(), "bad")
     assert refused.verdict == "rejected" and refused.outcome_unknown is False
+
+
+# --- finding 15: a redirect is a configuration error that says where it points -------------------
+
+
+@pytest.mark.parametrize("status", [301, 307, 308])
+def test_a_redirect_reports_its_location(status: int, harness: Harness, receiver: Receiver) -> None:
+    target = "https://robot:hunter2@collector.example.com/v2/batch"
+    receiver.script = [Scripted(status, "", {"Location": target})]
+    harness.set_members(["a"])
+    report = harness.sync()
+    assert report.status == "failed"
+    assert report.error is not None and "\n" not in report.error
+    assert f"HTTP {status}" in report.error
+    assert "redirect to https://***@collector.example.com/v2/batch" in report.error
+    assert "hunter2" not in report.error and "robot" not in report.error
+    row = harness.memberships()["a"]
+    assert row.status == "pending" and row.synced is None and not row.in_doubt
+    assert len(receiver.requests) == 1  # not followed, not retried
+
+
+def test_the_classifier_redacts_and_flattens_a_location() -> None:
+    outcome = classify_response(
+        302, httpx.Headers({"Location": "http://u:p@x.test/a b"}), "<html>moved</html>"
+    )
+    assert outcome.verdict == "permanent"
+    assert "redirect to http://***@x.test/a b" in outcome.reason and "u:p" not in outcome.reason
+    bare = classify_response(301, httpx.Headers(), "")
+    assert bare.verdict == "permanent" and "without a Location" in bare.reason

@@ -7,6 +7,7 @@ import functools
 import gzip
 import ssl
 import time
+import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -67,6 +68,29 @@ def _snippet(body: str) -> str:
     return text[:MAX_ERROR_TEXT] + ("…" if len(text) > MAX_ERROR_TEXT else "")
 
 
+def _location(value: str) -> str:
+    """A redirect's target as one line, without the user name and password it may carry."""
+    text = " ".join(value.split())[:MAX_ERROR_TEXT]
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:
+        return "an unparsable Location"
+    if "@" in parts.netloc:
+        parts = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2])
+    return parts.geturl()
+
+
+def _redirect(status: int, headers: httpx.Headers) -> Outcome:
+    """Redirects are not followed (a POST may turn into a GET, credentials may travel to
+    another host): the configured URL is wrong, and the answer says what to put instead."""
+    location = headers.get("location")
+    if location:
+        text = f"redirect to {_location(location)} (not followed: put that URL in the config)"
+    else:
+        text = "redirect without a Location (not followed: check the URL in the config)"
+    return Outcome("permanent", f"HTTP {status} {text}")
+
+
 def classify_response(status: int, headers: httpx.Headers, body: str) -> Outcome:
     """Classify an HTTP response: success, retry later, bad batch, bad credentials, or stop."""
     detail = f"HTTP {status}" + (f": {_snippet(body)}" if body.strip() else "")
@@ -81,6 +105,8 @@ def classify_response(status: int, headers: httpx.Headers, body: str) -> Outcome
                 outcome_unknown=True,
             )
         return Outcome("ok", f"HTTP {status}")
+    if 300 <= status < 400:
+        return _redirect(status, headers)
     if status in (401, 403):
         return Outcome("credentials", detail)
     if status in (400, 413, 422):
@@ -175,6 +201,8 @@ class HttpSender:
                 f"{where} rejected the credentials ({outcome.reason}); check its write key "
                 "or secret"
             )
+        if 300 <= response.status_code < 400:
+            raise PermanentDeliveryError(f"{where}: {outcome.reason}")
         raise PermanentDeliveryError(f"{where}: {outcome.reason} from {self.url}")
 
     def close(self) -> None:
