@@ -3,13 +3,19 @@ message over the size limit, a file write cut short."""
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import Engine
 
+from sync.cli import cli
 from sync.destinations.http import classify_response
+from sync.messages import AudienceContext, MessageEncoder
 from sync.models import MEMBERSHIPS
 from tests.chaos import ChaosReceiver
 from tests.harness import WRITE_KEY, Harness
@@ -101,3 +107,98 @@ def test_the_classifier_redacts_and_flattens_a_location() -> None:
     assert "redirect to http://***@x.test/a b" in outcome.reason and "u:p" not in outcome.reason
     bare = classify_response(301, httpx.Headers(), "")
     assert bare.verdict == "permanent" and "without a Location" in bare.reason
+
+
+# --- finding 6: a value change is never blocked by its traits ------------------------------------
+
+BIG = "y" * 40_000  # over Segment's 32 KB per message
+
+
+def _two_traits(harness: Harness) -> None:
+    """Traits `email` and `note` (the warehouse's third column)."""
+    harness.audience["query"] = "SELECT user_id, email, anonymous_id AS note FROM members"
+    harness.audience["traits"] = ["email", "note"]
+
+
+def test_a_leaver_whose_trait_grew_past_the_limit_still_gets_false(
+    harness: Harness, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    _two_traits(harness)
+    harness.set_members([("a", "a@x", "short"), ("b", "b@x", "short")])
+    assert harness.sync().status == "succeeded"
+    harness.set_members([("a", "a@x", BIG), ("b", "b@x", "short")])
+    harness.sync()  # a continuing member: its traits follow the source, nothing is sent
+    harness.set_members([("b", "b@x", "short")])
+    with caplog.at_level(logging.WARNING, logger="sync"):
+        report = harness.sync()
+    assert report.status == "succeeded"
+    assert report.destinations[0].trimmed == 1
+    assert receiver.state[("a", KEY)] is False
+    last = receiver.messages()[-1]
+    assert last["userId"] == "a" and last["traits"] == {"email": "a@x", KEY: False}
+    assert len(json.dumps(last, separators=(",", ":"))) < 32 * 1024
+    row = harness.memberships()["a"]
+    assert row.status == "in_sync" and row.synced is False
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("member a" in w and "note" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("mode", ["identify", "track", "both"])
+def test_a_new_member_with_a_huge_trait_is_sent_without_it(
+    mode: str, harness: Harness, receiver: Receiver
+) -> None:
+    _two_traits(harness)
+    harness.destinations["segment"]["mode"] = mode
+    harness.set_members([("small", "s@x", "short"), ("huge", "h@x", BIG)])
+    report = harness.sync()
+    assert report.status == "succeeded" and report.destinations[0].trimmed == 1
+    sent = {(m["userId"], m["type"]): m for m in receiver.messages()}
+    for (who, kind), message in sent.items():
+        assert len(json.dumps(message, separators=(",", ":"))) < 32 * 1024
+        traits = message["traits"] if kind == "identify" else message["context"].get("traits")
+        expected_note = None if who == "huge" else "short"
+        assert (traits or {}).get("note") == expected_note
+        assert (traits or {}).get("email") == f"{who[0]}@x"
+    if mode != "track":  # the test receiver keeps identify traits only
+        assert receiver.state[("huge", KEY)] is True
+    assert harness.memberships()["huge"].status == "in_sync"
+    # The trimmed message keeps its messageId: the same change sent again is de-duplicated.
+    ids = {m["messageId"] for m in receiver.messages() if m["userId"] == "huge"}
+    assert all(i.startswith("as-") and i.endswith("-v1") for i in ids)
+
+
+def test_the_encoder_drops_the_largest_traits_first_and_keeps_the_message_id() -> None:
+    ctx = AudienceContext("inst", 1, KEY, "segment")
+    encoder = MessageEncoder(ctx)
+    traits = json.dumps({"email": "a@x", "bio": "b" * 500, "note": "n" * 900, "age": 7})
+    row = ("user", "a", None, False, 3, "2024-05-01 10:00:00", traits)
+    full = encoder.messages(*row)
+
+    def under(limit: int) -> Callable[[list[str]], bool]:
+        return lambda messages: all(len(m.encode()) <= limit for m in messages)
+
+    messages, dropped = encoder.fitting(*row, under(len(full[0]) - 600))
+    assert dropped == ["note"]
+    assert json.loads(messages[0])["traits"] == {
+        "email": "a@x",
+        "bio": "b" * 500,
+        "age": 7,
+        KEY: False,
+    }
+    assert json.loads(messages[0])["messageId"] == json.loads(full[0])["messageId"]
+    messages, dropped = encoder.fitting(*row, under(len(full[0]) - 1200))
+    assert dropped == ["note", "bio"]
+    # Nothing fits: every trait is dropped and the caller sees the bare message is still too big.
+    messages, dropped = encoder.fitting(*row, under(10))
+    assert dropped == ["note", "bio", "email", "age"]
+    assert json.loads(messages[0])["traits"] == {KEY: False}
+
+
+def test_sync_prints_how_many_messages_went_without_their_traits(
+    harness: Harness, receiver: Receiver
+) -> None:
+    harness.set_members(["small", ("huge", BIG)])
+    result = CliRunner().invoke(cli, ["--config", str(harness.write_config()), "sync"])
+    assert result.exit_code == 0, result.output
+    assert "1 message(s) sent without traits over the destination's size limit" in result.output
+    assert "member huge" in result.output and "email" in result.output
