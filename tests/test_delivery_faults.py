@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -202,3 +207,90 @@ def test_sync_prints_how_many_messages_went_without_their_traits(
     assert result.exit_code == 0, result.output
     assert "1 message(s) sent without traits over the destination's size limit" in result.output
     assert "member huge" in result.output and "email" in result.output
+
+
+# --- finding 8: a file write cut short leaves no torn line behind --------------------------------
+
+# What the child runs: the CLI, with SIGXFSZ either left as Python sets it (ignored: the write
+# fails with EFBIG) or restored to the default (the kernel kills the process mid-write).
+_CLI = "import signal, sys; from sync.cli import main; {setup}sys.exit(main())"
+_KILLED = "signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
+# Complete lines already in the file, bigger than the state DB grows in the test: the file-size
+# limit then stops the JSONL append but not the state DB's writes.
+PADDING_LINES = 64
+PADDING_BYTES = 64 * 1024
+
+
+def _padding() -> str:
+    line = json.dumps({"note": "written before this test", "pad": "p" * (PADDING_BYTES - 50)})
+    return "".join(line + "\n" for _ in range(PADDING_LINES))
+
+
+def _run_limited(config: Path, limit_kb: int, killed: bool) -> subprocess.CompletedProcess[str]:
+    code = _CLI.format(setup=_KILLED if killed else "")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUDIENCE_SYNC_CONFIG")}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return subprocess.run(
+        [
+            *("bash", "-c", f'ulimit -f {limit_kb}; exec "$@"', "bash"),
+            *(sys.executable, "-c", code, "--config", str(config), "sync"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["efbig", "sigxfsz"])
+def test_a_file_write_cut_short_is_repaired_before_the_next_append(
+    killed: bool, harness: Harness, tmp_path: Path
+) -> None:
+    harness.destinations = {"preview": {"type": "file", "path": "out/messages.jsonl"}}
+    harness.audience["destinations"] = ["preview"]
+    harness.config_extra = '\n[daemon]\nlease_seconds = "5s"\n'
+    members = [f"u{i:03d}" for i in range(300)]
+    harness.set_members(members)
+    out = tmp_path / "out" / "messages.jsonl"
+    out.parent.mkdir()
+    out.write_text(_padding())
+    # Room for a few dozen of the run's 300 lines (bash counts `ulimit -f` in 1024-byte blocks).
+    limit_kb = out.stat().st_size // 1024 + 12
+    first = _run_limited(harness.write_config(), limit_kb, killed)
+    if killed:
+        assert first.returncode == -signal.SIGXFSZ, first.stdout + first.stderr
+        assert not out.read_bytes().endswith(b"\n")  # the kill tore the last line
+    else:
+        assert first.returncode != 0, first.stdout + first.stderr
+        assert "cannot write" in first.stdout and "File too large" in first.stdout
+        assert out.read_bytes().endswith(b"\n")  # the failed append cut off what it wrote
+    assert out.stat().st_size <= limit_kb * 1024
+    # Some members leave before the rerun: any `true` already in the file must be undone.
+    harness.set_members(members[:200])
+    report = harness.sync(wait=20)
+    assert report.status == "succeeded", report.error
+    lines = out.read_text().splitlines()
+    parsed = [json.loads(line) for line in lines]  # every line is whole JSON
+    final: dict[str, Any] = {}
+    for message in parsed[PADDING_LINES:]:
+        final[message["userId"]] = message["traits"][KEY]
+    assert {m for m, v in final.items() if v} == set(members[:200])
+    assert all(final[m] is False for m in members[200:] if m in final)
+    assert parsed[:PADDING_LINES] == [json.loads(line) for line in _padding().splitlines()]
+
+
+def test_a_torn_last_line_left_by_a_crash_is_cut_off(harness: Harness, tmp_path: Path) -> None:
+    harness.destinations = {"preview": {"type": "file", "path": "out/messages.jsonl"}}
+    harness.audience["destinations"] = ["preview"]
+    out = tmp_path / "out" / "messages.jsonl"
+    out.parent.mkdir()
+    out.write_bytes(b'{"whole": 1}\n{"torn": "\xc3')  # even cut inside a UTF-8 sequence
+    harness.set_members(["a"])
+    assert harness.sync().status == "succeeded"
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0] == {"whole": 1} and [m["userId"] for m in lines[1:]] == ["a"]
+    out.write_bytes(b'{"torn only')
+    harness.set_members(["a", "b"])
+    assert harness.sync().status == "succeeded"
+    assert [json.loads(line)["userId"] for line in out.read_text().splitlines()] == ["b"]
