@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,9 @@ class FileDestination:
             raise error from None
 
     def _append(self, fd: int, data: bytes) -> None:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a pipe or a device: nothing to cut back
+            _write_all(fd, data)
+            return
         start = self._repair(fd)
         try:
             _write_all(fd, data)
