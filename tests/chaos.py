@@ -100,7 +100,7 @@ class ChaosReceiver:
                 return self.forced
             if not self.faults_enabled or self.random.random() >= self.fault_rate:
                 return None
-            return self.random.choice(FAULTS)
+            return self.random.choice(FAULTS + APPLIED_FAULTS)
 
     def validate(
         self, headers: dict[str, str], raw: bytes
