@@ -124,6 +124,11 @@ def print_reports(reports: list[RunReport], title: str) -> None:
         for entry in report.destinations:
             if entry.error and entry.error != report.error:
                 out.print(f"[bold]{report.key} → {entry.destination}[/bold]: {entry.error}")
+            if entry.trimmed:
+                out.print(
+                    f"{report.key} → {entry.destination}: {entry.trimmed} message(s) sent "
+                    "without traits over the destination's size limit (see the log)"
+                )
         if report.invalid_samples:
             out.print(
                 f"{report.key}: {report.invalid} invalid rows, e.g. "

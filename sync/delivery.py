@@ -89,6 +89,8 @@ class DeliveryStats:
     sent: int = 0
     rejected: int = 0
     failed: int = 0
+    # Messages sent without some of their traits, which put them over the size limit.
+    trimmed: int = 0
     left_pending: int = 0
     error: str | None = None
     fatal: bool = False
@@ -420,16 +422,19 @@ class Deliverer:
             else:
                 sizes = [_size(m) for m in messages]
                 size, largest = sum(sizes), max(sizes)
-            unit = _Unit(kind, member, version, bool(in_doubt), messages, size)
             if self.max_message_bytes is not None and largest > self.max_message_bytes:
-                oversized.append(
-                    (
-                        unit,
-                        f"message is {largest} bytes, over the destination's limit of "
-                        f"{self.max_message_bytes} bytes (trim the traits)",
-                    )
+                # The value change must go through: without the traits that make it too big.
+                messages, dropped = self.encoder.fitting(
+                    kind, member, anonymous, bool(desired), version, changed_at, traits, self._fits
                 )
-                continue
+                sizes = [_size(m) for m in messages]
+                size = sum(sizes)
+                if not self._fits(messages):
+                    unit = _Unit(kind, member, version, bool(in_doubt), messages, size)
+                    oversized.append((unit, self._too_big(max(sizes))))
+                    continue
+                self._trimmed(member, largest, dropped)
+            unit = _Unit(kind, member, version, bool(in_doubt), messages, size)
             too_many = batch_messages + len(messages) > limit_messages
             too_big = limit_bytes is not None and batch_bytes + unit.size > limit_bytes
             if batch and (too_many or too_big):
@@ -442,6 +447,31 @@ class Deliverer:
             self._record(_BatchResult(rejected=oversized))
         if batch:
             yield batch
+
+    def _fits(self, messages: list[str]) -> bool:
+        """Whether every message is within the destination's per-message limit."""
+        limit = self.max_message_bytes
+        return limit is None or all(_size(m) <= limit for m in messages)
+
+    def _too_big(self, size: int) -> str:
+        return (
+            f"message is {size} bytes even without its traits, over the destination's limit "
+            f"of {self.max_message_bytes} bytes"
+        )
+
+    def _trimmed(self, member: str, size: int, dropped: list[str]) -> None:
+        """Count and name a message sent without the traits that made it too big."""
+        logger.warning(
+            'destination "%s": member %s: message of %d bytes is over the limit of %d bytes; '
+            "sent without trait(s) %s",
+            self.context.destination,
+            member,
+            size,
+            self.max_message_bytes,
+            ", ".join(dropped),
+        )
+        with self._lock:
+            self.stats.trimmed += 1
 
     @staticmethod
     def _collect(in_flight: set[Future[None]]) -> None:

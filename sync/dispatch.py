@@ -66,7 +66,7 @@ def deliver_destinations(
             lease=lease,
             progress=progress(key, target.name, entry.pending) if progress else None,
         ).run()
-        entry.sent, entry.rejected = stats.sent, stats.rejected
+        entry.sent, entry.rejected, entry.trimmed = stats.sent, stats.rejected, stats.trimmed
         with engine.connect() as connection:
             counts = count_status(connection, audience_id, target.name)
         entry.failed = counts.get("failed", 0)

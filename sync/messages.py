@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
@@ -214,6 +215,44 @@ class MessageEncoder:
                 f'"context":{context}}}'
             )
         return out
+
+    def fitting(
+        self,
+        id_kind: str,
+        member_id: str,
+        anonymous_id: str | None,
+        desired: bool,
+        version: int,
+        changed_at: datetime | str,
+        traits: str | None,
+        fits: Callable[[list[str]], bool],
+    ) -> tuple[list[str], list[str]]:
+        """The message(s) for one change that ``fits`` does not accept in full, with its
+        largest traits left out one at a time until it does; and the names left out.
+
+        The value change and the messageIds stay: a value change is never blocked by its
+        traits. With every trait left out the result may still not fit; the caller checks.
+        """
+        values = json.loads(traits) if traits else None
+        names = dict(values) if isinstance(values, dict) else {}
+        # Largest first, so that as few traits as possible go missing.
+        order = sorted(names, key=lambda name: (-len(encode({name: names[name]})), name))
+        dropped: list[str] = []
+        messages: list[str] = []
+        for name in order:
+            del names[name]
+            dropped.append(name)
+            kept = encode(names) if names else None
+            messages = self.messages(
+                id_kind, member_id, anonymous_id, desired, version, changed_at, kept
+            )
+            if fits(messages):
+                break
+        if not order:  # no traits: what is too big is not theirs
+            messages = self.messages(
+                id_kind, member_id, anonymous_id, desired, version, changed_at, None
+            )
+        return messages, dropped
 
     def _stamp(self, changed_at: datetime | str) -> str:
         """ISO timestamp of a stored value; one plan writes one ``changed_at`` for many rows."""

@@ -41,6 +41,13 @@ class DestinationReport:
     skipped: int = 0
     left_pending: int = 0
     error: str | None = None
+    # Sent without traits that put the message over the destination's size limit (reported,
+    # not stored: run_deliveries has no column for it).
+    trimmed: int = 0
+
+    def stored(self) -> dict[str, Any]:
+        """The columns of this destination's ``run_deliveries`` row."""
+        return {k: v for k, v in vars(self).items() if k != "trimmed"}
 
 
 @dataclass

@@ -531,7 +531,7 @@ class Syncer:
             if report.destinations:
                 connection.execute(
                     table.insert(),
-                    [{"run_id": report.run_id, **vars(d)} for d in report.destinations],
+                    [{"run_id": report.run_id, **d.stored()} for d in report.destinations],
                 )
 
     def _finish_safely(self, report: RunReport, timings: dict[str, float], lease: Lease) -> None:
@@ -548,6 +548,7 @@ class Syncer:
         parts = ", ".join(
             f"{d.destination}: +{d.added} -{d.removed} sent {d.sent}"
             + (f" rejected {d.rejected}" if d.rejected else "")
+            + (f" trimmed {d.trimmed}" if d.trimmed else "")
             + (f" left {d.left_pending}" if d.left_pending else "")
             for d in report.destinations
         )

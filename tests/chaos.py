@@ -25,6 +25,8 @@ MAX_BATCH_MESSAGES = 2500
 MAX_MESSAGE_ID = 100
 
 FAULTS = ("500", "502", "503", "429", "429-retry-after", "slow", "reset", "lost-200")
+# Applied, then answered with a 5xx (a gateway timing out on a backend that did the work).
+APPLIED_FAULTS = ("applied-500", "applied-502", "applied-503", "applied-504")
 
 
 @dataclass
@@ -69,6 +71,8 @@ class ChaosReceiver:
         self.fault_rate = fault_rate
         self.slow_seconds = slow_seconds
         self.faults_enabled = True
+        # A fault every request gets while set, whatever faults_enabled and the schedule say.
+        self.forced: str | None = None
         self.log = ChaosLog()
         self.state: dict[tuple[str, str], Any] = {}
         self.seen: set[str] = set()
@@ -92,9 +96,11 @@ class ChaosReceiver:
 
     def _fault(self) -> str | None:
         with self.lock:
+            if self.forced is not None:
+                return self.forced
             if not self.faults_enabled or self.random.random() >= self.fault_rate:
                 return None
-            return self.random.choice(FAULTS)
+            return self.random.choice(FAULTS + APPLIED_FAULTS)
 
     def validate(
         self, headers: dict[str, str], raw: bytes
@@ -213,6 +219,8 @@ class ChaosReceiver:
                         receiver.log.violations.append(problem)
                     return self.reply(400, json.dumps({"error": problem}))
                 receiver.apply(batch)
+                if fault in APPLIED_FAULTS:
+                    return self.reply(int(fault.removeprefix("applied-")), '{"error": "gateway"}')
                 if fault == "slow":
                     time.sleep(receiver.slow_seconds)  # applied, but the client has given up
                     return self.reply(200, '{"success": true}')

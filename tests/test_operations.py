@@ -129,9 +129,11 @@ def test_a_crash_after_sending_is_recovered_before_the_next_plan(
 
 
 def test_a_refused_batch_is_not_in_doubt(harness: Harness, receiver: Receiver) -> None:
+    """A 429 refuses the batch before processing it (a 5xx does not say: see
+    test_delivery_faults.py::test_a_5xx_after_the_batch_was_applied_leaves_it_in_doubt)."""
     harness.defaults["delivery_time_budget"] = "50ms"
     harness.set_members(["x"])
-    receiver.script = [Scripted(503)] * 20
+    receiver.script = [Scripted(429)] * 20
     harness.sync()
     assert harness.memberships()["x"].in_doubt is False
 

@@ -85,13 +85,16 @@ def test_batches_respect_the_byte_limit(harness: Harness, receiver: Receiver) ->
     assert len(receiver.messages()) == 100
 
 
-def test_oversized_message_is_rejected_before_sending(harness: Harness, receiver: Receiver) -> None:
+def test_oversized_message_is_sent_without_its_traits(harness: Harness, receiver: Receiver) -> None:
     harness.set_members(["small", ("huge", "y" * 40_000)])
     report = harness.sync()
-    assert [m["userId"] for m in receiver.messages()] == ["small"]
-    assert report.status == "partial"
-    huge = harness.memberships()["huge"]
-    assert huge.status == "rejected" and "32768" in huge.last_error
+    sent = {m["userId"]: m["traits"] for m in receiver.messages()}
+    assert sent == {
+        "huge": {"high_value_users": True},
+        "small": {"email": "small@example.com", "high_value_users": True},
+    }
+    assert report.status == "succeeded" and report.destinations[0].trimmed == 1
+    assert harness.memberships()["huge"].status == "in_sync"
 
 
 def test_resends_reuse_the_message_id(harness: Harness, receiver: Receiver) -> None:
@@ -194,7 +197,7 @@ def test_timeouts_leave_rows_pending_and_the_run_partial(
 def test_changes_coalesce_before_delivery(harness: Harness, receiver: Receiver) -> None:
     harness.defaults["delivery_time_budget"] = "100ms"
     harness.set_members(["stays", "flaky"])
-    receiver.script = [Scripted(503)] * 50
+    receiver.script = [Scripted(429)] * 50  # refused: nothing about "flaky" was applied
     harness.sync()
     receiver.script = []
     receiver.reset()

@@ -7,6 +7,7 @@ import functools
 import gzip
 import ssl
 import time
+import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -39,6 +40,8 @@ class Outcome:
     verdict: Verdict
     reason: str
     retry_after: float | None = None
+    # The destination may have applied the batch although the answer is a failure.
+    outcome_unknown: bool = False
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -65,24 +68,57 @@ def _snippet(body: str) -> str:
     return text[:MAX_ERROR_TEXT] + ("…" if len(text) > MAX_ERROR_TEXT else "")
 
 
+def _location(value: str) -> str:
+    """A redirect's target as one line, without the user name and password it may carry."""
+    text = " ".join(value.split())[:MAX_ERROR_TEXT]
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:
+        return "an unparsable Location"
+    if "@" in parts.netloc:
+        parts = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2])
+    return parts.geturl()
+
+
+def _redirect(status: int, headers: httpx.Headers) -> Outcome:
+    """Redirects are not followed (a POST may turn into a GET, credentials may travel to
+    another host): the configured URL is wrong, and the answer says what to put instead."""
+    location = headers.get("location")
+    if location:
+        text = f"redirect to {_location(location)} (not followed: put that URL in the config)"
+    else:
+        text = "redirect without a Location (not followed: check the URL in the config)"
+    return Outcome("permanent", f"HTTP {status} {text}")
+
+
 def classify_response(status: int, headers: httpx.Headers, body: str) -> Outcome:
     """Classify an HTTP response: success, retry later, bad batch, bad credentials, or stop."""
     detail = f"HTTP {status}" + (f": {_snippet(body)}" if body.strip() else "")
     if 200 <= status < 300:
         content_type = headers.get("content-type", "")
         if "html" in content_type or body.lstrip().lower().startswith(("<!doctype", "<html")):
+            # A proxy's page: it may have forwarded the batch before answering.
             return Outcome(
                 "transient",
                 f"HTTP {status} with an HTML page instead of an API answer; is the endpoint "
                 "URL right?",
+                outcome_unknown=True,
             )
         return Outcome("ok", f"HTTP {status}")
+    if 300 <= status < 400:
+        return _redirect(status, headers)
     if status in (401, 403):
         return Outcome("credentials", detail)
     if status in (400, 413, 422):
         return Outcome("rejected", detail)
-    if status in (408, 425, 429) or status >= 500:
-        return Outcome("transient", detail, parse_retry_after(headers.get("retry-after")))
+    retry_after = parse_retry_after(headers.get("retry-after"))
+    if status >= 500:
+        # A gateway's 502/503/504 (or any 5xx) says nothing about whether the service behind
+        # it applied the batch before failing or timing out.
+        return Outcome("transient", detail, retry_after, outcome_unknown=True)
+    if status in (408, 425, 429):
+        # Refused before processing: the batch was not applied.
+        return Outcome("transient", detail, retry_after)
     return Outcome("permanent", detail)
 
 
@@ -156,8 +192,7 @@ class HttpSender:
             raise TransientDeliveryError(
                 f"{where}: {outcome.reason}",
                 outcome.retry_after,
-                # A 2xx that is not an API answer may come from a proxy that forwarded it.
-                outcome_unknown=200 <= response.status_code < 300,
+                outcome_unknown=outcome.outcome_unknown,
             )
         if outcome.verdict == "rejected":
             raise RejectedBatchError(outcome.reason)
@@ -166,6 +201,8 @@ class HttpSender:
                 f"{where} rejected the credentials ({outcome.reason}); check its write key "
                 "or secret"
             )
+        if 300 <= response.status_code < 400:
+            raise PermanentDeliveryError(f"{where}: {outcome.reason}")
         raise PermanentDeliveryError(f"{where}: {outcome.reason} from {self.url}")
 
     def close(self) -> None:
