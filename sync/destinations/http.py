@@ -22,6 +22,7 @@ from sync.errors import (
     TransientDeliveryError,
 )
 from sync.messages import iso_timestamp
+from sync.redaction import redact
 
 # Retry-After values above this are capped: a destination asking for an hour would stall the
 # run; the leftovers simply stay pending for the next run instead.
@@ -61,7 +62,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def _snippet(body: str) -> str:
-    text = " ".join(body.split())
+    # Redacted before it is cut: a secret echoed across the cut would leak its first half.
+    text = redact(" ".join(body.split()))
     return text[:MAX_ERROR_TEXT] + ("…" if len(text) > MAX_ERROR_TEXT else "")
 
 
