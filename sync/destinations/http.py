@@ -7,6 +7,7 @@ import functools
 import gzip
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -140,12 +141,20 @@ class HttpSender:
         sent_at = iso_timestamp(datetime.now(UTC))
         return f'{{"batch":[{",".join(messages)}],"sentAt":"{sent_at}"}}'.encode()
 
-    def post(self, body: bytes, extra_headers: dict[str, str] | None = None) -> None:
-        """POST ``body``; raise the ``DeliveryError`` that classifies any failure."""
+    def post(
+        self,
+        body: bytes,
+        extra_headers: dict[str, str] | None = None,
+        sign: Callable[[bytes], dict[str, str]] | None = None,
+    ) -> None:
+        """POST ``body``; raise the ``DeliveryError`` that classifies any failure. ``sign``
+        gives headers computed over the bytes actually sent (after gzip)."""
         headers = {"Content-Type": "application/json", **(extra_headers or {})}
         if self.use_gzip:
             body = gzip.compress(body)
             headers["Content-Encoding"] = "gzip"
+        if sign is not None:
+            headers.update(sign(body))
         try:
             response = self.client.post(self.url, content=body, headers=headers)
         except httpx.TransportError as exc:
