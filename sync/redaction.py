@@ -61,10 +61,10 @@ class Redactor:
     """Replaces known secrets, and any URL userinfo, with ``***``. Immutable, thread-safe."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        known = {form for s in secrets for form in _forms(s) if len(form) >= MIN_SECRET_LENGTH}
-        self.secrets: frozenset[str] = frozenset(known)
+        self.secrets: frozenset[str] = frozenset(s for s in secrets if s)
+        known = {f for s in self.secrets for f in _forms(s) if len(f) >= MIN_SECRET_LENGTH}
         # Longest first, so a secret containing another is replaced whole.
-        ordered = sorted(self.secrets, key=len, reverse=True)
+        ordered = sorted(known, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
     def redact(self, text: str) -> str:
@@ -102,7 +102,8 @@ def install(extra: Redactor) -> None:
     a value a later config no longer uses costs nothing, showing one would leak it."""
     global _installed
     with _install_lock:
-        _installed = _installed.union(extra)
+        if not extra.secrets <= _installed.secrets:  # every Syncer installs its config's
+            _installed = _installed.union(extra)
 
 
 def redact(text: str) -> str:
