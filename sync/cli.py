@@ -23,8 +23,10 @@ from sync.errors import (
     StateDatabaseMissingError,
     StateError,
     driver_reason,
+    error_line,
 )
-from sync.logs import configure_logging, redact_url
+from sync.logs import configure_logging
+from sync.redaction import install, redact, redact_url, redactor
 from sync.sources import check_source, demo_warehouse_exists
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -44,7 +46,9 @@ class AppContext:
         """Load (once) and return the validated config; secrets are registered for redaction."""
         if self._config is None:
             self._config = load_config(self.config_path)
-            configure_logging(self.log_level or "WARNING", self.log_format, self._config.secrets())
+            # Before anything can print, log or store a text: the one redactor for all three.
+            install(self._config.redactor())
+            configure_logging(self.log_level or "WARNING", self.log_format)
         return self._config
 
 
@@ -59,17 +63,17 @@ class ErrorBoundaryGroup(click.Group):
         except AudienceSyncError as exc:
             if _debug(ctx):
                 raise
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(redact(str(exc))) from None
         except SQLAlchemyError as exc:
             if _debug(ctx):
                 raise
-            raise click.ClickException(f"state database error: {driver_reason(exc)}") from None
+            reason = driver_reason(exc)
+            raise click.ClickException(redact(f"state database error: {reason}")) from None
         except Exception as exc:
             if _debug(ctx):
                 raise
-            first = (str(exc).strip().splitlines() or [""])[0]
             raise click.ClickException(
-                f"unexpected {type(exc).__name__}: {first} (run with --debug for the traceback)"
+                redact(f"{error_line(exc)} (run with --debug for the traceback)")
             ) from None
 
 
@@ -79,15 +83,25 @@ def _debug(ctx: click.Context) -> bool:
 
 
 def console() -> Console:
-    """Where tables go: stdout; when piped, wide enough that nothing is cut."""
+    """Where tables go: stdout; when piped, wide enough that nothing is cut. Print tables
+    as ``RedactedTable`` and text through ``redact``."""
     if sys.stdout.isatty():
         return Console(highlight=False)
     return Console(width=1000, highlight=False)
 
 
+class RedactedTable(Table):
+    """A table whose text cells pass through the process's redactor, before layout (a cell
+    wrapped over two lines would split a secret where no later filter could see it)."""
+
+    def add_row(self, *renderables: Any, **kwargs: Any) -> None:
+        """Add a row, its text redacted."""
+        super().add_row(*(redact(r) if isinstance(r, str) else r for r in renderables), **kwargs)
+
+
 def echo_json(payload: Any) -> None:
-    """Print ``payload`` as indented JSON for scripts."""
-    click.echo(json.dumps(payload, indent=2, default=str))
+    """Print ``payload`` as indented JSON for scripts, every string redacted."""
+    click.echo(json.dumps(redactor().redact_tree(payload), indent=2, default=str))
 
 
 @click.group(cls=ErrorBoundaryGroup)
@@ -163,7 +177,7 @@ def check(app: AppContext, as_json: bool) -> None:
         )
     else:
         out = console()
-        table = Table(title=f"Audiences in {app.config_path}")
+        table = RedactedTable(title=f"Audiences in {app.config_path}")
         for column in ("name", "key", "source", "destinations", "schedule", "enabled"):
             table.add_column(column)
         for a in audiences:
@@ -176,7 +190,7 @@ def check(app: AppContext, as_json: bool) -> None:
                 "yes" if a["enabled"] else "no",
             )
         out.print(table)
-        conns = Table(title="Connections")
+        conns = RedactedTable(title="Connections")
         for column in ("what", "url", "status"):
             conns.add_column(column)
         for c in connections:

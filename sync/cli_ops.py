@@ -9,10 +9,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import click
-from rich.table import Table
 from sqlalchemy import Connection
 
-from sync.cli import AppContext, cli, console, echo_json, pass_app
+from sync.cli import AppContext, RedactedTable, cli, console, echo_json, pass_app
 from sync.config import Config
 from sync.db import make_state_engine, open_state, require_current_schema
 from sync.inspection import MemberFilter, member_rows, run_rows, status_rows, user_rows
@@ -38,7 +37,7 @@ def reading(config: Config) -> Iterator[Connection]:
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    table = Table(title=title)
+    table = RedactedTable(title=title)
     for column in columns:
         table.add_column(column)
     for row in rows:

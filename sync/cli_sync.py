@@ -9,16 +9,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
-from sync.cli import AppContext, cli, console, echo_json, pass_app
+from sync.cli import AppContext, RedactedTable, cli, console, echo_json, pass_app
 from sync.config import Config, load_config
 from sync.db import open_state
 from sync.demo import advance_demo_clock, demo_path, ensure_demo_warehouse
 from sync.drift import warn_about_drift
-from sync.errors import AudienceSyncError, LeaseHeldError
+from sync.errors import AudienceSyncError, LeaseHeldError, error_line
 from sync.operations import retire_orphans
+from sync.redaction import redact
 from sync.runner import DestinationReport, RunOptions, RunReport, Syncer
 from sync.tuning import settle_heap
 
@@ -49,8 +50,9 @@ def run_audiences(
     config: Config, names: list[str], options: RunOptions, *, bars: bool
 ) -> list[RunReport]:
     """Run the named audiences (all when none), one report each; a busy or broken audience
-    does not stop the others. Audiences removed from the config are warned about, or, with
-    ``on_removed = "retire"`` and no names, retired."""
+    (missing driver, state DB error, full disk, a bug) does not stop the others. Audiences
+    removed from the config are warned about, or, with ``on_removed = "retire"`` and no names,
+    retired."""
     engine = open_state(config.state.url, auto_upgrade=config.state.auto_upgrade)
     # Retiring other audiences is for a run of them all, never for a named or dry one.
     retire = config.defaults.on_removed == "retire" and not names and not options.dry_run
@@ -67,10 +69,12 @@ def run_audiences(
                     reports.append(
                         RunReport(audience.name, audience.trait_key, "busy", error=str(exc))
                     )
-                except AudienceSyncError as exc:
-                    reports.append(
-                        RunReport(audience.name, audience.trait_key, "failed", error=str(exc))
-                    )
+                except Exception as exc:
+                    # This audience's boundary (the run records what it can itself): the
+                    # state DB refusing its lease or record fails it, not the invocation.
+                    failed = RunReport(audience.name, audience.trait_key, "failed")
+                    failed.error = error_line(exc)
+                    reports.append(failed)
             if retire:
                 reports.extend(retire_orphans(syncer, force=options.force))
             return reports
@@ -80,7 +84,7 @@ def run_audiences(
 
 def print_reports(reports: list[RunReport], title: str) -> None:
     """One table row per audience and destination, then any errors."""
-    table = Table(title=title)
+    table = RedactedTable(title=title)
     for column in (
         "audience",
         "destination",
@@ -120,20 +124,23 @@ def print_reports(reports: list[RunReport], title: str) -> None:
     out.print(table)
     for report in reports:
         if report.error:
-            out.print(f"[bold]{report.key}[/bold]: {report.error}", markup=True, highlight=False)
+            out.print(f"[bold]{report.key}[/bold]: {_shown(report.error)}")
         for entry in report.destinations:
             if entry.error and entry.error != report.error:
-                out.print(f"[bold]{report.key} → {entry.destination}[/bold]: {entry.error}")
+                out.print(f"[bold]{report.key} → {entry.destination}[/bold]: {_shown(entry.error)}")
             if entry.trimmed:
                 out.print(
                     f"{report.key} → {entry.destination}: {entry.trimmed} message(s) sent "
                     "without traits over the destination's size limit (see the log)"
                 )
         if report.invalid_samples:
-            out.print(
-                f"{report.key}: {report.invalid} invalid rows, e.g. "
-                + "; ".join(report.invalid_samples[:3])
-            )
+            samples = "; ".join(report.invalid_samples[:3])
+            out.print(f"{report.key}: {report.invalid} invalid rows, e.g. {_shown(samples)}")
+
+
+def _shown(text: str) -> str:
+    """Text from a run, for rich markup: redacted, and its brackets taken literally."""
+    return escape(redact(text))
 
 
 @cli.command("sync")

@@ -40,6 +40,7 @@ from sync.config_models import (
 )
 from sync.errors import ConfigError
 from sync.keys import derive_key, name_key_problem
+from sync.redaction import Redactor, collect_secrets, is_secret_path
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -100,16 +101,23 @@ def parse_config(
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(shown, [f"not valid TOML: {exc}"]) from None
     problems: list[str] = []
-    raw = _interpolate(raw, "", os.environ if environ is None else environ, problems)
+    # TOML path -> (text as written, text after ${VAR} interpolation)
+    interpolated: dict[str, tuple[str, str]] = {}
+    env = os.environ if environ is None else environ
+    raw = _interpolate(raw, "", env, problems, interpolated)
     _resolve_paths(raw, base_dir)
+    from_env = {path: resolved for path, (_, resolved) in interpolated.items()}
     config: Config | None = None
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        problems.extend(_describe(error) for error in exc.errors())
+        problems.extend(_describe(error, raw, interpolated) for error in exc.errors())
     problems.extend(_cross_reference_problems(raw))
     if problems or config is None:
-        raise ConfigError(shown, _unique(problems))
+        # Validators quote values (a bad URL, say): no secret of this file may be quoted.
+        hide = Redactor(collect_secrets(raw, from_env))
+        raise ConfigError(shown, [hide.redact(p) for p in _unique(problems)])
+    config._environment_secrets = tuple(collect_secrets({}, from_env))
     return config
 
 
@@ -117,14 +125,23 @@ def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def _interpolate(value: Any, where: str, environ: Mapping[str, str], problems: list[str]) -> Any:
+def _interpolate(
+    value: Any,
+    where: str,
+    environ: Mapping[str, str],
+    problems: list[str],
+    interpolated: dict[str, tuple[str, str]],
+) -> Any:
     if isinstance(value, dict):
         return {
-            k: _interpolate(v, f"{where}.{k}" if where else k, environ, problems)
+            k: _interpolate(v, f"{where}.{k}" if where else k, environ, problems, interpolated)
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [_interpolate(v, f"{where}[{i}]", environ, problems) for i, v in enumerate(value)]
+        return [
+            _interpolate(v, f"{where}[{i}]", environ, problems, interpolated)
+            for i, v in enumerate(value)
+        ]
     if not isinstance(value, str) or "$" not in value:
         return value
 
@@ -142,7 +159,10 @@ def _interpolate(value: Any, where: str, environ: Mapping[str, str], problems: l
         )
         return ""
 
-    return _ENV_REFERENCE.sub(substitute, value)
+    resolved = _ENV_REFERENCE.sub(substitute, value)
+    if _ENV_REFERENCE.search(value.replace("$$", "")):
+        interpolated[where] = (value, resolved)
+    return resolved
 
 
 def _resolve_sqlite_url(url: Any, base_dir: Path) -> Any:
@@ -212,9 +232,13 @@ def _all_field_names() -> set[str]:
     return names
 
 
-def _describe(error: Any) -> str:
+def _describe(
+    error: Any, raw: dict[str, Any], interpolated: Mapping[str, tuple[str, str]]
+) -> str:
     loc = tuple(error["loc"])
-    where = _toml_path(loc)
+    path = _toml_path(loc)
+    written = interpolated.get(path, (None,))[0]
+    where = path + _audience_named(loc, raw)
     kind = error["type"]
     if kind == "extra_forbidden":
         key = str(loc[-1])
@@ -237,9 +261,26 @@ def _describe(error: Any) -> str:
     message = str(error["msg"])
     message = message.removeprefix("Value error, ")
     got = error.get("input")
+    if written is not None:
+        # Never the value read from the environment: it may be a secret in the wrong key.
+        return f"{where}: {message} (got {written!r})"
+    if is_secret_path(path):
+        return f"{where}: {message} (got a {type(got).__name__})"
     if isinstance(got, str | int | float | bool | list) and kind != "value_error":
         return f"{where}: {message} (got {got!r})"
     return f"{where}: {message}"
+
+
+def _audience_named(loc: tuple[int | str, ...], raw: dict[str, Any]) -> str:
+    """`` (audience "Name")`` for a problem inside ``audiences[i]``, so the line names it."""
+    audiences = raw.get("audiences")
+    if len(loc) < 2 or loc[0] != "audiences" or not isinstance(loc[1], int):
+        return ""
+    if not isinstance(audiences, list) or loc[1] >= len(audiences):
+        return ""
+    audience = audiences[loc[1]]
+    name = audience.get("name") if isinstance(audience, dict) else None
+    return f' (audience "{name}")' if isinstance(name, str) and name else ""
 
 
 def _cross_reference_problems(raw: dict[str, Any]) -> list[str]:

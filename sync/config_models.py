@@ -8,6 +8,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     field_validator,
 )
@@ -15,6 +16,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from sync.keys import derive_key, key_problem
+from sync.redaction import Redactor, collect_secrets
 from sync.schedule import Schedule, parse_duration, parse_schedule
 
 DEFAULT_CONFIG_PATH = "audience-sync.toml"
@@ -232,6 +234,8 @@ class Config(_Model):
     defaults: Defaults = Field(default_factory=Defaults)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     audiences: list[AudienceConfig] = Field(default_factory=list)
+    # Values read from ${VAR}s into URLs and headers (set by `parse_config`).
+    _environment_secrets: tuple[str, ...] = PrivateAttr(default=())
 
     @field_validator("version")
     @classmethod
@@ -269,21 +273,10 @@ class Config(_Model):
         return None
 
     def secrets(self) -> list[str]:
-        """Every secret value in the config, so logs and errors can redact them."""
-        found: list[str] = []
-        for destination in self.destinations.values():
-            for value in destination.__dict__.values():
-                if isinstance(value, SecretStr) and value.get_secret_value():
-                    found.append(value.get_secret_value())
-        urls = [self.state.url, *(s.url for s in self.sources.values())]
-        for dest in self.destinations.values():
-            if isinstance(dest, WebhookDestination):
-                urls.append(dest.url)
-        for url in urls:
-            try:
-                password = make_url(url).password
-            except ArgumentError:
-                password = None
-            if password:
-                found.append(str(password))
-        return found
+        """Every secret value in the config (credential keys and headers, URL userinfo,
+        values read from the environment into them), so logs, errors and state can hide them."""
+        return [*collect_secrets(self.model_dump()), *self._environment_secrets]
+
+    def redactor(self) -> Redactor:
+        """A redactor hiding this config's secrets."""
+        return Redactor(self.secrets())

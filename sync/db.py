@@ -27,9 +27,11 @@ from sync.errors import (
     SchemaTooNewError,
     StateDatabaseMissingError,
     StateError,
+    driver_reason,
+    missing_driver,
 )
-from sync.logs import redact_url
 from sync.models import INSTALLATION, MYSQL_DIALECTS, utcnow
+from sync.redaction import redact_url
 
 # How long a SQLite writer waits for another (the daemon and a manual `sync` share one file).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -87,9 +89,12 @@ def make_state_engine(url: str, *, must_exist: bool = False, read_only: bool = F
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _configure_sqlite)
         return engine
-    if parsed.get_backend_name() in MYSQL_DIALECTS:
-        return _make_mysql_engine(url, read_only=read_only)
-    engine = create_engine(url, pool_pre_ping=True)
+    try:
+        if parsed.get_backend_name() in MYSQL_DIALECTS:
+            return _make_mysql_engine(url, read_only=read_only)
+        engine = create_engine(url, pool_pre_ping=True)
+    except ImportError as exc:
+        raise StateError(f"state database: {missing_driver(exc, parsed.drivername)}") from None
     if read_only:
         event.listen(engine, "begin", read_only_transaction)
     return engine
@@ -233,7 +238,7 @@ def current_revision(engine: Engine) -> str | None:
             return MigrationContext.configure(connection).get_current_revision()
     except OperationalError as exc:
         raise StateError(
-            f"cannot open the state database {redact_url(str(engine.url))}: {exc.orig}"
+            f"cannot open the state database {redact_url(str(engine.url))}: {driver_reason(exc)}"
         ) from None
 
 

@@ -6,12 +6,78 @@ a ``PermanentError`` will not until someone changes something.
 
 from __future__ import annotations
 
+import re
+
+from sqlalchemy.exc import SQLAlchemyError
+
+# libpq's fields after the primary message: DETAIL quotes row values (member ids), LINE,
+# QUERY, CONTEXT and STATEMENT quote SQL. HINT is advice and stays.
+_QUOTING_FIELD = re.compile(r"\s*(DETAIL|CONTEXT|QUERY|STATEMENT|WHERE|LINE \d+):")
+_HINT_FIELD = re.compile(r"\s*HINT:")
+_BACKGROUND = re.compile(r"\(Background on this error at: [^)]*\)")
+
 
 def driver_reason(exc: BaseException) -> str:
-    """A database error as one line: the driver's own message (a SQLAlchemy error's ``orig``),
-    whitespace collapsed, without SQLAlchemy's statement and parameter dump."""
-    reason = str(getattr(exc, "orig", None) or exc)
-    return " ".join(reason.split("[SQL:")[0].split())
+    """A database error as one line: the driver's own message (a SQLAlchemy error's ``orig``)
+    and its hint, whitespace collapsed, without SQLAlchemy's statement and parameter dump or
+    the driver's fields that quote SQL or row values."""
+    reason = _BACKGROUND.sub("", str(getattr(exc, "orig", None) or exc).split("[SQL:")[0])
+    kept, quoting = [], False
+    for line in reason.splitlines():
+        if _QUOTING_FIELD.match(line):
+            quoting = True
+        elif _HINT_FIELD.match(line):
+            quoting = False
+        if not quoting and line.strip() != "^":
+            kept.append(line)
+    return " ".join(" ".join(kept).split())
+
+
+def error_line(exc: BaseException) -> str:
+    """Any exception as the one line stored in ``runs.error`` and printed: our own errors as
+    they are, database errors by their driver's reason (no SQL, no parameters), anything else
+    by its type and first line."""
+    if isinstance(exc, AudienceSyncError):
+        text = str(exc)
+    elif isinstance(exc, SQLAlchemyError):
+        # Source errors arrive as SourceError: a bare database error is the state DB's.
+        text = f"state database error: {driver_reason(exc)}"
+    elif isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{type(exc).__name__}: {exc.strerror}{where}"
+    else:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        text = f"unexpected {type(exc).__name__}: {first}"
+    return " ".join(text.split())
+
+
+# The pip extra that installs each database driver audience-sync supports, by module name.
+DRIVER_EXTRAS = {"psycopg": "audience-sync[postgres]", "pymysql": "audience-sync[mysql]"}
+# Drivers without an extra: the extra and URL scheme that replace them.
+DRIVER_REPLACEMENTS = {
+    "psycopg2": ("audience-sync[postgres]", "postgresql+psycopg://"),
+    "MySQLdb": ("audience-sync[mysql]", "mysql+pymysql://"),
+}
+
+
+def missing_driver(exc: ImportError, scheme: str) -> str:
+    """One line saying which driver a database URL needs and how to install it."""
+    module = exc.name or str(exc)
+    if module in DRIVER_EXTRAS:
+        return (
+            f"the {scheme}:// driver is not installed (no module {module}); "
+            f"pip install '{DRIVER_EXTRAS[module]}'"
+        )
+    if module in DRIVER_REPLACEMENTS:
+        extra, replacement = DRIVER_REPLACEMENTS[module]
+        return (
+            f"the {scheme}:// driver is not installed (no module {module}); "
+            f"pip install '{extra}' and write the URL as {replacement}..."
+        )
+    return (
+        f"the {scheme}:// driver is not installed (no module {module}); install the package "
+        "that provides it"
+    )
 
 
 class AudienceSyncError(Exception):

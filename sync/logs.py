@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from collections.abc import Iterable
 from contextvars import ContextVar
 from typing import Any
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sync.redaction import REDACTED, Redactor, install, redact_url, redactor
 
-REDACTED = "***"
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]+)(?P<at>@)")
+__all__ = ["REDACTED", "configure_logging", "current_run", "redact_url"]
 
 logger = logging.getLogger("sync")
 
@@ -46,33 +43,17 @@ class HumanFormatter(logging.Formatter):
 
 
 class RedactingFilter(logging.Filter):
-    """Replace every known secret, and any password inside a URL, with ``***``."""
-
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
-        super().__init__()
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
-
-    def redact(self, text: str) -> str:
-        """Return ``text`` with secrets replaced."""
-        for secret in self.secrets:
-            text = text.replace(secret, REDACTED)
-        return _URL_PASSWORD.sub(rf"\g<scheme>{REDACTED}\g<at>", text)
+    """Pass each record's message and traceback through the process's redactor (every
+    secret, any URL userinfo)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = self.redact(record.getMessage())
+        hide = redactor()
+        record.msg = hide.redact(record.getMessage())
         record.args = None
         if record.exc_info and record.exc_info[1] is not None:
-            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = hide.redact(logging.Formatter().formatException(record.exc_info))
             record.exc_info = None
         return True
-
-
-def redact_url(url: str) -> str:
-    """A database URL with its password hidden."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return _URL_PASSWORD.sub(rf"\g<scheme>{REDACTED}\g<at>", url)
 
 
 class JsonFormatter(logging.Formatter):
@@ -94,14 +75,16 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", fmt: str = "human", secrets: Iterable[str] = ()) -> None:
-    """Send the ``sync`` logger to stderr in the chosen format, redacting ``secrets``."""
+    """Send the ``sync`` logger to stderr in the chosen format; ``secrets`` join the process's
+    redactor, which every line passes through."""
+    install(Redactor(secrets))
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(HumanFormatter())
     handler.addFilter(RunContextFilter())
-    handler.addFilter(RedactingFilter(secrets))
+    handler.addFilter(RedactingFilter())
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False

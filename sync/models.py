@@ -25,6 +25,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sync import clock
+from sync.redaction import redactor
 
 # Longest member id we accept (Segment has no documented limit; 255 keeps the primary key
 # index compact on every database and fits MySQL's index prefix limits: 255 utf8mb4 characters
@@ -123,6 +124,27 @@ class UTCDateTime(TypeDecorator[datetime]):
         return None if value is None else stored_utc(value)
 
 
+class RedactedText(TypeDecorator[str]):
+    """Free text (errors) that passes through the process's redactor on its way in: no
+    writer, present or future, can store a secret in it."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else redactor().redact(value)
+
+
+class RedactedJSON(TypeDecorator[Any]):
+    """JSON whose strings pass through the process's redactor on their way in."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else redactor().redact_tree(value)
+
+
 def stored_utc(value: datetime | str) -> datetime:
     """A stored timestamp as the driver returns it, timezone-aware in UTC: SQLite gives text
     without a zone (always UTC here), PostgreSQL an aware datetime."""
@@ -213,7 +235,7 @@ class Membership(Base):
     )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
-    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(RedactedText, nullable=True)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
@@ -241,8 +263,8 @@ class Run(Base):
     compute_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     plan_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     deliver_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    invalid_samples: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(RedactedText, nullable=True)
+    invalid_samples: Mapped[list[str] | None] = mapped_column(RedactedJSON, nullable=True)
 
 
 class RunDelivery(Base):
@@ -260,7 +282,7 @@ class RunDelivery(Base):
     failed: Mapped[int] = mapped_column(Integer, default=0)
     skipped: Mapped[int] = mapped_column(Integer, default=0)
     left_pending: Mapped[int] = mapped_column(Integer, default=0)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(RedactedText, nullable=True)
 
 
 class DeliveryProgress(Base):

@@ -6,6 +6,7 @@ Entrants are inserted, re-entrants flipped, leavers marked ``desired = false``; 
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -106,7 +107,7 @@ def removal_problem(
     current, removed = plan.current, plan.removed
     if current == 0 or current < min_members:
         return None
-    hint = f"check the source, then run `audience-sync sync --force '{audience_name}'`"
+    hint = f"check the source, then run `audience-sync sync --force {shlex.quote(audience_name)}`"
     if staged == 0:
         return (
             f"the query returned no members; this would remove all {current} members at "

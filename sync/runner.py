@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
+from sync import redaction
 from sync.audiences import ensure_audience
 from sync.clock import state_now
 from sync.config import AudienceConfig, Config
@@ -27,6 +28,7 @@ from sync.errors import (
     RunInterruptedError,
     SourceError,
     UnknownAudienceError,
+    error_line,
 )
 from sync.leases import Lease, new_owner_id
 from sync.logs import current_run
@@ -72,6 +74,8 @@ class Syncer:
         and tests (e.g. stalling a run's heartbeat)."""
         self.config = config
         self.engine = engine
+        # The state DB's error columns and every log line redact this config's secrets.
+        redaction.install(config.redactor())
         self.owner = owner or new_owner_id()
         self.stop = stop or threading.Event()
         self.progress = progress
@@ -446,10 +450,14 @@ class Syncer:
                 timings["deliver_seconds"] = time.monotonic() - t2
                 report.status = self._status_after_delivery(report)
         except AudienceSyncError as exc:  # SourceError, LeaseLostError, RunInterruptedError, ...
-            report.status, report.error = "failed", str(exc)
-        except BaseException as exc:
-            report.status = "failed"
-            report.error = f"unexpected {type(exc).__name__}: {exc}"
+            report.status, report.error = "failed", error_line(exc)
+        except Exception as exc:
+            # This audience's error boundary: the state DB gone or locked, a full disk, a bug
+            # fail this run alone, recorded in one line; the caller runs the next audience.
+            report.status, report.error = "failed", error_line(exc)
+            logger.error("%s", report.error, exc_info=logger.isEnabledFor(logging.DEBUG))
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: record, then stop
+            report.status, report.error = "failed", error_line(exc)
             self._finish_safely(report, timings, lease)
             raise
         finally:
@@ -535,14 +543,21 @@ class Syncer:
                 )
 
     def _finish_safely(self, report: RunReport, timings: dict[str, float], lease: Lease) -> None:
-        """Record the run's outcome; a run that lost its lease records nothing and reports
-        itself ``abandoned``, as its successor recorded it."""
+        """Record the run in its own transaction. A run that lost its lease records nothing
+        and reports itself ``abandoned``, as its successor recorded it. When the state DB
+        refuses (down, locked, full) the report says so and the run's row stays `running`
+        until its lease expires and the next run marks it `abandoned`."""
         try:
             with self.engine.begin() as connection:
                 self._finish(connection, report, timings, lease)
         except LeaseLostError as exc:
             report.status = "abandoned"
             report.error = str(exc)
+        except Exception as exc:
+            problem = f"the run could not be recorded: {error_line(exc)}"
+            logger.error("%s", problem)
+            report.status = "failed"
+            report.error = f"{report.error}; {problem}" if report.error else problem
 
     def _log_summary(self, report: RunReport) -> None:
         parts = ", ".join(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -49,7 +50,14 @@ def parse_schedule(text: str) -> Schedule:
     from apscheduler.triggers.cron import CronTrigger
 
     try:
-        CronTrigger.from_crontab(stripped, timezone="UTC")
+        trigger = CronTrigger.from_crontab(stripped, timezone="UTC")
     except ValueError as exc:
         raise ValueError(f"{hint} ({exc})") from None
+    if trigger.get_next_fire_time(None, datetime.now(UTC)) is None:
+        # e.g. "0 0 31 2 *": every field is valid, the date never comes; the audience
+        # would silently never run.
+        raise ValueError(
+            f'the cron expression "{text}" never fires (no such date); fix the day and month '
+            'fields, or write an interval such as "1d"'
+        )
     return Schedule(text=stripped, cron=stripped)

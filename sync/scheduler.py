@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from sync.config import AudienceConfig, Config
 from sync.drift import warn_about_drift
-from sync.errors import AudienceSyncError, LeaseHeldError
+from sync.errors import AudienceSyncError, LeaseHeldError, error_line
 from sync.operations import retire_orphans
 from sync.reports import RunOptions, RunReport
 from sync.runner import Syncer
@@ -70,12 +70,15 @@ class Daemon:
             except LeaseHeldError as exc:
                 logger.info("skipped: %s", exc)
                 return None
-            except AudienceSyncError as exc:
-                logger.error('audience "%s": %s', audience.trait_key, exc)
-                self.failures += 1
-                return None
-            except Exception:
-                logger.exception('audience "%s": unexpected error', audience.trait_key)
+            except Exception as exc:
+                # One line (no SQL, no parameters); the traceback only when debugging.
+                logger.error(
+                    'audience "%s": %s',
+                    audience.trait_key,
+                    error_line(exc),
+                    exc_info=not isinstance(exc, AudienceSyncError)
+                    and logger.isEnabledFor(logging.DEBUG),
+                )
                 self.failures += 1
                 return None
             if not report.ok:
@@ -122,8 +125,13 @@ class Daemon:
             def work(audience: AudienceConfig = audience) -> RunReport | None:
                 try:
                     return self.syncer.sweep(audience)
-                except Exception:
-                    logger.exception('audience "%s": sweep failed', audience.trait_key)
+                except Exception as exc:
+                    logger.error(
+                        'audience "%s": sweep failed: %s',
+                        audience.trait_key,
+                        error_line(exc),
+                        exc_info=logger.isEnabledFor(logging.DEBUG),
+                    )
                     return None
 
             self._tracked(work)

@@ -6,19 +6,32 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import URL, Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 
 from sync.db import read_only_transaction
-from sync.errors import SourceError, driver_reason
-from sync.logs import redact_url
+from sync.errors import SourceError, driver_reason, missing_driver
+from sync.redaction import redact_url
 
 
 def make_source_engine(name: str, url: str) -> Engine:
     """An engine for source ``name`` that cannot write (SQLite ``mode=ro``, PostgreSQL
-    read-only transactions)."""
+    read-only transactions); a missing driver is a ``SourceError`` naming what to install."""
     parsed = make_url(url)
+    try:
+        return _source_engine(name, parsed)
+    except ImportError as exc:
+        reason = missing_driver(exc, parsed.drivername)
+        raise SourceError(f'source "{name}": {reason}') from None
+    except NoSuchModuleError:
+        raise SourceError(
+            f'source "{name}": no SQLAlchemy dialect is installed for {parsed.drivername}://; '
+            "install the package that provides it (e.g. snowflake-sqlalchemy for snowflake://)"
+        ) from None
+
+
+def _source_engine(name: str, parsed: URL) -> Engine:
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         database = parsed.database
@@ -30,7 +43,6 @@ def make_source_engine(name: str, url: str) -> Engine:
         return create_engine(parsed)
     if backend == "postgresql":
         engine = create_engine(parsed, pool_pre_ping=True)
-
         event.listen(engine, "begin", read_only_transaction)
         return engine
     return create_engine(parsed, pool_pre_ping=True)
@@ -41,7 +53,7 @@ def check_source(name: str, url: str) -> None:
     try:
         engine = make_source_engine(name, url)
     except SQLAlchemyError as exc:
-        raise SourceError(f'source "{name}" ({redact_url(url)}): {exc}') from None
+        raise SourceError(f'source "{name}" ({redact_url(url)}): {driver_reason(exc)}') from None
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))

@@ -109,6 +109,18 @@ def test_unreachable_source_fails_check_with_its_name(tmp_path: Path) -> None:
     assert source["ok"] is False and 'source "warehouse"' in source["detail"]
 
 
+@pytest.mark.parametrize("command", [["sync"], ["status"], ["run", "--once"], ["db", "upgrade"]])
+def test_an_unreachable_state_db_is_one_line(tmp_path: Path, command: list[str]) -> None:
+    url = "postgresql+psycopg://sync:statepw_XYZ@127.0.0.1:1/state"
+    config = write_config(tmp_path, url)
+    result = CliRunner().invoke(cli, ["--config", str(config), *command])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error: ") and "Connection refused" in lines[0], lines[0]
+    assert "statepw_XYZ" not in lines[0]
+
+
 def test_bad_config_is_one_line_without_traceback(tmp_path: Path) -> None:
     config = write_config(tmp_path, "sqlite:///s.db", extra='schedule = "every fortnight"')
     result = subprocess.run(

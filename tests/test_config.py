@@ -147,6 +147,14 @@ BROKEN = [
         "cron",
     ),
     (
+        "cron that never fires",
+        VALID.replace(
+            'destinations = ["preview"]', 'destinations = ["preview"]\nschedule = "0 0 31 2 *"'
+        ),
+        'audiences[0].schedule (audience "High Value Users")',
+        "never fires",
+    ),
+    (
         "duplicate audience name",
         VALID + VALID[VALID.index("[[audiences]]") :],
         "audiences[1].name",

@@ -117,6 +117,24 @@ def test_webhook_batches_are_signed(harness: Harness, receiver: Receiver) -> Non
     assert {m["userId"] for m in request.body["batch"]} == {"a", "b"}
 
 
+def test_a_gzip_webhook_is_signed_over_the_bytes_sent(
+    harness: Harness, receiver: Receiver
+) -> None:
+    secret = "whsec_gzip_321"
+    harness.destinations = {
+        "hook": {"type": "webhook", "url": f"{receiver.url}/h", "secret": secret, "gzip": True}
+    }
+    harness.audience["destinations"] = ["hook"]
+    harness.set_members(["a", "b"])
+    assert harness.sync().status == "succeeded"
+    (request,) = receiver.requests
+    assert request.headers["content-encoding"] == "gzip"
+    # A receiver verifies the raw bytes it read, before decompressing them.
+    expected = "sha256=" + hmac.new(secret.encode(), request.raw, hashlib.sha256).hexdigest()
+    assert request.headers["x-audience-sync-signature"] == expected
+    assert {m["userId"] for m in request.body["batch"]} == {"a", "b"}
+
+
 def test_webhook_retries_like_segment(harness: Harness, receiver: Receiver) -> None:
     harness.destinations = {"hook": {"type": "webhook", "url": f"{receiver.url}/h"}}
     harness.audience["destinations"] = ["hook"]

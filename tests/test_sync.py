@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+import shlex
 from datetime import datetime
 
 from tests.harness import WRITE_KEY, Harness
@@ -230,6 +231,20 @@ def test_guard_stops_an_emptied_audience(harness: Harness, receiver: Receiver) -
     report = harness.sync(force=True)
     assert report.status == "succeeded"
     assert values(receiver.messages()) == {f"u{i:03d}": False for i in range(150)}
+
+
+def test_the_guard_hint_quotes_the_name_for_the_shell(
+    harness: Harness, receiver: Receiver
+) -> None:
+    harness.audience["name"] = """Bob's "VIP" $list"""
+    harness.defaults["guard_min_members"] = 2
+    harness.set_members(["a", "b", "c"])
+    harness.sync()
+    harness.set_members([])
+    report = harness.sync()
+    assert report.status == "guarded" and report.error is not None
+    command = report.error.split("`")[1]
+    assert shlex.split(command) == ["audience-sync", "sync", "--force", harness.audience["name"]]
 
 
 def test_guard_ratio_and_small_audiences(harness: Harness, receiver: Receiver) -> None:

@@ -8,6 +8,7 @@ import gzip
 import ssl
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -23,6 +24,7 @@ from sync.errors import (
     TransientDeliveryError,
 )
 from sync.messages import iso_timestamp
+from sync.redaction import redact
 
 # Retry-After values above this are capped: a destination asking for an hour would stall the
 # run; the leftovers simply stay pending for the next run instead.
@@ -64,7 +66,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 def _snippet(body: str) -> str:
-    text = " ".join(body.split())
+    # Redacted before it is cut: a secret echoed across the cut would leak its first half.
+    text = redact(" ".join(body.split()))
     return text[:MAX_ERROR_TEXT] + ("…" if len(text) > MAX_ERROR_TEXT else "")
 
 
@@ -174,12 +177,20 @@ class HttpSender:
         sent_at = iso_timestamp(datetime.now(UTC))
         return f'{{"batch":[{",".join(messages)}],"sentAt":"{sent_at}"}}'.encode()
 
-    def post(self, body: bytes, extra_headers: dict[str, str] | None = None) -> None:
-        """POST ``body``; raise the ``DeliveryError`` that classifies any failure."""
+    def post(
+        self,
+        body: bytes,
+        extra_headers: dict[str, str] | None = None,
+        sign: Callable[[bytes], dict[str, str]] | None = None,
+    ) -> None:
+        """POST ``body``; raise the ``DeliveryError`` that classifies any failure. ``sign``
+        gives headers computed over the bytes actually sent (after gzip)."""
         headers = {"Content-Type": "application/json", **(extra_headers or {})}
         if self.use_gzip:
             body = gzip.compress(body)
             headers["Content-Encoding"] = "gzip"
+        if sign is not None:
+            headers.update(sign(body))
         try:
             response = self.client.post(self.url, content=body, headers=headers)
         except httpx.TransportError as exc:

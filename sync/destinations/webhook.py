@@ -1,4 +1,4 @@
-"""Any HTTP endpoint: JSON batches, signed with HMAC-SHA256 over the exact body."""
+"""Any HTTP endpoint: JSON batches, signed with HMAC-SHA256 over the exact bytes sent."""
 
 from __future__ import annotations
 
@@ -39,10 +39,11 @@ class WebhookDestination:
         )
 
     def send(self, messages: list[str]) -> None:
-        """POST one signed batch (the signature covers the uncompressed body)."""
-        body = self._sender.body_for(messages)
-        headers = {self._header: signature(self._secret, body)} if self._secret else {}
-        self._sender.post(body, headers)
+        """POST one batch, signed over the exact bytes sent (the gzip stream when ``gzip``)."""
+        self._sender.post(self._sender.body_for(messages), sign=self._sign)
+
+    def _sign(self, sent: bytes) -> dict[str, str]:
+        return {self._header: signature(self._secret, sent)} if self._secret else {}
 
     def close(self) -> None:
         """Close the connection pool."""

@@ -1,0 +1,188 @@
+"""Secrets out of every text we store or print.
+
+One ``Redactor`` is built from the config (write keys, webhook secrets, credential headers,
+URL userinfo, values read from the environment into secret-like keys) and installed for the
+process. Every boundary uses that same object: the log filter, the state DB's free-text
+columns (``models.RedactedText``) and the CLI's output. Beyond the known values it hides the
+userinfo of any URL it sees, so a secret it was never told about still does not travel in one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+from pydantic import SecretStr
+
+REDACTED = "***"
+# Shorter values would mangle ordinary words in every message and protect nothing.
+MIN_SECRET_LENGTH = 3
+# Config keys whose values are credentials (the trait `key` of an audience is not one).
+_SECRET_KEY = re.compile(r"(?i)secret|token|passw|pwd|credential|write_key|api_?key|private")
+# Header names that carry credentials; other headers (`X-Team = "growth"`) are not hidden
+# unless their value came from the environment.
+_SECRET_HEADER = re.compile(
+    r"(?i)auth|token|key|secret|signature|passw|cookie|session|credential"
+)
+# Keys whose value is a URL: a value read into one from the environment is a secret whole
+# (webhook URLs often carry their token in the path).
+_URL_KEYS = frozenset({"url", "endpoint"})
+# scheme://userinfo@ where the userinfo runs to the LAST "@" before the authority ends: a
+# password with an unencoded "@" must not leak its tail.
+_URL_USERINFO = re.compile(
+    r"(?P<scheme>\b(?P<name>[A-Za-z][A-Za-z0-9+.-]*)://)(?P<userinfo>[^\s/?#\"'<>]*)@"
+)
+# Schemes whose user name is a role rather than a credential (database URLs).
+_HTTP_SCHEMES = frozenset({"http", "https", "ws", "wss", "ftp", "ftps"})
+
+
+def _hide_userinfo(match: re.Match[str]) -> str:
+    scheme, userinfo = match.group("scheme"), match.group("userinfo")
+    if match.group("name").lower() in _HTTP_SCHEMES:
+        return f"{scheme}{REDACTED}@"  # tokens travel as HTTP user names
+    user, colon, _password = userinfo.partition(":")
+    return f"{scheme}{user}:{REDACTED}@" if colon else match.group(0)
+
+
+def _forms(secret: str) -> Iterator[str]:
+    """The secret as it may appear in a text: raw, JSON-escaped, percent-encoded or decoded."""
+    yield secret
+    yield json.dumps(secret)[1:-1]
+    yield quote(secret, safe="")
+    yield unquote(secret)
+
+
+class Redactor:
+    """Replaces known secrets, and any URL userinfo, with ``***``. Immutable, thread-safe."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.secrets: frozenset[str] = frozenset(s for s in secrets if s)
+        known = {f for s in self.secrets for f in _forms(s) if len(f) >= MIN_SECRET_LENGTH}
+        # Longest first, so a secret containing another is replaced whole.
+        ordered = sorted(known, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret and URL userinfo replaced."""
+        if self._pattern is not None:
+            text = self._pattern.sub(REDACTED, text)
+        return _URL_USERINFO.sub(_hide_userinfo, text)
+
+    def redact_tree(self, value: Any) -> Any:
+        """A copy of a JSON-like value (dicts, lists, strings) with every string redacted."""
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, Mapping):
+            return {k: self.redact_tree(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.redact_tree(v) for v in value]
+        return value
+
+    def union(self, other: Redactor) -> Redactor:
+        """A redactor that hides what either hides."""
+        return Redactor(self.secrets | other.secrets)
+
+
+_installed = Redactor()
+_install_lock = threading.Lock()
+
+
+def redactor() -> Redactor:
+    """The process's redactor (every secret of every config loaded so far)."""
+    return _installed
+
+
+def install(extra: Redactor) -> None:
+    """Add ``extra``'s secrets to the process's redactor. Secrets are never forgotten: hiding
+    a value a later config no longer uses costs nothing, showing one would leak it."""
+    global _installed
+    with _install_lock:
+        if not extra.secrets <= _installed.secrets:  # every Syncer installs its config's
+            _installed = _installed.union(extra)
+
+
+def redact(text: str) -> str:
+    """``text`` through the process's redactor."""
+    return _installed.redact(text)
+
+
+def redact_url(url: str) -> str:
+    """A URL for display: userinfo credentials and known secrets hidden."""
+    return _installed.redact(url)
+
+
+# --- finding the secrets in a config tree ----------------------------------------------------
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credentials in a URL's userinfo: the password (and, split at an unencoded ``@``,
+    each of its parts), and the user name when it is one (any HTTP user name; a database
+    user name only when it looks like a token: `postgres` is a role, and hiding it would
+    mangle every "postgresql" in a message)."""
+    try:
+        parts = urlsplit(url.strip())
+        user, password = parts.username, parts.password
+    except ValueError:
+        return []
+    found: list[str] = []
+    if password:
+        found += [password, *password.split("@")]
+    if user and (parts.scheme.lower() in _HTTP_SCHEMES or _token_like(user)):
+        found += [user, *user.split("@")]
+    return [s for s in found if len(s) >= MIN_SECRET_LENGTH]
+
+
+def _token_like(user: str) -> bool:
+    """A database user name that is really a credential (long, letters and digits mixed)."""
+    return len(user) >= 16 and any(c.isdigit() for c in user) and any(c.isalpha() for c in user)
+
+
+def collect_secrets(tree: Any, interpolated: Mapping[str, str] | None = None) -> list[str]:
+    """Every secret in a config tree (the raw TOML dict or a model dump): values of secret
+    keys and credential headers, URL userinfo, and values read from the environment
+    (``interpolated``: TOML path -> resolved text) into secret keys, headers or URLs."""
+    found: list[str] = []
+    _walk(tree, "", found)
+    for path, value in (interpolated or {}).items():
+        last = path.rsplit(".", 1)[-1]
+        if _SECRET_KEY.search(last) or last in _URL_KEYS or ".headers." in f".{path}":
+            found.append(value)
+    return found
+
+
+def is_secret_path(path: str) -> bool:
+    """Whether the config value at this TOML path is a credential."""
+    parent, _, last = path.rpartition(".")
+    if parent.endswith("headers") or parent == "headers":
+        return bool(_SECRET_HEADER.search(last))
+    return bool(_SECRET_KEY.search(last))
+
+
+def _walk(value: Any, path: str, found: list[str]) -> None:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _walk(item, f"{path}.{key}" if path else str(key), found)
+        return
+    if isinstance(value, list | tuple):
+        for item in value:
+            _walk(item, path, found)
+        return
+    secret = isinstance(value, SecretStr) or is_secret_path(path)
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return
+    text = str(value)
+    if secret:
+        found.append(text)
+        found.extend(text.split()[1:])  # "Bearer <token>": the token alone too
+        if path.endswith("write_key"):
+            # Sent as HTTP Basic user name: a destination echoing our headers echoes this.
+            found.append(base64.b64encode(f"{text}:".encode()).decode())
+    if "://" in text:
+        found.extend(url_secrets(text))

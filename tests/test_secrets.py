@@ -1,0 +1,211 @@
+"""No configured secret reaches output, logs or the state DB: one redaction at every boundary."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import Engine, inspect, text
+from sqlalchemy.engine import make_url
+
+from sync.cli import cli
+from sync.config import parse_config
+from sync.errors import ConfigError
+from tests.harness import WRITE_KEY, Harness
+from tests.receiver import Receiver, Scripted
+
+TOKEN = "tok_bearer_SECRET_55"
+HOOK_SECRET = "whsec_hook_SECRET_66"
+SEGMENT_USER = "segusertoken_SECRET_77"
+SEGMENT_PASSWORD = "segpass_SECRET_88"
+HOOK_USER = "hookuser_SECRET_99"
+HOOK_PASSWORD = "hookpw_SECRET_11"
+# An unencoded "@" in a password: parsers split it at the first "@"; its tail must not leak.
+SOURCE_PASSWORD = "srcpw_SECRET@TAILSECRET"
+STATE_PASSWORD = "statepw_SECRET_22"
+BASIC_WRITE_KEY = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+SECRETS = [
+    WRITE_KEY,
+    BASIC_WRITE_KEY,
+    TOKEN,
+    HOOK_SECRET,
+    SEGMENT_USER,
+    SEGMENT_PASSWORD,
+    HOOK_USER,
+    HOOK_PASSWORD,
+    SOURCE_PASSWORD,
+    STATE_PASSWORD,
+    "SECRET",  # every secret above carries it: no fragment or tail may leak either
+]
+ENV = {"TEST_WRITE_KEY": WRITE_KEY, "TEST_TOKEN": TOKEN, "TEST_HOOK_SECRET": HOOK_SECRET}
+
+
+def assert_no_secret(where: str, output: str) -> None:
+    for secret in SECRETS:
+        assert secret not in output, f"{secret!r} leaked into {where}:\n{output}"
+
+
+def dump_state(engine: Engine) -> str:
+    """Every row of every table, as text."""
+    with engine.connect() as connection:
+        tables = inspect(connection).get_table_names()
+        return "\n".join(
+            f"{table}: {connection.execute(text(f'SELECT * FROM {table}')).all()}"
+            for table in tables
+        )
+
+
+def echo_body() -> str:
+    """A destination answer that echoes the credentials it was sent."""
+    return json.dumps(
+        {"error": f"invalid write key {WRITE_KEY} (Basic {BASIC_WRITE_KEY})", "auth": TOKEN}
+    )
+
+
+def leaky_config(harness: Harness, receiver: Receiver) -> Path:
+    host = receiver.url.removeprefix("http://")
+    harness.destinations["segment"]["write_key"] = "${TEST_WRITE_KEY}"
+    harness.destinations["segment"]["endpoint"] = (
+        f"http://{SEGMENT_USER}:{SEGMENT_PASSWORD}@{host}"
+    )
+    harness.destinations["hook"] = {
+        "type": "webhook",
+        "url": f"http://{HOOK_USER}:{HOOK_PASSWORD}@{host}/hook",
+        "secret": "${TEST_HOOK_SECRET}",
+        "headers": {"Authorization": "Bearer ${TEST_TOKEN}"},
+        "timeout": 2,
+    }
+    harness.audience["destinations"] = ["segment", "hook"]
+    harness.config_extra = f"""
+[sources.remote]
+url = "postgresql+psycopg://reader:{SOURCE_PASSWORD}@127.0.0.1:1/warehouse"
+
+[[audiences]]
+name = "Remote"
+source = "remote"
+query = "SELECT user_id FROM t"
+destinations = ["segment"]
+"""
+    path = harness.write_config()
+    state = make_url(harness.engine.url.render_as_string(hide_password=False))
+    if state.get_backend_name() == "postgresql":
+        # Trust authentication accepts any password: put one in the state URL.
+        with_password = state.set(password=STATE_PASSWORD).render_as_string(hide_password=False)
+        original = harness.engine.url.render_as_string(hide_password=False)
+        path.write_text(path.read_text().replace(original, with_password))
+    return path
+
+
+def test_no_secret_reaches_output_logs_or_the_state_db(
+    harness: Harness, receiver: Receiver
+) -> None:
+    path = leaky_config(harness, receiver)
+    harness.set_members(["a", "b"])
+    runner = CliRunner(env=ENV)
+
+    def run(*args: str) -> str:
+        result = runner.invoke(cli, ["--config", str(path), "--log-level", "DEBUG", *args])
+        assert "Traceback" not in result.output, result.output
+        assert_no_secret(" ".join(args), result.output)
+        return result.output
+
+    # Segment: the batch and then member "a" are refused with the write key echoed; the hook
+    # answers 404 echoing it too (its error names the URL, userinfo included).
+    script = [Scripted(400, echo_body()), Scripted(400, echo_body()), Scripted(200)]
+    receiver.script = [*script, Scripted(404, echo_body())]
+    output = run("sync", "--json")
+    reports = {r["key"]: r for r in json.loads(output[output.index("[\n") :])}
+    assert reports["high_value_users"]["status"] == "failed"
+    assert reports["remote"]["status"] == "failed"
+    receiver.script = [*script, Scripted(404, echo_body())]
+    run("sync", "--full")
+    for command in (
+        ["runs"],
+        ["runs", "--json"],
+        ["status"],
+        ["status", "--json"],
+        ["members", "High Value Users"],
+        ["members", "High Value Users", "--json"],
+        ["members", "High Value Users", "--destination", "hook", "--json"],
+        ["user", "a"],
+        ["user", "a", "--json"],
+        ["check"],
+        ["check", "--json"],
+    ):
+        run(*command)
+    # The failures really were recorded, redacted (not dropped).
+    state = dump_state(harness.engine)
+    assert "HTTP 404" in state and "HTTP 400" in state and "***" in state
+    assert_no_secret("the state database", state)
+
+
+def test_the_redactor_hides_url_userinfo_even_when_malformed() -> None:
+    from sync.redaction import Redactor
+
+    redactor = Redactor()
+    assert (
+        redactor.redact("postgresql://u:pw@TAIL@db:5432/x failed")
+        == "postgresql://u:***@db:5432/x failed"
+    )
+    # In an HTTP URL the user name is a credential too (tokens travel as user names).
+    assert redactor.redact("POST https://tok_abc@hooks.example/x") == (
+        "POST https://***@hooks.example/x"
+    )
+    assert redactor.redact("see https://example.com/?email=a@b.co") == (
+        "see https://example.com/?email=a@b.co"
+    )
+
+
+def test_the_redactor_hides_encoded_forms_of_secrets() -> None:
+    from sync.redaction import Redactor
+
+    secret = 'wk/"quoted"+1'
+    redactor = Redactor([secret])
+    for form in (secret, json.dumps(secret)[1:-1], "wk%2F%22quoted%22%2B1"):
+        assert redactor.redact(f"echo: {form}!") == "echo: ***!"
+
+
+def parse(text_: str, environ: dict[str, str]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text_, "test.toml", Path("/tmp"), environ)
+    return caught.value.problems
+
+
+BASE = """
+[sources.w]
+url = "sqlite:///w.db"
+[[audiences]]
+name = "A"
+source = "w"
+query = "SELECT user_id FROM t"
+destinations = ["s"]
+"""
+
+
+def test_config_errors_never_echo_secrets() -> None:
+    environ = {"WK": "WKsecret123", "DB": "postgres//u:dbSECRETpw@host/x"}
+    problems = parse(
+        BASE
+        + """
+[destinations.s]
+type = "segment"
+write_key = "${WK}"
+batch_size = "${WK}"
+timeout = "${WK}"
+[sources.bad]
+url = "${DB}"
+[destinations.h]
+type = "webhook"
+url = "https://h.example/x"
+secret = 12345678
+""",
+        environ,
+    )
+    joined = "\n".join(problems)
+    assert "destinations.s.batch_size" in joined and "${WK}" in joined
+    assert "sources.bad.url" in joined and "destinations.h.secret" in joined
+    for secret in ("WKsecret123", "dbSECRETpw", "12345678"):
+        assert secret not in joined, joined
