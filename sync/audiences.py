@@ -6,6 +6,7 @@ import hashlib
 
 from sqlalchemy import Connection, Engine, case, delete, or_, select, true, update
 
+from sync.clock import state_now
 from sync.config import AudienceConfig, Config
 from sync.errors import AudienceSyncError
 from sync.models import AUDIENCES as A
@@ -121,7 +122,7 @@ def mark_all_exited(
 ) -> list[str]:
     """Plan ``false`` for every current member (before retiring), at every destination or one;
     return the destinations."""
-    now = utcnow()
+    now = state_now(connection)  # changed_at: one clock for every host
     scope = [M.c.audience_id == audience_id]
     if destination is not None:
         scope.append(M.c.destination == destination)
