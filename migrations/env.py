@@ -1,12 +1,12 @@
-"""Alembic environment: migrates on the connection audience-sync hands over (see sync.db)."""
+"""Alembic environment: migrates on the connection audience-sync hands over (see sync.state.db)."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import Connection
 
-from sync.db import compare_column_type
-from sync.models import Base
+from sync.state.db import compare_column_type
+from sync.state.tables import Base
 
 target_metadata = Base.metadata
 
@@ -22,7 +22,7 @@ def run_migrations_online() -> None:
         compare_type=compare_column_type,
         render_as_batch=True,  # SQLite needs table copies for most ALTERs
         # SQLite's DDL is transactional, but Alembic assumes not: one transaction for the
-        # whole upgrade, so a killed one leaves the previous revision (see sync.db).
+        # whole upgrade, so a killed one leaves the previous revision (see sync.state.db).
         transactional_ddl=True if sqlite else None,
     )
     with context.begin_transaction():

@@ -15,8 +15,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sync import __version__
 from sync.config import DEFAULT_CONFIG_PATH, Config, load_config
-from sync.db import MigrationPause, make_state_engine, schema_status, upgrade
-from sync.drift import drift_report
 from sync.errors import (
     AudienceSyncError,
     SourceError,
@@ -27,7 +25,9 @@ from sync.errors import (
 )
 from sync.logs import configure_logging
 from sync.redaction import install, redact, redact_url, redactor
-from sync.sources import check_source, demo_warehouse_exists
+from sync.run.drift import drift_report
+from sync.run.sources import check_source, demo_warehouse_exists
+from sync.state.db import MigrationPause, make_state_engine, schema_status, upgrade
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -231,7 +231,7 @@ def _check_state(config: Config) -> dict[str, Any]:
 
 
 def _check_drift(config: Config) -> tuple[list[str], list[str]]:
-    """Drift problems and warnings (sync.drift), when the state DB is there and current."""
+    """Drift problems and warnings (sync.run.drift), when the state DB is there and current."""
     try:
         engine = make_state_engine(config.state.url, must_exist=True, read_only=True)
     except StateError:

@@ -13,12 +13,12 @@ from sqlalchemy import Connection
 
 from sync.cli import AppContext, RedactedTable, cli, console, echo_json, pass_app
 from sync.config import Config
-from sync.db import make_state_engine, open_state, require_current_schema
-from sync.inspection import MemberFilter, member_rows, run_rows, status_rows, user_rows
+from sync.engine import Syncer
 from sync.logs import configure_logging
 from sync.operations import retire_audience, retire_destination, retry_audience
-from sync.runner import Syncer
 from sync.scheduler import Daemon
+from sync.state.db import make_state_engine, open_state, require_current_schema
+from sync.state.inspection import MemberFilter, member_rows, run_rows, status_rows, user_rows
 from sync.tuning import settle_heap
 
 

@@ -14,13 +14,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from sync.cli import AppContext, RedactedTable, cli, console, echo_json, pass_app
 from sync.config import Config, load_config
-from sync.db import open_state
 from sync.demo import advance_demo_clock, demo_path, ensure_demo_warehouse
-from sync.drift import warn_about_drift
+from sync.engine import DestinationReport, RunOptions, RunReport, Syncer
 from sync.errors import AudienceSyncError, LeaseHeldError, error_line
 from sync.operations import retire_orphans
 from sync.redaction import redact
-from sync.runner import DestinationReport, RunOptions, RunReport, Syncer
+from sync.run.drift import warn_about_drift
+from sync.state.db import open_state
 from sync.tuning import settle_heap
 
 
@@ -221,9 +221,9 @@ def demo(workdir: str, days: int) -> None:
     """Run the example audiences on a generated warehouse: a full send, then deltas."""
     folder = Path(workdir)
     for stale in (
-        "audience-sync.db",
-        "audience-sync.db-wal",
-        "audience-sync.db-shm",
+        "audience-sync.state.db",
+        "audience-sync.state.db-wal",
+        "audience-sync.state.db-shm",
         "demo-warehouse.db",
         "out",
     ):

@@ -5,7 +5,22 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, select
 
-from sync.audiences import (
+from sync.config import Config
+from sync.delivery import deliver_destinations
+from sync.delivery.deliverer import recover_in_flight
+from sync.destinations import build_destination
+from sync.engine import Syncer
+from sync.errors import AudienceSyncError, LeaseHeldError
+from sync.run.drift import Orphan, orphans, recorded_destinations
+from sync.run.plan import (
+    DestinationPlan,
+    DestinationTarget,
+    count_members,
+    count_status,
+    removal_problem,
+)
+from sync.run.reports import DestinationReport, RunReport
+from sync.state.audiences import (
     audience_leaving_destination,
     forget_destination,
     mark_all_exited,
@@ -13,24 +28,9 @@ from sync.audiences import (
     orphaned_audience,
     retry_failed,
 )
-from sync.config import Config
-from sync.db import installation_id
-from sync.delivery import recover_in_flight
-from sync.destinations import build_destination
-from sync.dispatch import deliver_destinations
-from sync.drift import Orphan, orphans, recorded_destinations
-from sync.errors import AudienceSyncError, LeaseHeldError
-from sync.leases import Lease
-from sync.models import AUDIENCES as A
-from sync.planner import (
-    DestinationPlan,
-    DestinationTarget,
-    count_members,
-    count_status,
-    removal_problem,
-)
-from sync.reports import DestinationReport, RunReport
-from sync.runner import Syncer
+from sync.state.db import installation_id
+from sync.state.leases import Lease
+from sync.state.tables import AUDIENCES as A
 
 
 def retry_audience(syncer: Syncer, name: str) -> int:

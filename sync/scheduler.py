@@ -18,11 +18,11 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Engine
 
 from sync.config import AudienceConfig, Config
-from sync.drift import warn_about_drift
+from sync.engine import Syncer
 from sync.errors import AudienceSyncError, LeaseHeldError, error_line
 from sync.operations import retire_orphans
-from sync.reports import RunOptions, RunReport
-from sync.runner import Syncer
+from sync.run.drift import warn_about_drift
+from sync.run.reports import RunOptions, RunReport
 
 logger = logging.getLogger("sync.daemon")
 
@@ -88,7 +88,7 @@ class Daemon:
         return self._tracked(work)
 
     def warn_about_drift(self) -> None:
-        """Log, once, what the config dropped but the state DB still delivers (sync.drift)."""
+        """Log, once, what the config dropped but the state DB still delivers (sync.run.drift)."""
         retire = self.config.defaults.on_removed == "retire"
         try:
             warn_about_drift(self.engine, self.config, warn_orphans=not retire)

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-from sync.db import make_state_engine, upgrade
+from sync.state.db import make_state_engine, upgrade
 
 if TYPE_CHECKING:
     from tests.harness import Harness

@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from sync.config import Config, parse_config
-from sync.models import MEMBERSHIPS, RUNS
-from sync.runner import RunOptions, RunReport, Syncer
+from sync.engine import RunOptions, RunReport, Syncer
+from sync.state.tables import MEMBERSHIPS, RUNS
 
 WRITE_KEY = "wk_test_secret_123"
 

@@ -92,7 +92,7 @@ def state_db_on_a_newer_schema(case: Case) -> None:
 
 
 def _head() -> str:
-    from sync.db import head_revision
+    from sync.state.db import head_revision
 
     return head_revision()
 

@@ -85,7 +85,7 @@ def test_sync_usage_errors(harness: Harness) -> None:
 def test_sync_refuses_an_out_of_date_schema(tmp_path: Path, state_url: str) -> None:
     from sqlalchemy import Engine
 
-    from sync.db import make_state_engine
+    from sync.state.db import make_state_engine
 
     engine: Engine = make_state_engine(state_url)
     try:

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-import sync.runner
-from sync.staging import json_value, normalize_id, traits_json
+import sync.engine
+from sync.run.staging import json_value, normalize_id, traits_json
 from tests.harness import Harness
 from tests.receiver import Receiver
 
@@ -187,7 +187,7 @@ def test_same_database_fast_path(
         raise AssertionError("rows passed through Python")
 
     if harness.engine.dialect.name not in ("mysql", "mariadb"):  # they take the Python path
-        monkeypatch.setattr(sync.runner, "stage_from_source", no_python_path)
+        monkeypatch.setattr(sync.engine, "stage_from_source", no_python_path)
     report = harness.sync()
     assert report.status == "succeeded", report.error
     assert (report.members, report.invalid, report.duplicates) == (3, 2, 1)
@@ -209,7 +209,7 @@ def test_postgresql_sources_run_in_read_only_transactions(
 ) -> None:
     from sqlalchemy import create_engine
 
-    from sync.db import make_state_engine, upgrade
+    from sync.state.db import make_state_engine, upgrade
 
     source = create_engine(postgres_schema_url)
     with source.begin() as connection:

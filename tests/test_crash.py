@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, func, select, text
 
-from sync.models import MEMBERSHIPS, RUNS, STAGED
+from sync.state.tables import MEMBERSHIPS, RUNS, STAGED
 from tests.harness import Harness
 from tests.processes import spawn, wait_for
 from tests.receiver import Receiver

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from sync.models import AUDIENCES, RUNS
+from sync.state.tables import AUDIENCES, RUNS
 from tests.harness import Harness
 from tests.processes import spawn, wait_for
 from tests.receiver import Receiver

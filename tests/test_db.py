@@ -6,7 +6,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.orm import Session
 
-from sync.db import (
+from sync.errors import SchemaOutOfDateError, SchemaTooNewError, StateDatabaseMissingError
+from sync.state.db import (
     compare_column_type,
     current_revision,
     downgrade,
@@ -17,8 +18,7 @@ from sync.db import (
     schema_status,
     upgrade,
 )
-from sync.errors import SchemaOutOfDateError, SchemaTooNewError, StateDatabaseMissingError
-from sync.models import Audience, Base, Run
+from sync.state.tables import Audience, Base, Run
 
 TABLES = {"installation", "audiences", "memberships", "runs"}
 

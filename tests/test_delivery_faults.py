@@ -21,7 +21,7 @@ from sqlalchemy import Engine
 from sync.cli import cli
 from sync.destinations.http import classify_response
 from sync.messages import AudienceContext, MessageEncoder
-from sync.models import MEMBERSHIPS
+from sync.state.tables import MEMBERSHIPS
 from tests.chaos import ChaosReceiver
 from tests.harness import WRITE_KEY, Harness
 from tests.receiver import Receiver, Scripted

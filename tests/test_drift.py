@@ -286,7 +286,7 @@ def test_an_endpoint_change_is_refused_until_a_full_sync(
 def test_the_endpoint_fingerprint_ignores_credentials_and_queries() -> None:
     """Only scheme, host, port and path define an endpoint: a new password or write key is
     the same destination, and no secret ever reaches the fingerprinted text."""
-    from sync.drift import endpoint_text
+    from sync.run.drift import endpoint_text
 
     def hook(url: str) -> WebhookDestination:
         return WebhookDestination(type="webhook", url=url, secret="s3cret")

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select, text
 
-from sync.db import make_state_engine
-from sync.models import Base
-from sync.reports import RunOptions, RunReport
-from sync.runner import Syncer
+from sync.engine import Syncer
+from sync.run.reports import RunOptions, RunReport
+from sync.state.db import make_state_engine
+from sync.state.tables import Base
 from tests.harness import Harness
 from tests.receiver import Receiver
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, select, text
 
 from sync.cli import cli
-from sync.models import AUDIENCES, RUNS
+from sync.state.tables import AUDIENCES, RUNS
 from tests.harness import Harness
 from tests.receiver import Receiver
 

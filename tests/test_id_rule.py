@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, Engine, select, text
 
-from sync.models import STAGED
-from sync.same_database import stage_in_database
-from sync.sources import make_source_engine
-from sync.staging import SnapshotStats, stage_from_source
+from sync.run.same_database import stage_in_database
+from sync.run.sources import make_source_engine
+from sync.run.staging import SnapshotStats, stage_from_source
+from sync.state.tables import STAGED
 
 SAME_DB_RUN, STREAMED_RUN = 1, 2
 

@@ -100,7 +100,7 @@ def test_orphaned_audiences_are_listed(populated: Harness) -> None:
 
 
 def test_inspection_refuses_an_old_schema_without_migrating(populated: Harness) -> None:
-    from sync.db import current_revision, downgrade
+    from sync.state.db import current_revision, downgrade
 
     downgrade(populated.engine, "0002")
     config = populated.write_config()

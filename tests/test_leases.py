@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import select, text, update
 
 from sync import clock
-from sync.audiences import ensure_audience
+from sync.engine import RunOptions, RunReport, Syncer
 from sync.errors import LeaseHeldError
-from sync.leases import Lease
-from sync.models import AUDIENCES, MEMBERSHIPS
-from sync.runner import RunOptions, RunReport, Syncer
+from sync.state.audiences import ensure_audience
+from sync.state.leases import Lease
+from sync.state.tables import AUDIENCES, MEMBERSHIPS
 from tests.harness import Harness
 from tests.processes import wait_for
 from tests.receiver import Receiver, Scripted

@@ -18,14 +18,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select, update
 
-import sync.runner
+import sync.engine
 from sync.clock import state_now
-from sync.delivery import Deliverer
+from sync.delivery.deliverer import Deliverer
 from sync.destinations.segment import SegmentDestination
+from sync.engine import RunOptions, RunReport, Syncer
 from sync.errors import LeaseHeldError
-from sync.leases import Lease
-from sync.models import AUDIENCES, MEMBERSHIPS, RUNS
-from sync.runner import RunOptions, RunReport, Syncer
+from sync.state.leases import Lease
+from sync.state.tables import AUDIENCES, MEMBERSHIPS, RUNS
 from tests.chaos import APPLIED_FAULTS, ChaosReceiver
 from tests.harness import WRITE_KEY, Harness
 
@@ -103,8 +103,8 @@ class Crasher:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.armed: str | None = None
         self.on_takeover: Any = None
-        original_chunks = sync.runner.Syncer._between_chunks
-        original_plan = sync.runner.plan_destination
+        original_chunks = sync.engine.Syncer._between_chunks
+        original_plan = sync.engine.plan_destination
         original_send = SegmentDestination.send
         original_record = Deliverer._record
         crasher = self
@@ -129,8 +129,8 @@ class Crasher:
             crasher.fire("record")
             original_record(self, result)
 
-        monkeypatch.setattr(sync.runner.Syncer, "_between_chunks", between_chunks)
-        monkeypatch.setattr(sync.runner, "plan_destination", plan)
+        monkeypatch.setattr(sync.engine.Syncer, "_between_chunks", between_chunks)
+        monkeypatch.setattr(sync.engine, "plan_destination", plan)
         monkeypatch.setattr(SegmentDestination, "send", send)
         monkeypatch.setattr(Deliverer, "_record", record)
 
@@ -220,7 +220,7 @@ def test_any_history_converges_to_the_last_snapshot(
     harness = Harness(folder, state_engine, chaos.url)
     harness.audience["name"] = f"Model {number}"
     # Each example is a new audience in the shared state DB, not a rename of the previous one
-    # (which sync.drift would refuse): give it a definition of its own.
+    # (which sync.run.drift would refuse): give it a definition of its own.
     harness.audience["query"] = f"SELECT user_id, email FROM members WHERE {number} = {number}"
     key = f"model_{number}"
     harness.destinations["segment"].update(timeout=0.2, batch_size=4, concurrency=2)

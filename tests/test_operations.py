@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from sync.cli import cli
 from sync.destinations.segment import SegmentDestination
 from sync.errors import AudienceSyncError
-from sync.models import AUDIENCES, DELIVERY_PROGRESS, MEMBERSHIPS
+from sync.state.tables import AUDIENCES, DELIVERY_PROGRESS, MEMBERSHIPS
 from tests.harness import WRITE_KEY, Harness
 from tests.processes import wait_for
 from tests.receiver import Receiver, Scripted
@@ -213,7 +213,7 @@ destinations = ["segment"]
 
 
 def test_daemon_checks_the_schema_at_start(tmp_path: Path, state_url: str) -> None:
-    from sync.db import make_state_engine
+    from sync.state.db import make_state_engine
 
     engine = make_state_engine(state_url)
     try:

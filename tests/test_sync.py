@@ -111,7 +111,7 @@ def test_resends_reuse_the_message_id(harness: Harness, receiver: Receiver) -> N
         r.synced is None and r.status == "pending" and "503" in r.last_error for r in rows.values()
     )
     with harness.engine.begin() as connection:  # make the backoff expire now
-        from sync.models import MEMBERSHIPS
+        from sync.state.tables import MEMBERSHIPS
 
         connection.execute(MEMBERSHIPS.update().values(next_attempt_at=None))
     report = harness.sync()
@@ -206,7 +206,7 @@ def test_changes_coalesce_before_delivery(harness: Harness, receiver: Receiver) 
     receiver.state.clear()
     harness.set_members(["stays"])
     with harness.engine.begin() as connection:
-        from sync.models import MEMBERSHIPS
+        from sync.state.tables import MEMBERSHIPS
 
         connection.execute(MEMBERSHIPS.update().values(next_attempt_at=None))
     harness.sync()
@@ -327,7 +327,7 @@ def test_acknowledgement_is_compare_and_set(harness: Harness, receiver: Receiver
     """A change planned while its batch is in flight stays pending after the ack."""
     from sqlalchemy import update
 
-    from sync.models import MEMBERSHIPS
+    from sync.state.tables import MEMBERSHIPS
 
     harness.set_members(["a", "b"])
     original = receiver._respond
@@ -356,7 +356,7 @@ def test_emptying_the_staging_table_spares_other_runs(harness: Harness, receiver
     at the same time) stay, and with none the table ends empty."""
     from sqlalchemy import func, insert, select
 
-    from sync.models import STAGED
+    from sync.state.tables import STAGED
 
     harness.set_members(["a", "b"])
     harness.sync()

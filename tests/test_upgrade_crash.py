@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select, text
 
-from sync.db import current_revision, head_revision, make_state_engine, upgrade
-from sync.models import MEMBERSHIPS, utcnow
+from sync.state.db import current_revision, head_revision, make_state_engine, upgrade
+from sync.state.tables import MEMBERSHIPS, utcnow
 from tests.processes import spawn, wait_for
 from tests.test_db import schema_diff
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import sync.models
+import sync.state.tables
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -26,18 +26,18 @@ def upgrade() -> None:
         sa.Column("key", sa.String(length=100), nullable=False),
         sa.Column("name", sa.String(length=255), nullable=False),
         sa.Column("definition_hash", sa.String(length=64), nullable=False),
-        sa.Column("created_at", sync.models.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("retired_at", sync.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", sync.state.tables.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("retired_at", sync.state.tables.UTCDateTime(timezone=True), nullable=True),
         sa.Column("lease_owner", sa.String(length=255), nullable=True),
-        sa.Column("lease_acquired_at", sync.models.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("lease_expires_at", sync.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("lease_acquired_at", sync.state.tables.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("lease_expires_at", sync.state.tables.UTCDateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_audiences")),
         sa.UniqueConstraint("key", name=op.f("uq_audiences_key")),
     )
     op.create_table(
         "installation",
         sa.Column("installation_id", sa.String(length=32), nullable=False),
-        sa.Column("created_at", sync.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", sync.state.tables.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("installation_id", name=op.f("pk_installation")),
     )
     op.create_table(
@@ -61,7 +61,7 @@ def upgrade() -> None:
         sa.Column("desired", sa.Boolean(), nullable=False),
         sa.Column("synced", sa.Boolean(), nullable=True),
         sa.Column("version", sa.Integer(), nullable=False),
-        sa.Column("changed_at", sync.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("changed_at", sync.state.tables.UTCDateTime(timezone=True), nullable=False),
         sa.Column("traits", sa.JSON(), nullable=True),
         sa.Column(
             "status",
@@ -79,9 +79,9 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("next_attempt_at", sync.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("next_attempt_at", sync.state.tables.UTCDateTime(timezone=True), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
-        sa.Column("delivered_at", sync.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("delivered_at", sync.state.tables.UTCDateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["audience_id"],
             ["audiences.id"],
@@ -136,8 +136,8 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("owner", sa.String(length=255), nullable=True),
-        sa.Column("started_at", sync.models.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("finished_at", sync.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("started_at", sync.state.tables.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("finished_at", sync.state.tables.UTCDateTime(timezone=True), nullable=True),
         sa.Column("members", sa.Integer(), nullable=False),
         sa.Column("added", sa.Integer(), nullable=False),
         sa.Column("removed", sa.Integer(), nullable=False),

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import sync.models
+import sync.state.tables
 
 revision: str = "0004"
 down_revision: str | None = "0003"
@@ -25,7 +25,7 @@ def upgrade() -> None:
         sa.Column("destination", sa.String(length=100), nullable=False),
         sa.Column("through_kind", sa.String(length=16), nullable=True),
         sa.Column("through_member", sa.String(length=255), nullable=True),
-        sa.Column("updated_at", sync.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sync.state.tables.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["audience_id"],
             ["audiences.id"],

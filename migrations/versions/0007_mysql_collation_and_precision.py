@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-from sync.models import MYSQL_DIALECTS, Key, UTCDateTime
+from sync.state.tables import MYSQL_DIALECTS, Key, UTCDateTime
 
 revision: str = "0007"
 down_revision: str | None = "0006"

@@ -22,8 +22,8 @@ from sqlalchemy import Connection, Engine, or_, select, update
 
 from sync.clock import state_now
 from sync.errors import LeaseHeldError, LeaseLostError
-from sync.models import AUDIENCES as A
-from sync.models import RUNS
+from sync.state.tables import AUDIENCES as A
+from sync.state.tables import RUNS
 
 logger = logging.getLogger("sync.leases")
 

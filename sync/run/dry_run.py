@@ -30,7 +30,7 @@ from sqlalchemy import (
     select,
 )
 
-from sync.models import AUDIENCES, DELIVERY_PROGRESS, MEMBERSHIPS, STAGED, Base, UTCDateTime
+from sync.state.tables import AUDIENCES, DELIVERY_PROGRESS, MEMBERSHIPS, STAGED, Base, UTCDateTime
 
 # The tables planning reads and writes (planner, recover_in_flight, ensure_audience).
 SCRATCH_TABLES = (AUDIENCES, MEMBERSHIPS, DELIVERY_PROGRESS, STAGED)

@@ -9,12 +9,12 @@ from sqlalchemy import Connection, Engine, case, delete, or_, select, true, upda
 from sync.clock import state_now
 from sync.config import AudienceConfig, Config
 from sync.errors import AudienceSyncError
-from sync.models import AUDIENCES as A
-from sync.models import DELIVERY_PROGRESS as P
-from sync.models import DESTINATION_ENDPOINTS as E
-from sync.models import MEMBERSHIPS as M
-from sync.models import utcnow
-from sync.staging import insert_ignoring_duplicates
+from sync.run.staging import insert_ignoring_duplicates
+from sync.state.tables import AUDIENCES as A
+from sync.state.tables import DELIVERY_PROGRESS as P
+from sync.state.tables import DESTINATION_ENDPOINTS as E
+from sync.state.tables import MEMBERSHIPS as M
+from sync.state.tables import utcnow
 
 
 def definition_hash(audience: AudienceConfig) -> str:

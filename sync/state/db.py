@@ -30,8 +30,8 @@ from sync.errors import (
     driver_reason,
     missing_driver,
 )
-from sync.models import INSTALLATION, MYSQL_DIALECTS, utcnow
 from sync.redaction import redact_url
+from sync.state.tables import INSTALLATION, MYSQL_DIALECTS, utcnow
 
 # How long a SQLite writer waits for another (the daemon and a manual `sync` share one file).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -40,10 +40,11 @@ UPGRADE_HINT = "audience-sync db upgrade"
 
 
 def _migrations_dir() -> Path:
-    packaged = Path(__file__).parent / "migrations"
+    # In the wheel: sync/migrations; in a source checkout: the repository's migrations/.
+    packaged = Path(__file__).resolve().parent.parent / "migrations"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parent.parent / "migrations"
+    return Path(__file__).resolve().parents[2] / "migrations"
 
 
 def _configure_sqlite_reader(dbapi_connection: Any, _record: Any) -> None:

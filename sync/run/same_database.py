@@ -33,8 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 
 from sync.errors import SourceError
-from sync.models import MAX_MEMBER_ID_LENGTH
-from sync.staging import (
+from sync.run.staging import (
     MAX_INVALID_SAMPLES,
     SnapshotStats,
     count_staged,
@@ -44,6 +43,7 @@ from sync.staging import (
     source_error,
     validate_row,
 )
+from sync.state.tables import MAX_MEMBER_ID_LENGTH
 
 # The characters Python's str.isspace() accepts: an id made only of them is blank (absent) on
 # both paths, as ``str.strip()`` decides on the streaming path.

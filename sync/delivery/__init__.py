@@ -9,12 +9,12 @@ from collections.abc import Callable
 from sqlalchemy import Engine
 
 from sync.config import Config
-from sync.delivery import Deliverer, RetryPolicy
+from sync.delivery.deliverer import Deliverer, RetryPolicy
 from sync.destinations import Destination
-from sync.leases import Lease
 from sync.messages import AudienceContext
-from sync.planner import DestinationTarget, count_status
-from sync.reports import DestinationReport
+from sync.run.plan import DestinationTarget, count_status
+from sync.run.reports import DestinationReport
+from sync.state.leases import Lease
 
 ProgressFactory = Callable[[str, str, int], Callable[[int], None]]
 

@@ -50,9 +50,9 @@ from sync.errors import (
     RejectedBatchError,
     TransientDeliveryError,
 )
-from sync.leases import Lease
 from sync.messages import AudienceContext, MessageEncoder
-from sync.models import DELIVERY_PROGRESS, MEMBERSHIPS
+from sync.state.leases import Lease
+from sync.state.tables import DELIVERY_PROGRESS, MEMBERSHIPS
 
 logger = logging.getLogger("sync.delivery")
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sync.models import RunStatus, RunTrigger
+from sync.state.tables import RunStatus, RunTrigger
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ SEGMENT_MAX_BATCH_BYTES = 500 * 1024
 SEGMENT_MAX_MESSAGE_BYTES = 32 * 1024
 
 DestinationMode = Literal["identify", "track", "both"]
-# What `sync` and `run` do about an audience removed from the config (see sync.drift).
+# What `sync` and `run` do about an audience removed from the config (see sync.run.drift).
 OnRemoved = Literal["warn", "retire"]
 
 
@@ -55,7 +55,7 @@ def _duration(value: Any) -> float:
 class StateConfig(_Model):
     """Where audience-sync keeps its own state."""
 
-    url: str = "sqlite:///audience-sync.db"
+    url: str = "sqlite:///audience-sync.state.db"
     auto_upgrade: bool = False
 
     @field_validator("url")

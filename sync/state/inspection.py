@@ -9,10 +9,10 @@ from sqlalchemy import Connection, and_, case, func, select
 
 from sync.config import AudienceConfig, Config
 from sync.errors import UnknownAudienceError
-from sync.models import AUDIENCES as A
-from sync.models import MEMBERSHIPS as M
-from sync.models import RUN_DELIVERIES as D
-from sync.models import RUNS as R
+from sync.state.tables import AUDIENCES as A
+from sync.state.tables import MEMBERSHIPS as M
+from sync.state.tables import RUN_DELIVERIES as D
+from sync.state.tables import RUNS as R
 
 MemberFilter = Literal["all", "pending", "failed", "exited"]
 

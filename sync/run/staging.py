@@ -35,8 +35,8 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import SQLAlchemyError
 
 from sync.errors import SourceError, driver_reason
-from sync.models import MAX_MEMBER_ID_LENGTH, STAGED
-from sync.sources import Unconvertible, conversion_failed, tolerate_unconvertible
+from sync.run.sources import Unconvertible, conversion_failed, tolerate_unconvertible
+from sync.state.tables import MAX_MEMBER_ID_LENGTH, STAGED
 
 # Invalid rows kept as examples on the run (the rest are only counted).
 MAX_INVALID_SAMPLES = 5

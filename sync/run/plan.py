@@ -28,9 +28,9 @@ from sqlalchemy import (
     update,
 )
 
-from sync.models import MEMBERSHIPS as M
-from sync.models import RUNS
-from sync.models import STAGED as S
+from sync.state.tables import MEMBERSHIPS as M
+from sync.state.tables import RUNS
+from sync.state.tables import STAGED as S
 
 
 @dataclass(frozen=True)

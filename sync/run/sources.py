@@ -10,9 +10,9 @@ from sqlalchemy import URL, Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
 
-from sync.db import read_only_transaction
 from sync.errors import SourceError, driver_reason, missing_driver
 from sync.redaction import redact_url
+from sync.state.db import read_only_transaction
 
 
 def make_source_engine(name: str, url: str) -> Engine:

@@ -11,15 +11,11 @@ from contextlib import contextmanager
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from sync import redaction
-from sync.audiences import ensure_audience
 from sync.clock import state_now
 from sync.config import AudienceConfig, Config
-from sync.db import installation_id
-from sync.delivery import RetryPolicy, recover_in_flight, retry_due
+from sync.delivery import ProgressFactory, deliver_destinations
+from sync.delivery.deliverer import RetryPolicy, recover_in_flight, retry_due
 from sync.destinations import Destination, build_destination
-from sync.dispatch import ProgressFactory, deliver_destinations
-from sync.drift import drift_problem, record_endpoints
-from sync.dry_run import DRY_RUN_ID, copy_audience_state, copy_audiences, scratch_state
 from sync.errors import (
     AudienceSyncError,
     ConfigDriftError,
@@ -30,11 +26,10 @@ from sync.errors import (
     UnknownAudienceError,
     error_line,
 )
-from sync.leases import Lease, new_owner_id
 from sync.logs import current_run
-from sync.models import AUDIENCES as A
-from sync.models import RUN_DELIVERIES, RUNS, RunStatus, RunTrigger
-from sync.planner import (
+from sync.run.drift import drift_problem, record_endpoints
+from sync.run.dry_run import DRY_RUN_ID, copy_audience_state, copy_audiences, scratch_state
+from sync.run.plan import (
     DestinationPlan,
     DestinationTarget,
     count_status,
@@ -43,10 +38,15 @@ from sync.planner import (
     plan_destination,
     removal_problem,
 )
-from sync.reports import DestinationReport, RunOptions, RunReport
-from sync.same_database import stage_in_database
-from sync.sources import make_source_engine
-from sync.staging import SnapshotStats, refresh_statistics, stage_from_source
+from sync.run.reports import DestinationReport, RunOptions, RunReport
+from sync.run.same_database import stage_in_database
+from sync.run.sources import make_source_engine
+from sync.run.staging import SnapshotStats, refresh_statistics, stage_from_source
+from sync.state.audiences import ensure_audience
+from sync.state.db import installation_id
+from sync.state.leases import Lease, new_owner_id
+from sync.state.tables import AUDIENCES as A
+from sync.state.tables import RUN_DELIVERIES, RUNS, RunStatus, RunTrigger
 
 logger = logging.getLogger("sync.runner")
 
@@ -123,7 +123,7 @@ class Syncer:
         return report
 
     def _refuse_drift(self, audience: AudienceConfig, *, full: bool) -> None:
-        """Raise ``ConfigDriftError`` for a likely rename or a moved endpoint (sync.drift)."""
+        """Raise ``ConfigDriftError`` for a likely rename or a moved endpoint (sync.run.drift)."""
         with self.engine.connect() as connection:
             problem = drift_problem(connection, self.config, audience, full=full)
             connection.rollback()

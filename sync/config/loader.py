@@ -2,7 +2,7 @@
 
 ``load_config`` is the only place that reads TOML or the environment. Every problem is reported
 with its TOML path (``audiences[2].schedule``) and what to write instead, in one ``ConfigError``.
-The models live in ``sync.config_models`` and are re-exported here.
+The models live in ``sync.config.models`` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from sync.config_models import (
+from sync.config.models import (
     DEFAULT_CONFIG_PATH,
     DESTINATION_TYPES,
     SEGMENT_MAX_BATCH_BYTES,

@@ -21,11 +21,11 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
-from sync.audiences import definition_hash, destinations_hash
 from sync.config import AudienceConfig, Config, Destination, FileDestination, WebhookDestination
-from sync.models import AUDIENCES as A
-from sync.models import DESTINATION_ENDPOINTS as E
-from sync.models import MEMBERSHIPS as M
+from sync.state.audiences import definition_hash, destinations_hash
+from sync.state.tables import AUDIENCES as A
+from sync.state.tables import DESTINATION_ENDPOINTS as E
+from sync.state.tables import MEMBERSHIPS as M
 
 logger = logging.getLogger("sync.drift")
 

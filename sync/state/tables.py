@@ -187,7 +187,7 @@ class Audience(Base):
     name: Mapped[str] = mapped_column(Key(255))
     definition_hash: Mapped[str] = mapped_column(Key(64))
     # sha256 of the sorted destination names at the last sync: with ``definition_hash`` it
-    # recognises a renamed audience (sync.drift). NULL for audiences last synced before 0008.
+    # recognises a renamed audience (sync.run.drift). NULL for audiences last synced before 0008.
     destinations_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -326,7 +326,7 @@ class DestinationEndpoint(Base):
     """The endpoint an audience's rows at one destination were planned against.
 
     ``fingerprint`` is the sha256 of the destination's type, scheme, host, port and path (never
-    credentials, query or write key; see sync.drift): a destination whose URL changed under the
+    credentials, query or write key; see sync.run.drift): a destination whose URL changed under the
     same name would otherwise get only the changes.
     """
 

@@ -1,0 +1,46 @@
+"""Configuration: the TOML file, validated once and all at once (``load_config``), and the
+pydantic models it becomes."""
+
+from sync.config.loader import (
+    DEFAULT_CONFIG_PATH,
+    DESTINATION_TYPES,
+    SEGMENT_MAX_BATCH_BYTES,
+    SEGMENT_MAX_BATCH_MESSAGES,
+    SEGMENT_MAX_MESSAGE_BYTES,
+    AudienceConfig,
+    Config,
+    DaemonConfig,
+    Defaults,
+    Destination,
+    DestinationMode,
+    FileDestination,
+    SegmentDestination,
+    SourceConfig,
+    StateConfig,
+    WebhookDestination,
+    WishpondDestination,
+    load_config,
+    parse_config,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "DESTINATION_TYPES",
+    "SEGMENT_MAX_BATCH_BYTES",
+    "SEGMENT_MAX_BATCH_MESSAGES",
+    "SEGMENT_MAX_MESSAGE_BYTES",
+    "AudienceConfig",
+    "Config",
+    "DaemonConfig",
+    "Defaults",
+    "Destination",
+    "DestinationMode",
+    "FileDestination",
+    "SegmentDestination",
+    "SourceConfig",
+    "StateConfig",
+    "WebhookDestination",
+    "WishpondDestination",
+    "load_config",
+    "parse_config",
+]
