@@ -21,7 +21,12 @@ def driver_reason(exc: BaseException) -> str:
     """A database error as one line: the driver's own message (a SQLAlchemy error's ``orig``)
     and its hint, whitespace collapsed, without SQLAlchemy's statement and parameter dump or
     the driver's fields that quote SQL or row values."""
-    reason = _BACKGROUND.sub("", str(getattr(exc, "orig", None) or exc).split("[SQL:")[0])
+    orig = getattr(exc, "orig", None) or exc
+    args: tuple[object, ...] = getattr(orig, "args", ())
+    if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):
+        # PyMySQL: (code, message), shown by str() as a tuple
+        return " ".join(f"{args[1]} (MySQL error {args[0]})".split())
+    reason = _BACKGROUND.sub("", str(orig).split("[SQL:")[0])
     kept, quoting = [], False
     for line in reason.splitlines():
         if _QUOTING_FIELD.match(line):

@@ -86,7 +86,7 @@ def test_a_missing_source_driver_fails_only_its_audience(
 
 def poison_memberships(engine: Engine) -> None:
     """Make the state DB refuse one member's row, as a full disk or a lost server would
-    refuse a write mid-run (a real trigger, on SQLite and PostgreSQL)."""
+    refuse a write mid-run (a real trigger, on every state DB)."""
     with engine.begin() as connection:
         if engine.dialect.name == "sqlite":
             connection.execute(
@@ -94,6 +94,15 @@ def poison_memberships(engine: Engine) -> None:
                     "CREATE TRIGGER poison BEFORE INSERT ON memberships "
                     "WHEN NEW.member_id = 'poison' "
                     "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+                )
+            )
+            return
+        if engine.dialect.name in ("mysql", "mariadb"):
+            connection.execute(
+                text(
+                    "CREATE TRIGGER poison BEFORE INSERT ON memberships FOR EACH ROW "
+                    "IF NEW.member_id = 'poison' THEN SIGNAL SQLSTATE 'HY000' "
+                    "SET MESSAGE_TEXT = 'The table is full'; END IF"
                 )
             )
             return
