@@ -44,7 +44,7 @@ from benchmarks.receiver import WRITE_KEY
 logging.getLogger("segment").setLevel(logging.CRITICAL)  # its queue-full warnings, per message
 from sync.config import parse_config
 from sync.engine import Syncer
-from sync.run.reports import RunOptions
+from sync.reports import RunOptions
 from sync.state.db import make_state_engine, upgrade
 from sync.state.tables import MEMBERSHIPS
 from sync.tuning import settle_heap

@@ -55,3 +55,12 @@ class StateClock:
     def now(self) -> datetime:
         """The state database's current time, estimated from this host's clock."""
         return local_now() + self.offset
+
+
+def stored_utc(value: datetime | str) -> datetime:
+    """A stored timestamp as the driver returns it, timezone-aware in UTC: SQLite gives text
+    without a zone (always UTC here), PostgreSQL an aware datetime."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)

@@ -27,24 +27,23 @@ from sync.errors import (
     error_line,
 )
 from sync.logs import current_run
+from sync.reports import DestinationReport, RunOptions, RunReport
 from sync.run.drift import drift_problem, record_endpoints
 from sync.run.dry_run import DRY_RUN_ID, copy_audience_state, copy_audiences, scratch_state
 from sync.run.plan import (
     DestinationPlan,
-    DestinationTarget,
-    count_status,
     drop_staging,
     mark_full_resync,
     plan_destination,
     removal_problem,
 )
-from sync.run.reports import DestinationReport, RunOptions, RunReport
 from sync.run.same_database import stage_in_database
 from sync.run.sources import make_source_engine
 from sync.run.staging import SnapshotStats, refresh_statistics, stage_from_source
 from sync.state.audiences import ensure_audience
 from sync.state.db import installation_id
 from sync.state.leases import Lease, new_owner_id
+from sync.state.memberships import DestinationTarget, count_status
 from sync.state.tables import AUDIENCES as A
 from sync.state.tables import RUN_DELIVERIES, RUNS, RunStatus, RunTrigger
 

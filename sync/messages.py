@@ -11,7 +11,7 @@ from json.encoder import encode_basestring
 from typing import Any, Literal
 
 from sync import __version__
-from sync.state.tables import stored_utc
+from sync.clock import stored_utc
 
 MessageMode = Literal["identify", "track", "both"]
 ENTERED_EVENT = "Audience Entered"

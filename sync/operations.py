@@ -11,15 +11,9 @@ from sync.delivery.deliverer import recover_in_flight
 from sync.destinations import build_destination
 from sync.engine import Syncer
 from sync.errors import AudienceSyncError, LeaseHeldError
+from sync.reports import DestinationReport, RunReport
 from sync.run.drift import Orphan, orphans, recorded_destinations
-from sync.run.plan import (
-    DestinationPlan,
-    DestinationTarget,
-    count_members,
-    count_status,
-    removal_problem,
-)
-from sync.run.reports import DestinationReport, RunReport
+from sync.run.plan import DestinationPlan, count_members, removal_problem
 from sync.state.audiences import (
     audience_leaving_destination,
     forget_destination,
@@ -30,6 +24,7 @@ from sync.state.audiences import (
 )
 from sync.state.db import installation_id
 from sync.state.leases import Lease
+from sync.state.memberships import DestinationTarget, count_status
 from sync.state.tables import AUDIENCES as A
 
 

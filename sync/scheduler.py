@@ -21,8 +21,8 @@ from sync.config import AudienceConfig, Config
 from sync.engine import Syncer
 from sync.errors import AudienceSyncError, LeaseHeldError, error_line
 from sync.operations import retire_orphans
+from sync.reports import RunOptions, RunReport
 from sync.run.drift import warn_about_drift
-from sync.run.reports import RunOptions, RunReport
 
 logger = logging.getLogger("sync.daemon")
 

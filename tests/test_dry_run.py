@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import Engine, select, text
 
 from sync.engine import Syncer
-from sync.run.reports import RunOptions, RunReport
+from sync.reports import RunOptions, RunReport
 from sync.state.db import make_state_engine
 from sync.state.tables import Base
 from tests.harness import Harness

@@ -12,9 +12,9 @@ from sync.config import Config
 from sync.delivery.deliverer import Deliverer, RetryPolicy
 from sync.destinations import Destination
 from sync.messages import AudienceContext
-from sync.run.plan import DestinationTarget, count_status
-from sync.run.reports import DestinationReport
+from sync.reports import DestinationReport
 from sync.state.leases import Lease
+from sync.state.memberships import DestinationTarget, count_status
 
 ProgressFactory = Callable[[str, str, int], Callable[[int], None]]
 

@@ -52,6 +52,7 @@ from sync.errors import (
 )
 from sync.messages import AudienceContext, MessageEncoder
 from sync.state.leases import Lease
+from sync.state.memberships import pending_condition
 from sync.state.tables import DELIVERY_PROGRESS, MEMBERSHIPS
 
 logger = logging.getLogger("sync.delivery")
@@ -153,19 +154,6 @@ def member_in(engine: Engine) -> Any:
 def members_value(engine: Engine, members: list[str]) -> Any:
     """The bound value of ``member_in``'s list."""
     return json.dumps(members) if engine.dialect.name == "sqlite" else members
-
-
-def pending_condition(audience_id: int, destination: str) -> Any:
-    """Rows of one audience and destination whose destination value differs from ``desired``."""
-    return and_(
-        M.c.audience_id == audience_id,
-        M.c.destination == destination,
-        or_(
-            and_(M.c.synced.is_(None), M.c.desired),
-            M.c.synced != M.c.desired,
-            M.c.in_doubt,
-        ),
-    )
 
 
 def recover_in_flight(

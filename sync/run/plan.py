@@ -28,17 +28,10 @@ from sqlalchemy import (
     update,
 )
 
+from sync.state.memberships import DestinationTarget
 from sync.state.tables import MEMBERSHIPS as M
 from sync.state.tables import RUNS
 from sync.state.tables import STAGED as S
-
-
-@dataclass(frozen=True)
-class DestinationTarget:
-    """A destination as the planner sees it."""
-
-    name: str
-    requires_user_id: bool = False
 
 
 @dataclass
@@ -262,14 +255,6 @@ def mark_full_resync(
             .where(of, M.c.desired == False, M.c.synced.is_not(None))  # noqa: E712
             .values(**again)
         )
-
-
-def count_status(connection: Connection, audience_id: int, destination: str) -> dict[str, int]:
-    """Rows per status for one audience and destination."""
-    rows = connection.execute(
-        select(M.c.status, func.count()).where(_of(audience_id, destination)).group_by(M.c.status)
-    ).all()
-    return {status: int(count) for status, count in rows}
 
 
 def drop_staging(

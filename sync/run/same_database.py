@@ -37,12 +37,12 @@ from sync.run.staging import (
     MAX_INVALID_SAMPLES,
     SnapshotStats,
     count_staged,
-    insert_ignoring_duplicates,
     invalid_sample,
     query_problem,
     source_error,
     validate_row,
 )
+from sync.state.db import insert_ignoring_duplicates
 from sync.state.tables import MAX_MEMBER_ID_LENGTH
 
 # The characters Python's str.isspace() accepts: an id made only of them is blank (absent) on

@@ -24,18 +24,16 @@ from sqlalchemy import (
     Connection,
     Engine,
     Insert,
-    Table,
     delete,
     func,
-    insert,
     select,
     text,
 )
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import SQLAlchemyError
 
 from sync.errors import SourceError, driver_reason
 from sync.run.sources import Unconvertible, conversion_failed, tolerate_unconvertible
+from sync.state.db import insert_ignoring_duplicates
 from sync.state.tables import MAX_MEMBER_ID_LENGTH, STAGED
 
 # Invalid rows kept as examples on the run (the rest are only counted).
@@ -61,16 +59,6 @@ class SnapshotStats:
         self.invalid += 1
         if len(self.samples) < MAX_INVALID_SAMPLES:
             self.samples.append(description)
-
-
-def insert_ignoring_duplicates(connection: Connection, table: Table = STAGED) -> Insert:
-    """``INSERT`` that silently skips rows whose key exists (staged members, audiences)."""
-    dialect = connection.dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
-    if dialect in ("mysql", "mariadb"):
-        return insert(table).prefix_with("IGNORE")
-    return insert(table).prefix_with("OR IGNORE")
 
 
 def invalid_sample(row_number: int, reason: str) -> str:

@@ -9,7 +9,7 @@ from sqlalchemy import Connection, Engine, case, delete, or_, select, true, upda
 from sync.clock import state_now
 from sync.config import AudienceConfig, Config
 from sync.errors import AudienceSyncError
-from sync.run.staging import insert_ignoring_duplicates
+from sync.state.db import insert_ignoring_duplicates
 from sync.state.tables import AUDIENCES as A
 from sync.state.tables import DELIVERY_PROGRESS as P
 from sync.state.tables import DESTINATION_ENDPOINTS as E

@@ -17,7 +17,8 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, insert, select
+from sqlalchemy import Connection, Engine, Insert, Table, create_engine, event, insert, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
@@ -31,7 +32,7 @@ from sync.errors import (
     missing_driver,
 )
 from sync.redaction import redact_url
-from sync.state.tables import INSTALLATION, MYSQL_DIALECTS, utcnow
+from sync.state.tables import INSTALLATION, MYSQL_DIALECTS, STAGED, utcnow
 
 # How long a SQLite writer waits for another (the daemon and a manual `sync` share one file).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -325,3 +326,13 @@ def open_state(url: str, *, auto_upgrade: bool = False) -> Engine:
         engine.dispose()
         raise
     return engine
+
+
+def insert_ignoring_duplicates(connection: Connection, table: Table = STAGED) -> Insert:
+    """``INSERT`` that silently skips rows whose key exists (staged members, audiences)."""
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    if dialect in ("mysql", "mariadb"):
+        return insert(table).prefix_with("IGNORE")
+    return insert(table).prefix_with("OR IGNORE")

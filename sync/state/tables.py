@@ -25,6 +25,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sync import clock
+from sync.clock import stored_utc
 from sync.redaction import redactor
 
 # Longest member id we accept (Segment has no documented limit; 255 keeps the primary key
@@ -143,15 +144,6 @@ class RedactedJSON(TypeDecorator[Any]):
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         return None if value is None else redactor().redact_tree(value)
-
-
-def stored_utc(value: datetime | str) -> datetime:
-    """A stored timestamp as the driver returns it, timezone-aware in UTC: SQLite gives text
-    without a zone (always UTC here), PostgreSQL an aware datetime."""
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
 
 
 def utcnow() -> datetime:
