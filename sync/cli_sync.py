@@ -221,9 +221,9 @@ def demo(workdir: str, days: int) -> None:
     """Run the example audiences on a generated warehouse: a full send, then deltas."""
     folder = Path(workdir)
     for stale in (
-        "audience-sync.state.db",
-        "audience-sync.state.db-wal",
-        "audience-sync.state.db-shm",
+        "audience-sync.db",
+        "audience-sync.db-wal",
+        "audience-sync.db-shm",
         "demo-warehouse.db",
         "out",
     ):
