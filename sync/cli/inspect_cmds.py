@@ -1,73 +1,35 @@
-"""Daemon, inspection (read-only) and operator commands."""
+"""Commands that look without changing anything: ``status``, ``runs``, ``members``, ``user``
+(read-only connections to the state DB) and ``check`` (the config and every connection)."""
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import click
-from sqlalchemy import Connection
 
-from sync.cli import AppContext, RedactedTable, cli, console, echo_json, pass_app
+from sync.cli.app import (
+    AppContext,
+    RedactedTable,
+    console,
+    disposing,
+    echo_json,
+    json_option,
+    pass_app,
+    print_table,
+    reading,
+    state_engine,
+)
 from sync.config import Config
-from sync.engine import Syncer
-from sync.logs import configure_logging
-from sync.operations import retire_audience, retire_destination, retry_audience
-from sync.scheduler import Daemon
-from sync.state.db import make_state_engine, open_state, require_current_schema
+from sync.errors import SourceError, StateDatabaseMissingError, StateError
+from sync.redaction import redact_url
+from sync.run.drift import drift_report
+from sync.run.sources import check_source, demo_warehouse_exists
+from sync.state.db import make_state_engine, schema_status
 from sync.state.inspection import MemberFilter, member_rows, run_rows, status_rows, user_rows
-from sync.tuning import settle_heap
 
 
-@contextmanager
-def reading(config: Config) -> Iterator[Connection]:
-    """A connection that cannot write (SQLite ``mode=ro``, PostgreSQL READ ONLY) and never
-    migrates: an out-of-date schema is refused with the command to run."""
-    engine = make_state_engine(config.state.url, read_only=True)
-    try:
-        require_current_schema(engine)
-        with engine.connect() as connection:
-            yield connection
-            connection.rollback()
-    finally:
-        engine.dispose()
-
-
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    table = RedactedTable(title=title)
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*["" if v is None else str(v) for v in row])
-    console().print(table)
-
-
-@cli.command("run")
-@click.option("--once", is_flag=True, help="Run every enabled audience once, then exit.")
-@pass_app
-def run_command(app: AppContext, once: bool) -> None:
-    """Run the daemon: every audience on its schedule until SIGTERM or SIGINT."""
-    config = app.config()
-    configure_logging(app.log_level or "INFO", app.log_format, config.secrets())
-    engine = open_state(config.state.url, auto_upgrade=config.state.auto_upgrade)
-    try:
-        daemon = Daemon(config, engine)
-        settle_heap()
-        code = daemon.run_once() if once else daemon.serve()
-    finally:
-        engine.dispose()
-    if code and not once:
-        logging.shutdown()
-        os._exit(code)  # runs still busy: do not wait for their threads at exit
-    if code:
-        raise click.exceptions.Exit(code)
-
-
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.command()
+@json_option
 @pass_app
 def status(app: AppContext, as_json: bool) -> None:
     """One line per audience and destination: members, pending, failed, last and next run."""
@@ -77,7 +39,7 @@ def status(app: AppContext, as_json: bool) -> None:
     if as_json:
         echo_json(rows)
         return
-    _table(
+    print_table(
         "Audiences",
         [
             "audience",
@@ -114,12 +76,12 @@ def _last_run(run: dict[str, Any] | None) -> str:
     )
 
 
-@cli.command()
+@click.command()
 @click.argument("audience", required=False)
 @click.option(
     "--limit", type=click.IntRange(1), default=20, show_default=True, help="Runs to show."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@json_option
 @pass_app
 def runs(app: AppContext, audience: str | None, limit: int, as_json: bool) -> None:
     """Run history (newest first), optionally of one audience."""
@@ -144,7 +106,7 @@ def runs(app: AppContext, audience: str | None, limit: int, as_json: bool) -> No
         "invalid",
         "error",
     ]
-    _table(
+    print_table(
         "Runs",
         columns,
         [
@@ -168,7 +130,7 @@ def runs(app: AppContext, audience: str | None, limit: int, as_json: bool) -> No
     )
 
 
-@cli.command()
+@click.command()
 @click.argument("audience")
 @click.option("--destination", default=None, help="Only this destination.")
 @click.option("--pending", "which", flag_value="pending", help="Only rows waiting for delivery.")
@@ -179,7 +141,7 @@ def runs(app: AppContext, audience: str | None, limit: int, as_json: bool) -> No
 @click.option(
     "--limit", type=click.IntRange(1), default=100, show_default=True, help="Rows to show."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@json_option
 @pass_app
 def members(
     app: AppContext,
@@ -198,7 +160,7 @@ def members(
     if as_json:
         echo_json(rows)
         return
-    _table(
+    print_table(
         f"Members of {audience}",
         [
             "member",
@@ -228,9 +190,9 @@ def members(
     )
 
 
-@cli.command()
+@click.command()
 @click.argument("user_id")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@json_option
 @pass_app
 def user(app: AppContext, user_id: str, as_json: bool) -> None:
     """Everything about one user (or anonymous id): every audience and destination."""
@@ -243,7 +205,7 @@ def user(app: AppContext, user_id: str, as_json: bool) -> None:
     if not rows:
         click.echo(f"{user_id} is in no audience known to the state database")
         return
-    _table(
+    print_table(
         f"User {user_id}",
         [
             "audience",
@@ -271,58 +233,117 @@ def user(app: AppContext, user_id: str, as_json: bool) -> None:
     )
 
 
-@cli.command()
-@click.argument("audience")
+@click.command()
+@json_option
 @pass_app
-def retry(app: AppContext, audience: str) -> None:
-    """Re-queue an audience's failed rows for its next run."""
+def check(app: AppContext, as_json: bool) -> None:
+    """Validate the config and connect to the state DB and every source."""
     config = app.config()
-    engine = open_state(config.state.url, auto_upgrade=config.state.auto_upgrade)
-    try:
-        count = retry_audience(Syncer(config, engine), audience)
-    finally:
-        engine.dispose()
-    click.echo(f"{count} failed row(s) of {audience} queued for the next run")
-
-
-@cli.command()
-@click.argument("audience")
-@click.option("--send-false", is_flag=True, help="Send false to its current members first.")
-@click.option(
-    "--destination",
-    default=None,
-    metavar="NAME",
-    help="Only this destination, which the audience no longer lists (it may stay configured).",
-)
-@click.option(
-    "--wait",
-    type=float,
-    default=0.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="Wait this long if another process holds the audience.",
-)
-@pass_app
-def retire(
-    app: AppContext, audience: str, send_false: bool, destination: str | None, wait: float
-) -> None:
-    """Retire an audience removed from the config (its key stays reserved), or with
-    --destination its rows at a destination it no longer lists."""
-    config = app.config()
-    engine = open_state(config.state.url, auto_upgrade=config.state.auto_upgrade)
-    try:
-        syncer = Syncer(config, engine)
-        if destination is None:
-            entries = retire_audience(syncer, audience, send_false=send_false, wait=wait)
-        else:
-            entries = retire_destination(
-                syncer, audience, destination, send_false=send_false, wait=wait
-            )
-    finally:
-        engine.dispose()
-    sent = sum(e.sent for e in entries)
-    extra = f" after sending {sent} false value(s)" if send_false else ""
-    if destination is None:
-        click.echo(f"audience {audience} retired{extra}; its key stays reserved")
+    audiences = _audience_rows(config)
+    connections = [
+        _check_state(config),
+        *(_check_one_source(n, s.url, s.demo) for n, s in config.sources.items()),
+    ]
+    problems, warnings = _check_drift(config)
+    ok = all(c["ok"] for c in connections) and not problems
+    if as_json:
+        echo_json(
+            {
+                "config": app.config_path,
+                "ok": ok,
+                "audiences": audiences,
+                "connections": connections,
+                "problems": problems,
+                "warnings": warnings,
+            }
+        )
     else:
-        click.echo(f"audience {audience} left destination {destination}{extra}")
+        _print_check(app.config_path, audiences, connections, problems, warnings)
+    if not ok:
+        raise click.exceptions.Exit(1)
+
+
+def _audience_rows(config: Config) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": a.name,
+            "key": a.trait_key,
+            "source": a.source,
+            "destinations": list(a.destinations),
+            "schedule": config.schedule_of(a).text,
+            "enabled": a.enabled,
+        }
+        for a in config.audiences
+    ]
+
+
+def _print_check(
+    config_path: str,
+    audiences: list[dict[str, Any]],
+    connections: list[dict[str, Any]],
+    problems: list[str],
+    warnings: list[str],
+) -> None:
+    out = console()
+    table = RedactedTable(title=f"Audiences in {config_path}")
+    for column in ("name", "key", "source", "destinations", "schedule", "enabled"):
+        table.add_column(column)
+    for a in audiences:
+        table.add_row(
+            a["name"],
+            a["key"],
+            a["source"],
+            ", ".join(a["destinations"]),
+            a["schedule"],
+            "yes" if a["enabled"] else "no",
+        )
+    out.print(table)
+    conns = RedactedTable(title="Connections")
+    for column in ("what", "url", "status"):
+        conns.add_column(column)
+    for c in connections:
+        conns.add_row(c["what"], c["url"], c["detail"] if c["ok"] else f"[red]{c['detail']}[/red]")
+    out.print(conns)
+    for line in problems:
+        out.print(line, style="red", markup=False, soft_wrap=True)
+    for line in warnings:
+        out.print(f"warning: {line}", style="yellow", markup=False, soft_wrap=True)
+
+
+def _check_state(config: Config) -> dict[str, Any]:
+    url = redact_url(config.state.url)
+    try:
+        with disposing(make_state_engine(config.state.url, must_exist=True)) as engine:
+            status = schema_status(engine)
+    except StateDatabaseMissingError:
+        detail = "not created yet; `audience-sync db upgrade` creates it"
+        return {"what": "state", "url": url, "ok": True, "detail": detail}
+    except StateError as exc:
+        return {"what": "state", "url": url, "ok": False, "detail": str(exc)}
+    detail = {
+        "current": f"schema {status.current} (up to date)",
+        "empty": "no schema yet; run `audience-sync db upgrade`",
+        "behind": f"schema {status.current}, needs {status.head}; run `audience-sync db upgrade`",
+        "ahead": f"schema {status.current} is newer than this audience-sync",
+    }[status.state]
+    return {"what": "state", "url": url, "ok": status.state != "ahead", "detail": detail}
+
+
+def _check_drift(config: Config) -> tuple[list[str], list[str]]:
+    """Drift problems and warnings (sync.run.drift), when the state DB is there and current."""
+    try:
+        with state_engine(config, read_only=True) as engine:
+            return drift_report(engine, config)
+    except StateError:
+        return [], []
+
+
+def _check_one_source(name: str, url: str, demo: bool) -> dict[str, Any]:
+    if demo and not demo_warehouse_exists(url):
+        detail = "demo warehouse not created yet; `audience-sync demo` or `sync` creates it"
+        return {"what": f"source {name}", "url": redact_url(url), "ok": True, "detail": detail}
+    try:
+        check_source(name, url)
+    except SourceError as exc:
+        return {"what": f"source {name}", "url": redact_url(url), "ok": False, "detail": str(exc)}
+    return {"what": f"source {name}", "url": redact_url(url), "ok": True, "detail": "connected"}
