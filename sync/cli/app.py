@@ -110,13 +110,15 @@ class RedactedTable(Table):
         super().add_row(*(redact(r) if isinstance(r, str) else r for r in renderables), **kwargs)
 
 
-def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    """A titled table of plain values (``None`` shown empty), redacted, on the console."""
+def print_table(title: str, columns: dict[str, str], rows: list[dict[str, Any]]) -> None:
+    """A titled table on the console, redacted: ``columns`` maps each heading to the key of
+    its value in every row (``None`` shown empty)."""
     table = RedactedTable(title=title)
-    for column in columns:
-        table.add_column(column)
+    for heading in columns:
+        table.add_column(heading)
     for row in rows:
-        table.add_row(*["" if v is None else str(v) for v in row])
+        values = (row[key] for key in columns.values())
+        table.add_row(*["" if v is None else str(v) for v in values])
     console().print(table)
 
 

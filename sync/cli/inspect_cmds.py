@@ -27,6 +27,54 @@ from sync.run.sources import check_source, demo_warehouse_exists
 from sync.state.db import make_state_engine, schema_status
 from sync.state.inspection import MemberFilter, member_rows, run_rows, status_rows, user_rows
 
+# Each table's columns: heading → key of the rows sync.state.inspection returns.
+STATUS_COLUMNS = {
+    "audience": "key",
+    "state": "state",
+    "destination": "destination",
+    "members": "members",
+    "pending": "pending",
+    "failed": "failed",
+    "last run": "last_run",
+    "next run": "next_run",
+}
+RUN_COLUMNS = {
+    "run": "id",
+    "audience": "audience",
+    "trigger": "trigger",
+    "status": "status",
+    "started": "started_at",
+    "seconds": "seconds",
+    "members": "members",
+    "added": "added",
+    "removed": "removed",
+    "sent": "sent",
+    "rejected": "rejected",
+    "invalid": "invalid",
+    "error": "error",
+}
+MEMBER_COLUMNS = {
+    "member": "member_id",
+    "kind": "id_kind",
+    "destination": "destination",
+    "desired": "desired",
+    "synced": "synced",
+    "status": "status",
+    "changed": "changed_at",
+    "attempts": "attempts",
+    "last error": "last_error",
+}
+USER_COLUMNS = {
+    "audience": "audience",
+    "destination": "destination",
+    "desired": "desired",
+    "delivered": "synced",
+    "changed": "changed_at",
+    "status": "status",
+    "attempts": "attempts",
+    "last error": "last_error",
+}
+
 
 @click.command()
 @json_option
@@ -39,32 +87,16 @@ def status(app: AppContext, as_json: bool) -> None:
     if as_json:
         echo_json(rows)
         return
-    print_table(
-        "Audiences",
-        [
-            "audience",
-            "state",
-            "destination",
-            "members",
-            "pending",
-            "failed",
-            "last run",
-            "next run",
-        ],
-        [
-            [
-                r["key"],
-                r["state"],
-                r["destination"] or "-",
-                r["members"],
-                r["pending"],
-                r["failed"],
-                _last_run(r["last_run"]),
-                r["next_run"] or "-",
-            ]
-            for r in rows
-        ],
-    )
+    shown = [
+        {
+            **r,
+            "destination": r["destination"] or "-",
+            "last_run": _last_run(r["last_run"]),
+            "next_run": r["next_run"] or "-",
+        }
+        for r in rows
+    ]
+    print_table("Audiences", STATUS_COLUMNS, shown)
 
 
 def _last_run(run: dict[str, Any] | None) -> str:
@@ -91,43 +123,7 @@ def runs(app: AppContext, audience: str | None, limit: int, as_json: bool) -> No
     if as_json:
         echo_json(rows)
         return
-    columns = [
-        "run",
-        "audience",
-        "trigger",
-        "status",
-        "started",
-        "seconds",
-        "members",
-        "added",
-        "removed",
-        "sent",
-        "rejected",
-        "invalid",
-        "error",
-    ]
-    print_table(
-        "Runs",
-        columns,
-        [
-            [
-                r["id"],
-                r["audience"],
-                r["trigger"],
-                r["status"],
-                r["started_at"],
-                r["seconds"],
-                r["members"],
-                r["added"],
-                r["removed"],
-                r["sent"],
-                r["rejected"],
-                r["invalid"],
-                r["error"] or "",
-            ]
-            for r in rows
-        ],
-    )
+    print_table("Runs", RUN_COLUMNS, rows)
 
 
 @click.command()
@@ -160,34 +156,7 @@ def members(
     if as_json:
         echo_json(rows)
         return
-    print_table(
-        f"Members of {audience}",
-        [
-            "member",
-            "kind",
-            "destination",
-            "desired",
-            "synced",
-            "status",
-            "changed",
-            "attempts",
-            "last error",
-        ],
-        [
-            [
-                r["member_id"],
-                r["id_kind"],
-                r["destination"],
-                r["desired"],
-                r["synced"],
-                r["status"],
-                r["changed_at"],
-                r["attempts"],
-                r["last_error"] or "",
-            ]
-            for r in rows
-        ],
-    )
+    print_table(f"Members of {audience}", MEMBER_COLUMNS, rows)
 
 
 @click.command()
@@ -205,32 +174,7 @@ def user(app: AppContext, user_id: str, as_json: bool) -> None:
     if not rows:
         click.echo(f"{user_id} is in no audience known to the state database")
         return
-    print_table(
-        f"User {user_id}",
-        [
-            "audience",
-            "destination",
-            "desired",
-            "delivered",
-            "changed",
-            "status",
-            "attempts",
-            "last error",
-        ],
-        [
-            [
-                r["audience"],
-                r["destination"],
-                r["desired"],
-                r["synced"],
-                r["changed_at"],
-                r["status"],
-                r["attempts"],
-                r["last_error"] or "",
-            ]
-            for r in rows
-        ],
-    )
+    print_table(f"User {user_id}", USER_COLUMNS, rows)
 
 
 @click.command()
