@@ -142,9 +142,9 @@ def demo(workdir: str, days: int) -> None:
 def _fresh_demo_config(folder: Path) -> Config:
     """The example config in ``folder``, its warehouse, state DB and output removed."""
     for stale in (
-        "audience-sync.state.db",
-        "audience-sync.state.db-wal",
-        "audience-sync.state.db-shm",
+        "audience-sync.db",
+        "audience-sync.db-wal",
+        "audience-sync.db-shm",
         "demo-warehouse.db",
         "out",
     ):
