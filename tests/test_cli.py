@@ -74,7 +74,7 @@ def test_check_example_config_on_a_fresh_clone(tmp_path: Path) -> None:
         "high_value_users",
         "trial_expiring_7d",
     ]
-    assert not (tmp_path / "audience-sync.state.db").exists(), "check must not create the state DB"
+    assert not (tmp_path / "audience-sync.db").exists(), "check must not create the state DB"
 
 
 def test_check_table_and_db_commands(tmp_path: Path, state_url: str) -> None:
