@@ -62,6 +62,7 @@ class ErrorBoundaryGroup(click.Group):
 
 
 def _one_line(exc: Exception) -> str:
+    """Our own errors say what to do; anything else is a bug, shown with where to look."""
     if isinstance(exc, AudienceSyncError):
         return str(exc)
     if isinstance(exc, SQLAlchemyError):
