@@ -1,0 +1,119 @@
+"""Commands that change the state DB by hand: the schema (``db upgrade``, ``db current``),
+``retry`` of failed rows and ``retire`` of an audience or one of its destinations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sync.cli.app import (
+    AppContext,
+    disposing,
+    echo_json,
+    json_option,
+    pass_app,
+    state_engine,
+    wait_option,
+)
+from sync.engine import Syncer
+from sync.operations import retire_audience, retire_destination, retry_audience
+from sync.redaction import redact_url
+from sync.state.db import MigrationPause, make_state_engine, schema_status, upgrade
+
+
+@click.group()
+def db() -> None:
+    """Manage the state database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Migrate to this revision.")
+@click.option(
+    "--test-pause-before",
+    hidden=True,
+    help="Test seam: stop before the first SQL statement containing this text.",
+)
+@click.option(
+    "--test-ready-file",
+    type=click.Path(path_type=Path),
+    hidden=True,
+    help="Test seam: created when the upgrade stops there.",
+)
+@pass_app
+def db_upgrade(
+    app: AppContext, revision: str, test_pause_before: str | None, test_ready_file: Path | None
+) -> None:
+    """Create or migrate the state database to this version's schema."""
+    config = app.config()
+    pause = None
+    if test_pause_before and test_ready_file:
+        pause = MigrationPause(test_pause_before, test_ready_file)
+    with disposing(make_state_engine(config.state.url)) as engine:
+        before = schema_status(engine)
+        upgrade(engine, revision, pause=pause)
+        after = schema_status(engine)
+    where = redact_url(config.state.url)
+    if before.current == after.current:
+        click.echo(f"state database {where} already at schema {after.current}")
+    else:
+        click.echo(
+            f"state database {where} upgraded from {before.current or 'empty'} to {after.current}"
+        )
+
+
+@db.command("current")
+@json_option
+@pass_app
+def db_current(app: AppContext, as_json: bool) -> None:
+    """Show the state database's schema revision and whether it is up to date."""
+    with disposing(make_state_engine(app.config().state.url, must_exist=True)) as engine:
+        status = schema_status(engine)
+    if as_json:
+        echo_json({"current": status.current, "head": status.head, "state": status.state})
+        return
+    click.echo(f"{status.current or 'empty'} (head {status.head}: {status.state})")
+
+
+@click.command()
+@click.argument("audience")
+@pass_app
+def retry(app: AppContext, audience: str) -> None:
+    """Re-queue an audience's failed rows for its next run."""
+    config = app.config()
+    with state_engine(config) as engine:
+        count = retry_audience(Syncer(config, engine), audience)
+    click.echo(f"{count} failed row(s) of {audience} queued for the next run")
+
+
+@click.command()
+@click.argument("audience")
+@click.option("--send-false", is_flag=True, help="Send false to its current members first.")
+@click.option(
+    "--destination",
+    default=None,
+    metavar="NAME",
+    help="Only this destination, which the audience no longer lists (it may stay configured).",
+)
+@wait_option
+@pass_app
+def retire(
+    app: AppContext, audience: str, send_false: bool, destination: str | None, wait: float
+) -> None:
+    """Retire an audience removed from the config (its key stays reserved), or with
+    --destination its rows at a destination it no longer lists."""
+    config = app.config()
+    with state_engine(config) as engine:
+        syncer = Syncer(config, engine)
+        if destination is None:
+            entries = retire_audience(syncer, audience, send_false=send_false, wait=wait)
+        else:
+            entries = retire_destination(
+                syncer, audience, destination, send_false=send_false, wait=wait
+            )
+    sent = sum(e.sent for e in entries)
+    extra = f" after sending {sent} false value(s)" if send_false else ""
+    if destination is None:
+        click.echo(f"audience {audience} retired{extra}; its key stays reserved")
+    else:
+        click.echo(f"audience {audience} left destination {destination}{extra}")

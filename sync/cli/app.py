@@ -1,0 +1,165 @@
+"""What every command shares: the context the global options decide, the one error boundary,
+the console and redacted output, options declared once, and the state engine's lifetime."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from sync.config import Config, load_config
+from sync.errors import AudienceSyncError, driver_reason, error_line
+from sync.logs import configure_logging
+from sync.redaction import install, redact, redactor
+from sync.state.db import make_state_engine, open_state, require_current_schema
+
+
+@dataclass
+class AppContext:
+    """What the global options decided, shared with every command."""
+
+    config_path: str
+    log_level: str | None
+    log_format: str
+    debug: bool
+    _config: Config | None = None
+
+    def config(self) -> Config:
+        """Load (once) and return the validated config; secrets are registered for redaction."""
+        if self._config is None:
+            self._config = load_config(self.config_path)
+            # Before anything can print, log or store a text: the one redactor for all three.
+            install(self._config.redactor())
+            configure_logging(self.log_level or "WARNING", self.log_format)
+        return self._config
+
+
+pass_app = click.make_pass_decorator(AppContext)
+
+
+class ErrorBoundaryGroup(click.Group):
+    """The command line's one error boundary: library errors become one-line messages (their
+    secrets redacted); ``--debug`` lets the traceback through."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if _debug(ctx):
+                raise
+            raise click.ClickException(redact(_one_line(exc))) from None
+
+
+def _one_line(exc: Exception) -> str:
+    """Our own errors say what to do; anything else is a bug, shown with where to look."""
+    if isinstance(exc, AudienceSyncError):
+        return str(exc)
+    if isinstance(exc, SQLAlchemyError):
+        return f"state database error: {driver_reason(exc)}"
+    return f"{error_line(exc)} (run with --debug for the traceback)"
+
+
+def _debug(ctx: click.Context) -> bool:
+    app = ctx.find_object(AppContext)
+    return bool(app and app.debug)
+
+
+# --- options declared once -------------------------------------------------------------------
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON (for scripts) instead of text."
+)
+
+wait_option = click.option(
+    "--wait",
+    type=float,
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Wait this long for an audience another process holds.",
+)
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def console() -> Console:
+    """Where tables go: stdout; when piped, wide enough that nothing is cut. Print tables
+    as ``RedactedTable`` and text through ``redact``."""
+    if sys.stdout.isatty():
+        return Console(highlight=False)
+    return Console(width=1000, highlight=False)
+
+
+class RedactedTable(Table):
+    """A table whose text cells pass through the process's redactor, before layout (a cell
+    wrapped over two lines would split a secret where no later filter could see it)."""
+
+    def add_row(self, *renderables: Any, **kwargs: Any) -> None:
+        """Add a row, its text redacted."""
+        super().add_row(*(redact(r) if isinstance(r, str) else r for r in renderables), **kwargs)
+
+
+def print_table(title: str, columns: dict[str, str], rows: list[dict[str, Any]]) -> None:
+    """A titled table on the console, redacted: ``columns`` maps each heading to the key of
+    its value in every row (``None`` shown empty)."""
+    table = RedactedTable(title=title)
+    for heading in columns:
+        table.add_column(heading)
+    for row in rows:
+        values = (row[key] for key in columns.values())
+        table.add_row(*["" if v is None else str(v) for v in values])
+    console().print(table)
+
+
+def echo_json(payload: Any) -> None:
+    """Print ``payload`` as indented JSON for scripts, every string redacted."""
+    click.echo(json.dumps(redactor().redact_tree(payload), indent=2, default=str))
+
+
+# --- the state database ----------------------------------------------------------------------
+
+
+@contextmanager
+def state_engine(config: Config, *, read_only: bool = False) -> Iterator[Engine]:
+    """The state engine for one command, disposed when the command ends.
+
+    Writable: the schema must be current, or is migrated first with ``[state] auto_upgrade``.
+    Read-only (inspection; SQLite ``mode=ro``, PostgreSQL and MariaDB ``READ ONLY``): never
+    migrates, and an out-of-date schema is refused with the command to run."""
+    if read_only:
+        with disposing(make_state_engine(config.state.url, read_only=True)) as engine:
+            require_current_schema(engine)
+            yield engine
+        return
+    with disposing(open_state(config.state.url, auto_upgrade=config.state.auto_upgrade)) as engine:
+        yield engine
+
+
+@contextmanager
+def reading(config: Config) -> Iterator[Connection]:
+    """A connection to a read-only state engine (see ``state_engine``), rolled back at the end."""
+    with state_engine(config, read_only=True) as engine, engine.connect() as connection:
+        yield connection
+        connection.rollback()
+
+
+@contextmanager
+def disposing(engine: Engine) -> Iterator[Engine]:
+    """``engine``, disposed on the way out: for the commands that look at the schema itself
+    (``db``, ``check``) instead of requiring it current."""
+    try:
+        yield engine
+    finally:
+        engine.dispose()

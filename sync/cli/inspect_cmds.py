@@ -1,0 +1,293 @@
+"""Commands that look without changing anything: ``status``, ``runs``, ``members``, ``user``
+(read-only connections to the state DB) and ``check`` (the config and every connection)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from sync.cli.app import (
+    AppContext,
+    RedactedTable,
+    console,
+    disposing,
+    echo_json,
+    json_option,
+    pass_app,
+    print_table,
+    reading,
+    state_engine,
+)
+from sync.config import Config
+from sync.errors import SourceError, StateDatabaseMissingError, StateError
+from sync.redaction import redact_url
+from sync.run.drift import drift_report
+from sync.run.sources import check_source, demo_warehouse_exists
+from sync.state.db import make_state_engine, schema_status
+from sync.state.inspection import MemberFilter, member_rows, run_rows, status_rows, user_rows
+
+# Each table's columns: heading → key of the rows sync.state.inspection returns.
+STATUS_COLUMNS = {
+    "audience": "key",
+    "state": "state",
+    "destination": "destination",
+    "members": "members",
+    "pending": "pending",
+    "failed": "failed",
+    "last run": "last_run",
+    "next run": "next_run",
+}
+RUN_COLUMNS = {
+    "run": "id",
+    "audience": "audience",
+    "trigger": "trigger",
+    "status": "status",
+    "started": "started_at",
+    "seconds": "seconds",
+    "members": "members",
+    "added": "added",
+    "removed": "removed",
+    "sent": "sent",
+    "rejected": "rejected",
+    "invalid": "invalid",
+    "error": "error",
+}
+MEMBER_COLUMNS = {
+    "member": "member_id",
+    "kind": "id_kind",
+    "destination": "destination",
+    "desired": "desired",
+    "synced": "synced",
+    "status": "status",
+    "changed": "changed_at",
+    "attempts": "attempts",
+    "last error": "last_error",
+}
+USER_COLUMNS = {
+    "audience": "audience",
+    "destination": "destination",
+    "desired": "desired",
+    "delivered": "synced",
+    "changed": "changed_at",
+    "status": "status",
+    "attempts": "attempts",
+    "last error": "last_error",
+}
+
+
+@click.command()
+@json_option
+@pass_app
+def status(app: AppContext, as_json: bool) -> None:
+    """One line per audience and destination: members, pending, failed, last and next run."""
+    config = app.config()
+    with reading(config) as connection:
+        rows = status_rows(connection, config)
+    if as_json:
+        echo_json(rows)
+        return
+    shown = [
+        {
+            **r,
+            "destination": r["destination"] or "-",
+            "last_run": _last_run(r["last_run"]),
+            "next_run": r["next_run"] or "-",
+        }
+        for r in rows
+    ]
+    print_table("Audiences", STATUS_COLUMNS, shown)
+
+
+def _last_run(run: dict[str, Any] | None) -> str:
+    if run is None:
+        return "never"
+    return (
+        f"#{run['id']} {run['status']} {run['finished_at'] or run['started_at']} "
+        f"+{run['added']} -{run['removed']} sent {run['sent']}"
+    )
+
+
+@click.command()
+@click.argument("audience", required=False)
+@click.option(
+    "--limit", type=click.IntRange(1), default=20, show_default=True, help="Runs to show."
+)
+@json_option
+@pass_app
+def runs(app: AppContext, audience: str | None, limit: int, as_json: bool) -> None:
+    """Run history (newest first), optionally of one audience."""
+    config = app.config()
+    with reading(config) as connection:
+        rows = run_rows(connection, config, audience, limit)
+    if as_json:
+        echo_json(rows)
+        return
+    print_table("Runs", RUN_COLUMNS, rows)
+
+
+@click.command()
+@click.argument("audience")
+@click.option("--destination", default=None, help="Only this destination.")
+@click.option("--pending", "which", flag_value="pending", help="Only rows waiting for delivery.")
+@click.option(
+    "--failed", "which", flag_value="failed", help="Only rows that gave up (see `retry`)."
+)
+@click.option("--exited", "which", flag_value="exited", help="Ex-members instead of members.")
+@click.option(
+    "--limit", type=click.IntRange(1), default=100, show_default=True, help="Rows to show."
+)
+@json_option
+@pass_app
+def members(
+    app: AppContext,
+    audience: str,
+    destination: str | None,
+    which: MemberFilter | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Members of an audience (name or key), with their delivery state."""
+    config = app.config()
+    with reading(config) as connection:
+        rows = member_rows(
+            connection, config, audience, destination=destination, which=which or "all", limit=limit
+        )
+    if as_json:
+        echo_json(rows)
+        return
+    print_table(f"Members of {audience}", MEMBER_COLUMNS, rows)
+
+
+@click.command()
+@click.argument("user_id")
+@json_option
+@pass_app
+def user(app: AppContext, user_id: str, as_json: bool) -> None:
+    """Everything about one user (or anonymous id): every audience and destination."""
+    config = app.config()
+    with reading(config) as connection:
+        rows = user_rows(connection, user_id)
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"{user_id} is in no audience known to the state database")
+        return
+    print_table(f"User {user_id}", USER_COLUMNS, rows)
+
+
+@click.command()
+@json_option
+@pass_app
+def check(app: AppContext, as_json: bool) -> None:
+    """Validate the config and connect to the state DB and every source."""
+    config = app.config()
+    audiences = _audience_rows(config)
+    connections = [
+        _check_state(config),
+        *(_check_one_source(n, s.url, s.demo) for n, s in config.sources.items()),
+    ]
+    problems, warnings = _check_drift(config)
+    ok = all(c["ok"] for c in connections) and not problems
+    if as_json:
+        echo_json(
+            {
+                "config": app.config_path,
+                "ok": ok,
+                "audiences": audiences,
+                "connections": connections,
+                "problems": problems,
+                "warnings": warnings,
+            }
+        )
+    else:
+        _print_check(app.config_path, audiences, connections, problems, warnings)
+    if not ok:
+        raise click.exceptions.Exit(1)
+
+
+def _audience_rows(config: Config) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": a.name,
+            "key": a.trait_key,
+            "source": a.source,
+            "destinations": list(a.destinations),
+            "schedule": config.schedule_of(a).text,
+            "enabled": a.enabled,
+        }
+        for a in config.audiences
+    ]
+
+
+def _print_check(
+    config_path: str,
+    audiences: list[dict[str, Any]],
+    connections: list[dict[str, Any]],
+    problems: list[str],
+    warnings: list[str],
+) -> None:
+    out = console()
+    table = RedactedTable(title=f"Audiences in {config_path}")
+    for column in ("name", "key", "source", "destinations", "schedule", "enabled"):
+        table.add_column(column)
+    for a in audiences:
+        table.add_row(
+            a["name"],
+            a["key"],
+            a["source"],
+            ", ".join(a["destinations"]),
+            a["schedule"],
+            "yes" if a["enabled"] else "no",
+        )
+    out.print(table)
+    conns = RedactedTable(title="Connections")
+    for column in ("what", "url", "status"):
+        conns.add_column(column)
+    for c in connections:
+        conns.add_row(c["what"], c["url"], c["detail"] if c["ok"] else f"[red]{c['detail']}[/red]")
+    out.print(conns)
+    for line in problems:
+        out.print(line, style="red", markup=False, soft_wrap=True)
+    for line in warnings:
+        out.print(f"warning: {line}", style="yellow", markup=False, soft_wrap=True)
+
+
+def _check_state(config: Config) -> dict[str, Any]:
+    url = redact_url(config.state.url)
+    try:
+        with disposing(make_state_engine(config.state.url, must_exist=True)) as engine:
+            status = schema_status(engine)
+    except StateDatabaseMissingError:
+        detail = "not created yet; `audience-sync db upgrade` creates it"
+        return {"what": "state", "url": url, "ok": True, "detail": detail}
+    except StateError as exc:
+        return {"what": "state", "url": url, "ok": False, "detail": str(exc)}
+    detail = {
+        "current": f"schema {status.current} (up to date)",
+        "empty": "no schema yet; run `audience-sync db upgrade`",
+        "behind": f"schema {status.current}, needs {status.head}; run `audience-sync db upgrade`",
+        "ahead": f"schema {status.current} is newer than this audience-sync",
+    }[status.state]
+    return {"what": "state", "url": url, "ok": status.state != "ahead", "detail": detail}
+
+
+def _check_drift(config: Config) -> tuple[list[str], list[str]]:
+    """Drift problems and warnings (sync.run.drift), when the state DB is there and current."""
+    try:
+        with state_engine(config, read_only=True) as engine:
+            return drift_report(engine, config)
+    except StateError:
+        return [], []
+
+
+def _check_one_source(name: str, url: str, demo: bool) -> dict[str, Any]:
+    if demo and not demo_warehouse_exists(url):
+        detail = "demo warehouse not created yet; `audience-sync demo` or `sync` creates it"
+        return {"what": f"source {name}", "url": redact_url(url), "ok": True, "detail": detail}
+    try:
+        check_source(name, url)
+    except SourceError as exc:
+        return {"what": f"source {name}", "url": redact_url(url), "ok": False, "detail": str(exc)}
+    return {"what": f"source {name}", "url": redact_url(url), "ok": True, "detail": "connected"}
