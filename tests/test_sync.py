@@ -330,9 +330,8 @@ def test_acknowledgement_is_compare_and_set(harness: Harness, receiver: Receiver
     from sync.state.tables import MEMBERSHIPS
 
     harness.set_members(["a", "b"])
-    original = receiver._respond
 
-    def respond_and_replan(raw, headers, path):
+    def replan(request):
         # What a concurrent plan would do: a's membership changes while the batch is out.
         with harness.engine.begin() as connection:
             connection.execute(
@@ -340,10 +339,9 @@ def test_acknowledgement_is_compare_and_set(harness: Harness, receiver: Receiver
                 .where(MEMBERSHIPS.c.member_id == "a")
                 .values(desired=False, version=MEMBERSHIPS.c.version + 1)
             )
-        receiver._respond = original
-        return original(raw, headers, path)
+        receiver.on_request = None
 
-    receiver._respond = respond_and_replan
+    receiver.on_request = replan
     harness.sync()
     rows = harness.memberships()
     assert rows["b"].synced is True and rows["b"].status == "in_sync"
