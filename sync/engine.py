@@ -13,8 +13,13 @@ from sqlalchemy import Connection, Engine, insert, select, update
 from sync import redaction
 from sync.clock import state_now
 from sync.config import AudienceConfig, Config
-from sync.delivery import ProgressFactory, deliver_destinations
-from sync.delivery.deliverer import RetryPolicy, recover_in_flight, retry_due
+from sync.delivery import (
+    ProgressFactory,
+    RetryPolicy,
+    deliver_destinations,
+    recover_in_flight,
+    retry_due,
+)
 from sync.destinations import Destination, build_destination
 from sync.errors import (
     AudienceSyncError,
@@ -31,7 +36,6 @@ from sync.reports import DestinationReport, RunOptions, RunReport
 from sync.run.drift import drift_problem, record_endpoints
 from sync.run.dry_run import DRY_RUN_ID, copy_audience_state, copy_audiences, scratch_state
 from sync.run.plan import (
-    DestinationPlan,
     drop_staging,
     mark_full_resync,
     plan_destination,
@@ -296,7 +300,7 @@ class Syncer:
         targets: list[DestinationTarget],
         stats: SnapshotStats,
         options: RunOptions,
-    ) -> tuple[str | None, list[DestinationPlan]]:
+    ) -> tuple[str | None, list[DestinationReport]]:
         # Before the plan: a leaver's status depends on whether its row is in doubt.
         recover_in_flight(connection, audience_id)
         now = state_now(connection)  # changed_at: one clock for every host
@@ -345,7 +349,7 @@ class Syncer:
             )
             report.status = "guarded" if problem else "planned"
             report.error = problem
-            report.destinations = _reports_of(plans)
+            report.destinations = plans
 
     def _stage_dry(
         self, scratch: Connection, audience: AudienceConfig, options: RunOptions
@@ -427,7 +431,7 @@ class Syncer:
                     connection.rollback()
                 drop_staging(connection, audience_id, holds_write_lock=not problem)
                 timings["plan_seconds"] = time.monotonic() - t1
-                report.destinations = _reports_of(plans)
+                report.destinations = plans
                 if problem:
                     report.status, report.error = "guarded", problem
                     self._finish(connection, report, timings, lease)
@@ -579,16 +583,6 @@ class Syncer:
             report.seconds,
             f": {report.error}" if report.error else "",
         )
-
-
-def _reports_of(plans: list[DestinationPlan]) -> list[DestinationReport]:
-    """A report entry per destination, filled with what planning decided."""
-    return [
-        DestinationReport(
-            p.destination, added=p.added, removed=p.removed, pending=p.pending, skipped=p.skipped
-        )
-        for p in plans
-    ]
 
 
 def _fenced_commit(connection: Connection, lease: Lease) -> None:

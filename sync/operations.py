@@ -6,14 +6,13 @@ from __future__ import annotations
 from sqlalchemy import Connection, select
 
 from sync.config import Config
-from sync.delivery import deliver_destinations
-from sync.delivery.deliverer import recover_in_flight
+from sync.delivery import deliver_destinations, recover_in_flight
 from sync.destinations import build_destination
 from sync.engine import Syncer
 from sync.errors import AudienceSyncError, LeaseHeldError
 from sync.reports import DestinationReport, RunReport
 from sync.run.drift import Orphan, orphans, recorded_destinations
-from sync.run.plan import DestinationPlan, count_members, removal_problem
+from sync.run.plan import count_members, removal_problem
 from sync.state.audiences import (
     audience_leaving_destination,
     forget_destination,
@@ -166,7 +165,7 @@ def _orphan_guard_problem(connection: Connection, config: Config, orphan: Orphan
     ratio = config.defaults.max_removal_ratio
     for destination in recorded_destinations(connection, orphan.audience_id):
         current = count_members(connection, orphan.audience_id, destination)
-        plan = DestinationPlan(destination, current=current, removed=current)
+        plan = DestinationReport(destination, current=current, removed=current)
         guarded = removal_problem(
             plan,
             current,

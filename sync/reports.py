@@ -29,7 +29,8 @@ class RunOptions:
 
 @dataclass
 class DestinationReport:
-    """One destination's part of a run."""
+    """One destination's part of a run: the planner creates it with what it changed, delivery
+    adds what it sent, the engine stores it (``run_deliveries``) and the CLI prints it."""
 
     destination: str
     added: int = 0
@@ -44,10 +45,17 @@ class DestinationReport:
     # Sent without traits that put the message over the destination's size limit (reported,
     # not stored: run_deliveries has no column for it).
     trimmed: int = 0
+    # Members at the destination before the plan: the removal guard's base (neither stored
+    # nor shown).
+    current: int = 0
 
     def stored(self) -> dict[str, Any]:
         """The columns of this destination's ``run_deliveries`` row."""
-        return {k: v for k, v in vars(self).items() if k != "trimmed"}
+        return {k: v for k, v in vars(self).items() if k not in ("trimmed", "current")}
+
+    def shown(self) -> dict[str, Any]:
+        """A JSON-ready view (``sync --json``)."""
+        return {k: v for k, v in vars(self).items() if k != "current"}
 
 
 @dataclass
@@ -86,5 +94,5 @@ class RunReport:
             "error": self.error,
             "invalid_samples": self.invalid_samples,
             "dry_run": self.dry_run,
-            "destinations": [vars(d) for d in self.destinations],
+            "destinations": [d.shown() for d in self.destinations],
         }

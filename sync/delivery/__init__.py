@@ -1,4 +1,9 @@
-"""Deliver one audience's pending rows to each of its destinations, filling their reports."""
+"""Delivery: send an audience's pending rows to each of its destinations, filling their reports.
+
+``deliverer`` runs the loop for one destination; ``batches`` encodes and packs rows,
+``sending`` sends a batch with retries and split-on-reject, ``ledger`` holds every state DB
+statement delivery makes.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,22 @@ from collections.abc import Callable
 from sqlalchemy import Engine
 
 from sync.config import Config
-from sync.delivery.deliverer import Deliverer, RetryPolicy
+from sync.delivery.deliverer import Deliverer
+from sync.delivery.ledger import recover_in_flight, retry_due
+from sync.delivery.sending import RetryPolicy
 from sync.destinations import Destination
 from sync.messages import AudienceContext
 from sync.reports import DestinationReport
 from sync.state.leases import Lease
 from sync.state.memberships import DestinationTarget, count_status
+
+__all__ = [
+    "ProgressFactory",
+    "RetryPolicy",
+    "deliver_destinations",
+    "recover_in_flight",
+    "retry_due",
+]
 
 ProgressFactory = Callable[[str, str, int], Callable[[int], None]]
 
@@ -33,8 +48,9 @@ def deliver_destinations(
     stop: threading.Event,
     progress: ProgressFactory | None = None,
 ) -> str | None:
-    """Deliver to every destination in turn, within one time budget; return the error that
-    stopped a destination (bad credentials, unwritable file), if any."""
+    """Deliver to every destination in turn, within one time budget, counting into its entry
+    (added to ``entries`` if missing); return the error that stopped a destination (bad
+    credentials, unwritable file), if any."""
     deadline = time.monotonic() + policy.time_budget
     by_name = {entry.destination: entry for entry in entries}
     fatal: str | None = None
@@ -55,23 +71,23 @@ def deliver_destinations(
         entry = by_name.setdefault(target.name, DestinationReport(target.name))
         if entry not in entries:
             entries.append(entry)
-        stats = Deliverer(
-            engine,
-            audience_id,
-            context,
-            destination,
-            policy,
-            deadline=deadline,
-            stop=stop,
-            lease=lease,
-            progress=progress(key, target.name, entry.pending) if progress else None,
-        ).run()
-        entry.sent, entry.rejected, entry.trimmed = stats.sent, stats.rejected, stats.trimmed
+        fatal = (
+            Deliverer(
+                engine,
+                audience_id,
+                context,
+                destination,
+                policy,
+                entry,
+                deadline=deadline,
+                stop=stop,
+                lease=lease,
+                progress=progress(key, target.name, entry.pending) if progress else None,
+            ).run()
+            or fatal
+        )
         with engine.connect() as connection:
             counts = count_status(connection, audience_id, target.name)
         entry.failed = counts.get("failed", 0)
         entry.left_pending = counts.get("pending", 0) + counts.get("rejected", 0)
-        entry.error = stats.error
-        if stats.fatal:
-            fatal = stats.error
     return fatal

@@ -7,7 +7,6 @@ Entrants are inserted, re-entrants flipped, leavers marked ``desired = false``; 
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -28,22 +27,11 @@ from sqlalchemy import (
     update,
 )
 
+from sync.reports import DestinationReport
 from sync.state.memberships import DestinationTarget
 from sync.state.tables import MEMBERSHIPS as M
 from sync.state.tables import RUNS
 from sync.state.tables import STAGED as S
-
-
-@dataclass
-class DestinationPlan:
-    """The changes one run planned for one destination."""
-
-    destination: str
-    current: int = 0
-    added: int = 0
-    removed: int = 0
-    pending: int = 0
-    skipped: int = 0
 
 
 def _staged_match(run_id: int) -> Any:
@@ -87,7 +75,7 @@ def count_members(connection: Connection, audience_id: int, destination: str) ->
 
 
 def removal_problem(
-    plan: DestinationPlan,
+    plan: DestinationReport,
     staged: int,
     *,
     max_removal_ratio: float,
@@ -121,9 +109,10 @@ def plan_destination(
     run_id: int,
     target: DestinationTarget,
     now: datetime,
-) -> DestinationPlan:
-    """Apply the staged snapshot to one destination's memberships."""
-    plan = DestinationPlan(target.name)
+) -> DestinationReport:
+    """Apply the staged snapshot to one destination's memberships; the report's ``current``,
+    ``added`` and ``removed`` say what changed."""
+    plan = DestinationReport(target.name)
     plan.current = count_members(connection, audience_id, target.name)
     of = _of(audience_id, target.name)
     bump = {"version": M.c.version + 1, "changed_at": now, **_RESET}

@@ -1,0 +1,140 @@
+"""Batches: pending rows encoded into messages and packed into batches within a destination's
+limits; a message over the per-message limit loses the traits that make it too big."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from sync.destinations import Destination
+from sync.messages import MessageEncoder
+
+logger = logging.getLogger("sync.delivery")
+
+# Bytes of the batch envelope around the messages ({"batch":[...],"sentAt":"..."}), rounded up.
+BATCH_ENVELOPE_BYTES = 128
+
+
+class Unit(NamedTuple):
+    """One membership change and the message(s) that announce it (a tuple: built per row)."""
+
+    id_kind: str
+    member_id: str
+    version: int
+    in_doubt: bool
+    messages: list[str]  # encoded JSON
+    size: int
+
+
+@dataclass
+class BatchResult:
+    """What became of a batch's units: the ledger records it in one transaction."""
+
+    delivered: list[Unit] = field(default_factory=list)
+    # Each with the destination's reason; they count an attempt.
+    rejected: list[tuple[Unit, str]] = field(default_factory=list)
+    # Not delivered for a transient reason (or a fatal one): pending, retried after the delay.
+    left: list[Unit] = field(default_factory=list)
+    left_reason: str | None = None
+    retry_delay: float = 0.0
+    # Some attempt ended without knowing whether the destination applied the batch.
+    uncertain: bool = False
+    # The error that ends this destination's delivery (bad credentials, unwritable file).
+    fatal: str | None = None
+
+
+def message_size(message: str) -> int:
+    """UTF-8 bytes of one encoded message in a batch body, with its separating comma."""
+    return (len(message) if message.isascii() else len(message.encode("utf-8"))) + 1
+
+
+class Batcher:
+    """Encodes one destination's pending rows and packs them into batches."""
+
+    def __init__(
+        self,
+        encoder: MessageEncoder,
+        destination: Destination,
+        *,
+        on_trimmed: Callable[[], None],
+        on_oversized: Callable[[list[tuple[Unit, str]]], None],
+    ) -> None:
+        """``on_trimmed`` counts a message sent without some traits; ``on_oversized`` records
+        the rows of a page whose message is too big even without its traits (rejected)."""
+        self.encoder = encoder
+        self.name = encoder.ctx.destination
+        self.max_batch_messages = destination.max_batch_messages
+        self.max_batch_bytes = destination.max_batch_bytes
+        self.max_message_bytes = destination.max_message_bytes
+        self.on_trimmed = on_trimmed
+        self.on_oversized = on_oversized
+
+    def batches(self, rows: list[Any]) -> Iterator[list[Unit]]:
+        """The batches of one page of rows (``Ledger.pages``' tuples), in row order."""
+        limit_messages = self.max_batch_messages
+        limit_bytes = self.max_batch_bytes
+        batch: list[Unit] = []
+        batch_messages = 0
+        batch_bytes = BATCH_ENVELOPE_BYTES
+        oversized: list[tuple[Unit, str]] = []
+        encode = self.encoder.messages
+        for kind, member, anonymous, desired, in_doubt, version, changed_at, traits in rows:
+            messages = encode(kind, member, anonymous, bool(desired), version, changed_at, traits)
+            # Bytes in the body (UTF-8) plus the separating comma; one message in the common
+            # (identify) case, so no list is built for it.
+            if len(messages) == 1:
+                size = largest = message_size(messages[0])
+            else:
+                sizes = [message_size(m) for m in messages]
+                size, largest = sum(sizes), max(sizes)
+            if self.max_message_bytes is not None and largest > self.max_message_bytes:
+                # The value change must go through: without the traits that make it too big.
+                messages, dropped = self.encoder.fitting(
+                    kind, member, anonymous, bool(desired), version, changed_at, traits, self.fits
+                )
+                sizes = [message_size(m) for m in messages]
+                size = sum(sizes)
+                if not self.fits(messages):
+                    unit = Unit(kind, member, version, bool(in_doubt), messages, size)
+                    oversized.append((unit, self._too_big(max(sizes))))
+                    continue
+                self._trimmed(member, largest, dropped)
+            unit = Unit(kind, member, version, bool(in_doubt), messages, size)
+            too_many = batch_messages + len(messages) > limit_messages
+            too_big = limit_bytes is not None and batch_bytes + unit.size > limit_bytes
+            if batch and (too_many or too_big):
+                yield batch
+                batch, batch_messages, batch_bytes = [], 0, BATCH_ENVELOPE_BYTES
+            batch.append(unit)
+            batch_messages += len(messages)
+            batch_bytes += unit.size
+        if oversized:
+            self.on_oversized(oversized)
+        if batch:
+            yield batch
+
+    def fits(self, messages: list[str]) -> bool:
+        """Whether every message is within the destination's per-message limit."""
+        limit = self.max_message_bytes
+        return limit is None or all(message_size(m) <= limit for m in messages)
+
+    def _too_big(self, size: int) -> str:
+        return (
+            f"message is {size} bytes even without its traits, over the destination's limit "
+            f"of {self.max_message_bytes} bytes"
+        )
+
+    def _trimmed(self, member: str, size: int, dropped: list[str]) -> None:
+        """Count and name a message sent without the traits that made it too big."""
+        logger.warning(
+            'destination "%s": member %s: message of %d bytes is over the limit of %d bytes; '
+            "sent without trait(s) %s",
+            self.name,
+            member,
+            size,
+            self.max_message_bytes,
+            ", ".join(dropped),
+        )
+        self.on_trimmed()

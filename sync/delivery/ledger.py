@@ -1,0 +1,398 @@
+"""The delivery ledger: every state DB read and write of delivery — pages of pending rows,
+compare-and-set acknowledgements, rejections, in-doubt marks, progress rows, recovery after a
+crash — so that the worker loop and the sending code hold no SQL."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    String,
+    Text,
+    and_,
+    any_,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+    type_coerce,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+
+from sync.clock import StateClock, state_now
+from sync.delivery.batches import BatchResult, Unit
+from sync.state.leases import Lease
+from sync.state.memberships import pending_condition
+from sync.state.tables import DELIVERY_PROGRESS, MEMBERSHIPS
+
+logger = logging.getLogger("sync.delivery")
+
+M = MEMBERSHIPS
+P = DELIVERY_PROGRESS
+
+
+def member_in(engine: Engine) -> Any:
+    """``member_id IN (:b_members)`` with the list as one bound value (``members_value``): a
+    JSON array on SQLite, an array on PostgreSQL. Binding hundreds of separate parameters per
+    statement costs more than the statement itself."""
+    dialect = engine.dialect.name
+    if dialect == "sqlite":
+        ids: Any = select(literal_column("value")).select_from(
+            func.json_each(bindparam("b_members", type_=String))
+        )
+        return M.c.member_id.in_(ids)
+    if dialect == "postgresql":
+        return M.c.member_id == any_(bindparam("b_members", type_=ARRAY(String)))
+    return M.c.member_id.in_(bindparam("b_members", expanding=True))
+
+
+def members_value(engine: Engine, members: list[str]) -> Any:
+    """The bound value of ``member_in``'s list."""
+    return json.dumps(members) if engine.dialect.name == "sqlite" else members
+
+
+def recover_in_flight(
+    connection: Connection, audience_id: int, destination: str | None = None
+) -> int:
+    """After a delivery that did not end (a crash, a kill), mark the rows it may have handed
+    over without an acknowledgement ``in_doubt``; return how many. Runs before planning, since
+    whether a leaver still needs its ``false`` depends on it.
+
+    Every unacknowledged row up to the recorded key is marked, sent or not: marking a row that
+    was never sent costs at most one extra message, missing one would leave a stale ``true``.
+    """
+    of = P.c.audience_id == audience_id
+    if destination is not None:
+        of = and_(of, P.c.destination == destination)
+    marked = 0
+    progress = connection.execute(
+        select(P.c.destination, P.c.through_kind, P.c.through_member).where(of)
+    ).all()
+    for name, kind, member in progress:
+        if member is not None:
+            marked += connection.execute(
+                update(M)
+                .where(
+                    M.c.audience_id == audience_id,
+                    M.c.destination == name,
+                    M.c.status.in_(("pending", "rejected")),
+                    M.c.in_doubt == False,  # noqa: E712
+                    tuple_(M.c.id_kind, M.c.member_id) <= tuple_(literal(kind), literal(member)),
+                )
+                .values(in_doubt=True)
+            ).rowcount
+            logger.warning(
+                'an earlier delivery to "%s" did not finish; its unacknowledged rows are marked '
+                "in doubt and stay pending",
+                name,
+            )
+    if progress:
+        connection.execute(delete(P).where(of))
+    return marked
+
+
+def retry_due(connection: Connection, audience_id: int) -> bool:
+    """Whether transient leftovers of this audience have waited out their backoff."""
+    query = select(M.c.member_id).where(
+        M.c.audience_id == audience_id,
+        M.c.status == "pending",
+        M.c.next_attempt_at.is_not(None),
+        M.c.next_attempt_at <= state_now(connection),
+    )
+    return connection.execute(query.limit(1)).first() is not None
+
+
+def _groups(
+    units: list[Unit], doubt: Callable[[Unit], bool] | None = None
+) -> dict[tuple[str, int, bool], list[str]]:
+    """Member ids by (id kind, version, in doubt afterwards): one indexed ``IN`` statement per
+    group, usually one per batch."""
+    groups: dict[tuple[str, int, bool], list[str]] = {}
+    for unit in units:
+        flag = doubt(unit) if doubt else False
+        groups.setdefault((unit.id_kind, unit.version, flag), []).append(unit.member_id)
+    return groups
+
+
+class Ledger:
+    """The state DB side of one audience's delivery to one destination. Its writes may come
+    from several threads: each uses a connection of its own, fenced by the lease."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        audience_id: int,
+        destination: str,
+        *,
+        max_attempts: int,
+        lease: Lease | None = None,
+    ) -> None:
+        """``max_attempts``: rejections after which a row is ``failed``. With a ``lease``,
+        every write transaction is fenced by it."""
+        self.engine = engine
+        self.audience_id = audience_id
+        self.destination = destination
+        self.max_attempts = max_attempts
+        self.lease = lease
+        self.clock: StateClock | None = None  # measured when delivery starts
+        self._lock = threading.Lock()
+        # SQLite has one writer at a time, and a waiting writer sleeps in its busy handler
+        # (1, 2, 5, 10… ms): the workers queue on a mutex instead.
+        self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None
+        self._local = threading.local()
+        self._connections: list[Connection] = []
+        self._build_statements()
+
+    def _build_statements(self) -> None:
+        """Statements built once, executed per batch with bound values."""
+        self._where = and_(
+            M.c.audience_id == self.audience_id,
+            M.c.destination == self.destination,
+            M.c.id_kind == bindparam("b_kind"),
+            member_in(self.engine),
+        )
+        self._where_at = and_(self._where, M.c.version == bindparam("b_version"))
+        self._ack = (
+            update(M)
+            .where(self._where_at)
+            .values(
+                synced=M.c.desired,
+                in_doubt=False,
+                status="in_sync",
+                attempts=0,
+                last_error=None,
+                next_attempt_at=None,
+                delivered_at=bindparam("b_now", type_=M.c.delivered_at.type),
+            )
+        )
+        self._progress_row = and_(
+            P.c.audience_id == self.audience_id, P.c.destination == self.destination
+        )
+        self._advance = (
+            update(P)
+            .where(
+                self._progress_row,
+                or_(
+                    P.c.through_member.is_(None),
+                    tuple_(P.c.through_kind, P.c.through_member)
+                    < tuple_(bindparam("b_kind"), bindparam("b_member")),
+                ),
+            )
+            .values(
+                through_kind=bindparam("b_new_kind", type_=String),
+                through_member=bindparam("b_new_member", type_=String),
+                updated_at=bindparam("b_now", type_=P.c.updated_at.type),
+            )
+        )
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A write transaction on the state DB, from any thread, on that thread's connection
+        (a pool checkout per batch costs a ping on PostgreSQL)."""
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = self.engine.connect()
+            with self._lock:
+                self._connections.append(connection)
+        with self._write_lock or contextlib.nullcontext(), connection.begin():
+            yield connection
+            if self.lease is not None:
+                self.lease.fence(connection)
+
+    def close(self) -> None:
+        """Close the threads' connections; only once no thread uses them any more."""
+        for connection in self._connections:
+            connection.close()
+
+    def now(self) -> datetime:
+        """The state DB's time (retry times and acknowledgements are compared across hosts)."""
+        assert self.clock is not None
+        return self.clock.now()
+
+    def start(self) -> None:
+        """Recover what an unfinished earlier delivery left, then record this one's start."""
+        with self._writing() as connection:
+            self.clock = StateClock(connection)
+            recover_in_flight(connection, self.audience_id, self.destination)
+            connection.execute(
+                insert(P).values(
+                    audience_id=self.audience_id,
+                    destination=self.destination,
+                    updated_at=self.now(),
+                )
+            )
+
+    def pages(self, page: int) -> Iterator[list[Any]]:
+        """Pending rows in (status pass, member) order, read in pages of ``page`` rows by
+        keyset; rows waiting for a retry later than the state DB's time now are left for a
+        later run.
+
+        Each row is the driver's plain tuple ``(id_kind, member_id, anonymous_id, desired,
+        in_doubt, version, changed_at, traits)``: every column is already in the form
+        ``MessageEncoder`` takes, so SQLAlchemy's row objects would only cost time."""
+        now = self.now()
+        # Rows rejected by earlier runs first: a row rejected during this run's `pending` pass must
+        # not be retried by the same run.
+        for status in ("rejected", "pending"):
+            after: tuple[str, str] | None = None
+            while True:
+                query = self._page(status, now, page, after)
+                with self.engine.connect() as connection:
+                    rows = list(connection.execute(query).cursor.fetchall())
+                if not rows:
+                    break
+                yield rows
+                after = (rows[-1][0], rows[-1][1])
+                if len(rows) < page:
+                    break
+
+    def _page(self, status: str, now: datetime, page: int, after: tuple[str, str] | None) -> Any:
+        """The next page of ``pages``: rows with ``status`` after the key ``after``."""
+        # Values go into messages as stored: no enum checks, no JSON decoding and re-encoding, no
+        # datetime parsing per row (MessageEncoder takes both forms).
+        query = (
+            select(
+                type_coerce(M.c.id_kind, String).label("id_kind"),
+                M.c.member_id,
+                M.c.anonymous_id,
+                M.c.desired,
+                M.c.in_doubt,
+                M.c.version,
+                type_coerce(M.c.changed_at, String).label("changed_at"),
+                cast(M.c.traits, Text).label("traits"),
+            )
+            .where(
+                pending_condition(self.audience_id, self.destination),
+                M.c.status == status,
+                or_(M.c.next_attempt_at.is_(None), M.c.next_attempt_at <= now),
+            )
+            .order_by(M.c.id_kind, M.c.member_id)
+            .limit(page)
+        )
+        if after is not None:
+            query = query.where(
+                tuple_(M.c.id_kind, M.c.member_id) > tuple_(literal(after[0]), literal(after[1]))
+            )
+        return query
+
+    def hand_over(self, kind: str, member: str) -> None:
+        """Commit, before a page's batches are sent, that rows up to its last key may soon be
+        at the destination (one small write per page; pages come in key order)."""
+        now = self.now()
+        with self._writing() as connection:
+            connection.execute(
+                self._advance,
+                dict(b_kind=kind, b_member=member, b_new_kind=kind, b_new_member=member, b_now=now),
+            )
+
+    def done(self) -> None:
+        """Every batch is recorded: nothing is in flight any more."""
+        with self._writing() as connection:
+            connection.execute(delete(P).where(self._progress_row))
+
+    def _params(self, kind: str, members: list[str], version: int | None = None) -> Any:
+        """Bound values of ``self._where``/``self._where_at``: these members' rows (at
+        ``version``: compare-and-set)."""
+        params = {"b_kind": kind, "b_members": members_value(self.engine, members)}
+        return params if version is None else {**params, "b_version": version}
+
+    def _doubt_changed(
+        self, connection: Connection, kind: str, version: int, members: list[str]
+    ) -> None:
+        """Rows changed while their batch was in flight (the compare-and-set missed them): the
+        destination may hold what was sent, which is no longer ``desired``, so they stay
+        pending and in doubt."""
+        connection.execute(
+            update(M).where(self._where, M.c.version != version).values(in_doubt=True),
+            self._params(kind, members),
+        )
+
+    def record(self, result: BatchResult) -> None:
+        """One transaction per batch outcome; every update is a compare-and-set on version, so
+        a change planned while the batch was in flight stays pending."""
+        now = self.now()
+
+        def doubt(unit: Unit) -> bool:
+            # Still in doubt after a failed batch: it was before, or this batch's fate is unknown.
+            return unit.in_doubt or result.uncertain
+
+        with self._writing() as connection:
+            for (kind, version, _), members in _groups(result.delivered).items():
+                acked = connection.execute(
+                    self._ack, {**self._params(kind, members, version), "b_now": now}
+                ).rowcount
+                if acked < len(members):
+                    self._doubt_changed(connection, kind, version, members)
+            retry_at = now + timedelta(seconds=result.retry_delay)
+            for (kind, version, in_doubt), members in _groups(result.left, doubt).items():
+                connection.execute(
+                    update(M)
+                    .where(self._where_at)
+                    .values(
+                        last_error=result.left_reason, next_attempt_at=retry_at, in_doubt=in_doubt
+                    ),
+                    self._params(kind, members, version),
+                )
+                if in_doubt:
+                    self._doubt_changed(connection, kind, version, members)
+            doubtful = [u for u, _reason in result.rejected if doubt(u)]
+            for (kind, version, _), members in _groups(doubtful).items():
+                self._doubt_changed(connection, kind, version, members)
+            if result.rejected:
+                self._reject(connection, result.rejected, doubt)
+
+    def _reject(
+        self,
+        connection: Connection,
+        rejected: list[tuple[Unit, str]],
+        doubt: Callable[[Unit], bool],
+    ) -> None:
+        """Count an attempt on each rejected row (``failed`` after ``max_attempts``), with its
+        reason. Rejections carry one reason each: few rows, one executemany."""
+        connection.execute(
+            update(M)
+            .where(
+                M.c.audience_id == self.audience_id,
+                M.c.destination == self.destination,
+                M.c.id_kind == bindparam("b_kind"),
+                M.c.member_id == bindparam("b_member"),
+                M.c.version == bindparam("b_version"),
+            )
+            .values(
+                attempts=M.c.attempts + 1,
+                status=case(
+                    (M.c.attempts + 1 >= self.max_attempts, "failed"),
+                    else_="rejected",
+                ),
+                last_error=bindparam("b_error"),
+                next_attempt_at=None,
+                in_doubt=bindparam("b_doubt"),
+            ),
+            [
+                {
+                    "b_kind": u.id_kind,
+                    "b_member": u.member_id,
+                    "b_version": u.version,
+                    "b_error": reason,
+                    "b_doubt": doubt(u),
+                }
+                for u, reason in rejected
+            ],
+        )

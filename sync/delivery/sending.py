@@ -1,0 +1,118 @@
+"""Sending one batch: retries with backoff, split-on-reject, and the outcome as a
+``BatchResult``. No state DB here: the ledger records what this returns."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+from sync.delivery.batches import BatchResult, Unit
+from sync.destinations import Destination
+from sync.errors import PermanentDeliveryError, RejectedBatchError, TransientDeliveryError
+from sync.state.leases import Lease
+
+logger = logging.getLogger("sync.delivery")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient failures are retried, from ``[defaults]`` in the config."""
+
+    initial_delay: float = 1.0
+    max_delay: float = 60.0
+    time_budget: float = 600.0
+    max_attempts: int = 5
+
+    def backoff(self, attempt: int, retry_after: float | None = None) -> float:
+        """Exponential backoff with jitter; a destination's ``Retry-After`` wins if longer."""
+        base = min(self.max_delay, self.initial_delay * (2**attempt))
+        delay = random.uniform(base / 2, base)
+        return max(delay, retry_after or 0.0)
+
+
+class Sender:
+    """Sends batches to one destination. Safe to call from several threads at once."""
+
+    def __init__(
+        self,
+        destination: Destination,
+        policy: RetryPolicy,
+        *,
+        deadline: float,
+        stop: threading.Event,
+        abort: threading.Event,
+        lease: Lease | None = None,
+    ) -> None:
+        """Retries end at ``deadline`` (``time.monotonic()``), on ``stop`` (the process is
+        asked to stop) or ``abort`` (another batch hit a fatal error). With a ``lease``, no
+        batch is sent unless it is held long enough for the send to finish."""
+        self.destination = destination
+        self.policy = policy
+        self.deadline = deadline
+        self.stop = stop
+        self.abort = abort
+        self.lease = lease
+
+    def send(self, units: list[Unit]) -> BatchResult:
+        """Send one batch; every unit ends delivered, rejected or left. A fatal error (bad
+        credentials, an unwritable file) leaves the whole batch, with ``fatal`` set."""
+        try:
+            return self._with_retries(units)
+        except PermanentDeliveryError as exc:
+            # Units an earlier split delivered are left too: resent with the same messageId.
+            return BatchResult(
+                left=units, left_reason=str(exc), uncertain=exc.outcome_unknown, fatal=str(exc)
+            )
+
+    def _with_retries(self, units: list[Unit]) -> BatchResult:
+        attempt = 0
+        uncertain = False
+        while True:
+            try:
+                result = self._splitting(units)
+                result.uncertain = result.uncertain or uncertain
+                return result
+            except TransientDeliveryError as exc:
+                uncertain = uncertain or exc.outcome_unknown
+                delay = self.policy.backoff(attempt, exc.retry_after)
+                attempt += 1
+                left = BatchResult(
+                    left=units, left_reason=str(exc), retry_delay=delay, uncertain=uncertain
+                )
+                out_of_time = time.monotonic() + delay > self.deadline
+                if out_of_time or self.stop.is_set() or self.abort.is_set():
+                    return left
+                logger.warning("%s; retry %d in %.1fs", exc, attempt, delay)
+                if self.stop.wait(delay) or self.abort.is_set():
+                    return left
+
+    def _splitting(self, units: list[Unit]) -> BatchResult:
+        """Send; on a rejected batch, split it in halves until the bad messages are alone."""
+        if self.lease is not None:
+            self.lease.ensure_sendable()  # after a long wait too: a run without it sends nothing
+        try:
+            self.destination.send([m for u in units for m in u.messages])
+        except RejectedBatchError as exc:
+            if len(units) == 1:
+                logger.warning(
+                    'destination "%s" rejected member %s: %s',
+                    self.destination.name,
+                    units[0].member_id,
+                    exc,
+                )
+                return BatchResult(rejected=[(units[0], str(exc))])
+            middle = len(units) // 2
+            first = self._with_retries(units[:middle])
+            second = self._with_retries(units[middle:])
+            return BatchResult(
+                delivered=first.delivered + second.delivered,
+                rejected=first.rejected + second.rejected,
+                left=first.left + second.left,
+                left_reason=first.left_reason or second.left_reason,
+                retry_delay=max(first.retry_delay, second.retry_delay),
+                uncertain=first.uncertain or second.uncertain,
+            )
+        return BatchResult(delivered=list(units))
