@@ -30,20 +30,14 @@ from sync.logs import current_run
 from sync.reports import DestinationReport, RunOptions, RunReport
 from sync.run.drift import drift_problem, record_endpoints
 from sync.run.dry_run import DRY_RUN_ID, copy_audience_state, copy_audiences, scratch_state
-from sync.run.plan import (
-    DestinationPlan,
-    drop_staging,
-    mark_full_resync,
-    plan_destination,
-    removal_problem,
-)
+from sync.run.plan import DestinationPlan, drop_staging, plan_destination, removal_problem
 from sync.run.same_database import stage_in_database
 from sync.run.sources import make_source_engine
 from sync.run.staging import SnapshotStats, refresh_statistics, stage_from_source
 from sync.state.audiences import ensure_audience
 from sync.state.db import installation_id
 from sync.state.leases import Lease, new_owner_id
-from sync.state.memberships import DestinationTarget, count_status
+from sync.state.memberships import DestinationTarget, count_status, mark_full_resync, pending_in
 from sync.state.tables import AUDIENCES as A
 from sync.state.tables import RUN_DELIVERIES, RUNS, RunStatus, RunTrigger
 
@@ -193,7 +187,7 @@ class Syncer:
             with self.engine.connect() as connection:
                 for target, _ in pairs:
                     counts = count_status(connection, audience_id, target.name)
-                    pending = counts.get("pending", 0) + counts.get("rejected", 0)
+                    pending = pending_in(counts)
                     report.destinations.append(DestinationReport(target.name, pending=pending))
             try:
                 self._deliver(audience, audience_id, install, pairs, report, lease)
@@ -317,7 +311,7 @@ class Syncer:
                     connection, audience_id, target, now, include_exited=options.include_exited
                 )
             counts = count_status(connection, audience_id, target.name)
-            plan.pending = counts.get("pending", 0) + counts.get("rejected", 0)
+            plan.pending = pending_in(counts)
             plan.skipped = counts.get("skipped", 0)
             plans.append(plan)
         if not options.dry_run:  # a dry run writes nothing another run could wait for

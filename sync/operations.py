@@ -13,18 +13,22 @@ from sync.engine import Syncer
 from sync.errors import AudienceSyncError, LeaseHeldError
 from sync.reports import DestinationReport, RunReport
 from sync.run.drift import Orphan, orphans, recorded_destinations
-from sync.run.plan import DestinationPlan, count_members, removal_problem
+from sync.run.plan import DestinationPlan, removal_problem
 from sync.state.audiences import (
     audience_leaving_destination,
     forget_destination,
-    mark_all_exited,
     mark_retired,
     orphaned_audience,
-    retry_failed,
 )
 from sync.state.db import installation_id
 from sync.state.leases import Lease
-from sync.state.memberships import DestinationTarget, count_status
+from sync.state.memberships import (
+    DestinationTarget,
+    count_members,
+    count_status,
+    mark_all_exited,
+    retry_failed,
+)
 from sync.state.tables import AUDIENCES as A
 
 

@@ -9,6 +9,7 @@ from sqlalchemy import Connection, and_, case, func, select
 
 from sync.config import AudienceConfig, Config
 from sync.errors import UnknownAudienceError
+from sync.state.memberships import is_pending
 from sync.state.tables import AUDIENCES as A
 from sync.state.tables import MEMBERSHIPS as M
 from sync.state.tables import RUN_DELIVERIES as D
@@ -61,7 +62,7 @@ def status_rows(connection: Connection, config: Config) -> list[dict[str, Any]]:
             M.c.audience_id,
             M.c.destination,
             func.sum(case((M.c.desired, 1), else_=0)).label("members"),
-            func.sum(case((M.c.status.in_(("pending", "rejected")), 1), else_=0)).label("pending"),
+            func.sum(case((is_pending(), 1), else_=0)).label("pending"),
             func.sum(case((M.c.status == "failed", 1), else_=0)).label("failed"),
         ).group_by(M.c.audience_id, M.c.destination)
     ).all()
@@ -231,7 +232,7 @@ def member_rows(
     if destination is not None:
         query = query.where(M.c.destination == destination)
     if which == "pending":
-        query = query.where(M.c.status.in_(("pending", "rejected")))
+        query = query.where(is_pending())
     elif which == "failed":
         query = query.where(M.c.status == "failed")
     elif which == "exited":
