@@ -15,9 +15,8 @@ from sync.cli import AppContext, RedactedTable, cli, console, echo_json, pass_ap
 from sync.config import Config
 from sync.engine import Syncer
 from sync.logs import configure_logging
-from sync.operations import retire_audience, retire_destination, retry_audience
 from sync.scheduler import Daemon
-from sync.state.db import make_state_engine, open_state, require_current_schema
+from sync.state.db import make_state_engine, require_current_schema
 from sync.state.inspection import MemberFilter, member_rows, run_rows, status_rows, user_rows
 from sync.tuning import settle_heap
 
@@ -52,13 +51,9 @@ def run_command(app: AppContext, once: bool) -> None:
     """Run the daemon: every audience on its schedule until SIGTERM or SIGINT."""
     config = app.config()
     configure_logging(app.log_level or "INFO", app.log_format, config.secrets())
-    engine = open_state(config.state.url, auto_upgrade=config.state.auto_upgrade)
-    try:
-        daemon = Daemon(config, engine)
+    with Daemon(config) as daemon:
         settle_heap()
         code = daemon.run_once() if once else daemon.serve()
-    finally:
-        engine.dispose()
     if code and not once:
         logging.shutdown()
         os._exit(code)  # runs still busy: do not wait for their threads at exit
@@ -277,11 +272,8 @@ def user(app: AppContext, user_id: str, as_json: bool) -> None:
 def retry(app: AppContext, audience: str) -> None:
     """Re-queue an audience's failed rows for its next run."""
     config = app.config()
-    engine = open_state(config.state.url, auto_upgrade=config.state.auto_upgrade)
-    try:
-        count = retry_audience(Syncer(config, engine), audience)
-    finally:
-        engine.dispose()
+    with Syncer(config) as syncer:
+        count = syncer.retry(audience)
     click.echo(f"{count} failed row(s) of {audience} queued for the next run")
 
 
@@ -309,17 +301,10 @@ def retire(
     """Retire an audience removed from the config (its key stays reserved), or with
     --destination its rows at a destination it no longer lists."""
     config = app.config()
-    engine = open_state(config.state.url, auto_upgrade=config.state.auto_upgrade)
-    try:
-        syncer = Syncer(config, engine)
-        if destination is None:
-            entries = retire_audience(syncer, audience, send_false=send_false, wait=wait)
-        else:
-            entries = retire_destination(
-                syncer, audience, destination, send_false=send_false, wait=wait
-            )
-    finally:
-        engine.dispose()
+    with Syncer(config) as syncer:
+        entries = syncer.retire(
+            audience, destination=destination, send_false=send_false, wait=wait
+        )
     sent = sum(e.sent for e in entries)
     extra = f" after sending {sent} false value(s)" if send_false else ""
     if destination is None:

@@ -17,10 +17,8 @@ from sync.config import Config, load_config
 from sync.demo import advance_demo_clock, demo_path, ensure_demo_warehouse
 from sync.engine import DestinationReport, RunOptions, RunReport, Syncer
 from sync.errors import AudienceSyncError, LeaseHeldError, error_line
-from sync.operations import retire_orphans
 from sync.redaction import redact
 from sync.run.drift import warn_about_drift
-from sync.state.db import open_state
 from sync.tuning import settle_heap
 
 
@@ -53,18 +51,16 @@ def run_audiences(
     (missing driver, state DB error, full disk, a bug) does not stop the others. Audiences
     removed from the config are warned about, or, with ``on_removed = "retire"`` and no names,
     retired."""
-    engine = open_state(config.state.url, auto_upgrade=config.state.auto_upgrade)
     # Retiring other audiences is for a run of them all, never for a named or dry one.
     retire = config.defaults.on_removed == "retire" and not names and not options.dry_run
-    try:
-        warn_about_drift(engine, config, warn_orphans=not retire)
+    with Syncer(config) as syncer:
+        warn_about_drift(syncer.engine, config, warn_orphans=not retire)
         with _progress_bars(bars) as progress:
-            syncer = Syncer(config, engine, progress=progress)
             settle_heap()
             reports = []
             for audience in syncer.resolve(names):
                 try:
-                    reports.append(syncer.sync(audience, options))
+                    reports.append(syncer.sync(audience, options, progress=progress))
                 except LeaseHeldError as exc:
                     reports.append(
                         RunReport(audience.name, audience.trait_key, "busy", error=str(exc))
@@ -76,10 +72,8 @@ def run_audiences(
                     failed.error = error_line(exc)
                     reports.append(failed)
             if retire:
-                reports.extend(retire_orphans(syncer, force=options.force))
+                reports.extend(syncer.retire_orphans(force=options.force))
             return reports
-    finally:
-        engine.dispose()
 
 
 def print_reports(reports: list[RunReport], title: str) -> None:

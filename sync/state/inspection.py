@@ -77,14 +77,7 @@ def status_rows(connection: Connection, config: Config) -> list[dict[str, Any]]:
         last = connection.execute(
             select(R).where(R.c.audience_id == audience.id).order_by(R.c.id.desc()).limit(1)
         ).first()
-        if audience.retired_at is not None:
-            state = "retired"
-        elif audience.key not in configured:
-            state = "orphaned"
-        elif not configured[audience.key].enabled:
-            state = "disabled"
-        else:
-            state = "active"
+        state = _audience_state(audience, configured.get(audience.key))
         destinations = by_audience.get(audience.id) or [None]
         for entry in destinations:
             rows.append(
@@ -122,6 +115,15 @@ def status_rows(connection: Connection, config: Config) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _audience_state(audience: Any, configured: AudienceConfig | None) -> str:
+    """retired, orphaned (no longer in the config), disabled or active."""
+    if audience.retired_at is not None:
+        return "retired"
+    if configured is None:
+        return "orphaned"
+    return "active" if configured.enabled else "disabled"
 
 
 def _row_state(state: str, configured: AudienceConfig | None, entry: Any) -> str:
