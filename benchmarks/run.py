@@ -45,7 +45,6 @@ logging.getLogger("segment").setLevel(logging.CRITICAL)  # its queue-full warnin
 from sync.config import parse_config
 from sync.engine import Syncer
 from sync.reports import RunOptions
-from sync.state.db import make_state_engine, upgrade
 from sync.state.tables import MEMBERSHIPS
 from sync.tuning import settle_heap
 
@@ -102,6 +101,7 @@ def config_text(state_url: str, warehouse: Path, receiver_url: str) -> str:
     return f"""
 [state]
 url = "{state_url}"
+auto_upgrade = true
 [sources.warehouse]
 url = "sqlite:///{warehouse}"
 chunk_size = 20000
@@ -164,18 +164,14 @@ class Env:
 
     @contextmanager
     def syncer(self, state_url: str, warehouse: Path) -> Iterator[tuple[Syncer, Any]]:
-        """A Syncer on an upgraded state DB, reading ``warehouse``; disposed afterwards."""
+        """A Syncer on an upgraded state DB (``auto_upgrade``), reading ``warehouse``; its
+        engine is disposed afterwards."""
         config = parse_config(
             config_text(state_url, warehouse, self.receiver_url), "bench", self.folder, {}
         )
-        engine = make_state_engine(state_url)
-        upgrade(engine)
-        syncer = Syncer(config, engine)
-        settle_heap()  # as the `sync` and `run` commands do once they are set up
-        try:
+        with Syncer(config) as syncer:
+            settle_heap()  # as the `sync` and `run` commands do once they are set up
             yield syncer, config.audiences[0]
-        finally:
-            engine.dispose()
 
 
 def plan_first(env: Env) -> float:

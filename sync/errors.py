@@ -1,7 +1,11 @@
 """Exception hierarchy: every error a user can cause or meet, each with a one-line message.
 
-Branches follow what a caller must do: a ``TransientError`` may succeed if tried again later,
-a ``PermanentError`` will not until someone changes something.
+Every class is an ``AudienceSyncError``, and each names one decision its caller makes: a
+``LeaseHeldError`` means "busy, skip it or wait", an ``UnknownAudienceError`` "check the
+name", a ``LeaseLostError`` "stop without writing"; among delivery outcomes a
+``TransientDeliveryError`` may succeed if tried again later, a ``PermanentDeliveryError`` will
+not until someone changes something. A bare ``AudienceSyncError`` is a refusal to report as
+it is (the operator has to change something first).
 """
 
 from __future__ import annotations
@@ -136,7 +140,7 @@ class LeaseLostError(AudienceSyncError):
 
 
 class UnknownAudienceError(AudienceSyncError):
-    """A name or key given on the command line matches no configured audience."""
+    """A name or key matches no audience (in the config, or in the state database)."""
 
 
 class DeliveryError(AudienceSyncError):

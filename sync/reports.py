@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +21,6 @@ class RunOptions:
     # False: compute and plan, commit, and leave the rows pending (benchmarks measure the
     # phases apart; the next run delivers them).
     deliver: bool = True
-    # A seam for tests: called after each chunk of a dry run's source query is staged (a test
-    # pauses a dry run mid-query here to show that real runs go ahead meanwhile).
-    after_chunk: Callable[[], None] | None = None
 
 
 @dataclass

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -20,7 +20,6 @@ from sqlalchemy import Engine
 from sync.config import AudienceConfig, Config
 from sync.engine import Syncer
 from sync.errors import AudienceSyncError, LeaseHeldError, error_line
-from sync.operations import retire_orphans
 from sync.reports import RunOptions, RunReport
 from sync.run.drift import warn_about_drift
 
@@ -28,19 +27,41 @@ logger = logging.getLogger("sync.daemon")
 
 
 class Daemon:
-    """Runs audiences on their schedules until asked to stop."""
+    """Runs audiences on their schedules until asked to stop.
+
+    Like a ``Syncer`` (it runs one), ``with Daemon(config) as daemon:`` opens the state DB and
+    disposes it at the end; given an ``engine``, the daemon borrows it."""
 
     def __init__(
-        self, config: Config, engine: Engine, *, stop: threading.Event | None = None
+        self,
+        config: Config,
+        engine: Engine | None = None,
+        *,
+        stop: threading.Event | None = None,
     ) -> None:
         self.config = config
-        self.engine = engine
         self.stop = stop or threading.Event()
         self.syncer = Syncer(config, engine, stop=self.stop)
+        self.engine = self.syncer.engine
         self._active = 0
         self._idle = threading.Condition()
         self.failures = 0
         self._guarded_orphans: set[str] = set()  # logged once, not on every sweep
+
+    def close(self) -> None:
+        """Dispose the state DB engine, unless it was borrowed."""
+        self.syncer.close()
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
 
     @property
     def audiences(self) -> list[AudienceConfig]:
@@ -100,7 +121,7 @@ class Daemon:
         them, within the removal guard (a guarded one is logged once and left)."""
         if self.config.defaults.on_removed != "retire" or self.stop.is_set():
             return
-        for report in retire_orphans(self.syncer, force=False):
+        for report in self.syncer.retire_orphans(force=False):
             if report.status == "retired":
                 sent = sum(d.sent for d in report.destinations)
                 logger.warning(

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from sync.config import Config, parse_config
-from sync.engine import RunOptions, RunReport, Syncer
+from sync.engine import RunHooks, RunOptions, RunReport, Syncer
 from sync.state.tables import MEMBERSHIPS, RUNS
 
 WRITE_KEY = "wk_test_secret_123"
@@ -49,6 +49,7 @@ class Harness:
         }
         self.source_url = f"sqlite:///{self.warehouse}"
         self.config_extra = ""  # raw TOML appended (extra tables, more audiences)
+        self.hooks = RunHooks()  # fault drills: every run of `sync` calls them
 
     def set_members(self, rows: list[str | tuple[Any, ...]]) -> None:
         """Replace the warehouse's members: ids, or (user_id, email[, anonymous_id]) tuples."""
@@ -84,7 +85,7 @@ class Harness:
 
     def sync(self, **options: Any) -> RunReport:
         config = self.config()
-        syncer = Syncer(config, self.engine)
+        syncer = Syncer(config, self.engine, hooks=self.hooks)
         return syncer.sync(config.audiences[0], RunOptions(**options))
 
     def memberships(self, destination: str | None = None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-import sync.engine
+import sync.run.compute
 from sync.run.staging import json_value, normalize_id, traits_json
 from tests.harness import Harness
 from tests.receiver import Receiver
@@ -187,7 +187,7 @@ def test_same_database_fast_path(
         raise AssertionError("rows passed through Python")
 
     if harness.engine.dialect.name not in ("mysql", "mariadb"):  # they take the Python path
-        monkeypatch.setattr(sync.engine, "stage_from_source", no_python_path)
+        monkeypatch.setattr(sync.run.compute, "stage_from_source", no_python_path)
     report = harness.sync()
     assert report.status == "succeeded", report.error
     assert (report.members, report.invalid, report.duplicates) == (3, 2, 1)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select, text
 
-from sync.engine import Syncer
+from sync.engine import RunHooks, Syncer
 from sync.reports import RunOptions, RunReport
 from sync.state.db import make_state_engine
 from sync.state.tables import Base
@@ -67,8 +67,9 @@ def test_a_paused_dry_run_does_not_block_a_real_sync(
             assert resume.wait(DEADLINE_SECONDS)
 
     dry: dict[str, Any] = {}
-    dry_options = RunOptions(dry_run=True, after_chunk=pause_once)
-    dry_thread = in_thread(dry, lambda: Syncer(config, harness.engine).sync(audience, dry_options))
+    dry_options = RunOptions(dry_run=True)
+    dry_syncer = Syncer(config, harness.engine, hooks=RunHooks(after_chunk=pause_once))
+    dry_thread = in_thread(dry, lambda: dry_syncer.sync(audience, dry_options))
     real: dict[str, Any] = {}
     real_thread: threading.Thread | None = None
     engine = make_state_engine(harness.engine.url.render_as_string(hide_password=False))

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select, text, update
 
 from sync import clock
-from sync.engine import RunOptions, RunReport, Syncer
+from sync.engine import RunHooks, RunOptions, RunReport, Syncer
 from sync.errors import LeaseHeldError
 from sync.state.audiences import ensure_audience
 from sync.state.leases import Lease
@@ -91,7 +91,7 @@ def test_a_run_that_lost_its_lease_neither_sends_nor_writes(
     receiver.script = [Scripted(429, headers={"Retry-After": "4"})]
     config = harness.config()
     stalled: list[Lease] = []
-    first = Syncer(config, harness.engine, on_lease=stalled.append)
+    first = Syncer(config, harness.engine, hooks=RunHooks(on_lease=stalled.append))
     first.lease_seconds = 1.0
     first_thread, first_outcome = _start_in_thread(first, harness)
     wait_for(lambda: bool(stalled), 20, "the first run's lease")

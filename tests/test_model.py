@@ -8,7 +8,7 @@ import itertools
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select, update
 
-import sync.engine
 from sync.clock import state_now
 from sync.delivery.deliverer import Deliverer
 from sync.destinations.segment import SegmentDestination
-from sync.engine import RunOptions, RunReport, Syncer
+from sync.engine import RunHooks, RunOptions, RunReport, Syncer
 from sync.errors import LeaseHeldError
 from sync.state.leases import Lease
 from sync.state.tables import AUDIENCES, MEMBERSHIPS, RUNS
@@ -102,23 +101,12 @@ def chaos(request: pytest.FixtureRequest) -> Any:
 class Crasher:
     """Arms one crash point for the next run."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, harness: Harness) -> None:
         self.armed: str | None = None
         self.on_takeover: Any = None
-        original_chunks = sync.engine.Syncer._between_chunks
-        original_plan = sync.engine.plan_destination
         original_send = SegmentDestination.send
         original_record = Deliverer._record
         crasher = self
-
-        def between_chunks(self: Any, lease: Any) -> None:
-            crasher.fire("staging")
-            original_chunks(self, lease)
-
-        def plan(*args: Any, **kwargs: Any) -> Any:
-            result = original_plan(*args, **kwargs)
-            crasher.fire("planning")
-            return result
 
         def send(self: Any, messages: Any) -> None:
             if crasher.armed == "takeover" and crasher.on_takeover is not None:
@@ -131,8 +119,10 @@ class Crasher:
             crasher.fire("record")
             original_record(self, result)
 
-        monkeypatch.setattr(sync.engine.Syncer, "_between_chunks", between_chunks)
-        monkeypatch.setattr(sync.engine, "plan_destination", plan)
+        harness.hooks = RunHooks(
+            after_chunk=lambda: crasher.fire("staging"),
+            after_plan=lambda: crasher.fire("planning"),
+        )
         monkeypatch.setattr(SegmentDestination, "send", send)
         monkeypatch.setattr(Deliverer, "_record", record)
 
@@ -149,7 +139,7 @@ def take_over_mid_delivery(
     take the audience over and finish, then let the first go on."""
     leases: list[Lease] = []
     config = harness.config()
-    syncer = Syncer(config, harness.engine, on_lease=leases.append)
+    syncer = Syncer(config, harness.engine, hooks=replace(harness.hooks, on_lease=leases.append))
 
     def second_runner() -> None:
         leases[-1].heartbeat_paused.set()
@@ -233,7 +223,7 @@ def test_any_history_converges_to_the_last_snapshot(
         retry_initial_delay="5ms",
         retry_max_delay="20ms",
     )
-    crasher = Crasher(monkeypatch)
+    crasher = Crasher(monkeypatch, harness)
     ever_members: set[str] = set()
     last: set[str] = set()
     fulls = 0

@@ -13,11 +13,9 @@ from sync.cli.app import (
     echo_json,
     json_option,
     pass_app,
-    state_engine,
     wait_option,
 )
 from sync.engine import Syncer
-from sync.operations import retire_audience, retire_destination, retry_audience
 from sync.redaction import redact_url
 from sync.state.db import MigrationPause, make_state_engine, schema_status, upgrade
 
@@ -80,9 +78,8 @@ def db_current(app: AppContext, as_json: bool) -> None:
 @pass_app
 def retry(app: AppContext, audience: str) -> None:
     """Re-queue an audience's failed rows for its next run."""
-    config = app.config()
-    with state_engine(config) as engine:
-        count = retry_audience(Syncer(config, engine), audience)
+    with Syncer(app.config()) as syncer:
+        count = syncer.retry(audience)
     click.echo(f"{count} failed row(s) of {audience} queued for the next run")
 
 
@@ -102,15 +99,10 @@ def retire(
 ) -> None:
     """Retire an audience removed from the config (its key stays reserved), or with
     --destination its rows at a destination it no longer lists."""
-    config = app.config()
-    with state_engine(config) as engine:
-        syncer = Syncer(config, engine)
-        if destination is None:
-            entries = retire_audience(syncer, audience, send_false=send_false, wait=wait)
-        else:
-            entries = retire_destination(
-                syncer, audience, destination, send_false=send_false, wait=wait
-            )
+    with Syncer(app.config()) as syncer:
+        entries = syncer.retire(
+            audience, destination=destination, send_false=send_false, wait=wait
+        )
     sent = sum(e.sent for e in entries)
     extra = f" after sending {sent} false value(s)" if send_false else ""
     if destination is None:

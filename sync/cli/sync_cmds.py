@@ -21,15 +21,14 @@ from sync.cli.app import (
     echo_json,
     json_option,
     pass_app,
-    state_engine,
     wait_option,
 )
 from sync.config import AudienceConfig, Config, load_config
+from sync.delivery import ProgressFactory
 from sync.demo import advance_demo_clock, demo_path, ensure_demo_warehouse
 from sync.engine import DestinationReport, RunOptions, RunReport, Syncer
 from sync.errors import AudienceSyncError, LeaseHeldError, error_line
 from sync.logs import configure_logging
-from sync.operations import retire_orphans
 from sync.redaction import redact
 from sync.run.drift import warn_about_drift
 from sync.scheduler import Daemon
@@ -83,8 +82,7 @@ def run_command(app: AppContext, once: bool) -> None:
     """Run the daemon: every audience on its schedule until SIGTERM or SIGINT."""
     config = app.config()
     configure_logging(app.log_level or "INFO", app.log_format, config.secrets())
-    with state_engine(config) as engine:
-        daemon = Daemon(config, engine)
+    with Daemon(config) as daemon:
         settle_heap()
         code = daemon.run_once() if once else daemon.serve()
     if code and not once:
@@ -181,22 +179,28 @@ def run_audiences(
     retired."""
     # Retiring other audiences is for a run of them all, never for a named or dry one.
     retire = config.defaults.on_removed == "retire" and not names and not options.dry_run
-    with state_engine(config) as engine:
-        warn_about_drift(engine, config, warn_orphans=not retire)
+    with Syncer(config) as syncer:
+        warn_about_drift(syncer.engine, config, warn_orphans=not retire)
         with _progress_bars(bars) as progress:
-            syncer = Syncer(config, engine, progress=progress)
             settle_heap()
-            reports = [_run_one(syncer, audience, options) for audience in syncer.resolve(names)]
+            reports = [
+                _run_one(syncer, audience, options, progress) for audience in syncer.resolve(names)
+            ]
             if retire:
-                reports.extend(retire_orphans(syncer, force=options.force))
+                reports.extend(syncer.retire_orphans(force=options.force))
             return reports
 
 
-def _run_one(syncer: Syncer, audience: AudienceConfig, options: RunOptions) -> RunReport:
+def _run_one(
+    syncer: Syncer,
+    audience: AudienceConfig,
+    options: RunOptions,
+    progress: ProgressFactory | None,
+) -> RunReport:
     """One audience's run as a report; this audience's boundary (the run records what it can
     itself): the state DB refusing its lease or record fails it, not the invocation."""
     try:
-        return syncer.sync(audience, options)
+        return syncer.sync(audience, options, progress=progress)
     except LeaseHeldError as exc:
         return RunReport(audience.name, audience.trait_key, "busy", error=str(exc))
     except Exception as exc:

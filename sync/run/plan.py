@@ -21,14 +21,20 @@ from sqlalchemy import (
     func,
     insert,
     literal,
-    or_,
     select,
     true,
     update,
 )
 
 from sync.reports import DestinationReport
-from sync.state.memberships import DestinationTarget
+from sync.state.memberships import (
+    DELIVERY_RESET,
+    DestinationTarget,
+    count_members,
+    leaver_status,
+    of_destination,
+    reentrant_status,
+)
 from sync.state.tables import MEMBERSHIPS as M
 from sync.state.tables import RUNS
 from sync.state.tables import STAGED as S
@@ -48,30 +54,6 @@ def _staged_value(run_id: int, column: Any) -> Any:
         .where(S.c.run_id == run_id, S.c.id_kind == M.c.id_kind, S.c.member_id == M.c.member_id)
         .scalar_subquery()
     )
-
-
-def _status(target: DestinationTarget, pending_when: Any) -> Any:
-    """Status after a change: pending when the destination's value now differs."""
-    if target.requires_user_id:
-        return case(
-            (M.c.id_kind == "anonymous", "skipped"),
-            (pending_when, "pending"),
-            else_="in_sync",
-        )
-    return case((pending_when, "pending"), else_="in_sync")
-
-
-def _of(audience_id: int, destination: str) -> Any:
-    return and_(M.c.audience_id == audience_id, M.c.destination == destination)
-
-
-_RESET = {"attempts": 0, "last_error": None, "next_attempt_at": None}
-
-
-def count_members(connection: Connection, audience_id: int, destination: str) -> int:
-    """Current members (``desired = true``) of an audience at one destination."""
-    query = select(func.count()).where(_of(audience_id, destination), M.c.desired == true())
-    return int(connection.execute(query).scalar_one())
 
 
 def removal_problem(
@@ -103,6 +85,38 @@ def removal_problem(
     return None
 
 
+def retirement_problem(
+    connection: Connection,
+    audience_id: int,
+    destinations: list[str],
+    *,
+    key: str,
+    name: str,
+    max_removal_ratio: float,
+    min_members: int,
+) -> str | None:
+    """The removal guard's verdict on sending ``false`` to all of a removed audience's members
+    (``on_removed = "retire"``): the same rule as a run's (``removal_problem``)."""
+    for destination in destinations:
+        current = count_members(connection, audience_id, destination)
+        plan = DestinationReport(destination, current=current, removed=current)
+        guarded = removal_problem(
+            plan,
+            current,
+            max_removal_ratio=max_removal_ratio,
+            min_members=min_members,
+            audience_name=name,
+        )
+        if guarded:
+            return (
+                f'audience "{key}" was removed from the config, and on_removed = "retire" '
+                f'would send false to all its {current} members at destination "{destination}", '
+                f"more than max_removal_ratio {max_removal_ratio:.0%}; run `audience-sync sync "
+                f"--force` to retire it anyway, or `audience-sync retire {key} --send-false`"
+            )
+    return None
+
+
 def plan_destination(
     connection: Connection,
     audience_id: int,
@@ -114,15 +128,15 @@ def plan_destination(
     ``added`` and ``removed`` say what changed."""
     plan = DestinationReport(target.name)
     plan.current = count_members(connection, audience_id, target.name)
-    of = _of(audience_id, target.name)
-    bump = {"version": M.c.version + 1, "changed_at": now, **_RESET}
+    of = of_destination(audience_id, target.name)
+    bump = {"version": M.c.version + 1, "changed_at": now, **DELIVERY_RESET}
 
     leavers = connection.execute(
         update(M)
         .where(of, M.c.desired == true(), ~_staged_match(run_id))
         .values(
             desired=False,
-            status=_status(target, or_(M.c.synced == true(), M.c.in_doubt == true())),
+            status=leaver_status(target),
             **bump,
         )
     )
@@ -151,10 +165,7 @@ def plan_destination(
         .where(of, M.c.desired == False, _staged_match(run_id))  # noqa: E712
         .values(
             desired=True,
-            status=_status(
-                target,
-                or_(M.c.synced.is_(None), M.c.synced == False, M.c.in_doubt == true()),  # noqa: E712
-            ),
+            status=reentrant_status(target),
             traits=_staged_value(run_id, S.c.traits),
             anonymous_id=_staged_value(run_id, S.c.anonymous_id),
             **bump,
@@ -212,38 +223,6 @@ def plan_destination(
     )
     plan.added = reentrants.rowcount + entrants.rowcount
     return plan
-
-
-def mark_full_resync(
-    connection: Connection,
-    audience_id: int,
-    target: DestinationTarget,
-    now: datetime,
-    *,
-    include_exited: bool,
-) -> None:
-    """Make every member pending again (and, with ``include_exited``, every ex-member that was
-    ever delivered).
-
-    Rows are marked ``in_doubt`` rather than forgetting ``synced``: a member who leaves before
-    the resend is delivered must still get its ``false``, since the destination holds ``true``.
-    """
-    of = _of(audience_id, target.name)
-    # A new version gives resent messages new messageIds, so destinations that de-duplicate
-    # do not drop the deliberate resend.
-    again = {
-        "version": M.c.version + 1,
-        "in_doubt": True,
-        "status": _status(target, true()),
-        **_RESET,
-    }
-    connection.execute(update(M).where(of, M.c.desired == true()).values(**again))
-    if include_exited:
-        connection.execute(
-            update(M)
-            .where(of, M.c.desired == False, M.c.synced.is_not(None))  # noqa: E712
-            .values(**again)
-        )
 
 
 def drop_staging(

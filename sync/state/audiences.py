@@ -1,14 +1,13 @@
-"""Audience rows in the state DB: creation (freezing the key), retry of failed rows, retirement."""
+"""Audience rows in the state DB: creation (freezing the key), lookups, retirement."""
 
 from __future__ import annotations
 
 import hashlib
 
-from sqlalchemy import Connection, Engine, case, delete, or_, select, true, update
+from sqlalchemy import Connection, Engine, delete, select, update
 
-from sync.clock import state_now
 from sync.config import AudienceConfig, Config
-from sync.errors import AudienceSyncError
+from sync.errors import AudienceSyncError, UnknownAudienceError
 from sync.state.db import insert_ignoring_duplicates
 from sync.state.tables import AUDIENCES as A
 from sync.state.tables import DELIVERY_PROGRESS as P
@@ -56,14 +55,28 @@ def ensure_audience(connection: Connection, audience: AudienceConfig) -> int:
     return int(row.id)
 
 
-def retry_failed(connection: Connection, audience_id: int) -> int:
-    """Re-queue the rows that exhausted ``max_attempts``; return how many."""
-    result = connection.execute(
-        update(M)
-        .where(M.c.audience_id == audience_id, M.c.status == "failed")
-        .values(status="pending", attempts=0, next_attempt_at=None)
-    )
-    return int(result.rowcount)
+def stored_audience(connection: Connection, config: Config, name: str) -> int:
+    """The id of the audience ``name`` (a configured name or key, or a stored key), retired or
+    not."""
+    audience = config.find_audience(name)
+    key = audience.trait_key if audience else name
+    audience_id = connection.execute(select(A.c.id).where(A.c.key == key)).scalar()
+    if audience_id is None:
+        raise UnknownAudienceError(f'no audience "{name}" in the state database')
+    return int(audience_id)
+
+
+def live_audience_of(connection: Connection, audience: AudienceConfig) -> int | None:
+    """The id of a configured audience that has synced and is not retired, else None."""
+    audience_id = connection.execute(
+        select(A.c.id).where(A.c.key == audience.trait_key, A.c.retired_at.is_(None))
+    ).scalar()
+    return None if audience_id is None else int(audience_id)
+
+
+def audience_title(connection: Connection, audience_id: int) -> str:
+    """The name an audience was last synced under (for messages about it)."""
+    return str(connection.execute(select(A.c.name).where(A.c.id == audience_id)).scalar_one())
 
 
 def orphaned_audience(connection: Connection, config: Config, key: str) -> int:
@@ -79,7 +92,7 @@ def live_audience(connection: Connection, key: str) -> int:
     """The id of the non-retired audience with ``key``."""
     row = connection.execute(select(A.c.id, A.c.retired_at).where(A.c.key == key)).first()
     if row is None:
-        raise AudienceSyncError(f'no audience with the key "{key}" in the state database')
+        raise UnknownAudienceError(f'no audience with the key "{key}" in the state database')
     if row.retired_at is not None:
         raise AudienceSyncError(f'audience "{key}" is already retired')
     return int(row.id)
@@ -115,34 +128,6 @@ def forget_destination(engine: Engine, audience_id: int, destination: str) -> No
                     table.c.audience_id == audience_id, table.c.destination == destination
                 )
             )
-
-
-def mark_all_exited(
-    connection: Connection, audience_id: int, destination: str | None = None
-) -> list[str]:
-    """Plan ``false`` for every current member (before retiring), at every destination or one;
-    return the destinations."""
-    now = state_now(connection)  # changed_at: one clock for every host
-    scope = [M.c.audience_id == audience_id]
-    if destination is not None:
-        scope.append(M.c.destination == destination)
-    connection.execute(
-        update(M)
-        .where(*scope, M.c.desired == true())
-        .values(
-            desired=False,
-            version=M.c.version + 1,
-            changed_at=now,
-            status=case(
-                (or_(M.c.synced == true(), M.c.in_doubt == true()), "pending"), else_="in_sync"
-            ),
-            attempts=0,
-            last_error=None,
-            next_attempt_at=None,
-        )
-    )
-    rows = connection.execute(select(M.c.destination).where(*scope).distinct())
-    return sorted(rows.scalars())
 
 
 def mark_retired(engine: Engine, audience_id: int) -> None:

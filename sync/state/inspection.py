@@ -9,6 +9,7 @@ from sqlalchemy import Connection, and_, case, func, select
 
 from sync.config import AudienceConfig, Config
 from sync.errors import UnknownAudienceError
+from sync.state.memberships import is_pending
 from sync.state.tables import AUDIENCES as A
 from sync.state.tables import MEMBERSHIPS as M
 from sync.state.tables import RUN_DELIVERIES as D
@@ -61,7 +62,7 @@ def status_rows(connection: Connection, config: Config) -> list[dict[str, Any]]:
             M.c.audience_id,
             M.c.destination,
             func.sum(case((M.c.desired, 1), else_=0)).label("members"),
-            func.sum(case((M.c.status.in_(("pending", "rejected")), 1), else_=0)).label("pending"),
+            func.sum(case((is_pending(), 1), else_=0)).label("pending"),
             func.sum(case((M.c.status == "failed", 1), else_=0)).label("failed"),
         ).group_by(M.c.audience_id, M.c.destination)
     ).all()
@@ -76,14 +77,7 @@ def status_rows(connection: Connection, config: Config) -> list[dict[str, Any]]:
         last = connection.execute(
             select(R).where(R.c.audience_id == audience.id).order_by(R.c.id.desc()).limit(1)
         ).first()
-        if audience.retired_at is not None:
-            state = "retired"
-        elif audience.key not in configured:
-            state = "orphaned"
-        elif not configured[audience.key].enabled:
-            state = "disabled"
-        else:
-            state = "active"
+        state = _audience_state(audience, configured.get(audience.key))
         destinations = by_audience.get(audience.id) or [None]
         for entry in destinations:
             rows.append(
@@ -121,6 +115,15 @@ def status_rows(connection: Connection, config: Config) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _audience_state(audience: Any, configured: AudienceConfig | None) -> str:
+    """retired, orphaned (no longer in the config), disabled or active."""
+    if audience.retired_at is not None:
+        return "retired"
+    if configured is None:
+        return "orphaned"
+    return "active" if configured.enabled else "disabled"
 
 
 def _row_state(state: str, configured: AudienceConfig | None, entry: Any) -> str:
@@ -231,7 +234,7 @@ def member_rows(
     if destination is not None:
         query = query.where(M.c.destination == destination)
     if which == "pending":
-        query = query.where(M.c.status.in_(("pending", "rejected")))
+        query = query.where(is_pending())
     elif which == "failed":
         query = query.where(M.c.status == "failed")
     elif which == "exited":

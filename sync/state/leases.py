@@ -22,8 +22,8 @@ from sqlalchemy import Connection, Engine, or_, select, update
 
 from sync.clock import state_now
 from sync.errors import LeaseHeldError, LeaseLostError
+from sync.state.runs import abandon_runs
 from sync.state.tables import AUDIENCES as A
-from sync.state.tables import RUNS
 
 logger = logging.getLogger("sync.leases")
 
@@ -95,16 +95,7 @@ class Lease:
                 if taken:
                     # Holding the lease, any run still `running` lost its process (or its
                     # lease): its own writes are fenced, so this mark stays.
-                    abandoned = connection.execute(
-                        update(RUNS)
-                        .where(RUNS.c.audience_id == self.audience_id, RUNS.c.status == "running")
-                        .values(
-                            status="abandoned",
-                            finished_at=now,
-                            error="its process stopped or stalled before finishing "
-                            "(lease expired; another run took over)",
-                        )
-                    ).rowcount
+                    abandoned = abandon_runs(connection, self.audience_id, now)
                 else:
                     holder = connection.execute(
                         select(A.c.lease_owner, A.c.lease_acquired_at).where(
@@ -114,7 +105,7 @@ class Lease:
             if taken:
                 self._valid_until = started + self.seconds
                 self._start_heartbeat()
-                return int(abandoned)
+                return abandoned
             since = holder.lease_acquired_at.isoformat(timespec="seconds")
             busy = (
                 f'audience "{self.audience_name}" is being synced by '

@@ -1,0 +1,133 @@
+"""Compute: stage an audience's snapshot (its source query's valid, distinct members) for the
+planner, by the fastest path that stages the same rows.
+
+- Same database: when the source is the state database, one ``INSERT … SELECT`` stages it
+  (``sync.run.same_database``), unless its values need Python's rendering.
+- Streaming: otherwise the query is read in chunks from a source engine and staged chunk by
+  chunk (``sync.run.staging``); a real run commits each chunk, fenced by its lease.
+- Dry run: always streams, into a private scratch copy (``sync.run.dry_run``), since the
+  same-database path would write the state DB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import Connection, Engine
+
+from sync.config import AudienceConfig, Config
+from sync.errors import LeaseLostError, RunInterruptedError, SourceError
+from sync.run.dry_run import DRY_RUN_ID
+from sync.run.plan import drop_staging
+from sync.run.same_database import stage_in_database
+from sync.run.sources import make_source_engine
+from sync.run.staging import SnapshotStats, refresh_statistics, stage_from_source
+from sync.state.leases import Lease
+
+# Called after each chunk of a source query is staged; raises to stop the run.
+AfterChunk = Callable[[], None]
+
+
+def open_source_engine(config: Config, audience: AudienceConfig) -> Engine:
+    """An engine on the audience's source (the demo warehouse is created on first use); the
+    caller disposes it."""
+    source = config.sources[audience.source]
+    if source.demo:
+        from sync.demo import ensure_demo_warehouse
+
+        ensure_demo_warehouse(source.url)
+    return make_source_engine(audience.source, source.url)
+
+
+def compute_snapshot(
+    connection: Connection,
+    config: Config,
+    audience: AudienceConfig,
+    audience_id: int,
+    run_id: int,
+    lease: Lease,
+    after_chunk: AfterChunk,
+) -> SnapshotStats:
+    """Stage the run's snapshot, each step committed under the run's lease. Staged rows of
+    crashed runs are dropped first; a source error or a stop drops this run's too (nothing
+    changed) and is raised."""
+    drop_staging(connection, audience_id)
+    fenced_commit(connection, lease)
+    try:
+        stats = _stage(connection, config, audience, run_id, after_chunk)
+        fenced_commit(connection, lease)
+        refresh_statistics(connection)
+        connection.commit()
+    except (SourceError, RunInterruptedError):
+        connection.rollback()
+        drop_staging(connection, audience_id)
+        fenced_commit(connection, lease)
+        raise
+    return stats
+
+
+def _stage(
+    connection: Connection,
+    config: Config,
+    audience: AudienceConfig,
+    run_id: int,
+    after_chunk: AfterChunk,
+) -> SnapshotStats:
+    source = config.sources[audience.source]
+    if source.url == config.state.url:
+        stats = stage_in_database(
+            connection,
+            run_id,
+            audience=audience.name,
+            source_name=audience.source,
+            query=audience.query,
+            traits=audience.traits,
+        )
+        if stats is not None:
+            return stats  # else values SQL cannot render as Python does: stream them
+    return _stream(connection, config, audience, run_id, after_chunk, commit_each_chunk=True)
+
+
+def compute_dry_snapshot(
+    scratch: Connection, config: Config, audience: AudienceConfig, after_chunk: AfterChunk
+) -> SnapshotStats:
+    """Stage a dry run's snapshot into its scratch copy, uncommitted. It always streams (the
+    same-database path would write the state DB); both paths stage the same rows."""
+    return _stream(scratch, config, audience, DRY_RUN_ID, after_chunk, commit_each_chunk=False)
+
+
+def _stream(
+    connection: Connection,
+    config: Config,
+    audience: AudienceConfig,
+    run_id: int,
+    after_chunk: AfterChunk,
+    *,
+    commit_each_chunk: bool,
+) -> SnapshotStats:
+    engine = open_source_engine(config, audience)
+    try:
+        return stage_from_source(
+            engine,
+            connection,
+            run_id,
+            audience=audience.name,
+            source_name=audience.source,
+            query=audience.query,
+            traits=audience.traits,
+            chunk_size=config.sources[audience.source].chunk_size,
+            commit_each_chunk=commit_each_chunk,
+            after_chunk=after_chunk,
+        )
+    finally:
+        engine.dispose()
+
+
+def fenced_commit(connection: Connection, lease: Lease) -> None:
+    """Commit a step of the run only while its lease is still its own."""
+    try:
+        lease.fence(connection)
+    except LeaseLostError:
+        connection.rollback()
+        raise
+    connection.commit()

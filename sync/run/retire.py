@@ -1,0 +1,111 @@
+"""Retiring: an audience removed from the config (its key stays reserved), or an audience's
+presence at a destination it no longer lists; ``on_removed = "retire"`` for every audience
+removed from the config. Each first sends ``false`` to the members when asked, under the
+audience's lease, through the same delivery as a run."""
+
+from __future__ import annotations
+
+from sync.delivery import recover_in_flight
+from sync.errors import AudienceSyncError, LeaseHeldError
+from sync.reports import DestinationReport, RunReport
+from sync.run.context import RunContext
+from sync.run.drift import orphans, recorded_destinations
+from sync.run.plan import retirement_problem
+from sync.state.audiences import (
+    audience_leaving_destination,
+    audience_title,
+    forget_destination,
+    mark_retired,
+    orphaned_audience,
+)
+from sync.state.db import installation_id
+from sync.state.leases import Lease
+from sync.state.memberships import count_status, mark_all_exited, pending_in
+
+
+def retire_audience(
+    context: RunContext, name: str, *, destination: str | None, send_false: bool, wait: float
+) -> list[DestinationReport]:
+    """See ``Syncer.retire``."""
+    with context.engine.begin() as connection:
+        if destination is None:
+            audience_id, key = orphaned_audience(connection, context.config, name), name
+        else:
+            audience_id, key = audience_leaving_destination(
+                connection, context.config, name, destination
+            )
+        title = audience_title(connection, audience_id)
+    lease = context.take_lease(audience_id, title, wait)
+    try:
+        entries = _send_false(context, lease, audience_id, key, destination) if send_false else []
+        if destination is None:
+            mark_retired(context.engine, audience_id)
+        else:
+            forget_destination(context.engine, audience_id, destination)
+    finally:
+        lease.release()
+    return entries
+
+
+def _send_false(
+    context: RunContext, lease: Lease, audience_id: int, key: str, destination: str | None
+) -> list[DestinationReport]:
+    """Plan and deliver ``false`` to every current member (at one destination, or all);
+    raise unless every one was delivered."""
+    with context.engine.begin() as connection:
+        install = installation_id(connection)
+        recover_in_flight(connection, audience_id)
+        names = mark_all_exited(connection, audience_id, destination)
+        missing = [d for d in names if d not in context.config.destinations]
+        if missing:
+            raise AudienceSyncError(
+                f'audience "{key}" was sent to {", ".join(missing)}, which the config no '
+                "longer defines; add them back to send false, or retire without --send-false"
+            )
+        entries = [
+            DestinationReport(n, pending=pending_in(count_status(connection, audience_id, n)))
+            for n in names
+        ]
+    with context.open_destinations(names) as targets:
+        error = context.deliver(audience_id, key, install, targets, entries, lease)
+    left = sum(e.left_pending for e in entries)
+    if error or left:
+        reason = error or f"{left} false values are not delivered yet"
+        raise AudienceSyncError(f'audience "{key}" not retired: {reason}; run the command again')
+    return entries
+
+
+def retire_orphans(context: RunContext, *, force: bool) -> list[RunReport]:
+    """See ``Syncer.retire_orphans``."""
+    defaults = context.config.defaults
+    with context.engine.connect() as connection:
+        found = orphans(connection, context.config)
+        problems = {
+            o.key: retirement_problem(
+                connection,
+                o.audience_id,
+                recorded_destinations(connection, o.audience_id),
+                key=o.key,
+                name=o.name,
+                max_removal_ratio=defaults.max_removal_ratio,
+                min_members=defaults.guard_min_members,
+            )
+            for o in found
+        }
+    reports = []
+    for orphan in found:
+        problem = problems[orphan.key]
+        if problem and not force:
+            reports.append(RunReport(orphan.name, orphan.key, "guarded", error=problem))
+            continue
+        try:
+            entries = retire_audience(
+                context, orphan.key, destination=None, send_false=True, wait=0.0
+            )
+        except LeaseHeldError as exc:
+            reports.append(RunReport(orphan.name, orphan.key, "busy", error=str(exc)))
+        except AudienceSyncError as exc:
+            reports.append(RunReport(orphan.name, orphan.key, "failed", error=str(exc)))
+        else:
+            reports.append(RunReport(orphan.name, orphan.key, "retired", destinations=entries))
+    return reports

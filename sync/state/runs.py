@@ -1,0 +1,118 @@
+"""Run records: a run is started (``running``), finished with its counts and outcome, or marked
+``abandoned`` by the next holder of its audience's lease. Every write of a run's own record is
+fenced by its lease, so a run that lost its lease leaves the record to its successor."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy import Connection, insert, update
+
+from sync.clock import state_now
+from sync.state.tables import RUN_DELIVERIES, RUNS, RunTrigger
+
+# The columns a run starts at zero.
+_COUNT_COLUMNS = (
+    "members",
+    "added",
+    "removed",
+    "sent",
+    "rejected",
+    "invalid",
+    "duplicates",
+    "skipped",
+)
+ABANDONED_ERROR = (
+    "its process stopped or stalled before finishing (lease expired; another run took over)"
+)
+
+
+class Fence(Protocol):
+    """What fences a run's writes: its lease (``sync.state.leases.Lease``)."""
+
+    def fence(self, connection: Connection) -> None:
+        """Raise unless the lease is still the run's; keep it until the transaction ends."""
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    """The counts of a run as its ``runs`` row stores them."""
+
+    members: int = 0
+    added: int = 0
+    removed: int = 0
+    sent: int = 0
+    rejected: int = 0
+    invalid: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    error: str | None = None
+    invalid_samples: list[str] = field(default_factory=list)
+
+
+def start_run(connection: Connection, audience_id: int, *, owner: str, trigger: RunTrigger) -> int:
+    """Insert a ``running`` run of the audience; return its id. The caller fences the
+    transaction with the lease it holds."""
+    result = connection.execute(
+        insert(RUNS).values(
+            audience_id=audience_id,
+            trigger=trigger,
+            status="running",
+            owner=owner,
+            started_at=state_now(connection),
+            **{name: 0 for name in _COUNT_COLUMNS},
+        )
+    )
+    return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+
+def finish_run(
+    connection: Connection,
+    lease: Fence,
+    run_id: int,
+    counts: RunCounts,
+    *,
+    status: str,
+    final: bool,
+    timings: Mapping[str, float],
+    deliveries: Sequence[Mapping[str, Any]] = (),
+) -> None:
+    """Record a run's counts and ``status``; when ``final``, its finish time and one
+    ``run_deliveries`` row per destination too (else the run goes on: its planned counts commit
+    with the plan). Fenced first: a run that lost its lease raises ``LeaseLostError`` and
+    writes nothing. Only a run still ``running`` is updated, so an ``abandoned`` mark stays."""
+    # Before touching `runs`: a takeover locks the lease row, then marks `runs`; taking the
+    # locks in the same order cannot deadlock.
+    lease.fence(connection)
+    values = asdict(counts)
+    values["invalid_samples"] = counts.invalid_samples or None
+    connection.execute(
+        update(RUNS)
+        .where(RUNS.c.id == run_id, RUNS.c.status == "running")
+        .values(
+            status=status,
+            finished_at=state_now(connection) if final else None,
+            **values,
+            **timings,
+        )
+    )
+    if final:
+        table = RUN_DELIVERIES
+        connection.execute(table.delete().where(table.c.run_id == run_id))
+        if deliveries:
+            connection.execute(table.insert(), [{"run_id": run_id, **d} for d in deliveries])
+
+
+def abandon_runs(connection: Connection, audience_id: int, now: datetime) -> int:
+    """Mark the audience's runs still ``running`` abandoned; return how many. Only the new
+    holder of the audience's lease calls this: their processes crashed or lost the lease, and
+    their own writes are fenced, so the mark stays."""
+    result = connection.execute(
+        update(RUNS)
+        .where(RUNS.c.audience_id == audience_id, RUNS.c.status == "running")
+        .values(status="abandoned", finished_at=now, error=ABANDONED_ERROR)
+    )
+    return int(result.rowcount)
