@@ -232,7 +232,7 @@ class Syncer:
     def _targets(self, audience: AudienceConfig) -> list[tuple[DestinationTarget, Destination]]:
         pairs = []
         for name in audience.destinations:
-            destination = build_destination(self.config, name)
+            destination = build_destination(name, self.config.destinations[name])
             pairs.append((DestinationTarget(name, destination.requires_user_id), destination))
         return pairs
 

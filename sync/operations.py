@@ -110,7 +110,7 @@ def _send_false(
     pairs = []
     try:
         for entry in entries:
-            built = build_destination(config, entry.destination)
+            built = build_destination(entry.destination, config.destinations[entry.destination])
             pairs.append((DestinationTarget(entry.destination, built.requires_user_id), built))
         error = deliver_destinations(
             syncer.engine,

@@ -2,7 +2,8 @@
 
 ``load_config`` is the only place that reads TOML or the environment. Every problem is reported
 with its TOML path (``audiences[2].schedule``) and what to write instead, in one ``ConfigError``.
-The models live in ``sync.config.models`` and are re-exported here.
+The models live in ``sync.config.models``; each destination type's settings beside its code in
+``sync.destinations``.
 """
 
 from __future__ import annotations
@@ -15,54 +16,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from sync.config.models import (
-    DEFAULT_CONFIG_PATH,
-    DESTINATION_TYPES,
-    SEGMENT_MAX_BATCH_BYTES,
-    SEGMENT_MAX_BATCH_MESSAGES,
-    SEGMENT_MAX_MESSAGE_BYTES,
     AudienceConfig,
     Config,
     DaemonConfig,
     Defaults,
-    Destination,
-    DestinationMode,
-    FileDestination,
-    SegmentDestination,
     SourceConfig,
     StateConfig,
-    WebhookDestination,
-    WishpondDestination,
 )
+from sync.destinations import DESTINATION_TYPES, SETTINGS_TYPES
 from sync.errors import ConfigError
 from sync.keys import derive_key, name_key_problem
 from sync.redaction import Redactor, collect_secrets, is_secret_path
 
-__all__ = [
-    "DEFAULT_CONFIG_PATH",
-    "DESTINATION_TYPES",
-    "SEGMENT_MAX_BATCH_BYTES",
-    "SEGMENT_MAX_BATCH_MESSAGES",
-    "SEGMENT_MAX_MESSAGE_BYTES",
-    "AudienceConfig",
-    "Config",
-    "DaemonConfig",
-    "Defaults",
-    "Destination",
-    "DestinationMode",
-    "FileDestination",
-    "SegmentDestination",
-    "SourceConfig",
-    "StateConfig",
-    "WebhookDestination",
-    "WishpondDestination",
-    "load_config",
-    "parse_config",
-]
+__all__ = ["load_config", "parse_config"]
 
 # --- loading -------------------------------------------------------------------------------
 
@@ -216,18 +187,16 @@ def _toml_path(loc: tuple[int | str, ...]) -> str:
 
 def _all_field_names() -> set[str]:
     names: set[str] = set()
-    for model in (
+    models: tuple[type[BaseModel], ...] = (
         Config,
         StateConfig,
         SourceConfig,
         Defaults,
         DaemonConfig,
         AudienceConfig,
-        SegmentDestination,
-        WishpondDestination,
-        WebhookDestination,
-        FileDestination,
-    ):
+        *SETTINGS_TYPES,
+    )
+    for model in models:
         names.update(model.model_fields)
     return names
 
