@@ -37,13 +37,13 @@ def test_example_config_loads_without_environment() -> None:
     config = load_config(REPO / "config.example.toml", environ={})
     keys = [a.trait_key for a in config.audiences]
     assert keys == ["order_completed_last_30days", "high_value_users", "trial_expiring_7d"]
-    assert config.state.url == f"sqlite:///{REPO / 'audience-sync.state.db'}"
+    assert config.state.url == f"sqlite:///{REPO / 'audience-sync.db'}"
     assert config.sources["warehouse"].demo
 
 
 def test_defaults_and_relative_paths() -> None:
     config = parse(VALID)
-    assert config.state.url == "sqlite:////srv/sync/audience-sync.state.db"
+    assert config.state.url == "sqlite:////srv/sync/audience-sync.db"
     assert config.sources["warehouse"].url == "sqlite:////srv/sync/warehouse.db"
     assert config.destinations["preview"].path == "/srv/sync/out/messages.jsonl"  # type: ignore[union-attr]
     audience = config.audiences[0]

@@ -47,7 +47,7 @@ def _duration(value: Any) -> float:
 class StateConfig(_Model):
     """Where audience-sync keeps its own state."""
 
-    url: str = "sqlite:///audience-sync.state.db"
+    url: str = "sqlite:///audience-sync.db"
     auto_upgrade: bool = False
 
     @field_validator("url")
