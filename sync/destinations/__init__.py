@@ -2,7 +2,7 @@
 validates into), its limits and its implementation, all shaped by ``base``.
 
 Adding a destination type: write ``<type>.py`` with a ``…Settings`` model (a ``type`` literal)
-and a ``…Destination`` class, then add it to ``DestinationSettings`` and ``_REGISTRY`` below.
+and a ``…Destination`` class, then add it to ``DestinationSettings`` and ``_REGISTRY_LINES``.
 The config imports ``DestinationSettings`` from here; nothing here imports the config.
 """
 
@@ -51,19 +51,19 @@ DestinationSettings = Annotated[
 ]
 
 # {settings type: how to build its destination}, in the order error messages list the types.
-_LINES = (
+_REGISTRY_LINES = (
     _entry(SegmentSettings, SegmentDestination),
     _entry(WishpondSettings, WishpondDestination),
     _entry(WebhookSettings, WebhookDestination),
     _entry(FileSettings, FileDestination),
 )
-_REGISTRY: dict[type[BaseDestinationSettings], _Builder] = dict(_LINES)
+_REGISTRY: dict[type[BaseDestinationSettings], _Builder] = dict(_REGISTRY_LINES)
 SETTINGS_TYPES: tuple[type[BaseDestinationSettings], ...] = tuple(_REGISTRY)
 DESTINATION_TYPES: tuple[str, ...] = tuple(type_tag(s) for s in SETTINGS_TYPES)
 
 # A type in one list but not the other would validate but not build, or build but not validate.
 if set(get_args(get_args(DestinationSettings)[0])) != set(SETTINGS_TYPES):
-    raise AssertionError("DestinationSettings and _REGISTRY must list the same settings types")
+    raise AssertionError("DestinationSettings and _REGISTRY_LINES list different settings")
 
 
 def build_destination(name: str, settings: BaseDestinationSettings) -> Destination:
