@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from sync.config import SegmentDestination, WebhookDestination, load_config, parse_config
+from sync.config import load_config, parse_config
+from sync.destinations import SegmentSettings, WebhookSettings
 from sync.errors import ConfigError
 from tests.conftest import REPO
 
@@ -77,11 +78,11 @@ secret = "${HOOK_SECRET:-}"
     )
     config = parse(text, {"WRITE_KEY": "wk_123"})
     seg = config.destinations["seg"]
-    assert isinstance(seg, SegmentDestination)
+    assert isinstance(seg, SegmentSettings)
     assert seg.write_key.get_secret_value() == "wk_123"
     assert seg.endpoint == "https://collector.local"
     hook = config.destinations["hook"]
-    assert isinstance(hook, WebhookDestination)
+    assert isinstance(hook, WebhookSettings)
     assert hook.url == "https://h.local/${literal}"
     assert "wk_123" in config.secrets()
     assert "wk_123" not in repr(config)

@@ -1,4 +1,5 @@
-"""Message shapes per destination type and mode, and the HTTP outcome classifier."""
+"""Message shapes per destination type and mode, the HTTP outcome classifier, and the registry
+that builds each destination type from its settings."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import TypeAdapter
 
+from sync.destinations import (
+    DESTINATION_TYPES,
+    SETTINGS_TYPES,
+    DestinationSettings,
+    build_destination,
+)
+from sync.destinations.base import type_tag
 from sync.destinations.http import classify_response, parse_retry_after
 from tests.harness import Harness
 from tests.receiver import Receiver, Scripted
@@ -222,3 +231,32 @@ def test_classifier_through_an_httpx_transport() -> None:
     outcome = classify_response(response.status_code, response.headers, response.text)
     assert outcome.verdict == "transient" and outcome.retry_after == 3.0
     assert "slow down" in outcome.reason
+
+
+def test_every_destination_type_builds_from_its_settings(tmp_path: Path) -> None:
+    assert DESTINATION_TYPES == ("segment", "wishpond", "webhook", "file")
+    required = {
+        "segment": {"write_key": "wk_1", "integrations": {"All": False, "Intercom": True}},
+        "wishpond": {"write_key": "wk_1"},
+        "webhook": {"url": "https://hooks.example.com/in", "concurrency": 2},
+        "file": {"path": str(tmp_path / "out.jsonl"), "batch_size": 7},
+    }
+    adapter: TypeAdapter[DestinationSettings] = TypeAdapter(DestinationSettings)
+    built = {}
+    for settings_type in SETTINGS_TYPES:
+        tag = type_tag(settings_type)
+        settings = adapter.validate_python({"type": tag, **required[tag]})
+        assert type(settings) is settings_type
+        built[tag] = build_destination(f"to-{tag}", settings)
+    try:
+        segment, wishpond, webhook, file = (built[tag] for tag in DESTINATION_TYPES)
+        assert [d.name for d in built.values()] == [f"to-{tag}" for tag in DESTINATION_TYPES]
+        assert segment.integrations == {"All": False, "Intercom": True}
+        assert not segment.requires_user_id and segment.max_message_bytes == 32 * 1024
+        assert wishpond.integrations == {"All": False, "Wishpond": True}
+        assert wishpond.requires_user_id and wishpond.max_message_bytes == 32 * 1024
+        assert webhook.concurrency == 2 and webhook.max_message_bytes is None
+        assert file.max_batch_messages == 7 and file.concurrency == 1
+    finally:
+        for destination in built.values():
+            destination.close()

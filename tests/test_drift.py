@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from sqlalchemy import text
 
 from sync.cli import cli
-from sync.config import SegmentDestination, WebhookDestination
+from sync.destinations import SegmentSettings, WebhookSettings
 from tests.harness import WRITE_KEY, Harness
 from tests.receiver import Receiver
 
@@ -288,8 +288,8 @@ def test_the_endpoint_fingerprint_ignores_credentials_and_queries() -> None:
     the same destination, and no secret ever reaches the fingerprinted text."""
     from sync.run.drift import endpoint_text
 
-    def hook(url: str) -> WebhookDestination:
-        return WebhookDestination(type="webhook", url=url, secret="s3cret")
+    def hook(url: str) -> WebhookSettings:
+        return WebhookSettings(type="webhook", url=url, secret="s3cret")
 
     base = endpoint_text(hook("https://hooks.example.com/in/"))
     assert base == endpoint_text(hook("HTTPS://user:pw@Hooks.Example.com:443/in?token=t0k"))
@@ -297,7 +297,7 @@ def test_the_endpoint_fingerprint_ignores_credentials_and_queries() -> None:
     assert base != endpoint_text(hook("https://hooks.example.com/other"))
     leaky = endpoint_text(hook("https://user:p@ss@hooks.example.com/in?token=t0k#frag"))
     assert "p@ss" not in leaky and "t0k" not in leaky and "user" not in leaky
-    segment = SegmentDestination(type="segment", write_key="wk_1", endpoint="https://api.x.io")
-    rotated = SegmentDestination(type="segment", write_key="wk_2", endpoint="https://api.x.io")
+    segment = SegmentSettings(type="segment", write_key="wk_1", endpoint="https://api.x.io")
+    rotated = SegmentSettings(type="segment", write_key="wk_2", endpoint="https://api.x.io")
     assert endpoint_text(segment) == endpoint_text(rotated)
     assert "wk_" not in endpoint_text(segment)

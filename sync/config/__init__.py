@@ -1,46 +1,26 @@
 """Configuration: the TOML file, validated once and all at once (``load_config``), and the
-pydantic models it becomes."""
+pydantic models it becomes. Each destination type's settings model lives beside its code in
+``sync.destinations`` (``SegmentSettings``, ...); ``Config.destinations`` holds them."""
 
-from sync.config.loader import (
+from sync.config.loader import load_config, parse_config
+from sync.config.models import (
     DEFAULT_CONFIG_PATH,
-    DESTINATION_TYPES,
-    SEGMENT_MAX_BATCH_BYTES,
-    SEGMENT_MAX_BATCH_MESSAGES,
-    SEGMENT_MAX_MESSAGE_BYTES,
     AudienceConfig,
     Config,
     DaemonConfig,
     Defaults,
-    Destination,
-    DestinationMode,
-    FileDestination,
-    SegmentDestination,
     SourceConfig,
     StateConfig,
-    WebhookDestination,
-    WishpondDestination,
-    load_config,
-    parse_config,
 )
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
-    "DESTINATION_TYPES",
-    "SEGMENT_MAX_BATCH_BYTES",
-    "SEGMENT_MAX_BATCH_MESSAGES",
-    "SEGMENT_MAX_MESSAGE_BYTES",
     "AudienceConfig",
     "Config",
     "DaemonConfig",
     "Defaults",
-    "Destination",
-    "DestinationMode",
-    "FileDestination",
-    "SegmentDestination",
     "SourceConfig",
     "StateConfig",
-    "WebhookDestination",
-    "WishpondDestination",
     "load_config",
     "parse_config",
 ]

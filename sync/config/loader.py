@@ -2,7 +2,8 @@
 
 ``load_config`` is the only place that reads TOML or the environment. Every problem is reported
 with its TOML path (``audiences[2].schedule``) and what to write instead, in one ``ConfigError``.
-The models live in ``sync.config.models`` and are re-exported here.
+The models live in ``sync.config.models``; each destination type's settings beside its code in
+``sync.destinations``.
 """
 
 from __future__ import annotations
@@ -15,54 +16,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from sync.config.models import (
-    DEFAULT_CONFIG_PATH,
-    DESTINATION_TYPES,
-    SEGMENT_MAX_BATCH_BYTES,
-    SEGMENT_MAX_BATCH_MESSAGES,
-    SEGMENT_MAX_MESSAGE_BYTES,
     AudienceConfig,
     Config,
     DaemonConfig,
     Defaults,
-    Destination,
-    DestinationMode,
-    FileDestination,
-    SegmentDestination,
     SourceConfig,
     StateConfig,
-    WebhookDestination,
-    WishpondDestination,
 )
+from sync.destinations import DESTINATION_TYPES, SETTINGS_TYPES
 from sync.errors import ConfigError
 from sync.keys import derive_key, name_key_problem
 from sync.redaction import Redactor, collect_secrets, is_secret_path
 
-__all__ = [
-    "DEFAULT_CONFIG_PATH",
-    "DESTINATION_TYPES",
-    "SEGMENT_MAX_BATCH_BYTES",
-    "SEGMENT_MAX_BATCH_MESSAGES",
-    "SEGMENT_MAX_MESSAGE_BYTES",
-    "AudienceConfig",
-    "Config",
-    "DaemonConfig",
-    "Defaults",
-    "Destination",
-    "DestinationMode",
-    "FileDestination",
-    "SegmentDestination",
-    "SourceConfig",
-    "StateConfig",
-    "WebhookDestination",
-    "WishpondDestination",
-    "load_config",
-    "parse_config",
-]
+__all__ = ["load_config", "parse_config"]
 
 # --- loading -------------------------------------------------------------------------------
 
@@ -216,18 +187,16 @@ def _toml_path(loc: tuple[int | str, ...]) -> str:
 
 def _all_field_names() -> set[str]:
     names: set[str] = set()
-    for model in (
+    models: tuple[type[BaseModel], ...] = (
         Config,
         StateConfig,
         SourceConfig,
         Defaults,
         DaemonConfig,
         AudienceConfig,
-        SegmentDestination,
-        WishpondDestination,
-        WebhookDestination,
-        FileDestination,
-    ):
+        *SETTINGS_TYPES,
+    )
+    for model in models:
         names.update(model.model_fields)
     return names
 
@@ -298,58 +267,79 @@ def _cross_reference_problems(raw: dict[str, Any]) -> list[str]:
         if not isinstance(audience, dict):
             continue
         where = f"audiences[{index}]"
-        name = audience.get("name")
-        source = audience.get("source")
-        if isinstance(source, str) and source not in sources:
-            known = ", ".join(sorted(sources)) or "none defined"
-            problems.append(
-                f'{where}.source: no source named "{source}" (defined: {known}); add a '
-                f"[sources.{source}] table with a url"
-            )
-        wanted = audience.get("destinations")
-        if isinstance(wanted, list):
-            for i, dest in enumerate(wanted):
-                if isinstance(dest, str) and dest not in destinations:
-                    known = ", ".join(sorted(destinations)) or "none defined"
-                    problems.append(
-                        f'{where}.destinations[{i}]: no destination named "{dest}" (defined: '
-                        f"{known}); add a [destinations.{dest}] table"
-                    )
-                if isinstance(dest, str) and wanted.index(dest) != i:
-                    problems.append(f'{where}.destinations[{i}]: "{dest}" is listed twice')
-        if not isinstance(name, str) or not name:
-            continue
-        if name in names:
-            problems.append(
-                f'{where}.name: duplicate audience name "{name}" (also audiences[{names[name]}]); '
-                "give each audience its own name"
-            )
-            continue
-        names[name] = index
-        key = audience.get("key")
-        if key is None:
-            if problem := name_key_problem(name):
-                problems.append(f"{where}.name: {problem}")
-                continue
-            key = derive_key(name)
-        if not isinstance(key, str):
-            continue
-        if key in keys:
-            other_index, other_name = keys[key]
-            problems.append(
-                f'{where}: audiences "{other_name}" (audiences[{other_index}]) and "{name}" '
-                f'both have the key "{key}"; set key = "..." on one of them'
-            )
-        else:
-            keys[key] = (index, name)
-        traits = audience.get("traits")
-        if isinstance(traits, list) and key in traits:
-            problems.append(
-                f'{where}.traits: "{key}" is the audience key itself; remove it from traits'
-            )
-        for reserved in ("user_id", "anonymous_id"):
-            if isinstance(traits, list) and reserved in traits:
+        problems.extend(_reference_problems(where, audience, sources, destinations))
+        problems.extend(_identity_problems(where, index, audience, names, keys))
+    return problems
+
+
+def _reference_problems(
+    where: str, audience: dict[str, Any], sources: dict[str, Any], destinations: dict[str, Any]
+) -> list[str]:
+    """An audience's source and destinations must be defined, each destination listed once."""
+    problems: list[str] = []
+    source = audience.get("source")
+    if isinstance(source, str) and source not in sources:
+        known = ", ".join(sorted(sources)) or "none defined"
+        problems.append(
+            f'{where}.source: no source named "{source}" (defined: {known}); add a '
+            f"[sources.{source}] table with a url"
+        )
+    wanted = audience.get("destinations")
+    if isinstance(wanted, list):
+        for i, dest in enumerate(wanted):
+            if isinstance(dest, str) and dest not in destinations:
+                known = ", ".join(sorted(destinations)) or "none defined"
                 problems.append(
-                    f'{where}.traits: "{reserved}" is the member id, not a trait; remove it'
+                    f'{where}.destinations[{i}]: no destination named "{dest}" (defined: '
+                    f"{known}); add a [destinations.{dest}] table"
                 )
+            if isinstance(dest, str) and wanted.index(dest) != i:
+                problems.append(f'{where}.destinations[{i}]: "{dest}" is listed twice')
+    return problems
+
+
+def _identity_problems(
+    where: str,
+    index: int,
+    audience: dict[str, Any],
+    names: dict[str, int],
+    keys: dict[str, tuple[int, str]],
+) -> list[str]:
+    """Names and trait keys are unique across audiences (``names`` and ``keys`` collect the
+    ones seen so far), and a key is not also a trait or a member id."""
+    name = audience.get("name")
+    if not isinstance(name, str) or not name:
+        return []
+    if name in names:
+        return [
+            f'{where}.name: duplicate audience name "{name}" (also audiences[{names[name]}]); '
+            "give each audience its own name"
+        ]
+    names[name] = index
+    key = audience.get("key")
+    if key is None:
+        if problem := name_key_problem(name):
+            return [f"{where}.name: {problem}"]
+        key = derive_key(name)
+    if not isinstance(key, str):
+        return []
+    problems: list[str] = []
+    if key in keys:
+        other_index, other_name = keys[key]
+        problems.append(
+            f'{where}: audiences "{other_name}" (audiences[{other_index}]) and "{name}" '
+            f'both have the key "{key}"; set key = "..." on one of them'
+        )
+    else:
+        keys[key] = (index, name)
+    traits = audience.get("traits")
+    if isinstance(traits, list) and key in traits:
+        problems.append(
+            f'{where}.traits: "{key}" is the audience key itself; remove it from traits'
+        )
+    for reserved in ("user_id", "anonymous_id"):
+        if isinstance(traits, list) and reserved in traits:
+            problems.append(
+                f'{where}.traits: "{reserved}" is the member id, not a trait; remove it'
+            )
     return problems

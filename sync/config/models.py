@@ -9,26 +9,18 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    SecretStr,
     field_validator,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from sync.destinations import DestinationSettings
 from sync.keys import derive_key, key_problem
 from sync.redaction import Redactor, collect_secrets
 from sync.schedule import Schedule, parse_duration, parse_schedule
 
 DEFAULT_CONFIG_PATH = "audience-sync.toml"
 
-# Segment HTTP Tracking API limits (segment.com/docs/connections/sources/catalog/libraries/
-# server/http-api/#max-request-size): 500 KB per batch request, 32 KB per message, and the
-# batch endpoint takes at most 2,500 messages.
-SEGMENT_MAX_BATCH_MESSAGES = 2500
-SEGMENT_MAX_BATCH_BYTES = 500 * 1024
-SEGMENT_MAX_MESSAGE_BYTES = 32 * 1024
-
-DestinationMode = Literal["identify", "track", "both"]
 # What `sync` and `run` do about an audience removed from the config (see sync.run.drift).
 OnRemoved = Literal["warn", "retire"]
 
@@ -77,66 +69,6 @@ class SourceConfig(_Model):
     @classmethod
     def _check_url(cls, value: str) -> str:
         return _check_sqlalchemy_url(value)
-
-
-class _DestinationBase(_Model):
-    mode: DestinationMode = "identify"
-    space_id: str = ""
-    namespace: str = ""
-
-
-class _HttpDestination(_DestinationBase):
-    batch_size: int = Field(default=500, gt=0, le=SEGMENT_MAX_BATCH_MESSAGES)
-    max_batch_bytes: int = Field(
-        default=SEGMENT_MAX_BATCH_BYTES, gt=1024, le=SEGMENT_MAX_BATCH_BYTES
-    )
-    timeout: float = Field(default=15.0, gt=0)
-    concurrency: int = Field(default=4, gt=0, le=64)
-    gzip: bool = False
-
-
-class SegmentDestination(_HttpDestination):
-    """Segment's HTTP Tracking API, or any collector that speaks it (RudderStack, ...)."""
-
-    type: Literal["segment"]
-    write_key: SecretStr
-    endpoint: str = "https://api.segment.io"
-    integrations: dict[str, Any] | None = None
-
-
-class WishpondDestination(_HttpDestination):
-    """Segment, routing only to Wishpond (see README: Wishpond is browser-only in Segment)."""
-
-    type: Literal["wishpond"]
-    write_key: SecretStr
-    endpoint: str = "https://api.segment.io"
-    merchant_id: str = ""
-    tracking_key: SecretStr | None = None
-
-
-class WebhookDestination(_HttpDestination):
-    """POST JSON batches to any URL, signed with HMAC-SHA256 when a secret is set."""
-
-    type: Literal["webhook"]
-    url: str
-    secret: SecretStr | None = None
-    signature_header: str = "X-Audience-Sync-Signature"
-    headers: dict[str, str] = Field(default_factory=dict)
-
-
-class FileDestination(_DestinationBase):
-    """Append one Segment-spec message per line to a local JSONL file."""
-
-    type: Literal["file"]
-    path: str
-    batch_size: int = Field(default=1000, gt=0, le=100_000)
-
-
-Destination = Annotated[
-    SegmentDestination | WishpondDestination | WebhookDestination | FileDestination,
-    Field(discriminator="type"),
-]
-DESTINATION_TYPES = ("segment", "wishpond", "webhook", "file")
 
 
 class Defaults(_Model):
@@ -230,7 +162,7 @@ class Config(_Model):
 
     state: StateConfig = Field(default_factory=StateConfig)
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
-    destinations: dict[str, Destination] = Field(default_factory=dict)
+    destinations: dict[str, DestinationSettings] = Field(default_factory=dict)
     defaults: Defaults = Field(default_factory=Defaults)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     audiences: list[AudienceConfig] = Field(default_factory=list)

@@ -13,15 +13,27 @@ import os
 import stat
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from sync.config import FileDestination as FileConfig
+from pydantic import Field
+
+from sync.destinations.base import BaseDestinationSettings
 from sync.errors import PermanentDeliveryError
 
 logger = logging.getLogger("sync.destinations.file")
 
 # Bytes read per step when looking backwards for the end of the last complete line.
 TAIL_READ_BYTES = 64 * 1024
+# A sanity bound of our own on `batch_size` (a batch is one write and one fsync).
+FILE_MAX_BATCH_MESSAGES = 100_000
+
+
+class FileSettings(BaseDestinationSettings):
+    """Append one Segment-spec message per line to a local JSONL file."""
+
+    type: Literal["file"]
+    path: str
+    batch_size: int = Field(default=1000, gt=0, le=FILE_MAX_BATCH_MESSAGES)
 
 
 def _last_line_end(fd: int, size: int) -> int:
@@ -52,10 +64,10 @@ class FileDestination:
     max_message_bytes: int | None = None
     concurrency = 1
 
-    def __init__(self, name: str, config: FileConfig) -> None:
+    def __init__(self, name: str, settings: FileSettings) -> None:
         self.name = name
-        self.path = Path(config.path)
-        self.max_batch_messages = config.batch_size
+        self.path = Path(settings.path)
+        self.max_batch_messages = settings.batch_size
         self._lock = threading.Lock()
 
     def send(self, messages: list[str]) -> None:

@@ -1,4 +1,5 @@
-"""Shared HTTP sending: one keep-alive client per destination, one pure classifier."""
+"""Shared HTTP sending: the settings every HTTP destination accepts, one keep-alive client per
+destination, one pure classifier."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from datetime import UTC, datetime
 from typing import Literal
 
 import httpx
+from pydantic import Field
 
 from sync import __version__
+from sync.destinations.base import BaseDestinationSettings
 from sync.errors import (
     CredentialsRejectedError,
     DeliveryError,
@@ -26,6 +29,16 @@ from sync.errors import (
 from sync.messages import iso_timestamp
 from sync.redaction import redact
 
+# Segment HTTP Tracking API limits (segment.com/docs/connections/sources/catalog/libraries/
+# server/http-api/#max-request-size): 500 KB per batch request and at most 2,500 messages per
+# batch. Every HTTP destination keeps within them: webhook receivers are often Segment-compatible.
+SEGMENT_MAX_BATCH_MESSAGES = 2500
+SEGMENT_MAX_BATCH_BYTES = 500 * 1024
+# Sanity bounds of our own on the settings (no destination states them): `max_batch_bytes`
+# must exceed 1 KiB; each request in flight holds a pooled connection and a thread.
+MIN_BATCH_BYTES_LIMIT = 1024
+MAX_CONCURRENCY = 64
+
 # Retry-After values above this are capped: a destination asking for an hour would stall the
 # run; the leftovers simply stay pending for the next run instead.
 MAX_RETRY_AFTER_SECONDS = 300.0
@@ -33,6 +46,18 @@ MAX_RETRY_AFTER_SECONDS = 300.0
 MAX_ERROR_TEXT = 300
 
 Verdict = Literal["ok", "transient", "rejected", "credentials", "permanent"]
+
+
+class HttpSettings(BaseDestinationSettings):
+    """Settings every destination that POSTs batches over HTTP accepts."""
+
+    batch_size: int = Field(default=500, gt=0, le=SEGMENT_MAX_BATCH_MESSAGES)
+    max_batch_bytes: int = Field(
+        default=SEGMENT_MAX_BATCH_BYTES, gt=MIN_BATCH_BYTES_LIMIT, le=SEGMENT_MAX_BATCH_BYTES
+    )
+    timeout: float = Field(default=15.0, gt=0)
+    concurrency: int = Field(default=4, gt=0, le=MAX_CONCURRENCY)
+    gzip: bool = False
 
 
 @dataclass(frozen=True)

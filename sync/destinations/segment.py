@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from sync.config import SEGMENT_MAX_MESSAGE_BYTES
-from sync.config import SegmentDestination as SegmentConfig
-from sync.config import WishpondDestination as WishpondConfig
-from sync.destinations.http import HttpSender
+from pydantic import SecretStr
 
-# Wishpond is reached through Segment by routing each message to it alone.
-WISHPOND_INTEGRATIONS = {"All": False, "Wishpond": True}
+from sync.destinations.http import HttpSender, HttpSettings
+
+# Segment HTTP Tracking API limit (segment.com/docs/connections/sources/catalog/libraries/
+# server/http-api/#max-request-size): 32 KB per message. The per-batch limits are in http.py.
+SEGMENT_MAX_MESSAGE_BYTES = 32 * 1024
+SEGMENT_ENDPOINT = "https://api.segment.io"
+
+
+class SegmentApiSettings(HttpSettings):
+    """Settings of every destination reached through Segment's HTTP API."""
+
+    write_key: SecretStr
+    endpoint: str = SEGMENT_ENDPOINT
+
+    def routing(self) -> dict[str, Any] | None:
+        """The ``integrations`` object every message carries (Segment's routing), if any."""
+        raise NotImplementedError
+
+
+class SegmentSettings(SegmentApiSettings):
+    """Segment's HTTP Tracking API, or any collector that speaks it (RudderStack, ...)."""
+
+    type: Literal["segment"]
+    integrations: dict[str, Any] | None = None
+
+    def routing(self) -> dict[str, Any] | None:
+        """The configured ``integrations``, if any."""
+        return self.integrations
 
 
 class SegmentDestination:
@@ -18,22 +41,20 @@ class SegmentDestination:
 
     requires_user_id = False
 
-    def __init__(self, name: str, config: SegmentConfig | WishpondConfig) -> None:
+    def __init__(self, name: str, settings: SegmentApiSettings) -> None:
         self.name = name
-        self.max_batch_messages = config.batch_size
-        self.max_batch_bytes: int | None = config.max_batch_bytes
-        self.concurrency = config.concurrency
+        self.max_batch_messages = settings.batch_size
+        self.max_batch_bytes: int | None = settings.max_batch_bytes
+        self.concurrency = settings.concurrency
         self.max_message_bytes: int | None = SEGMENT_MAX_MESSAGE_BYTES
-        self.integrations: dict[str, Any] | None = (
-            config.integrations if isinstance(config, SegmentConfig) else None
-        )
+        self.integrations: dict[str, Any] | None = settings.routing()
         self._sender = HttpSender(
             name,
-            config.endpoint.rstrip("/") + "/v1/batch",
-            timeout=config.timeout,
-            concurrency=config.concurrency,
-            use_gzip=config.gzip,
-            auth=(config.write_key.get_secret_value(), ""),
+            settings.endpoint.rstrip("/") + "/v1/batch",
+            timeout=settings.timeout,
+            concurrency=settings.concurrency,
+            use_gzip=settings.gzip,
+            auth=(settings.write_key.get_secret_value(), ""),
         )
 
     def send(self, messages: list[str]) -> None:
@@ -43,17 +64,3 @@ class SegmentDestination:
     def close(self) -> None:
         """Close the connection pool."""
         self._sender.close()
-
-
-class WishpondDestination(SegmentDestination):
-    """Segment, routed only to Wishpond; Wishpond needs a userId, so anonymous members skip.
-
-    Segment's catalog lists Wishpond as a browser (device-mode) destination: messages sent
-    from a server and routed to it are not delivered by Segment. See the README.
-    """
-
-    requires_user_id = True
-
-    def __init__(self, name: str, config: WishpondConfig) -> None:
-        super().__init__(name, config)
-        self.integrations = dict(WISHPOND_INTEGRATIONS)

@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Any
+from typing import Any, Literal
 
-from sync.config import WebhookDestination as WebhookConfig
-from sync.destinations.http import HttpSender
+from pydantic import Field, SecretStr
+
+from sync.destinations.http import HttpSender, HttpSettings
+
+# The header carrying the signature unless `signature_header` names another.
+SIGNATURE_HEADER = "X-Audience-Sync-Signature"
+
+
+class WebhookSettings(HttpSettings):
+    """POST JSON batches to any URL, signed with HMAC-SHA256 when a secret is set."""
+
+    type: Literal["webhook"]
+    url: str
+    secret: SecretStr | None = None
+    signature_header: str = SIGNATURE_HEADER
+    headers: dict[str, str] = Field(default_factory=dict)
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -22,20 +36,20 @@ class WebhookDestination:
     integrations: dict[str, Any] | None = None
     max_message_bytes: int | None = None
 
-    def __init__(self, name: str, config: WebhookConfig) -> None:
+    def __init__(self, name: str, settings: WebhookSettings) -> None:
         self.name = name
-        self.max_batch_messages = config.batch_size
-        self.max_batch_bytes: int | None = config.max_batch_bytes
-        self.concurrency = config.concurrency
-        self._secret = config.secret.get_secret_value() if config.secret else None
-        self._header = config.signature_header
+        self.max_batch_messages = settings.batch_size
+        self.max_batch_bytes: int | None = settings.max_batch_bytes
+        self.concurrency = settings.concurrency
+        self._secret = settings.secret.get_secret_value() if settings.secret else None
+        self._header = settings.signature_header
         self._sender = HttpSender(
             name,
-            config.url,
-            timeout=config.timeout,
-            concurrency=config.concurrency,
-            use_gzip=config.gzip,
-            headers=config.headers,
+            settings.url,
+            timeout=settings.timeout,
+            concurrency=settings.concurrency,
+            use_gzip=settings.gzip,
+            headers=settings.headers,
         )
 
     def send(self, messages: list[str]) -> None:

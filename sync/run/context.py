@@ -118,7 +118,7 @@ class RunContext:
         targets: Targets = []
         try:
             for name in names:
-                destination = build_destination(self.config, name)
+                destination = build_destination(name, self.config.destinations[name])
                 targets.append((DestinationTarget(name, destination.requires_user_id), destination))
             yield targets
         finally:

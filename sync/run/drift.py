@@ -21,7 +21,8 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
-from sync.config import AudienceConfig, Config, Destination, FileDestination, WebhookDestination
+from sync.config import AudienceConfig, Config
+from sync.destinations import DestinationSettings, FileSettings, WebhookSettings
 from sync.state.audiences import definition_hash, destinations_hash
 from sync.state.tables import AUDIENCES as A
 from sync.state.tables import DESTINATION_ENDPOINTS as E
@@ -40,15 +41,15 @@ def _quoted(name: str) -> str:
 # --- endpoints -------------------------------------------------------------------------------
 
 
-def endpoint_text(settings: Destination) -> str:
+def endpoint_text(settings: DestinationSettings) -> str:
     """What identifies where a destination delivers: its type, scheme, host, port and path.
 
     Never credentials: URL userinfo, the query string, write keys and secrets are left out, so
     rotating a key is not an endpoint change (and only a hash of this text is stored).
     """
-    if isinstance(settings, FileDestination):
+    if isinstance(settings, FileSettings):
         return f"file {os.path.normpath(settings.path)}"
-    url = settings.url if isinstance(settings, WebhookDestination) else settings.endpoint
+    url = settings.url if isinstance(settings, WebhookSettings) else settings.endpoint
     try:
         parts = urlsplit(url.strip())
         scheme, netloc, path = parts.scheme.lower(), parts.netloc, parts.path
@@ -67,7 +68,7 @@ def _host_and_port(host_port: str) -> tuple[str, str]:
     return host, port
 
 
-def endpoint_fingerprint(settings: Destination) -> str:
+def endpoint_fingerprint(settings: DestinationSettings) -> str:
     """sha256 hex of ``endpoint_text``: what the state DB keeps per audience and destination."""
     return hashlib.sha256(endpoint_text(settings).encode("utf-8")).hexdigest()
 
