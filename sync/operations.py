@@ -18,7 +18,7 @@ from sync.db import installation_id
 from sync.delivery import recover_in_flight
 from sync.destinations import build_destination
 from sync.dispatch import deliver_destinations
-from sync.drift import Orphan, orphans, recorded_destinations
+from sync.drift import Orphan, moved_endpoints, orphans, recorded_destinations
 from sync.errors import AudienceSyncError, LeaseHeldError
 from sync.leases import Lease
 from sync.models import AUDIENCES as A
@@ -108,6 +108,16 @@ def _send_false(
             raise AudienceSyncError(
                 f'audience "{key}" was sent to {", ".join(missing)}, which the config no '
                 "longer defines; add them back to send false, or retire without --send-false"
+            )
+        moved = moved_endpoints(connection, config, audience_id, destinations)
+        if moved:
+            # `false` at the new endpoint would leave the old one holding `true`, and retiring
+            # would forget that it does.
+            shown = ", ".join(f'"{name}"' for name in moved)
+            raise AudienceSyncError(
+                f'audience "{key}": destination {shown} now points at another endpoint than '
+                "the one its members were sent to; point it back at that endpoint to send "
+                "false there, or retire without --send-false"
             )
         for name in destinations:
             pending = count_status(connection, audience_id, name).get("pending", 0)
