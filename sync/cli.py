@@ -11,6 +11,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 
 from sync import __version__
@@ -96,7 +97,11 @@ class RedactedTable(Table):
 
     def add_row(self, *renderables: Any, **kwargs: Any) -> None:
         """Add a row, its text redacted."""
-        super().add_row(*(redact(r) if isinstance(r, str) else r for r in renderables), **kwargs)
+        # Cells are data (an error text, an install hint like `audience-sync[mysql]`), never
+        # markup: rich would eat the brackets.
+        super().add_row(
+            *(Text(redact(r)) if isinstance(r, str) else r for r in renderables), **kwargs
+        )
 
 
 def echo_json(payload: Any) -> None:
@@ -194,9 +199,8 @@ def check(app: AppContext, as_json: bool) -> None:
         for column in ("what", "url", "status"):
             conns.add_column(column)
         for c in connections:
-            conns.add_row(
-                c["what"], c["url"], c["detail"] if c["ok"] else f"[red]{c['detail']}[/red]"
-            )
+            status = c["detail"] if c["ok"] else Text(redact(c["detail"]), style="red")
+            conns.add_row(c["what"], c["url"], status)
         out.print(conns)
         for line in problems:
             out.print(line, style="red", markup=False, soft_wrap=True)

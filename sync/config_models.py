@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -79,6 +80,24 @@ class SourceConfig(_Model):
         return _check_sqlalchemy_url(value)
 
 
+# The state DB's `destination` columns are VARCHAR(100) (a name is part of every row's key).
+MAX_DESTINATION_NAME_LENGTH = 100
+
+
+def _check_http_url(value: str) -> str:
+    """An http(s) URL with a host and a numeric port, if any: anything else would only fail
+    at send time (an ftp:// URL was retried as a transient error for the whole budget)."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port  # raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http:// or https:// URL with a host")
+    del port
+    return value
+
+
 class _DestinationBase(_Model):
     mode: DestinationMode = "identify"
     space_id: str = ""
@@ -103,6 +122,8 @@ class SegmentDestination(_HttpDestination):
     endpoint: str = "https://api.segment.io"
     integrations: dict[str, Any] | None = None
 
+    _endpoint = field_validator("endpoint")(_check_http_url)
+
 
 class WishpondDestination(_HttpDestination):
     """Segment, routing only to Wishpond (see README: Wishpond is browser-only in Segment)."""
@@ -113,6 +134,8 @@ class WishpondDestination(_HttpDestination):
     merchant_id: str = ""
     tracking_key: SecretStr | None = None
 
+    _endpoint = field_validator("endpoint")(_check_http_url)
+
 
 class WebhookDestination(_HttpDestination):
     """POST JSON batches to any URL, signed with HMAC-SHA256 when a secret is set."""
@@ -122,6 +145,8 @@ class WebhookDestination(_HttpDestination):
     secret: SecretStr | None = None
     signature_header: str = "X-Audience-Sync-Signature"
     headers: dict[str, str] = Field(default_factory=dict)
+
+    _url = field_validator("url")(_check_http_url)
 
 
 class FileDestination(_DestinationBase):
@@ -236,6 +261,17 @@ class Config(_Model):
     audiences: list[AudienceConfig] = Field(default_factory=list)
     # Values read from ${VAR}s into URLs and headers (set by `parse_config`).
     _environment_secrets: tuple[str, ...] = PrivateAttr(default=())
+
+    @field_validator("destinations")
+    @classmethod
+    def _check_destination_names(cls, value: dict[str, Destination]) -> dict[str, Destination]:
+        for name in value:
+            if len(name) > MAX_DESTINATION_NAME_LENGTH:
+                raise ValueError(
+                    f'destination name "{name[:40]}…" is {len(name)} characters long; the '
+                    f"state database keeps at most {MAX_DESTINATION_NAME_LENGTH}: shorten it"
+                )
+        return value
 
     @field_validator("version")
     @classmethod

@@ -158,3 +158,12 @@ def test_a_state_db_error_while_staging_is_not_blamed_on_the_source(
     assert report.status == "failed"
     assert report.error.startswith("state database error"), report.error
     assert "source" not in report.error, report.error
+
+
+def test_check_names_the_extra_to_install(harness: Harness) -> None:
+    """`check` prints the install hint whole (rich took `[mysql]` for markup)."""
+    if importlib.util.find_spec("MySQLdb") is not None:
+        pytest.skip("MySQLdb is installed here: the driver is not missing")
+    path = add_first_audience(harness, "mysql+mysqldb://reader@127.0.0.1:1/shop", "SELECT 1")
+    result = CliRunner().invoke(cli, ["--config", str(path), "check"], terminal_width=250)
+    assert "audience-sync[mysql]" in result.output, result.output
