@@ -134,6 +134,11 @@ def url_secrets(url: str) -> list[str]:
         found += [password, *password.split("@")]
     if user and (parts.scheme.lower() in _HTTP_SCHEMES or _token_like(user)):
         found += [user, *user.split("@")]
+    if (user or password) and parts.scheme.lower() in _HTTP_SCHEMES:
+        # Sent as an HTTP Basic Authorization header: a destination echoing our headers
+        # echoes this form.
+        basic = f"{unquote(user or '')}:{unquote(password or '')}"
+        found.append(base64.b64encode(basic.encode()).decode())
     return [s for s in found if len(s) >= MIN_SECRET_LENGTH]
 
 
@@ -142,13 +147,16 @@ def _token_like(user: str) -> bool:
     return len(user) >= 16 and any(c.isdigit() for c in user) and any(c.isalpha() for c in user)
 
 
-def collect_secrets(tree: Any, interpolated: Mapping[str, str] | None = None) -> list[str]:
+def collect_secrets(
+    tree: Any, interpolated: Iterable[tuple[str, str]] = ()
+) -> list[str]:
     """Every secret in a config tree (the raw TOML dict or a model dump): values of secret
     keys and credential headers, URL userinfo, and values read from the environment
-    (``interpolated``: TOML path -> resolved text) into secret keys, headers or URLs."""
+    (``interpolated``: (TOML path, resolved text or one variable's value) pairs) into secret
+    keys, headers or URLs."""
     found: list[str] = []
     _walk(tree, "", found)
-    for path, value in (interpolated or {}).items():
+    for path, value in interpolated:
         last = path.rsplit(".", 1)[-1]
         if _SECRET_KEY.search(last) or last in _URL_KEYS or ".headers." in f".{path}":
             found.append(value)

@@ -148,6 +148,30 @@ BROKEN = [
         "cron",
     ),
     (
+        "webhook url that is not http",
+        VALID + '\n[destinations.hook]\ntype = "webhook"\nurl = "ftp://u:x@127.0.0.1/x"\n',
+        "destinations.hook.url",
+        "http:// or https://",
+    ),
+    (
+        "webhook url with a port that is not a number",
+        VALID + '\n[destinations.hook]\ntype = "webhook"\nurl = "http://h.local:notaport/x"\n',
+        "destinations.hook.url",
+        "not a valid URL",
+    ),
+    (
+        "segment endpoint without a host",
+        VALID + '\n[destinations.seg]\ntype = "segment"\nwrite_key = "wk"\nendpoint = "https://"\n',
+        "destinations.seg.endpoint",
+        "with a host",
+    ),
+    (
+        "destination name longer than the state DB keeps",
+        VALID + f'\n[destinations.{"d" * 101}]\ntype = "file"\npath = "x.jsonl"\n',
+        "destinations",
+        "at most 100",
+    ),
+    (
         "cron that never fires",
         VALID.replace(
             'destinations = ["preview"]', 'destinations = ["preview"]\nschedule = "0 0 31 2 *"'

@@ -241,6 +241,31 @@ def test_a_dropped_destination_is_warned_about_and_retired_with_send_false(
     assert receiver.state[("a", KEY)] is True  # the other destination is untouched
 
 
+def test_retiring_at_a_moved_endpoint_is_refused(harness: Harness, tmp_path: Path) -> None:
+    """`false` sent to a destination's new endpoint would leave the old one holding `true`
+    with nothing left to say so: both retire paths refuse, naming the destination."""
+    old, moved = tmp_path / "old.jsonl", tmp_path / "moved.jsonl"
+    harness.destinations["preview"] = {"type": "file", "path": str(old)}
+    harness.audience["destinations"] = ["segment", "preview"]
+    harness.set_members(["a", "b"])
+    assert invoke(harness.write_config(), "sync")[0] == 0
+    harness.destinations["preview"]["path"] = str(moved)
+    harness.audience["destinations"] = ["segment"]
+    config = harness.write_config()
+    code, output = invoke(config, "retire", KEY, "--destination", "preview", "--send-false")
+    assert code == 1
+    assert lines_with(output, f'"{KEY}"', '"preview"', "endpoint"), output
+    assert not moved.exists() and states(config)[(KEY, "preview")]["members"] == 2
+    harness.config_extra = ""
+    harness.audience["name"] = "Someone Else"
+    harness.audience["query"] = "SELECT user_id FROM members WHERE user_id = 'nobody'"
+    config = harness.write_config()  # the audience left the config; "preview" still moved
+    code, output = invoke(config, "retire", KEY, "--send-false")
+    assert code == 1
+    assert lines_with(output, f'"{KEY}"', '"preview"', "endpoint"), output
+    assert not moved.exists()
+
+
 def test_retiring_a_destination_the_audience_still_lists_is_refused(harness: Harness) -> None:
     harness.set_members(["a"])
     harness.sync()

@@ -84,14 +84,14 @@ def test_a_missing_source_driver_fails_only_its_audience(
         assert reports[KEY]["status"] == "succeeded"
 
 
-def poison_memberships(engine: Engine) -> None:
+def poison_memberships(engine: Engine, table: str = "memberships") -> None:
     """Make the state DB refuse one member's row, as a full disk or a lost server would
     refuse a write mid-run (a real trigger, on every state DB)."""
     with engine.begin() as connection:
         if engine.dialect.name == "sqlite":
             connection.execute(
                 text(
-                    "CREATE TRIGGER poison BEFORE INSERT ON memberships "
+                    f"CREATE TRIGGER poison BEFORE INSERT ON {table} "
                     "WHEN NEW.member_id = 'poison' "
                     "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
                 )
@@ -100,7 +100,7 @@ def poison_memberships(engine: Engine) -> None:
         if engine.dialect.name in ("mysql", "mariadb"):
             connection.execute(
                 text(
-                    "CREATE TRIGGER poison BEFORE INSERT ON memberships FOR EACH ROW "
+                    f"CREATE TRIGGER poison BEFORE INSERT ON {table} FOR EACH ROW "
                     "IF NEW.member_id = 'poison' THEN SIGNAL SQLSTATE 'HY000' "
                     "SET MESSAGE_TEXT = 'The table is full'; END IF"
                 )
@@ -117,7 +117,7 @@ def poison_memberships(engine: Engine) -> None:
         )
         connection.execute(
             text(
-                "CREATE TRIGGER poison BEFORE INSERT ON memberships "
+                f"CREATE TRIGGER poison BEFORE INSERT ON {table} "
                 "FOR EACH ROW EXECUTE FUNCTION poison()"
             )
         )
@@ -145,3 +145,25 @@ def test_a_state_db_error_fails_only_its_audience_in_one_line(
     else:
         error_lines = [line for line in output.splitlines() if "broken_first" in line]
         assert error_lines and all("poison" not in line for line in error_lines), output
+
+
+def test_a_state_db_error_while_staging_is_not_blamed_on_the_source(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """Staging writes the source's rows into the state DB: when that write fails (disk full)
+    the error is the state database's, not a failed source query."""
+    harness.set_members(["a", "poison", "b"])
+    poison_memberships(harness.engine, "staged_members")
+    report = harness.sync()
+    assert report.status == "failed"
+    assert report.error.startswith("state database error"), report.error
+    assert "source" not in report.error, report.error
+
+
+def test_check_names_the_extra_to_install(harness: Harness) -> None:
+    """`check` prints the install hint whole (rich took `[mysql]` for markup)."""
+    if importlib.util.find_spec("MySQLdb") is not None:
+        pytest.skip("MySQLdb is installed here: the driver is not missing")
+    path = add_first_audience(harness, "mysql+mysqldb://reader@127.0.0.1:1/shop", "SELECT 1")
+    result = CliRunner().invoke(cli, ["--config", str(path), "check"], terminal_width=250)
+    assert "audience-sync[mysql]" in result.output, result.output

@@ -181,3 +181,28 @@ def test_id_with_nul_is_invalid_on_both_paths(state_engine: Engine) -> None:
     same, streamed, _ = _both_paths(state_engine, "SELECT user_id, email FROM nul", ["email"])
     assert same == streamed
     assert [row[1] for row in same[0]] == ["ok"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT user_id, email FROM people ORDER BY user_id -- newest first",
+        "SELECT user_id, email FROM people;\n-- done\n",
+        "SELECT user_id, email, 'other' AS email FROM people",
+    ],
+    ids=["trailing_comment", "semicolon_then_comment", "repeated_column"],
+)
+def test_queries_the_streaming_path_takes_work_on_the_same_database(
+    state_engine: Engine, query: str
+) -> None:
+    """The same-database path wraps the query in a subquery: a trailing comment or semicolon,
+    or a column named twice, must not make it fail where the streaming path works."""
+    _fill(
+        state_engine,
+        "CREATE TABLE people (user_id TEXT, email TEXT)",
+        "people",
+        [("a", "a@x.co"), ("b", "b@x.co")],
+    )
+    same, streamed, _ = _both_paths(state_engine, query, ["email"])
+    assert same == streamed
+    assert [row[1] for row in same[0]] == ["a", "b"]

@@ -26,7 +26,11 @@ HOOK_PASSWORD = "hookpw_SECRET_11"
 # An unencoded "@" in a password: parsers split it at the first "@"; its tail must not leak.
 SOURCE_PASSWORD = "srcpw_SECRET@TAILSECRET"
 STATE_PASSWORD = "statepw_SECRET_22"
+# A token read from the environment into the webhook URL's path.
+HOOK_PATH_TOKEN = "hookpath_SECRET_33"
 BASIC_WRITE_KEY = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+# The Authorization header httpx sends for the webhook URL's userinfo.
+BASIC_HOOK = base64.b64encode(f"{HOOK_USER}:{HOOK_PASSWORD}".encode()).decode()
 SECRETS = [
     WRITE_KEY,
     BASIC_WRITE_KEY,
@@ -38,9 +42,16 @@ SECRETS = [
     HOOK_PASSWORD,
     SOURCE_PASSWORD,
     STATE_PASSWORD,
+    HOOK_PATH_TOKEN,
+    BASIC_HOOK,
     "SECRET",  # every secret above carries it: no fragment or tail may leak either
 ]
-ENV = {"TEST_WRITE_KEY": WRITE_KEY, "TEST_TOKEN": TOKEN, "TEST_HOOK_SECRET": HOOK_SECRET}
+ENV = {
+    "TEST_WRITE_KEY": WRITE_KEY,
+    "TEST_TOKEN": TOKEN,
+    "TEST_HOOK_SECRET": HOOK_SECRET,
+    "TEST_HOOK_PATH": HOOK_PATH_TOKEN,
+}
 
 
 def assert_no_secret(where: str, output: str) -> None:
@@ -61,7 +72,11 @@ def dump_state(engine: Engine) -> str:
 def echo_body() -> str:
     """A destination answer that echoes the credentials it was sent."""
     return json.dumps(
-        {"error": f"invalid write key {WRITE_KEY} (Basic {BASIC_WRITE_KEY})", "auth": TOKEN}
+        {
+            "error": f"invalid write key {WRITE_KEY} (Basic {BASIC_WRITE_KEY})",
+            "auth": TOKEN,
+            "request": f"POST /hook/{HOOK_PATH_TOKEN} Authorization: Basic {BASIC_HOOK}",
+        }
     )
 
 
@@ -73,7 +88,7 @@ def leaky_config(harness: Harness, receiver: Receiver) -> Path:
     )
     harness.destinations["hook"] = {
         "type": "webhook",
-        "url": f"http://{HOOK_USER}:{HOOK_PASSWORD}@{host}/hook",
+        "url": f"http://{HOOK_USER}:{HOOK_PASSWORD}@{host}/hook/${{TEST_HOOK_PATH}}",
         "secret": "${TEST_HOOK_SECRET}",
         "headers": {"Authorization": "Bearer ${TEST_TOKEN}"},
         "timeout": 2,

@@ -13,6 +13,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -108,7 +109,11 @@ class RedactedTable(Table):
 
     def add_row(self, *renderables: Any, **kwargs: Any) -> None:
         """Add a row, its text redacted."""
-        super().add_row(*(redact(r) if isinstance(r, str) else r for r in renderables), **kwargs)
+        # Cells are data (an error text, an install hint like `audience-sync[mysql]`), never
+        # markup: rich would eat the brackets.
+        super().add_row(
+            *(Text(redact(r)) if isinstance(r, str) else r for r in renderables), **kwargs
+        )
 
 
 def print_table(title: str, columns: dict[str, str], rows: list[dict[str, Any]]) -> None:

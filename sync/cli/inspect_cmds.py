@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from rich.text import Text
 
 from sync.cli.app import (
     AppContext,
@@ -21,7 +22,7 @@ from sync.cli.app import (
 )
 from sync.config import Config
 from sync.errors import SourceError, StateDatabaseMissingError, StateError
-from sync.redaction import redact_url
+from sync.redaction import redact, redact_url
 from sync.run.drift import drift_report
 from sync.run.sources import check_source, demo_warehouse_exists
 from sync.state.db import make_state_engine, schema_status
@@ -246,7 +247,8 @@ def _print_check(
     for column in ("what", "url", "status"):
         conns.add_column(column)
     for c in connections:
-        conns.add_row(c["what"], c["url"], c["detail"] if c["ok"] else f"[red]{c['detail']}[/red]")
+        status = c["detail"] if c["ok"] else Text(redact(c["detail"]), style="red")
+        conns.add_row(c["what"], c["url"], status)
     out.print(conns)
     for line in problems:
         out.print(line, style="red", markup=False, soft_wrap=True)

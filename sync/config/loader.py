@@ -77,7 +77,11 @@ def parse_config(
     env = os.environ if environ is None else environ
     raw = _interpolate(raw, "", env, problems, interpolated)
     _resolve_paths(raw, base_dir)
-    from_env = {path: resolved for path, (_, resolved) in interpolated.items()}
+    from_env = [
+        (path, piece)
+        for path, (written, resolved) in interpolated.items()
+        for piece in (resolved, *_variable_values(written, env))
+    ]
     config: Config | None = None
     try:
         config = Config.model_validate(raw)
@@ -134,6 +138,19 @@ def _interpolate(
     if _ENV_REFERENCE.search(value.replace("$$", "")):
         interpolated[where] = (value, resolved)
     return resolved
+
+
+def _variable_values(written: str, environ: Mapping[str, str]) -> list[str]:
+    """The values each ``${VAR}`` of a text was replaced with: a token read into a URL's
+    path is a secret on its own, wherever the URL is shown in pieces."""
+    values = []
+    for match in _ENV_REFERENCE.finditer(written):
+        name, default = match.group(1), match.group(2)
+        if name is not None:
+            value = environ.get(name, default)
+            if value:
+                values.append(value)
+    return values
 
 
 def _resolve_sqlite_url(url: Any, base_dir: Path) -> Any:

@@ -35,6 +35,9 @@ def _check_sqlalchemy_url(value: str) -> str:
         ) from None
     return value
 
+# The state DB's `destination` columns are VARCHAR(100) (a name is part of every row's key).
+MAX_DESTINATION_NAME_LENGTH = 100
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -168,6 +171,19 @@ class Config(_Model):
     audiences: list[AudienceConfig] = Field(default_factory=list)
     # Values read from ${VAR}s into URLs and headers (set by `parse_config`).
     _environment_secrets: tuple[str, ...] = PrivateAttr(default=())
+
+    @field_validator("destinations")
+    @classmethod
+    def _check_destination_names(
+        cls, value: dict[str, DestinationSettings]
+    ) -> dict[str, DestinationSettings]:
+        for name in value:
+            if len(name) > MAX_DESTINATION_NAME_LENGTH:
+                raise ValueError(
+                    f'destination name "{name[:40]}…" is {len(name)} characters long; the '
+                    f"state database keeps at most {MAX_DESTINATION_NAME_LENGTH}: shorten it"
+                )
+        return value
 
     @field_validator("version")
     @classmethod

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import Field
@@ -58,6 +59,20 @@ class HttpSettings(BaseDestinationSettings):
     timeout: float = Field(default=15.0, gt=0)
     concurrency: int = Field(default=4, gt=0, le=MAX_CONCURRENCY)
     gzip: bool = False
+
+
+def check_http_url(value: str) -> str:
+    """An http(s) URL with a host and a numeric port, if any: anything else would only fail
+    at send time (an ftp:// URL was retried as a transient error for the whole budget)."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port  # raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http:// or https:// URL with a host")
+    del port
+    return value
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import SecretStr
+from pydantic import SecretStr, field_validator
 
-from sync.destinations.http import HttpSender, HttpSettings
+from sync.destinations.http import HttpSender, HttpSettings, check_http_url
 
 # Segment HTTP Tracking API limit (segment.com/docs/connections/sources/catalog/libraries/
 # server/http-api/#max-request-size): 32 KB per message. The per-batch limits are in http.py.
@@ -19,6 +19,8 @@ class SegmentApiSettings(HttpSettings):
 
     write_key: SecretStr
     endpoint: str = SEGMENT_ENDPOINT
+
+    _endpoint = field_validator("endpoint")(check_http_url)
 
     def routing(self) -> dict[str, Any] | None:
         """The ``integrations`` object every message carries (Segment's routing), if any."""

@@ -6,9 +6,9 @@ import hashlib
 import hmac
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
-from sync.destinations.http import HttpSender, HttpSettings
+from sync.destinations.http import HttpSender, HttpSettings, check_http_url
 
 # The header carrying the signature unless `signature_header` names another.
 SIGNATURE_HEADER = "X-Audience-Sync-Signature"
@@ -22,6 +22,8 @@ class WebhookSettings(HttpSettings):
     secret: SecretStr | None = None
     signature_header: str = SIGNATURE_HEADER
     headers: dict[str, str] = Field(default_factory=dict)
+
+    _url = field_validator("url")(check_http_url)
 
 
 def signature(secret: str, body: bytes) -> str:

@@ -95,6 +95,24 @@ def endpoint_problems(
     ]
 
 
+def moved_endpoints(
+    connection: Connection, config: Config, audience_id: int, names: list[str]
+) -> list[str]:
+    """Those of ``names`` whose configured endpoint differs from the one the audience's rows
+    there were sent to."""
+    rows = connection.execute(
+        select(E.c.destination, E.c.fingerprint).where(E.c.audience_id == audience_id)
+    ).all()
+    stored: dict[str, str] = {row.destination: row.fingerprint for row in rows}
+    return [
+        name
+        for name in names
+        if name in stored
+        and name in config.destinations
+        and stored[name] != endpoint_fingerprint(config.destinations[name])
+    ]
+
+
 def record_endpoints(
     connection: Connection, config: Config, audience_id: int, names: list[str], now: datetime
 ) -> None:

@@ -9,7 +9,7 @@ from sync.delivery import recover_in_flight
 from sync.errors import AudienceSyncError, LeaseHeldError
 from sync.reports import DestinationReport, RunReport
 from sync.run.context import RunContext
-from sync.run.drift import orphans, recorded_destinations
+from sync.run.drift import moved_endpoints, orphans, recorded_destinations
 from sync.run.plan import retirement_problem
 from sync.state.audiences import (
     audience_leaving_destination,
@@ -61,6 +61,16 @@ def _send_false(
             raise AudienceSyncError(
                 f'audience "{key}" was sent to {", ".join(missing)}, which the config no '
                 "longer defines; add them back to send false, or retire without --send-false"
+            )
+        moved = moved_endpoints(connection, context.config, audience_id, names)
+        if moved:
+            # `false` at the new endpoint would leave the old one holding `true`, and retiring
+            # would forget that it does.
+            shown = ", ".join(f'"{name}"' for name in moved)
+            raise AudienceSyncError(
+                f'audience "{key}": destination {shown} now points at another endpoint than '
+                "the one its members were sent to; point it back at that endpoint to send "
+                "false there, or retire without --send-false"
             )
         entries = [
             DestinationReport(n, pending=pending_in(count_status(connection, audience_id, n)))

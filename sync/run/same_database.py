@@ -136,6 +136,17 @@ def _traits_json(dialect: str, rows: _Rows, traits: Sequence[str]) -> Any:
     return builder(*pairs)
 
 
+def subquery_text(query: str) -> str:
+    """The audience query as the body of a subquery: without its trailing semicolons and
+    comment lines, and ending with a newline (a comment at the end of its last line would
+    otherwise swallow the closing parenthesis)."""
+    lines = query.strip().splitlines()
+    while lines and (not lines[-1].strip() or lines[-1].strip().startswith("--")):
+        lines.pop()
+    body = "\n".join(lines).rstrip().rstrip(";")
+    return f"{body}\n"
+
+
 def stage_in_database(
     state: Connection,
     run_id: int,
@@ -150,7 +161,7 @@ def stage_in_database(
     dialect = state.dialect.name
     if dialect not in ("sqlite", "postgresql"):
         return None  # MySQL/MariaDB: no exact SQL rendering written; the streaming path
-    body = query.strip().rstrip(";")
+    body = subquery_text(query)
     try:
         probe = state.execute(text(f"SELECT * FROM ({body}) AS q WHERE 1 = 0"))
         columns = list(probe.keys())
@@ -158,6 +169,8 @@ def stage_in_database(
         probe.close()
         if problem := query_problem(columns, traits):
             raise SourceError(f'audience "{audience}": the query {problem}')
+        if len(set(columns)) < len(columns):
+            return None  # a column named twice is ambiguous in SQL; streaming takes the first
         ids = [c for c in ("user_id", "anonymous_id") if c in columns]
         if dialect == "postgresql" and not _postgres_plain(types, ids, traits):
             return None

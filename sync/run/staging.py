@@ -29,7 +29,7 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from sync.errors import SourceError, driver_reason
 from sync.run.sources import Unconvertible, conversion_failed, tolerate_unconvertible
@@ -211,6 +211,15 @@ def validate_row(
     return ("anonymous", anon_id, None, traits)
 
 
+class StateWriteFailed(Exception):
+    """Staging a chunk into the state DB failed (disk full, locked): carried past the source
+    query's error handling, so that it is reported as the state DB's error."""
+
+    def __init__(self, error: SQLAlchemyError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def source_error(audience: str, source: str, exc: SQLAlchemyError) -> SourceError:
     reason = driver_reason(exc)
     return SourceError(f'audience "{audience}": query failed on source "{source}": {reason}')
@@ -258,6 +267,8 @@ def stage_from_source(
             stats = stream(tolerant=True)
     except SQLAlchemyError as exc:
         raise source_error(audience, source_name, exc) from None
+    except StateWriteFailed as failed:
+        raise failed.error from None  # the state DB's, not the source's
     stats.staged = count_staged(state, run_id)
     stats.duplicates = stats.rows - stats.invalid - stats.staged
     return stats
@@ -300,10 +311,13 @@ def _stream(
                     stats.add_invalid(invalid_sample(stats.rows, checked))
                     continue
                 staged_rows.append((run_id, *checked))
-            if staged_rows:
-                _insert_staged(state, statement, staged_rows)
-            if commit_each_chunk:
-                state.commit()
+            try:
+                if staged_rows:
+                    _insert_staged(state, statement, staged_rows)
+                if commit_each_chunk:
+                    state.commit()
+            except SQLAlchemyError as exc:
+                raise StateWriteFailed(exc) from exc
             if after_chunk is not None:
                 after_chunk()  # renews the lease; raises to stop a shutting-down run
         if tolerant:
@@ -380,19 +394,23 @@ def _copy_staged(state: Connection, rows: list[tuple[Any, ...]]) -> None:
         f"{run_id}\t{kind}\t{_copy_text(member)}\t{_copy_text(anon)}\t{_copy_text(traits)}\n"
         for run_id, kind, member, anon, traits in rows
     )
-    with dbapi_connection.cursor() as cursor:
-        cursor.execute("SAVEPOINT staging_chunk")
-        try:
-            with cursor.copy(f"COPY staged_members {_PG_COLUMNS} FROM STDIN") as copy:
-                copy.write(block)
-        except psycopg.errors.UniqueViolation:
-            cursor.execute("ROLLBACK TO SAVEPOINT staging_chunk")
-            cursor.execute(_PG_INCOMING)
-            with cursor.copy(f"COPY staged_incoming {_PG_COLUMNS} FROM STDIN") as copy:
-                copy.write(block)
-            cursor.execute(_PG_MOVE)
-            cursor.execute("TRUNCATE staged_incoming")
-        cursor.execute("RELEASE SAVEPOINT staging_chunk")
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SAVEPOINT staging_chunk")
+            try:
+                with cursor.copy(f"COPY staged_members {_PG_COLUMNS} FROM STDIN") as copy:
+                    copy.write(block)
+            except psycopg.errors.UniqueViolation:
+                cursor.execute("ROLLBACK TO SAVEPOINT staging_chunk")
+                cursor.execute(_PG_INCOMING)
+                with cursor.copy(f"COPY staged_incoming {_PG_COLUMNS} FROM STDIN") as copy:
+                    copy.write(block)
+                cursor.execute(_PG_MOVE)
+                cursor.execute("TRUNCATE staged_incoming")
+            cursor.execute("RELEASE SAVEPOINT staging_chunk")
+    except psycopg.Error as exc:
+        # The raw driver's error, as SQLAlchemy would have wrapped it (a database error).
+        raise DBAPIError.instance("COPY staged_members", None, exc, psycopg.Error) from exc
 
 
 def _insert_staged(state: Connection, statement: Insert, rows: list[tuple[Any, ...]]) -> None:
