@@ -21,7 +21,8 @@ from sync.run.dry_run import DRY_RUN_ID
 from sync.run.plan import drop_staging
 from sync.run.same_database import stage_in_database
 from sync.run.sources import make_source_engine
-from sync.run.staging import SnapshotStats, refresh_statistics, stage_from_source
+from sync.run.stage_table import refresh_statistics
+from sync.run.staging import SnapshotStats, stage_from_source
 from sync.state.leases import Lease
 
 # Called after each chunk of a source query is staged; raises to stop the run.

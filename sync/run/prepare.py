@@ -16,7 +16,8 @@ from sync.reports import DestinationReport, RunOptions, RunReport
 from sync.run.drift import record_endpoints
 from sync.run.plan import drop_staging, plan_destination, removal_problem
 from sync.run.record import record_run
-from sync.run.staging import SnapshotStats, refresh_statistics
+from sync.run.stage_table import refresh_statistics
+from sync.run.staging import SnapshotStats
 from sync.state.leases import Lease
 from sync.state.memberships import DestinationTarget, count_status, mark_full_resync, pending_in
 

@@ -33,10 +33,10 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 
 from sync.errors import SourceError
+from sync.run.stage_table import count_staged
 from sync.run.staging import (
     MAX_INVALID_SAMPLES,
     SnapshotStats,
-    count_staged,
     invalid_sample,
     query_problem,
     source_error,
