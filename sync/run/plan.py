@@ -126,6 +126,10 @@ def plan_destination(
 ) -> DestinationReport:
     """Apply the staged snapshot to one destination's memberships; the report's ``current``,
     ``added`` and ``removed`` say what changed."""
+    # Over 60 lines on purpose: its set-based statements (leavers, re-entrants, trait changes,
+    # entrants) run in this order inside the plan's one transaction, each reading what the
+    # previous one left; split up, that order would be spread over helpers that only make
+    # sense in it. Each statement is commented below.
     plan = DestinationReport(target.name)
     plan.current = count_members(connection, audience_id, target.name)
     of = of_destination(audience_id, target.name)
