@@ -19,8 +19,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select, update
 
 from sync.clock import state_now
-from sync.delivery.deliverer import Deliverer
-from sync.destinations.segment import SegmentDestination
+from sync.delivery import DeliveryHooks
 from sync.engine import RunHooks, RunOptions, RunReport, Syncer
 from sync.errors import LeaseHeldError
 from sync.state.leases import Lease
@@ -101,30 +100,26 @@ def chaos(request: pytest.FixtureRequest) -> Any:
 class Crasher:
     """Arms one crash point for the next run."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, harness: Harness) -> None:
+    def __init__(self, harness: Harness) -> None:
         self.armed: str | None = None
         self.on_takeover: Any = None
-        original_send = SegmentDestination.send
-        original_record = Deliverer._record
         crasher = self
 
-        def send(self: Any, messages: Any) -> None:
+        def before_send() -> None:
             if crasher.armed == "takeover" and crasher.on_takeover is not None:
                 crasher.armed = None
                 crasher.on_takeover()  # the batch is sent after another run took over
-            original_send(self, messages)
-            crasher.fire("send")  # delivered, but the process dies before it knows
-
-        def record(self: Any, result: Any) -> None:
-            crasher.fire("record")
-            original_record(self, result)
 
         harness.hooks = RunHooks(
             after_chunk=lambda: crasher.fire("staging"),
             after_plan=lambda: crasher.fire("planning"),
+            delivery=DeliveryHooks(
+                before_send=before_send,
+                # delivered, but the process dies before it knows
+                after_send=lambda: crasher.fire("send"),
+                before_record=lambda: crasher.fire("record"),
+            ),
         )
-        monkeypatch.setattr(SegmentDestination, "send", send)
-        monkeypatch.setattr(Deliverer, "_record", record)
 
     def fire(self, point: str) -> None:
         if self.armed == point:
@@ -204,7 +199,6 @@ def test_any_history_converges_to_the_last_snapshot(
     state_engine: Engine,
     chaos: Receiver,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     number = next(_counter)
     folder = tmp_path / f"example-{number}"
@@ -223,7 +217,7 @@ def test_any_history_converges_to_the_last_snapshot(
         retry_initial_delay="5ms",
         retry_max_delay="20ms",
     )
-    crasher = Crasher(monkeypatch, harness)
+    crasher = Crasher(harness)
     ever_members: set[str] = set()
     last: set[str] = set()
     fulls = 0

@@ -13,7 +13,8 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
 from sync.cli import cli
-from sync.destinations.segment import SegmentDestination
+from sync.delivery import DeliveryHooks
+from sync.engine import RunHooks
 from sync.errors import AudienceSyncError
 from sync.state.tables import AUDIENCES, DELIVERY_PROGRESS, MEMBERSHIPS
 from tests.harness import WRITE_KEY, Harness
@@ -103,13 +104,11 @@ def test_a_crash_after_sending_is_recovered_before_the_next_plan(
     harness: Harness, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The destination took the batch; the process died before recording anything."""
-    original = SegmentDestination.send
 
-    def send_then_die(self: SegmentDestination, messages: list[str]) -> None:
-        original(self, messages)
+    def die() -> None:
         raise Killed
 
-    monkeypatch.setattr(SegmentDestination, "send", send_then_die)
+    harness.hooks = RunHooks(delivery=DeliveryHooks(after_send=die))
     harness.set_members(["gone", "stays"])
     with pytest.raises(Killed):
         harness.sync()
@@ -118,7 +117,7 @@ def test_a_crash_after_sending_is_recovered_before_the_next_plan(
     with harness.engine.connect() as connection:
         progress = connection.execute(select(DELIVERY_PROGRESS.c.through_member)).all()
     assert progress == [("stays",)]  # how far the dead delivery handed rows over
-    monkeypatch.undo()
+    harness.hooks = RunHooks()
     harness.set_members(["stays"])
     assert harness.sync().status == "succeeded"
     # It entered and left without an acknowledgement; the destination holds `true`.

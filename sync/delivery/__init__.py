@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 from sync.config import Config
 from sync.delivery.deliverer import Deliverer
 from sync.delivery.ledger import recover_in_flight, retry_due
-from sync.delivery.sending import RetryPolicy
+from sync.delivery.sending import NO_HOOKS, DeliveryHooks, RetryPolicy
 from sync.destinations import Destination
 from sync.messages import AudienceContext
 from sync.reports import DestinationReport
@@ -24,6 +24,7 @@ from sync.state.leases import Lease
 from sync.state.memberships import DestinationTarget, count_status
 
 __all__ = [
+    "DeliveryHooks",
     "ProgressFactory",
     "RetryPolicy",
     "deliver_destinations",
@@ -47,6 +48,7 @@ def deliver_destinations(
     lease: Lease,
     stop: threading.Event,
     progress: ProgressFactory | None = None,
+    hooks: DeliveryHooks = NO_HOOKS,
 ) -> str | None:
     """Deliver to every destination in turn, within one time budget, counting into its entry
     (added to ``entries`` if missing); return the error that stopped a destination (bad
@@ -83,6 +85,7 @@ def deliver_destinations(
                 stop=stop,
                 lease=lease,
                 progress=progress(key, target.name, entry.pending) if progress else None,
+                hooks=hooks,
             ).run()
             or fatal
         )

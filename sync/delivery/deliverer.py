@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 
 from sync.delivery.batches import Batcher, BatchResult, Unit
 from sync.delivery.ledger import Ledger
-from sync.delivery.sending import RetryPolicy, Sender
+from sync.delivery.sending import NO_HOOKS, DeliveryHooks, RetryPolicy, Sender
 from sync.destinations import Destination
 from sync.messages import AudienceContext, MessageEncoder
 from sync.reports import DestinationReport
@@ -43,6 +43,7 @@ class Deliverer:
         stop: threading.Event | None = None,
         lease: Lease | None = None,
         progress: Callable[[int], None] | None = None,
+        hooks: DeliveryHooks = NO_HOOKS,
     ) -> None:
         """With a ``lease``, every write is fenced by it and no batch is sent without it.
         ``report`` receives ``sent``, ``rejected``, ``trimmed`` and ``error``."""
@@ -50,6 +51,7 @@ class Deliverer:
         self.report = report
         self.stop = stop or threading.Event()
         self.lease = lease
+        self.hooks = hooks
         self.deadline = deadline
         self.progress = progress or (lambda n: None)
         self.fatal: str | None = None
@@ -69,7 +71,13 @@ class Deliverer:
             on_oversized=lambda rejected: self._record(BatchResult(rejected=rejected)),
         )
         self.sender = Sender(
-            destination, policy, deadline=deadline, stop=self.stop, abort=self._abort, lease=lease
+            destination,
+            policy,
+            deadline=deadline,
+            stop=self.stop,
+            abort=self._abort,
+            lease=lease,
+            hooks=hooks,
         )
 
     # --- main thread ---------------------------------------------------------------------
@@ -146,6 +154,7 @@ class Deliverer:
 
     def _record(self, result: BatchResult) -> None:
         """Record one batch's outcome in the state DB, then count it in the report."""
+        self.hooks.before_record()
         self.ledger.record(result)
         with self._lock:
             report = self.report

@@ -7,6 +7,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sync.delivery.batches import BatchResult, Unit
@@ -15,6 +16,26 @@ from sync.errors import PermanentDeliveryError, RejectedBatchError, TransientDel
 from sync.state.leases import Lease
 
 logger = logging.getLogger("sync.delivery")
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class DeliveryHooks:
+    """Seams for fault drills and tests inside delivery (a hook raises to stop the delivery
+    there, as a crash would), called from worker threads."""
+
+    # Just before a batch goes to the destination (after the lease check).
+    before_send: Callable[[], None] = _nothing
+    # Just after the destination took a batch, before its outcome is known to the state DB.
+    after_send: Callable[[], None] = _nothing
+    # Before a batch's outcome is recorded.
+    before_record: Callable[[], None] = _nothing
+
+
+NO_HOOKS = DeliveryHooks()
 
 
 @dataclass(frozen=True)
@@ -45,6 +66,7 @@ class Sender:
         stop: threading.Event,
         abort: threading.Event,
         lease: Lease | None = None,
+        hooks: DeliveryHooks = NO_HOOKS,
     ) -> None:
         """Retries end at ``deadline`` (``time.monotonic()``), on ``stop`` (the process is
         asked to stop) or ``abort`` (another batch hit a fatal error). With a ``lease``, no
@@ -55,6 +77,7 @@ class Sender:
         self.stop = stop
         self.abort = abort
         self.lease = lease
+        self.hooks = hooks
 
     def send(self, units: list[Unit]) -> BatchResult:
         """Send one batch; every unit ends delivered, rejected or left. A fatal error (bad
@@ -93,8 +116,10 @@ class Sender:
         """Send; on a rejected batch, split it in halves until the bad messages are alone."""
         if self.lease is not None:
             self.lease.ensure_sendable()  # after a long wait too: a run without it sends nothing
+        self.hooks.before_send()
         try:
             self.destination.send([m for u in units for m in u.messages])
+            self.hooks.after_send()
         except RejectedBatchError as exc:
             if len(units) == 1:
                 logger.warning(

@@ -8,12 +8,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
 from sync.config import AudienceConfig, Config
-from sync.delivery import ProgressFactory, RetryPolicy, deliver_destinations
+from sync.delivery import DeliveryHooks, ProgressFactory, RetryPolicy, deliver_destinations
 from sync.destinations import Destination, build_destination
 from sync.logs import current_run
 from sync.reports import DestinationReport, RunReport
@@ -40,6 +40,8 @@ class RunHooks:
     after_chunk: Callable[[], None] | None = None
     # After each destination is planned, before the plan commits.
     after_plan: Callable[[], None] | None = None
+    # Inside delivery: before and after each send, before each outcome is recorded.
+    delivery: DeliveryHooks = field(default_factory=DeliveryHooks)
 
 
 class RunContext:
@@ -149,4 +151,5 @@ class RunContext:
             lease=lease,
             stop=self.stop,
             progress=progress,
+            hooks=self.hooks.delivery,
         )
