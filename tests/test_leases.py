@@ -172,3 +172,37 @@ def test_the_state_clock_follows_the_database(state_engine: Any, host_clock_ahea
         assert abs(estimated - actual) < timedelta(seconds=5)
         assert abs(clock.local_now() - actual - host_clock_ahead) < timedelta(seconds=5)
 
+
+
+def test_audiences_planned_side_by_side_do_not_deadlock(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """Two audiences' runs at once (the daemon's workers): each cleans up its own staged rows
+    only. On MariaDB the cleanup's DELETE used to lock the other plan's rows: a deadlock."""
+    harness.config_extra = """
+[[audiences]]
+name = "Second"
+source = "warehouse"
+query = "SELECT user_id FROM members WHERE user_id LIKE 'u1%' OR user_id LIKE 'u2%'"
+destinations = ["segment"]
+"""
+    config_changes = [[f"u{i:04d}" for i in range(start, start + 1500)] for start in range(0, 1800, 300)]
+    for members in config_changes:
+        harness.set_members(members)
+        config = harness.config()
+        outcomes: list[Any] = []
+
+        def run(audience: Any, config: Any = config, outcomes: list[Any] = outcomes) -> None:
+            try:
+                outcomes.append(Syncer(config, harness.engine).sync(audience, RunOptions()))
+            except BaseException as exc:
+                outcomes.append(exc)
+
+        threads = [threading.Thread(target=run, args=(a,)) for a in config.audiences]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert all(isinstance(o, RunReport) and o.status == "succeeded" for o in outcomes), [
+            getattr(o, "error", o) for o in outcomes
+        ]

@@ -240,6 +240,15 @@ def drop_staging(
     eighth of a plan.
     """
     runs = select(RUNS.c.id).where(RUNS.c.audience_id == audience_id)
+    if connection.dialect.name in ("mysql", "mariadb"):
+        # InnoDB locks every row a DELETE's subquery plan walks, other audiences' staged rows
+        # included, which their concurrent plans hold: two plans deadlocked. Read which runs
+        # have staged rows (a consistent read takes no lock), then delete by those keys only.
+        staged = connection.execute(select(S.c.run_id).distinct()).scalars().all()
+        mine = connection.execute(runs.where(RUNS.c.id.in_(staged))).scalars().all()
+        if mine:
+            connection.execute(delete(S).where(S.c.run_id.in_(mine)))
+        return
     if holds_write_lock and connection.dialect.name == "sqlite":
         others = select(S.c.run_id).where(S.c.run_id.not_in(runs)).limit(1)
         if connection.execute(others).first() is None:

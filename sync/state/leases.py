@@ -106,6 +106,8 @@ class Lease:
                 self._valid_until = started + self.seconds
                 self._start_heartbeat()
                 return abandoned
+            if holder.lease_owner is None:
+                continue  # released between our attempt and our look (MariaDB): try again
             since = holder.lease_acquired_at.isoformat(timespec="seconds")
             busy = (
                 f'audience "{self.audience_name}" is being synced by '
