@@ -78,21 +78,25 @@ def endpoint_problems(
 ) -> list[str]:
     """One line per destination of ``audience`` whose endpoint differs from the one its rows
     were planned against (nothing recorded yet: nothing to compare)."""
-    rows = connection.execute(
-        select(E.c.destination, E.c.fingerprint)
-        .join(A, A.c.id == E.c.audience_id)
-        .where(A.c.key == audience.trait_key)
-    ).all()
-    stored: dict[str, str] = {row.destination: row.fingerprint for row in rows}
     key = audience.trait_key
+    audience_id = connection.execute(select(A.c.id).where(A.c.key == key)).scalar()
+    if audience_id is None:
+        return []
     return [
         f'audience "{key}": destination "{name}" now points at another endpoint than the one '
         "its members were sent to, which would get only later changes; run "
         f"`audience-sync sync {_quoted(key)} --full` to resend everything there, or give the "
         "new endpoint a new destination name"
-        for name in audience.destinations
-        if name in stored and stored[name] != endpoint_fingerprint(config.destinations[name])
+        for name in moved_endpoints(connection, config, audience_id, audience.destinations)
     ]
+
+
+def _stored_fingerprints(connection: Connection, audience_id: int) -> dict[str, str]:
+    """Destination name -> the endpoint fingerprint the audience's rows there were sent to."""
+    rows = connection.execute(
+        select(E.c.destination, E.c.fingerprint).where(E.c.audience_id == audience_id)
+    ).all()
+    return {row.destination: row.fingerprint for row in rows}
 
 
 def moved_endpoints(
@@ -100,10 +104,7 @@ def moved_endpoints(
 ) -> list[str]:
     """Those of ``names`` whose configured endpoint differs from the one the audience's rows
     there were sent to."""
-    rows = connection.execute(
-        select(E.c.destination, E.c.fingerprint).where(E.c.audience_id == audience_id)
-    ).all()
-    stored: dict[str, str] = {row.destination: row.fingerprint for row in rows}
+    stored = _stored_fingerprints(connection, audience_id)
     return [
         name
         for name in names
@@ -118,10 +119,7 @@ def record_endpoints(
 ) -> None:
     """Remember the endpoints a plan was made against (in the plan's transaction, so a crash
     before it commits leaves the old fingerprint and the refusal in place)."""
-    rows = connection.execute(
-        select(E.c.destination, E.c.fingerprint).where(E.c.audience_id == audience_id)
-    ).all()
-    stored: dict[str, str] = {row.destination: row.fingerprint for row in rows}
+    stored = _stored_fingerprints(connection, audience_id)
     for name in names:
         fingerprint = endpoint_fingerprint(config.destinations[name])
         if name not in stored:

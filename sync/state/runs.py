@@ -14,17 +14,6 @@ from sqlalchemy import Connection, insert, update
 from sync.clock import state_now
 from sync.state.tables import RUN_DELIVERIES, RUNS, RunTrigger
 
-# The columns a run starts at zero.
-_COUNT_COLUMNS = (
-    "members",
-    "added",
-    "removed",
-    "sent",
-    "rejected",
-    "invalid",
-    "duplicates",
-    "skipped",
-)
 ABANDONED_ERROR = (
     "its process stopped or stalled before finishing (lease expired; another run took over)"
 )
@@ -63,7 +52,7 @@ def start_run(connection: Connection, audience_id: int, *, owner: str, trigger: 
             status="running",
             owner=owner,
             started_at=state_now(connection),
-            **{name: 0 for name in _COUNT_COLUMNS},
+            **_row_values(RunCounts()),
         )
     )
     return int(result.inserted_primary_key[0])  # type: ignore[index]
@@ -87,8 +76,7 @@ def finish_run(
     # Before touching `runs`: a takeover locks the lease row, then marks `runs`; taking the
     # locks in the same order cannot deadlock.
     lease.fence(connection)
-    values = asdict(counts)
-    values["invalid_samples"] = counts.invalid_samples or None
+    values = _row_values(counts)
     connection.execute(
         update(RUNS)
         .where(RUNS.c.id == run_id, RUNS.c.status == "running")
@@ -104,6 +92,11 @@ def finish_run(
         connection.execute(table.delete().where(table.c.run_id == run_id))
         if deliveries:
             connection.execute(table.insert(), [{"run_id": run_id, **d} for d in deliveries])
+
+
+def _row_values(counts: RunCounts) -> dict[str, Any]:
+    """``counts`` as ``runs`` columns (no samples: SQL NULL, not an empty JSON list)."""
+    return {**asdict(counts), "invalid_samples": counts.invalid_samples or None}
 
 
 def abandon_runs(connection: Connection, audience_id: int, now: datetime) -> int:
