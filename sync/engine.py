@@ -19,7 +19,7 @@ from types import TracebackType
 from sqlalchemy import Connection, Engine
 
 from sync import redaction
-from sync.config import AudienceConfig, Config
+from sync.config import ComputationConfig, Config
 from sync.delivery import ProgressFactory
 from sync.errors import (
     AudienceSyncError,
@@ -119,15 +119,15 @@ class Syncer:
     ) -> None:
         self.close()
 
-    def resolve(self, names: list[str]) -> list[AudienceConfig]:
+    def resolve(self, names: list[str]) -> list[ComputationConfig]:
         """Audiences by name or key; all of them when ``names`` is empty."""
         if not names:
-            return list(self.config.audiences)
+            return list(self.config.computations)
         found = []
         for name in names:
             audience = self.config.find_audience(name)
             if audience is None:
-                known = ", ".join(a.trait_key for a in self.config.audiences) or "none"
+                known = ", ".join(a.trait_key for a in self.config.computations) or "none"
                 raise UnknownAudienceError(f'no audience named "{name}" (keys: {known})')
             found.append(audience)
         return found
@@ -141,7 +141,7 @@ class Syncer:
 
     def sync(
         self,
-        audience: AudienceConfig,
+        audience: ComputationConfig,
         options: RunOptions | None = None,
         *,
         progress: ProgressFactory | None = None,
@@ -166,7 +166,7 @@ class Syncer:
             self._run(audience, audience_id, install, options, report, lease, progress)
         return report
 
-    def _refuse_drift(self, audience: AudienceConfig, *, full: bool) -> None:
+    def _refuse_drift(self, audience: ComputationConfig, *, full: bool) -> None:
         """Raise ``ConfigDriftError`` for a likely rename or a moved endpoint (sync.run.drift)."""
         with self.engine.connect() as connection:
             problem = drift_problem(connection, self.config, audience, full=full)
@@ -191,7 +191,7 @@ class Syncer:
 
     def _run(
         self,
-        audience: AudienceConfig,
+        audience: ComputationConfig,
         audience_id: int,
         install: str,
         options: RunOptions,
@@ -227,6 +227,7 @@ class Syncer:
                         report.destinations,
                         lease,
                         progress,
+                        kind=audience.kind,
                     )
                     report.error = error or report.error
                     timings["deliver_seconds"] = time.monotonic() - t2
@@ -247,7 +248,7 @@ class Syncer:
     def _prepare(
         self,
         connection: Connection,
-        audience: AudienceConfig,
+        audience: ComputationConfig,
         audience_id: int,
         targets: list[DestinationTarget],
         options: RunOptions,
@@ -285,7 +286,7 @@ class Syncer:
         commit_plan(connection, report, timings, lease)
         return not problem
 
-    def _dry_run(self, audience: AudienceConfig, options: RunOptions, report: RunReport) -> None:
+    def _dry_run(self, audience: ComputationConfig, options: RunOptions, report: RunReport) -> None:
         """Stage and plan into a private scratch copy of the audience's state, report, and
         throw the copy away: the state DB is only read (after the source query), never written
         nor locked (sync.run.dry_run)."""
@@ -320,7 +321,7 @@ class Syncer:
 
     # --- sweep, retry, retire ------------------------------------------------------------------
 
-    def sweep(self, audience: AudienceConfig) -> RunReport | None:
+    def sweep(self, audience: ComputationConfig) -> RunReport | None:
         """Deliver transient leftovers whose backoff expired (the daemon's sweep); None when
         there is nothing due or another process holds the audience."""
         return sweep_audience(self._context, audience)
@@ -337,6 +338,7 @@ class Syncer:
         *,
         destination: str | None = None,
         send_false: bool = False,
+        send_null: bool = False,
         wait: float = 0.0,
     ) -> list[DestinationReport]:
         """Retire the audience ``name`` (its key) that left the config: its key stays reserved.
@@ -344,9 +346,14 @@ class Syncer:
         configured) at a destination it no longer lists: its rows there are deleted, so that
         `status` and the drift warning no longer count them. Either way, with ``send_false``,
         first send ``false`` to its members there (``AudienceSyncError`` unless every one was
-        delivered)."""
+        delivered); ``send_null`` does the same for a trait group, with its traits null."""
         return retire_audience(
-            self._context, name, destination=destination, send_false=send_false, wait=wait
+            self._context,
+            name,
+            destination=destination,
+            send_false=send_false,
+            send_null=send_null,
+            wait=wait,
         )
 
     def retire_orphans(self, *, force: bool) -> list[RunReport]:

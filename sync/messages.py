@@ -1,4 +1,5 @@
-"""Segment-spec messages for audience membership changes, with deterministic message ids."""
+"""Segment-spec messages for audience membership changes and trait group value changes, with
+deterministic message ids."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sync import __version__
 from sync.clock import stored_utc
 
 MessageMode = Literal["identify", "track", "both"]
+ComputationClass = Literal["audience", "trait"]
 ENTERED_EVENT = "Audience Entered"
 EXITED_EVENT = "Audience Exited"
 LIBRARY = {"name": "audience-sync", "version": __version__}
@@ -26,7 +28,8 @@ class MembershipChange:
     id_kind: str
     member_id: str
     anonymous_id: str | None
-    desired: bool
+    # An audience's membership (True/False); a trait group's row values (a dict).
+    value: Any
     version: int
     changed_at: datetime
     traits: dict[str, Any] | None
@@ -34,7 +37,8 @@ class MembershipChange:
 
 @dataclass(frozen=True)
 class AudienceContext:
-    """What every message of one audience and destination shares."""
+    """What every message of one computation (audience or trait group) and destination
+    shares."""
 
     installation_id: str
     audience_id: int
@@ -44,6 +48,15 @@ class AudienceContext:
     space_id: str = ""
     namespace: str = ""
     integrations: dict[str, Any] | None = None
+    computation_class: ComputationClass = "audience"
+    # Per audience and destination (README "Destinations"): copied into context.personas.
+    external_audience_id: str = ""
+    audience_settings: dict[str, Any] | None = None
+
+    @property
+    def is_trait(self) -> bool:
+        """Whether this is a trait group's (identify only, traits = the row's values)."""
+        return self.computation_class == "trait"
 
 
 def _id_head(ctx: AudienceContext) -> Any:
@@ -82,20 +95,26 @@ def _identity(change: MembershipChange) -> dict[str, str]:
 
 
 def _context(ctx: AudienceContext) -> dict[str, Any]:
+    prefix = "trt" if ctx.is_trait else "aud"
     personas: dict[str, Any] = {
-        "computation_class": "audience",
+        "computation_class": ctx.computation_class,
         "computation_key": ctx.key,
-        "computation_id": f"aud_{ctx.installation_id}_{ctx.audience_id}",
+        "computation_id": f"{prefix}_{ctx.installation_id}_{ctx.audience_id}",
     }
     if ctx.space_id:
         personas["space_id"] = ctx.space_id
     if ctx.namespace:
         personas["namespace"] = ctx.namespace
+    if ctx.external_audience_id:
+        personas["external_audience_id"] = ctx.external_audience_id
+    if ctx.audience_settings is not None:
+        personas["audience_settings"] = ctx.audience_settings
     return {"personas": personas, "library": dict(LIBRARY)}
 
 
 def build_messages(ctx: AudienceContext, change: MembershipChange) -> list[dict[str, Any]]:
-    """The message(s) announcing one change: an identify, a track, or both (by mode)."""
+    """The message(s) announcing one change: an identify, a track, or both (by mode); a trait
+    group's change is one identify whose traits are the row's values."""
     traits = dict(change.traits or {})
     messages: list[dict[str, Any]] = []
     common: dict[str, Any] = {
@@ -104,12 +123,22 @@ def build_messages(ctx: AudienceContext, change: MembershipChange) -> list[dict[
     }
     if ctx.integrations is not None:
         common["integrations"] = ctx.integrations
+    if ctx.is_trait:
+        return [
+            {
+                "type": "identify",
+                **common,
+                "traits": dict(change.value),
+                "messageId": message_id(ctx, change, "identify"),
+                "context": _context(ctx),
+            }
+        ]
     if ctx.mode in ("identify", "both"):
         messages.append(
             {
                 "type": "identify",
                 **common,
-                "traits": {**traits, ctx.key: change.desired},
+                "traits": {**traits, ctx.key: change.value},
                 "messageId": message_id(ctx, change, "identify"),
                 "context": _context(ctx),
             }
@@ -122,8 +151,8 @@ def build_messages(ctx: AudienceContext, change: MembershipChange) -> list[dict[
             {
                 "type": "track",
                 **common,
-                "event": ENTERED_EVENT if change.desired else EXITED_EVENT,
-                "properties": {"audience_key": ctx.key, ctx.key: change.desired},
+                "event": ENTERED_EVENT if change.value else EXITED_EVENT,
+                "properties": {"audience_key": ctx.key, ctx.key: change.value},
                 "messageId": message_id(ctx, change, "track"),
                 "context": context,
             }
@@ -140,9 +169,10 @@ class MessageEncoder:
     """Encodes one audience's messages for one destination, fast.
 
     What every message shares (the context, the integrations, the start of the messageId
-    hash) is encoded once; each member's ids, value, timestamp and stored traits JSON text are
-    spliced in. The result is the same JSON as ``encode(build_messages(...))`` (the tests parse
-    and compare both); rows the splice cannot handle take that slower path.
+    hash) is encoded once; each member's ids, stored value JSON text, timestamp and stored
+    traits JSON text are spliced in. The result is the same JSON as
+    ``encode(build_messages(...))`` (the tests parse and compare both); rows the splice
+    cannot handle take that slower path.
     """
 
     def __init__(self, ctx: AudienceContext) -> None:
@@ -161,14 +191,17 @@ class MessageEncoder:
         id_kind: str,
         member_id: str,
         anonymous_id: str | None,
-        desired: bool,
+        value: str,
         version: int,
         changed_at: datetime | str,
         traits: str | None,
     ) -> list[str]:
-        """The encoded message(s) for one change; ``traits`` is the stored JSON object text."""
+        """The encoded message(s) for one change; ``value`` and ``traits`` are the stored JSON
+        texts (an audience's ``true``/``false``; a trait group's row object)."""
         inner = None  # the traits object's members, without braces
-        if traits is not None:
+        if self.ctx.is_trait:
+            traits = None  # a trait group's values are its traits
+        elif traits is not None:
             text = traits.strip()
             # The audience key among the traits (trait keys are ASCII) must be replaced, not
             # repeated; that and anything but an object take the slow path.
@@ -177,7 +210,7 @@ class MessageEncoder:
                     id_kind,
                     member_id,
                     anonymous_id,
-                    desired,
+                    json.loads(value),
                     version,
                     stored_utc(changed_at),
                     json.loads(text),
@@ -191,9 +224,14 @@ class MessageEncoder:
         else:
             ids = '"anonymousId":' + encode_basestring(member_id)
         common = f'{ids},"timestamp":"{self._stamp(changed_at)}"{self._integrations}'
-        value = "true" if desired else "false"
         mode = self.ctx.mode
         finish = _finish_id
+        if self.ctx.is_trait:
+            return [
+                f'{{"type":"identify",{common},"traits":{value},'
+                f'"messageId":"{finish(self._id_head, id_kind, member_id, version, "identify")}",'
+                f'"context":{self._context}}}'
+            ]
         out: list[str] = []
         if mode in ("identify", "both"):
             first = "" if inner is None else f"{inner},"
@@ -204,7 +242,7 @@ class MessageEncoder:
                 f'"context":{self._context}}}'
             )
         if mode in ("track", "both"):
-            event = ENTERED_EVENT if desired else EXITED_EVENT
+            event = ENTERED_EVENT if value == "true" else EXITED_EVENT
             context = self._context
             if inner is not None:
                 context = f'{context[:-1]},"traits":{{{inner}}}}}'
@@ -221,7 +259,7 @@ class MessageEncoder:
         id_kind: str,
         member_id: str,
         anonymous_id: str | None,
-        desired: bool,
+        value: str,
         version: int,
         changed_at: datetime | str,
         traits: str | None,
@@ -233,7 +271,7 @@ class MessageEncoder:
         The value change and the messageIds stay: a value change is never blocked by its
         traits. With every trait left out the result may still not fit; the caller checks.
         """
-        values = json.loads(traits) if traits else None
+        values = json.loads(traits) if traits and not self.ctx.is_trait else None
         names = dict(values) if isinstance(values, dict) else {}
         # Largest first, so that as few traits as possible go missing.
         order = sorted(names, key=lambda name: (-len(encode({name: names[name]})), name))
@@ -244,13 +282,13 @@ class MessageEncoder:
             dropped.append(name)
             kept = encode(names) if names else None
             messages = self.messages(
-                id_kind, member_id, anonymous_id, desired, version, changed_at, kept
+                id_kind, member_id, anonymous_id, value, version, changed_at, kept
             )
             if fits(messages):
                 break
-        if not order:  # no traits: what is too big is not theirs
+        if not order:  # no extra traits: what is too big is not theirs (a trait group's values)
             messages = self.messages(
-                id_kind, member_id, anonymous_id, desired, version, changed_at, None
+                id_kind, member_id, anonymous_id, value, version, changed_at, None
             )
         return messages, dropped
 

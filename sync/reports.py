@@ -31,6 +31,8 @@ class DestinationReport:
     destination: str
     added: int = 0
     removed: int = 0
+    # A trait group's continuing members whose values changed (0 for an audience).
+    changed: int = 0
     pending: int = 0
     sent: int = 0
     rejected: int = 0

@@ -17,7 +17,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Engine
 
-from sync.config import AudienceConfig, Config
+from sync.config import ComputationConfig, Config
 from sync.engine import Syncer
 from sync.errors import AudienceSyncError, LeaseHeldError, error_line
 from sync.reports import RunOptions, RunReport
@@ -64,9 +64,9 @@ class Daemon:
         self.close()
 
     @property
-    def audiences(self) -> list[AudienceConfig]:
+    def audiences(self) -> list[ComputationConfig]:
         """The audiences the daemon schedules (enabled ones)."""
-        return [a for a in self.config.audiences if a.enabled]
+        return [a for a in self.config.computations if a.enabled]
 
     # --- jobs ------------------------------------------------------------------------------
 
@@ -82,7 +82,7 @@ class Daemon:
                 self._active -= 1
                 self._idle.notify_all()
 
-    def run_audience(self, audience: AudienceConfig) -> RunReport | None:
+    def run_audience(self, audience: ComputationConfig) -> RunReport | None:
         """One scheduled run; a busy audience is skipped, every failure is logged."""
 
         def work() -> RunReport | None:
@@ -143,7 +143,7 @@ class Daemon:
             if self.stop.is_set():
                 return
 
-            def work(audience: AudienceConfig = audience) -> RunReport | None:
+            def work(audience: ComputationConfig = audience) -> RunReport | None:
                 try:
                     return self.syncer.sweep(audience)
                 except Exception as exc:
@@ -176,7 +176,7 @@ class Daemon:
         self._retire_removed_safely()
         return 1 if self.failures else 0
 
-    def _trigger(self, audience: AudienceConfig) -> Any:
+    def _trigger(self, audience: ComputationConfig) -> Any:
         schedule = self.config.schedule_of(audience)
         jitter = int(self.config.daemon.jitter) or None
         if schedule.interval_seconds is not None:

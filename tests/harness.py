@@ -88,6 +88,25 @@ class Harness:
         syncer = Syncer(config, self.engine, hooks=self.hooks)
         return syncer.sync(config.audiences[0], RunOptions(**options))
 
+    def sync_named(self, name: str, **options: Any) -> RunReport:
+        """Sync the audience or trait group ``name`` (from ``config_extra`` too)."""
+        config = self.config()
+        computation = config.find_audience(name)
+        assert computation is not None, name
+        return Syncer(config, self.engine, hooks=self.hooks).sync(
+            computation, RunOptions(**options)
+        )
+
+    def warehouse_sql(self, *statements: str | tuple[str, tuple[Any, ...]]) -> None:
+        """Run statements (or (statement, parameters)) on the warehouse."""
+        with sqlite3.connect(self.warehouse) as db:
+            for statement in statements:
+                if isinstance(statement, str):
+                    db.execute(statement)
+                else:
+                    db.execute(*statement)
+        db.close()
+
     def memberships(self, destination: str | None = None) -> dict[str, Any]:
         query = select(MEMBERSHIPS).order_by(MEMBERSHIPS.c.member_id)
         if destination is not None:

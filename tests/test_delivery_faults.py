@@ -51,7 +51,7 @@ def test_a_5xx_after_the_batch_was_applied_leaves_it_in_doubt(
         # The gateway answered 5xx every time, but the backend applied the batch.
         assert chaos.values(KEY) == {"leaver": True, "stays": True}
         rows = harness.memberships()
-        assert all(r.in_doubt and r.synced is None for r in rows.values())
+        assert all(r.in_doubt and r.synced_value is None for r in rows.values())
         assert all(str(status) in r.last_error for r in rows.values())
         chaos.forced = None
         harness.set_members(["stays"])  # it leaves before the next run
@@ -99,7 +99,7 @@ def test_a_redirect_reports_its_location(status: int, harness: Harness, receiver
     assert "redirect to https://***@collector.example.com/v2/batch" in report.error
     assert "hunter2" not in report.error and "robot" not in report.error
     row = harness.memberships()["a"]
-    assert row.status == "pending" and row.synced is None and not row.in_doubt
+    assert row.status == "pending" and row.synced_value is None and not row.in_doubt
     assert len(receiver.requests) == 1  # not followed, not retried
 
 
@@ -175,7 +175,7 @@ def test_the_encoder_drops_the_largest_traits_first_and_keeps_the_message_id() -
     ctx = AudienceContext("inst", 1, KEY, "segment")
     encoder = MessageEncoder(ctx)
     traits = json.dumps({"email": "a@x", "bio": "b" * 500, "note": "n" * 900, "age": 7})
-    row = ("user", "a", None, False, 3, "2024-05-01 10:00:00", traits)
+    row = ("user", "a", None, "false", 3, "2024-05-01 10:00:00", traits)
     full = encoder.messages(*row)
 
     def under(limit: int) -> Callable[[list[str]], bool]:

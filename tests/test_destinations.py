@@ -126,9 +126,7 @@ def test_webhook_batches_are_signed(harness: Harness, receiver: Receiver) -> Non
     assert {m["userId"] for m in request.body["batch"]} == {"a", "b"}
 
 
-def test_a_gzip_webhook_is_signed_over_the_bytes_sent(
-    harness: Harness, receiver: Receiver
-) -> None:
+def test_a_gzip_webhook_is_signed_over_the_bytes_sent(harness: Harness, receiver: Receiver) -> None:
     secret = "whsec_gzip_321"
     harness.destinations = {
         "hook": {"type": "webhook", "url": f"{receiver.url}/h", "secret": secret, "gzip": True}
@@ -178,7 +176,7 @@ def test_unwritable_file_destination_fails_clearly(harness: Harness) -> None:
     harness.set_members(["a"])
     report = harness.sync()
     assert report.status == "failed" and "cannot write /proc/audience-sync/m.jsonl" in report.error
-    assert harness.memberships()["a"].synced is None
+    assert harness.memberships()["a"].synced_value is None
 
 
 def test_file_destination_on_a_path_that_is_a_folder_fails_clearly(

@@ -77,7 +77,8 @@ def test_encoder_matches_build_messages(
     # As read from the state DB: SQLite gives zone-less UTC text, PostgreSQL an aware datetime.
     stored_at: datetime | str = moment.replace(tzinfo=None).isoformat(" ") if naive_text else moment
     stored = None if traits is None else store(traits)
-    got = MessageEncoder(ctx).messages(kind, member, anonymous, desired, version, stored_at, stored)
+    value = "true" if desired else "false"
+    got = MessageEncoder(ctx).messages(kind, member, anonymous, value, version, stored_at, stored)
     assert [_ordered(json.loads(m)) for m in got] == [_ordered(json.loads(m)) for m in expected]
 
 
@@ -85,7 +86,7 @@ def test_encoder_replaces_a_trait_named_like_the_audience_key() -> None:
     ctx = AudienceContext("inst", 7, KEY, "segment")
     stamp = datetime(2026, 11, 28, tzinfo=UTC)
     traits = json.dumps({"email": "a@x.io", KEY: "stale"})
-    (message,) = MessageEncoder(ctx).messages("user", "u1", None, False, 3, stamp, traits)
+    (message,) = MessageEncoder(ctx).messages("user", "u1", None, "false", 3, stamp, traits)
     assert json.loads(message)["traits"] == {"email": "a@x.io", KEY: False}
 
 
@@ -95,7 +96,7 @@ def test_encoder_treats_empty_and_null_traits_as_none() -> None:
     encoder = MessageEncoder(ctx)
     for stored in (None, "{}", "{ }", "null"):
         identify, track = (
-            json.loads(m) for m in encoder.messages("user", "u", None, True, 1, stamp, stored)
+            json.loads(m) for m in encoder.messages("user", "u", None, "true", 1, stamp, stored)
         )
         assert identify["traits"] == {KEY: True}
         assert "traits" not in track["context"]
@@ -108,5 +109,7 @@ def test_message_ids_never_change_across_versions() -> None:
     change = MembershipChange("user", "ü-1", None, True, 7, datetime(2026, 1, 1, tzinfo=UTC), None)
     pinned = "as-ca9a9f239258484a4bc94e1810c682c2e910a905-v7"
     assert message_id(ctx, change, "identify") == pinned
-    (encoded,) = MessageEncoder(ctx).messages("user", "ü-1", None, True, 7, change.changed_at, None)
+    (encoded,) = MessageEncoder(ctx).messages(
+        "user", "ü-1", None, "true", 7, change.changed_at, None
+    )
     assert json.loads(encoded)["messageId"] == pinned

@@ -41,7 +41,7 @@ def test_retry_requeues_failed_rows(harness: Harness, receiver: Receiver) -> Non
     assert harness.memberships()["bad"].status == "pending"
     receiver.poison = set()
     harness.sync()
-    assert harness.memberships()["bad"].synced is True
+    assert harness.memberships()["bad"].synced_value == "true"
 
 
 def test_retire_with_send_false_keeps_the_key_reserved(
@@ -82,7 +82,7 @@ def test_a_lost_response_keeps_the_member_in_doubt(harness: Harness, receiver: R
     receiver.delay = 0.6
     assert harness.sync().status == "partial"
     row = harness.memberships()["flaky"]
-    assert row.in_doubt is True and row.synced is None
+    assert row.in_doubt is True and row.synced_value is None
     # The receiver applies the late batch before the member leaves (in arrival order: a
     # `false` overtaking the late `true` is the documented timeout window, not this case).
     wait_for(lambda: ("flaky", KEY) in receiver.state, 10, "the late batch to be applied")
@@ -113,7 +113,7 @@ def test_a_crash_after_sending_is_recovered_before_the_next_plan(
     with pytest.raises(Killed):
         harness.sync()
     assert receiver.state[("gone", KEY)] is True
-    assert harness.memberships()["gone"].synced is None
+    assert harness.memberships()["gone"].synced_value is None
     with harness.engine.connect() as connection:
         progress = connection.execute(select(DELIVERY_PROGRESS.c.through_member)).all()
     assert progress == [("stays",)]  # how far the dead delivery handed rows over

@@ -108,7 +108,8 @@ def test_resends_reuse_the_message_id(harness: Harness, receiver: Receiver) -> N
     receiver.script = []
     rows = harness.memberships()
     assert all(
-        r.synced is None and r.status == "pending" and "503" in r.last_error for r in rows.values()
+        r.synced_value is None and r.status == "pending" and "503" in r.last_error
+        for r in rows.values()
     )
     with harness.engine.begin() as connection:  # make the backoff expire now
         from sync.state.tables import MEMBERSHIPS
@@ -126,7 +127,9 @@ def test_transient_errors_are_retried(harness: Harness, receiver: Receiver) -> N
     assert report.status == "succeeded"
     assert [r.status for r in receiver.requests] == [500, 500, 200]
     assert values(receiver.messages()) == {"a": True, "b": True}
-    assert all(r.synced is True and r.status == "in_sync" for r in harness.memberships().values())
+    assert all(
+        r.synced_value == "true" and r.status == "in_sync" for r in harness.memberships().values()
+    )
 
 
 def test_retry_after_is_honoured(harness: Harness, receiver: Receiver) -> None:
@@ -176,7 +179,7 @@ def test_bad_credentials_fail_the_run(harness: Harness, receiver: Receiver) -> N
     assert report.status == "failed"
     assert "rejected the credentials" in report.error and "HTTP 401" in report.error
     assert "wrong-key" not in report.error
-    assert all(r.synced is None for r in harness.memberships().values())
+    assert all(r.synced_value is None for r in harness.memberships().values())
     assert harness.runs()[-1].status == "failed"
 
 
@@ -191,7 +194,7 @@ def test_timeouts_leave_rows_pending_and_the_run_partial(
     assert report.status == "partial"
     assert len(receiver.requests) >= 2  # retried
     rows = harness.memberships()
-    assert all(r.status == "pending" and r.synced is None for r in rows.values())
+    assert all(r.status == "pending" and r.synced_value is None for r in rows.values())
     assert "Timeout" in rows["a"].last_error
 
 
@@ -212,7 +215,7 @@ def test_changes_coalesce_before_delivery(harness: Harness, receiver: Receiver) 
     harness.sync()
     assert [m["userId"] for m in receiver.messages()] == ["stays"]
     flaky = harness.memberships()["flaky"]
-    assert flaky.desired is False and flaky.synced is None and flaky.status == "in_sync"
+    assert flaky.desired is False and flaky.synced_value is None and flaky.status == "in_sync"
 
 
 def test_guard_stops_an_emptied_audience(harness: Harness, receiver: Receiver) -> None:
@@ -233,9 +236,7 @@ def test_guard_stops_an_emptied_audience(harness: Harness, receiver: Receiver) -
     assert values(receiver.messages()) == {f"u{i:03d}": False for i in range(150)}
 
 
-def test_the_guard_hint_quotes_the_name_for_the_shell(
-    harness: Harness, receiver: Receiver
-) -> None:
+def test_the_guard_hint_quotes_the_name_for_the_shell(harness: Harness, receiver: Receiver) -> None:
     harness.audience["name"] = """Bob's "VIP" $list"""
     harness.defaults["guard_min_members"] = 2
     harness.set_members(["a", "b", "c"])
@@ -313,14 +314,19 @@ def test_memberships_record_versions_and_timestamps(harness: Harness) -> None:
     harness.set_members(["a"])
     harness.sync()
     first = harness.memberships()["a"]
-    assert (first.desired, first.synced, first.version, first.status) == (True, True, 1, "in_sync")
+    assert (first.desired, first.synced_value, first.version, first.status) == (
+        True,
+        "true",
+        1,
+        "in_sync",
+    )
     assert isinstance(first.changed_at, datetime) and first.changed_at.tzinfo is not None
     harness.set_members([])
     harness.sync()
     harness.set_members(["a"])
     harness.sync()
     again = harness.memberships()["a"]
-    assert (again.desired, again.synced, again.version) == (True, True, 3)
+    assert (again.desired, again.synced_value, again.version) == (True, "true", 3)
 
 
 def test_acknowledgement_is_compare_and_set(harness: Harness, receiver: Receiver) -> None:
@@ -337,15 +343,15 @@ def test_acknowledgement_is_compare_and_set(harness: Harness, receiver: Receiver
             connection.execute(
                 update(MEMBERSHIPS)
                 .where(MEMBERSHIPS.c.member_id == "a")
-                .values(desired=False, version=MEMBERSHIPS.c.version + 1)
+                .values(desired=False, value="false", version=MEMBERSHIPS.c.version + 1)
             )
         receiver.on_request = None
 
     receiver.on_request = replan
     harness.sync()
     rows = harness.memberships()
-    assert rows["b"].synced is True and rows["b"].status == "in_sync"
-    assert rows["a"].synced is None and rows["a"].version == 2
+    assert rows["b"].synced_value == "true" and rows["b"].status == "in_sync"
+    assert rows["a"].synced_value is None and rows["a"].version == 2
     assert rows["a"].status == "pending" and rows["a"].in_doubt  # its `false` is still to be sent
 
 

@@ -35,6 +35,10 @@ KILL_POINTS = [
     ("sqlite", "0002", "ALTER TABLE _alembic_tmp_memberships RENAME"),  # copied, not renamed
     ("postgresql", "0002", "ALTER TABLE memberships ADD COLUMN in_doubt"),
     ("postgresql", "0005", "ALTER TABLE staged_members DROP CONSTRAINT"),
+    # 0009 turns memberships' booleans into values: killed after filling them, before the
+    # old column goes.
+    ("sqlite", "0008", "CREATE TABLE _alembic_tmp_memberships"),
+    ("postgresql", "0008", "ALTER TABLE memberships DROP COLUMN synced"),
 ]
 MEMBERS = 500
 

@@ -87,6 +87,11 @@ def retry(app: AppContext, audience: str) -> None:
 @click.argument("audience")
 @click.option("--send-false", is_flag=True, help="Send false to its current members first.")
 @click.option(
+    "--send-null",
+    is_flag=True,
+    help="A trait group: send its traits as null to its current members first.",
+)
+@click.option(
     "--destination",
     default=None,
     metavar="NAME",
@@ -95,16 +100,28 @@ def retry(app: AppContext, audience: str) -> None:
 @wait_option
 @pass_app
 def retire(
-    app: AppContext, audience: str, send_false: bool, destination: str | None, wait: float
+    app: AppContext,
+    audience: str,
+    send_false: bool,
+    send_null: bool,
+    destination: str | None,
+    wait: float,
 ) -> None:
-    """Retire an audience removed from the config (its key stays reserved), or with
-    --destination its rows at a destination it no longer lists."""
+    """Retire an audience or trait group removed from the config (its key stays reserved), or
+    with --destination its rows at a destination it no longer lists."""
+    if send_false and send_null:
+        raise click.UsageError("--send-false is for audiences, --send-null for trait groups")
     with Syncer(app.config()) as syncer:
         entries = syncer.retire(
-            audience, destination=destination, send_false=send_false, wait=wait
+            audience,
+            destination=destination,
+            send_false=send_false,
+            send_null=send_null,
+            wait=wait,
         )
     sent = sum(e.sent for e in entries)
-    extra = f" after sending {sent} false value(s)" if send_false else ""
+    what = "false" if send_false else "null"
+    extra = f" after sending {sent} {what} value(s)" if send_false or send_null else ""
     if destination is None:
         click.echo(f"audience {audience} retired{extra}; its key stays reserved")
     else:

@@ -116,6 +116,15 @@ class RedactedTable(Table):
         )
 
 
+def _cell(value: Any) -> str:
+    """A value as a table shows it: a trait group's values as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
 def print_table(title: str, columns: dict[str, str], rows: list[dict[str, Any]]) -> None:
     """A titled table on the console, redacted: ``columns`` maps each heading to the key of
     its value in every row (``None`` shown empty)."""
@@ -124,7 +133,7 @@ def print_table(title: str, columns: dict[str, str], rows: list[dict[str, Any]])
         table.add_column(heading)
     for row in rows:
         values = (row[key] for key in columns.values())
-        table.add_row(*["" if v is None else str(v) for v in values])
+        table.add_row(*[_cell(v) for v in values])
     console().print(table)
 
 

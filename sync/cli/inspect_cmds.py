@@ -59,6 +59,7 @@ MEMBER_COLUMNS = {
     "kind": "id_kind",
     "destination": "destination",
     "desired": "desired",
+    "value": "value",
     "synced": "synced",
     "status": "status",
     "changed": "changed_at",
@@ -69,6 +70,7 @@ USER_COLUMNS = {
     "audience": "audience",
     "destination": "destination",
     "desired": "desired",
+    "value": "value",
     "delivered": "synced",
     "changed": "changed_at",
     "status": "status",
@@ -218,7 +220,7 @@ def _audience_rows(config: Config) -> list[dict[str, Any]]:
             "schedule": config.schedule_of(a).text,
             "enabled": a.enabled,
         }
-        for a in config.audiences
+        for a in config.computations
     ]
 
 

@@ -23,7 +23,7 @@ from sync.cli.app import (
     pass_app,
     wait_option,
 )
-from sync.config import AudienceConfig, Config, load_config
+from sync.config import ComputationConfig, Config, load_config
 from sync.delivery import ProgressFactory
 from sync.demo import advance_demo_clock, demo_path, ensure_demo_warehouse
 from sync.engine import DestinationReport, RunOptions, RunReport, Syncer
@@ -193,7 +193,7 @@ def run_audiences(
 
 def _run_one(
     syncer: Syncer,
-    audience: AudienceConfig,
+    audience: ComputationConfig,
     options: RunOptions,
     progress: ProgressFactory | None,
 ) -> RunReport:

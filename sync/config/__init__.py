@@ -6,21 +6,27 @@ from sync.config.loader import load_config, parse_config
 from sync.config.models import (
     DEFAULT_CONFIG_PATH,
     AudienceConfig,
+    AudienceDestinationSettings,
+    ComputationConfig,
     Config,
     DaemonConfig,
     Defaults,
     SourceConfig,
     StateConfig,
+    TraitGroupConfig,
 )
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "AudienceConfig",
+    "AudienceDestinationSettings",
+    "ComputationConfig",
     "Config",
     "DaemonConfig",
     "Defaults",
     "SourceConfig",
     "StateConfig",
+    "TraitGroupConfig",
     "load_config",
     "parse_config",
 ]

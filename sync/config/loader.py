@@ -22,11 +22,13 @@ from sqlalchemy.exc import ArgumentError
 
 from sync.config.models import (
     AudienceConfig,
+    AudienceDestinationSettings,
     Config,
     DaemonConfig,
     Defaults,
     SourceConfig,
     StateConfig,
+    TraitGroupConfig,
 )
 from sync.destinations import DESTINATION_TYPES, SETTINGS_TYPES
 from sync.errors import ConfigError
@@ -211,6 +213,8 @@ def _all_field_names() -> set[str]:
         Defaults,
         DaemonConfig,
         AudienceConfig,
+        AudienceDestinationSettings,
+        TraitGroupConfig,
         *SETTINGS_TYPES,
     )
     for model in models:
@@ -218,9 +222,7 @@ def _all_field_names() -> set[str]:
     return names
 
 
-def _describe(
-    error: Any, raw: dict[str, Any], interpolated: Mapping[str, tuple[str, str]]
-) -> str:
+def _describe(error: Any, raw: dict[str, Any], interpolated: Mapping[str, tuple[str, str]]) -> str:
     loc = tuple(error["loc"])
     path = _toml_path(loc)
     written = interpolated.get(path, (None,))[0]
@@ -257,16 +259,22 @@ def _describe(
     return f"{where}: {message}"
 
 
+# The config's lists of computations, and what a line about one of them calls it.
+COMPUTATION_SECTIONS = {"audiences": "audience", "traits": "trait group"}
+
+
 def _audience_named(loc: tuple[int | str, ...], raw: dict[str, Any]) -> str:
-    """`` (audience "Name")`` for a problem inside ``audiences[i]``, so the line names it."""
-    audiences = raw.get("audiences")
-    if len(loc) < 2 or loc[0] != "audiences" or not isinstance(loc[1], int):
+    """`` (audience "Name")`` for a problem inside ``audiences[i]`` (`` (trait group "Name")``
+    inside ``traits[i]``), so the line names it."""
+    if len(loc) < 2 or loc[0] not in COMPUTATION_SECTIONS or not isinstance(loc[1], int):
         return ""
-    if not isinstance(audiences, list) or loc[1] >= len(audiences):
+    entries = raw.get(str(loc[0]))
+    if not isinstance(entries, list) or loc[1] >= len(entries):
         return ""
-    audience = audiences[loc[1]]
-    name = audience.get("name") if isinstance(audience, dict) else None
-    return f' (audience "{name}")' if isinstance(name, str) and name else ""
+    entry = entries[loc[1]]
+    name = entry.get("name") if isinstance(entry, dict) else None
+    label = COMPUTATION_SECTIONS[str(loc[0])]
+    return f' ({label} "{name}")' if isinstance(name, str) and name else ""
 
 
 def _cross_reference_problems(raw: dict[str, Any]) -> list[str]:
@@ -275,17 +283,19 @@ def _cross_reference_problems(raw: dict[str, Any]) -> list[str]:
     raw_sources, raw_destinations = raw.get("sources"), raw.get("destinations")
     sources: dict[str, Any] = raw_sources if isinstance(raw_sources, dict) else {}
     destinations: dict[str, Any] = raw_destinations if isinstance(raw_destinations, dict) else {}
-    audiences = raw.get("audiences")
-    if not isinstance(audiences, list):
-        return problems
-    names: dict[str, int] = {}
-    keys: dict[str, tuple[int, str]] = {}
-    for index, audience in enumerate(audiences):
-        if not isinstance(audience, dict):
+    # Names and keys: one namespace across audiences and trait groups.
+    names: dict[str, str] = {}
+    keys: dict[str, tuple[str, str]] = {}
+    for section in COMPUTATION_SECTIONS:
+        entries = raw.get(section)
+        if not isinstance(entries, list):
             continue
-        where = f"audiences[{index}]"
-        problems.extend(_reference_problems(where, audience, sources, destinations))
-        problems.extend(_identity_problems(where, index, audience, names, keys))
+        for index, audience in enumerate(entries):
+            if not isinstance(audience, dict):
+                continue
+            where = f"{section}[{index}]"
+            problems.extend(_reference_problems(where, audience, sources, destinations))
+            problems.extend(_identity_problems(where, audience, names, keys))
     return problems
 
 
@@ -312,27 +322,35 @@ def _reference_problems(
                 )
             if isinstance(dest, str) and wanted.index(dest) != i:
                 problems.append(f'{where}.destinations[{i}]: "{dest}" is listed twice')
+    per_destination = audience.get("destination_settings")
+    if isinstance(per_destination, dict) and isinstance(wanted, list):
+        for dest in per_destination:
+            if dest not in wanted:
+                problems.append(
+                    f'{where}.destination_settings.{dest}: "{dest}" is not one of this '
+                    f"audience's destinations ({', '.join(map(str, wanted))}); add it to "
+                    "destinations or remove these settings"
+                )
     return problems
 
 
 def _identity_problems(
     where: str,
-    index: int,
     audience: dict[str, Any],
-    names: dict[str, int],
-    keys: dict[str, tuple[int, str]],
+    names: dict[str, str],
+    keys: dict[str, tuple[str, str]],
 ) -> list[str]:
-    """Names and trait keys are unique across audiences (``names`` and ``keys`` collect the
-    ones seen so far), and a key is not also a trait or a member id."""
+    """Names and keys are unique across audiences and trait groups (``names`` and ``keys``
+    collect the ones seen so far), and a key is not also a trait or a member id."""
     name = audience.get("name")
     if not isinstance(name, str) or not name:
         return []
     if name in names:
         return [
-            f'{where}.name: duplicate audience name "{name}" (also audiences[{names[name]}]); '
-            "give each audience its own name"
+            f'{where}.name: duplicate audience name "{name}" (also {names[name]}); '
+            "give each audience and trait group its own name"
         ]
-    names[name] = index
+    names[name] = where
     key = audience.get("key")
     if key is None:
         if problem := name_key_problem(name):
@@ -342,13 +360,13 @@ def _identity_problems(
         return []
     problems: list[str] = []
     if key in keys:
-        other_index, other_name = keys[key]
+        other_where, other_name = keys[key]
         problems.append(
-            f'{where}: audiences "{other_name}" (audiences[{other_index}]) and "{name}" '
+            f'{where}: "{other_name}" ({other_where}) and "{name}" '
             f'both have the key "{key}"; set key = "..." on one of them'
         )
     else:
-        keys[key] = (index, name)
+        keys[key] = (where, name)
     traits = audience.get("traits")
     if isinstance(traits, list) and key in traits:
         problems.append(

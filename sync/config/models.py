@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -16,6 +16,7 @@ from sqlalchemy.exc import ArgumentError
 
 from sync.destinations import DestinationSettings
 from sync.keys import derive_key, key_problem
+from sync.messages import ComputationClass as ComputationKind
 from sync.redaction import Redactor, collect_secrets
 from sync.schedule import Schedule, parse_duration, parse_schedule
 
@@ -34,6 +35,7 @@ def _check_sqlalchemy_url(value: str) -> str:
             '"postgresql+psycopg://user@host/db"'
         ) from None
     return value
+
 
 # The state DB's `destination` columns are VARCHAR(100) (a name is part of every row's key).
 MAX_DESTINATION_NAME_LENGTH = 100
@@ -112,14 +114,29 @@ class DaemonConfig(_Model):
     )(_duration)
 
 
-class AudienceConfig(_Model):
-    """One audience: a query whose rows are its members, and where to send them."""
+OnExit = Literal["null", "keep"]
+
+
+class AudienceDestinationSettings(_Model):
+    """Per audience and destination: fields Engage puts into ``context.personas`` that some of
+    Segment's audience destinations require (README "Destinations")."""
+
+    external_audience_id: str | None = Field(default=None, min_length=1)
+    audience_settings: dict[str, Any] | None = None
+
+
+class ComputationConfig(_Model):
+    """What audiences and trait groups share: a query on a source, destinations, a schedule,
+    the removal guard."""
+
+    kind: ClassVar[ComputationKind]
+    # How the configuration calls this kind of computation, in messages ("audience" …).
+    label: ClassVar[str]
 
     name: str = Field(min_length=1)
     key: str | None = None
     source: str
     query: str
-    traits: list[str] = Field(default_factory=list)
     destinations: list[str] = Field(min_length=1)
     schedule: str | None = None
     max_removal_ratio: float | None = Field(default=None, ge=0, le=1)
@@ -153,6 +170,51 @@ class AudienceConfig(_Model):
         """The configured key, or the one derived from the name."""
         return self.key or derive_key(self.name)
 
+    @property
+    def is_trait_group(self) -> bool:
+        return self.kind == "trait"
+
+    @property
+    def extra_traits(self) -> list[str]:
+        """Columns sent along as traits besides the computation's own value (audiences)."""
+        return []
+
+    def settings_for(self, destination: str) -> AudienceDestinationSettings:
+        """This computation's own settings for one destination (none for trait groups)."""
+        return NO_DESTINATION_SETTINGS
+
+
+NO_DESTINATION_SETTINGS = AudienceDestinationSettings()
+
+
+class AudienceConfig(ComputationConfig):
+    """One audience: a query whose rows are its members, and where to send them."""
+
+    kind: ClassVar[ComputationKind] = "audience"
+    label: ClassVar[str] = "audience"
+
+    traits: list[str] = Field(default_factory=list)
+    destination_settings: dict[str, AudienceDestinationSettings] = Field(default_factory=dict)
+
+    @property
+    def extra_traits(self) -> list[str]:
+        return self.traits
+
+    def settings_for(self, destination: str) -> AudienceDestinationSettings:
+        return self.destination_settings.get(destination, NO_DESTINATION_SETTINGS)
+
+
+class TraitGroupConfig(ComputationConfig):
+    """One SQL trait group: a query with one row per user; every column but the ids is a trait,
+    sent when the row's values change."""
+
+    kind: ClassVar[ComputationKind] = "trait"
+    label: ClassVar[str] = "trait group"
+
+    # A user who leaves the result: "null" sends every trait of the group as null once;
+    # "keep" sends nothing.
+    on_exit: OnExit = "null"
+
 
 # The config file format this version reads; a file may say `version = N` at the top.
 CONFIG_VERSION = 1
@@ -169,6 +231,7 @@ class Config(_Model):
     defaults: Defaults = Field(default_factory=Defaults)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     audiences: list[AudienceConfig] = Field(default_factory=list)
+    traits: list[TraitGroupConfig] = Field(default_factory=list)
     # Values read from ${VAR}s into URLs and headers (set by `parse_config`).
     _environment_secrets: tuple[str, ...] = PrivateAttr(default=())
 
@@ -197,25 +260,30 @@ class Config(_Model):
             raise ValueError(f"config version {value} does not exist; write version = 1")
         return value
 
-    def schedule_of(self, audience: AudienceConfig) -> Schedule:
+    @property
+    def computations(self) -> list[ComputationConfig]:
+        """Every audience, then every trait group."""
+        return [*self.audiences, *self.traits]
+
+    def schedule_of(self, audience: ComputationConfig) -> Schedule:
         """The audience's own schedule, or the default one."""
         return parse_schedule(audience.schedule or self.defaults.schedule)
 
-    def max_removal_ratio_of(self, audience: AudienceConfig) -> float:
+    def max_removal_ratio_of(self, audience: ComputationConfig) -> float:
         """The share of members a run may remove before the guard stops it."""
         if audience.max_removal_ratio is not None:
             return audience.max_removal_ratio
         return self.defaults.max_removal_ratio
 
-    def guard_min_members_of(self, audience: AudienceConfig) -> int:
+    def guard_min_members_of(self, audience: ComputationConfig) -> int:
         """Audiences smaller than this churn freely, unguarded."""
         if audience.guard_min_members is not None:
             return audience.guard_min_members
         return self.defaults.guard_min_members
 
-    def find_audience(self, name_or_key: str) -> AudienceConfig | None:
-        """The audience with this name or trait key, if any."""
-        for audience in self.audiences:
+    def find_audience(self, name_or_key: str) -> ComputationConfig | None:
+        """The audience or trait group with this name or key, if any."""
+        for audience in self.computations:
             if name_or_key in (audience.name, audience.trait_key):
                 return audience
         return None

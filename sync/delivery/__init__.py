@@ -13,12 +13,12 @@ from collections.abc import Callable
 
 from sqlalchemy import Engine
 
-from sync.config import Config
+from sync.config import ComputationConfig, Config
 from sync.delivery.deliverer import Deliverer
 from sync.delivery.ledger import recover_in_flight, retry_due
 from sync.delivery.sending import NO_HOOKS, DeliveryHooks, RetryPolicy
 from sync.destinations import Destination
-from sync.messages import AudienceContext
+from sync.messages import AudienceContext, ComputationClass
 from sync.reports import DestinationReport
 from sync.state.leases import Lease
 from sync.state.memberships import DestinationTarget, count_status
@@ -44,6 +44,8 @@ def deliver_destinations(
     key: str,
     install: str,
     pairs: list[tuple[DestinationTarget, Destination]],
+    kind: ComputationClass = "audience",
+    computation: ComputationConfig | None = None,
     entries: list[DestinationReport],
     lease: Lease,
     stop: threading.Event,
@@ -52,7 +54,8 @@ def deliver_destinations(
 ) -> str | None:
     """Deliver to every destination in turn, within one time budget, counting into its entry
     (added to ``entries`` if missing); return the error that stopped a destination (bad
-    credentials, unwritable file), if any."""
+    credentials, unwritable file), if any. ``computation``: its configuration, when it has
+    one (per-destination settings such as ``external_audience_id``)."""
     deadline = time.monotonic() + policy.time_budget
     by_name = {entry.destination: entry for entry in entries}
     fatal: str | None = None
@@ -60,6 +63,7 @@ def deliver_destinations(
         if stop.is_set():
             break
         settings = config.destinations[target.name]
+        own = computation.settings_for(target.name) if computation else None
         context = AudienceContext(
             installation_id=install,
             audience_id=audience_id,
@@ -69,6 +73,9 @@ def deliver_destinations(
             space_id=settings.space_id,
             namespace=settings.namespace,
             integrations=destination.integrations,
+            computation_class=kind,
+            external_audience_id=(own.external_audience_id or "") if own else "",
+            audience_settings=own.audience_settings if own else None,
         )
         entry = by_name.setdefault(target.name, DestinationReport(target.name))
         if entry not in entries:

@@ -80,8 +80,8 @@ class Batcher:
         batch_bytes = BATCH_ENVELOPE_BYTES
         oversized: list[tuple[Unit, str]] = []
         encode = self.encoder.messages
-        for kind, member, anonymous, desired, in_doubt, version, changed_at, traits in rows:
-            messages = encode(kind, member, anonymous, bool(desired), version, changed_at, traits)
+        for kind, member, anonymous, value, in_doubt, version, changed_at, traits in rows:
+            messages = encode(kind, member, anonymous, value, version, changed_at, traits)
             # Bytes in the body (UTF-8) plus the separating comma; one message in the common
             # (identify) case, so no list is built for it.
             if len(messages) == 1:
@@ -92,7 +92,7 @@ class Batcher:
             if self.max_message_bytes is not None and largest > self.max_message_bytes:
                 # The value change must go through: without the traits that make it too big.
                 messages, dropped = self.encoder.fitting(
-                    kind, member, anonymous, bool(desired), version, changed_at, traits, self.fits
+                    kind, member, anonymous, value, version, changed_at, traits, self.fits
                 )
                 sizes = [message_size(m) for m in messages]
                 size = sum(sizes)

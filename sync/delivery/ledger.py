@@ -173,7 +173,7 @@ class Ledger:
             update(M)
             .where(self._where_at)
             .values(
-                synced=M.c.desired,
+                synced_value=M.c.value,
                 in_doubt=False,
                 status="in_sync",
                 attempts=0,
@@ -244,7 +244,7 @@ class Ledger:
         keyset; rows waiting for a retry later than the state DB's time now are left for a
         later run.
 
-        Each row is the driver's plain tuple ``(id_kind, member_id, anonymous_id, desired,
+        Each row is the driver's plain tuple ``(id_kind, member_id, anonymous_id, value,
         in_doubt, version, changed_at, traits)``: every column is already in the form
         ``MessageEncoder`` takes, so SQLAlchemy's row objects would only cost time."""
         now = self.now()
@@ -272,7 +272,7 @@ class Ledger:
                 type_coerce(M.c.id_kind, String).label("id_kind"),
                 M.c.member_id,
                 M.c.anonymous_id,
-                M.c.desired,
+                M.c.value,
                 M.c.in_doubt,
                 M.c.version,
                 type_coerce(M.c.changed_at, String).label("changed_at"),

@@ -11,11 +11,12 @@ planner, by the fastest path that stages the same rows.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, select
 
-from sync.config import AudienceConfig, Config
+from sync.config import ComputationConfig, Config
 from sync.errors import LeaseLostError, RunInterruptedError, SourceError
 from sync.run.dry_run import DRY_RUN_ID
 from sync.run.plan import drop_staging
@@ -23,13 +24,15 @@ from sync.run.same_database import stage_in_database
 from sync.run.sources import make_source_engine
 from sync.run.stage_table import refresh_statistics
 from sync.run.staging import SnapshotStats, stage_from_source
+from sync.run.trait_values import TraitColumns
 from sync.state.leases import Lease
+from sync.state.tables import AUDIENCES
 
 # Called after each chunk of a source query is staged; raises to stop the run.
 AfterChunk = Callable[[], None]
 
 
-def open_source_engine(config: Config, audience: AudienceConfig) -> Engine:
+def open_source_engine(config: Config, audience: ComputationConfig) -> Engine:
     """An engine on the audience's source (the demo warehouse is created on first use); the
     caller disposes it."""
     source = config.sources[audience.source]
@@ -43,7 +46,7 @@ def open_source_engine(config: Config, audience: AudienceConfig) -> Engine:
 def compute_snapshot(
     connection: Connection,
     config: Config,
-    audience: AudienceConfig,
+    audience: ComputationConfig,
     audience_id: int,
     run_id: int,
     lease: Lease,
@@ -70,19 +73,19 @@ def compute_snapshot(
 def _stage(
     connection: Connection,
     config: Config,
-    audience: AudienceConfig,
+    audience: ComputationConfig,
     run_id: int,
     after_chunk: AfterChunk,
 ) -> SnapshotStats:
     source = config.sources[audience.source]
-    if source.url == config.state.url:
+    if source.url == config.state.url and not audience.is_trait_group:
         stats = stage_in_database(
             connection,
             run_id,
             audience=audience.name,
             source_name=audience.source,
             query=audience.query,
-            traits=audience.traits,
+            traits=audience.extra_traits,
         )
         if stats is not None:
             return stats  # else values SQL cannot render as Python does: stream them
@@ -90,7 +93,7 @@ def _stage(
 
 
 def compute_dry_snapshot(
-    scratch: Connection, config: Config, audience: AudienceConfig, after_chunk: AfterChunk
+    scratch: Connection, config: Config, audience: ComputationConfig, after_chunk: AfterChunk
 ) -> SnapshotStats:
     """Stage a dry run's snapshot into its scratch copy, uncommitted. It always streams (the
     same-database path would write the state DB); both paths stage the same rows."""
@@ -100,7 +103,7 @@ def compute_dry_snapshot(
 def _stream(
     connection: Connection,
     config: Config,
-    audience: AudienceConfig,
+    audience: ComputationConfig,
     run_id: int,
     after_chunk: AfterChunk,
     *,
@@ -115,13 +118,39 @@ def _stream(
             audience=audience.name,
             source_name=audience.source,
             query=audience.query,
-            traits=audience.traits,
+            traits=audience.extra_traits,
             chunk_size=config.sources[audience.source].chunk_size,
             commit_each_chunk=commit_each_chunk,
             after_chunk=after_chunk,
+            trait_columns=trait_columns(connection, config, audience),
         )
     finally:
         engine.dispose()
+
+
+def trait_columns(
+    connection: Connection, config: Config, group: ComputationConfig
+) -> TraitColumns | None:
+    """A trait group's column rule: its traits may not take a key another computation sends
+    to one of its destinations (an audience's key; another trait group's traits as of its last
+    run). None for an audience."""
+    if not group.is_trait_group:
+        return None
+    reserved: dict[str, str] = {}
+    for other in config.computations:
+        shared = [d for d in other.destinations if d in group.destinations]
+        if other.trait_key == group.trait_key or not shared:
+            continue
+        holder = f'{other.label} "{other.name}" at destination "{shared[0]}"'
+        if not other.is_trait_group:
+            reserved[other.trait_key] = holder
+            continue
+        stored = connection.execute(
+            select(AUDIENCES.c.exit_value).where(AUDIENCES.c.key == other.trait_key)
+        ).scalar()
+        for name in json.loads(stored) if stored else {}:
+            reserved.setdefault(name, holder)
+    return TraitColumns(group.name, reserved)
 
 
 def fenced_commit(connection: Connection, lease: Lease) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
-from sync.config import AudienceConfig, Config
+from sync.config import ComputationConfig, Config
 from sync.delivery import DeliveryHooks, ProgressFactory, RetryPolicy, deliver_destinations
 from sync.destinations import Destination, build_destination
 from sync.logs import current_run
@@ -21,7 +21,7 @@ from sync.run.record import log_summary
 from sync.state.leases import Lease
 from sync.state.memberships import DestinationTarget
 from sync.state.runs import start_run
-from sync.state.tables import RunTrigger
+from sync.state.tables import ComputationKind, RunTrigger
 
 logger = logging.getLogger("sync.runner")
 
@@ -89,7 +89,7 @@ class RunContext:
     @contextmanager
     def recorded_run(
         self,
-        audience: AudienceConfig,
+        audience: ComputationConfig,
         audience_id: int,
         trigger: RunTrigger,
         report: RunReport,
@@ -136,9 +136,11 @@ class RunContext:
         entries: list[DestinationReport],
         lease: Lease,
         progress: ProgressFactory | None = None,
+        *,
+        kind: ComputationKind = "audience",
     ) -> str | None:
-        """Deliver the audience's pending rows under ``lease``, filling ``entries``; return
-        the error that stopped a destination, if any."""
+        """Deliver the pending rows of the audience or trait group ``key`` under ``lease``,
+        filling ``entries``; return the error that stopped a destination, if any."""
         return deliver_destinations(
             self.engine,
             self.config,
@@ -147,6 +149,8 @@ class RunContext:
             key=key,
             install=install,
             pairs=targets,
+            kind=kind,
+            computation=self.config.find_audience(key),
             entries=entries,
             lease=lease,
             stop=self.stop,

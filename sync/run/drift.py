@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
-from sync.config import AudienceConfig, Config
+from sync.config import ComputationConfig, Config
 from sync.destinations import DestinationSettings, FileSettings, WebhookSettings
 from sync.state.audiences import definition_hash, destinations_hash
 from sync.state.tables import AUDIENCES as A
@@ -74,7 +74,7 @@ def endpoint_fingerprint(settings: DestinationSettings) -> str:
 
 
 def endpoint_problems(
-    connection: Connection, config: Config, audience: AudienceConfig
+    connection: Connection, config: Config, audience: ComputationConfig
 ) -> list[str]:
     """One line per destination of ``audience`` whose endpoint differs from the one its rows
     were planned against (nothing recorded yet: nothing to compare)."""
@@ -142,7 +142,9 @@ def record_endpoints(
 # --- renames ---------------------------------------------------------------------------------
 
 
-def rename_problem(connection: Connection, config: Config, audience: AudienceConfig) -> str | None:
+def rename_problem(
+    connection: Connection, config: Config, audience: ComputationConfig
+) -> str | None:
     """Why ``audience`` looks like a vanished audience renamed, or None.
 
     Only an audience the state DB does not know yet can be a rename; it is one when a
@@ -152,7 +154,7 @@ def rename_problem(connection: Connection, config: Config, audience: AudienceCon
     key = audience.trait_key
     if connection.execute(select(A.c.id).where(A.c.key == key)).first() is not None:
         return None
-    configured = {a.trait_key for a in config.audiences}
+    configured = {a.trait_key for a in config.computations}
     digest, destinations = definition_hash(audience), destinations_hash(audience)
     rows = connection.execute(
         select(A.c.key, A.c.definition_hash, A.c.destinations_hash)
@@ -175,7 +177,7 @@ def rename_problem(connection: Connection, config: Config, audience: AudienceCon
 
 
 def drift_problem(
-    connection: Connection, config: Config, audience: AudienceConfig, *, full: bool
+    connection: Connection, config: Config, audience: ComputationConfig, *, full: bool
 ) -> str | None:
     """Why ``audience`` must not run as configured (a rename; a moved endpoint, unless this is
     the ``--full`` run that accepts it), or None."""
@@ -195,15 +197,20 @@ class Orphan:
     audience_id: int
     key: str
     name: str
+    kind: str = "audience"
 
 
 def orphans(connection: Connection, config: Config) -> list[Orphan]:
     """Audiences removed from the config and not retired, by key."""
-    configured = {a.trait_key for a in config.audiences}
+    configured = {a.trait_key for a in config.computations}
     rows = connection.execute(
-        select(A.c.id, A.c.key, A.c.name).where(A.c.retired_at.is_(None)).order_by(A.c.key)
+        select(A.c.id, A.c.key, A.c.name, A.c.kind)
+        .where(A.c.retired_at.is_(None))
+        .order_by(A.c.key)
     ).all()
-    return [Orphan(row.id, row.key, row.name) for row in rows if row.key not in configured]
+    return [
+        Orphan(row.id, row.key, row.name, row.kind) for row in rows if row.key not in configured
+    ]
 
 
 def recorded_destinations(connection: Connection, audience_id: int) -> list[str]:
@@ -229,7 +236,7 @@ def dropped_destinations(connection: Connection, config: Config) -> list[tuple[s
     rows = connection.execute(select(A.c.key, A.c.id).where(A.c.retired_at.is_(None))).all()
     ids: dict[str, int] = {row.key: row.id for row in rows}
     found = []
-    for audience in config.audiences:
+    for audience in config.computations:
         audience_id = ids.get(audience.trait_key)
         if audience_id is None:
             continue
@@ -278,7 +285,7 @@ def drift_report(engine: Engine, config: Config) -> tuple[list[str], list[str]]:
     with engine.connect() as connection:
         problems = [
             problem
-            for audience in config.audiences
+            for audience in config.computations
             if (problem := drift_problem(connection, config, audience, full=False))
         ]
         warnings = drift_warnings(connection, config, warn_orphans=True)

@@ -1,12 +1,14 @@
 """Plan: turn a staged snapshot into membership changes with set operations, in one transaction.
 
-Entrants are inserted, re-entrants flipped, leavers marked ``desired = false``; every change bumps
-``version`` and resets delivery bookkeeping. Nothing here sends anything.
+Entrants are inserted, re-entrants flipped, leavers marked ``desired = false`` (with their exit
+value), a trait group's changed rows given their new values; every change bumps ``version`` and
+resets delivery bookkeeping. Nothing here sends anything.
 """
 
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -33,10 +35,10 @@ from sync.state.memberships import (
     count_members,
     leaver_status,
     of_destination,
-    reentrant_status,
+    status_for,
 )
+from sync.state.tables import FALSE_VALUE, RUNS, TRUE_VALUE, ComputationKind
 from sync.state.tables import MEMBERSHIPS as M
-from sync.state.tables import RUNS
 from sync.state.tables import STAGED as S
 
 
@@ -117,16 +119,41 @@ def retirement_problem(
     return None
 
 
+@dataclass(frozen=True)
+class ValueRule:
+    """What a computation's members are sent: an audience's ``true``/``false``, or a trait
+    group's row values (``exit_value``: a leaver's all-null row; None: leavers keep theirs)."""
+
+    kind: ComputationKind = "audience"
+    exit_value: str | None = FALSE_VALUE
+
+    def entered(self) -> Any:
+        """The value of a staged member."""
+        return literal(TRUE_VALUE) if self.kind == "audience" else S.c.value
+
+    def left(self) -> Any:
+        """The value of a member who left: ``exit_value``; with ``on_exit = "keep"``, what the
+        destination holds (nothing to send), unless in doubt (the row's value is resent)."""
+        if self.exit_value is not None:
+            return literal(self.exit_value)
+        return case((M.c.in_doubt == true(), M.c.value), else_=M.c.synced_value)
+
+
+AUDIENCE_VALUES = ValueRule()
+
+
 def plan_destination(
     connection: Connection,
     audience_id: int,
     run_id: int,
     target: DestinationTarget,
     now: datetime,
+    rule: ValueRule = AUDIENCE_VALUES,
 ) -> DestinationReport:
     """Apply the staged snapshot to one destination's memberships; the report's ``current``,
-    ``added`` and ``removed`` say what changed."""
-    # Over 60 lines on purpose: its set-based statements (leavers, re-entrants, trait changes,
+    ``added`` and ``removed`` say what changed (and ``changed``: trait values of continuing
+    members)."""
+    # Over 60 lines on purpose: its set-based statements (leavers, value changes, re-entrants,
     # entrants) run in this order inside the plan's one transaction, each reading what the
     # previous one left; split up, that order would be spread over helpers that only make
     # sense in it. Each statement is commented below.
@@ -134,42 +161,50 @@ def plan_destination(
     plan.current = count_members(connection, audience_id, target.name)
     of = of_destination(audience_id, target.name)
     bump = {"version": M.c.version + 1, "changed_at": now, **DELIVERY_RESET}
+    joined = (S.c.run_id == run_id, S.c.id_kind == M.c.id_kind, S.c.member_id == M.c.member_id)
 
+    left = rule.left()
     leavers = connection.execute(
         update(M)
         .where(of, M.c.desired == true(), ~_staged_match(run_id))
-        .values(
-            desired=False,
-            status=leaver_status(target),
-            **bump,
-        )
+        .values(desired=False, value=left, status=leaver_status(target, left), **bump)
     )
     plan.removed = leavers.rowcount
 
     # Continuing members keep their version; only their traits follow the source, so that a
     # later `false` carries the latest e-mail.
     # UPDATE … FROM: one join instead of a correlated lookup per member.
-    connection.execute(
-        update(M)
-        .where(
-            of,
-            M.c.desired == true(),
-            S.c.run_id == run_id,
-            S.c.id_kind == M.c.id_kind,
-            S.c.member_id == M.c.member_id,
-            func.coalesce(cast(S.c.traits, Text), "").is_distinct_from(
-                func.coalesce(cast(M.c.traits, Text), "")
-            ),
+    if rule.kind == "audience":
+        connection.execute(
+            update(M)
+            .where(
+                of,
+                M.c.desired == true(),
+                *joined,
+                func.coalesce(cast(S.c.traits, Text), "").is_distinct_from(
+                    func.coalesce(cast(M.c.traits, Text), "")
+                ),
+            )
+            .values(traits=S.c.traits)
         )
-        .values(traits=S.c.traits)
-    )
+    else:
+        # A trait group's continuing member whose values changed: the new values, a new
+        # version (a change twice before delivery sends only the latest).
+        changed = connection.execute(
+            update(M)
+            .where(of, M.c.desired == true(), *joined, S.c.value != M.c.value)
+            .values(value=S.c.value, status=status_for(target, S.c.value, true()), **bump)
+        )
+        plan.changed = changed.rowcount
 
+    entered = _staged_value(run_id, S.c.value) if rule.kind == "trait" else rule.entered()
     reentrants = connection.execute(
         update(M)
         .where(of, M.c.desired == False, _staged_match(run_id))  # noqa: E712
         .values(
             desired=True,
-            status=reentrant_status(target),
+            value=entered,
+            status=status_for(target, entered, true()),
             traits=_staged_value(run_id, S.c.traits),
             anonymous_id=_staged_value(run_id, S.c.anonymous_id),
             **bump,
@@ -199,7 +234,8 @@ def plan_destination(
                 "member_id",
                 "anonymous_id",
                 "desired",
-                "synced",
+                "value",
+                "synced_value",
                 "in_doubt",
                 "version",
                 "changed_at",
@@ -214,7 +250,8 @@ def plan_destination(
                 S.c.member_id,
                 S.c.anonymous_id,
                 literal(True),
-                literal(None),
+                rule.entered(),
+                literal(None, M.c.synced_value.type),
                 literal(False),
                 literal(1),
                 literal(now, M.c.changed_at.type),

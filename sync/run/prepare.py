@@ -10,14 +10,22 @@ from collections.abc import Callable
 from sqlalchemy import Connection
 
 from sync.clock import state_now
-from sync.config import AudienceConfig, Config
+from sync.config import ComputationConfig, Config, TraitGroupConfig
 from sync.delivery import recover_in_flight
 from sync.reports import DestinationReport, RunOptions, RunReport
 from sync.run.drift import record_endpoints
-from sync.run.plan import drop_staging, plan_destination, removal_problem
+from sync.run.plan import (
+    AUDIENCE_VALUES,
+    ValueRule,
+    drop_staging,
+    plan_destination,
+    removal_problem,
+)
 from sync.run.record import record_run
 from sync.run.stage_table import refresh_statistics
 from sync.run.staging import SnapshotStats
+from sync.run.trait_values import exit_value
+from sync.state.audiences import store_exit_value
 from sync.state.leases import Lease
 from sync.state.memberships import DestinationTarget, count_status, mark_full_resync, pending_in
 
@@ -32,7 +40,7 @@ AfterPlan = Callable[[], None]
 def plan_destinations(
     connection: Connection,
     config: Config,
-    audience: AudienceConfig,
+    audience: ComputationConfig,
     audience_id: int,
     run_id: int,
     targets: list[DestinationTarget],
@@ -45,9 +53,15 @@ def plan_destinations(
     # Before the plan: a leaver's status depends on whether its row is in doubt.
     recover_in_flight(connection, audience_id)
     now = state_now(connection)  # changed_at: one clock for every host
+    rule = AUDIENCE_VALUES
+    if audience.is_trait_group:
+        nulls = exit_value(stats.trait_names)
+        store_exit_value(connection, audience_id, nulls)
+        keep = isinstance(audience, TraitGroupConfig) and audience.on_exit == "keep"
+        rule = ValueRule("trait", None if keep else nulls)
     plans = []
     for target in targets:
-        plan = plan_destination(connection, audience_id, run_id, target, now)
+        plan = plan_destination(connection, audience_id, run_id, target, now, rule)
         if after_plan is not None:
             after_plan()
         problem = removal_problem(

@@ -14,6 +14,7 @@ from sync.run.plan import retirement_problem
 from sync.state.audiences import (
     audience_leaving_destination,
     audience_title,
+    exit_value_of,
     forget_destination,
     mark_retired,
     orphaned_audience,
@@ -24,7 +25,13 @@ from sync.state.memberships import count_status, mark_all_exited, pending_in
 
 
 def retire_audience(
-    context: RunContext, name: str, *, destination: str | None, send_false: bool, wait: float
+    context: RunContext,
+    name: str,
+    *,
+    destination: str | None,
+    send_false: bool,
+    wait: float,
+    send_null: bool = False,
 ) -> list[DestinationReport]:
     """See ``Syncer.retire``."""
     with context.engine.begin() as connection:
@@ -35,9 +42,15 @@ def retire_audience(
                 connection, context.config, name, destination
             )
         title = audience_title(connection, audience_id)
+        kind, _ = exit_value_of(connection, audience_id)
+    if kind == "trait" and send_false:
+        raise AudienceSyncError(f'"{key}" is a trait group: retire it with --send-null')
+    if kind == "audience" and send_null:
+        raise AudienceSyncError(f'"{key}" is an audience: retire it with --send-false')
     lease = context.take_lease(audience_id, title, wait)
     try:
-        entries = _send_false(context, lease, audience_id, key, destination) if send_false else []
+        send = send_false or send_null
+        entries = _send_false(context, lease, audience_id, key, destination) if send else []
         if destination is None:
             mark_retired(context.engine, audience_id)
         else:
@@ -50,17 +63,19 @@ def retire_audience(
 def _send_false(
     context: RunContext, lease: Lease, audience_id: int, key: str, destination: str | None
 ) -> list[DestinationReport]:
-    """Plan and deliver ``false`` to every current member (at one destination, or all);
-    raise unless every one was delivered."""
+    """Plan and deliver ``false`` (a trait group's nulls) to every current member (at one
+    destination, or all); raise unless every one was delivered."""
     with context.engine.begin() as connection:
         install = installation_id(connection)
         recover_in_flight(connection, audience_id)
-        names = mark_all_exited(connection, audience_id, destination)
+        kind, value = exit_value_of(connection, audience_id)
+        what, flag = ("false", "--send-false") if kind == "audience" else ("nulls", "--send-null")
+        names = mark_all_exited(connection, audience_id, destination, value=value)
         missing = [d for d in names if d not in context.config.destinations]
         if missing:
             raise AudienceSyncError(
                 f'audience "{key}" was sent to {", ".join(missing)}, which the config no '
-                "longer defines; add them back to send false, or retire without --send-false"
+                f"longer defines; add them back to send {what}, or retire without {flag}"
             )
         moved = moved_endpoints(connection, context.config, audience_id, names)
         if moved:
@@ -70,17 +85,17 @@ def _send_false(
             raise AudienceSyncError(
                 f'audience "{key}": destination {shown} now points at another endpoint than '
                 "the one its members were sent to; point it back at that endpoint to send "
-                "false there, or retire without --send-false"
+                f"{what} there, or retire without {flag}"
             )
         entries = [
             DestinationReport(n, pending=pending_in(count_status(connection, audience_id, n)))
             for n in names
         ]
     with context.open_destinations(names) as targets:
-        error = context.deliver(audience_id, key, install, targets, entries, lease)
+        error = context.deliver(audience_id, key, install, targets, entries, lease, kind=kind)
     left = sum(e.left_pending for e in entries)
     if error or left:
-        reason = error or f"{left} false values are not delivered yet"
+        reason = error or f"{left} {what} are not delivered yet"
         raise AudienceSyncError(f'audience "{key}" not retired: {reason}; run the command again')
     return entries
 
@@ -110,7 +125,12 @@ def retire_orphans(context: RunContext, *, force: bool) -> list[RunReport]:
             continue
         try:
             entries = retire_audience(
-                context, orphan.key, destination=None, send_false=True, wait=0.0
+                context,
+                orphan.key,
+                destination=None,
+                send_false=orphan.kind == "audience",
+                send_null=orphan.kind == "trait",
+                wait=0.0,
             )
         except LeaseHeldError as exc:
             reports.append(RunReport(orphan.name, orphan.key, "busy", error=str(exc)))

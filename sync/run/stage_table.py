@@ -15,22 +15,22 @@ from sync.state.tables import STAGED
 # SQLite's driver inserts plain tuples much faster than SQLAlchemy binds dicts (no per-row
 # parameter processing): the staging insert is the hot loop of compute.
 _SQLITE_STAGE = (
-    "INSERT OR IGNORE INTO staged_members (run_id, id_kind, member_id, anonymous_id, traits) "
-    "VALUES (?, ?, ?, ?, ?)"
+    "INSERT OR IGNORE INTO staged_members "
+    "(run_id, id_kind, member_id, anonymous_id, traits, value) VALUES (?, ?, ?, ?, ?, ?)"
 )
 
 
 # PostgreSQL: COPY each chunk straight into staged_members. COPY cannot skip a member staged
 # twice, so a chunk that repeats one goes through a session-private table and one INSERT … ON
 # CONFLICT DO NOTHING instead (that path costs several times more per row: rare data only).
-_PG_COLUMNS = "(run_id, id_kind, member_id, anonymous_id, traits)"
+_PG_COLUMNS = "(run_id, id_kind, member_id, anonymous_id, traits, value)"
 _PG_INCOMING = (
     "CREATE TEMP TABLE IF NOT EXISTS staged_incoming (run_id integer, id_kind varchar(16), "
-    "member_id varchar(255), anonymous_id varchar(255), traits json)"
+    "member_id varchar(255), anonymous_id varchar(255), traits json, value text)"
 )
 _PG_MOVE = (
     f"INSERT INTO staged_members {_PG_COLUMNS} "
-    "SELECT run_id, id_kind, member_id, anonymous_id, traits FROM staged_incoming "
+    "SELECT run_id, id_kind, member_id, anonymous_id, traits, value FROM staged_incoming "
     "ON CONFLICT DO NOTHING"
 )
 
@@ -48,8 +48,9 @@ def _copy_staged(state: Connection, rows: list[tuple[Any, ...]]) -> None:
     dbapi_connection: Any = state.connection.dbapi_connection
     # One text block per chunk, instead of psycopg adapting and formatting row by row.
     block = "".join(
-        f"{run_id}\t{kind}\t{_copy_text(member)}\t{_copy_text(anon)}\t{_copy_text(traits)}\n"
-        for run_id, kind, member, anon, traits in rows
+        f"{run_id}\t{kind}\t{_copy_text(member)}\t{_copy_text(anon)}\t{_copy_text(traits)}"
+        f"\t{_copy_text(value)}\n"
+        for run_id, kind, member, anon, traits, value in rows
     )
     try:
         with dbapi_connection.cursor() as cursor:
@@ -71,14 +72,15 @@ def _copy_staged(state: Connection, rows: list[tuple[Any, ...]]) -> None:
 
 
 def insert_staged(state: Connection, statement: Insert, rows: list[tuple[Any, ...]]) -> None:
-    """Rows are ``(run_id, id_kind, member_id, anonymous_id, traits JSON text)``."""
+    """Rows are ``(run_id, id_kind, member_id, anonymous_id, traits JSON text, value JSON
+    text)``."""
     if state.dialect.name == "postgresql" and state.dialect.driver == "psycopg":
         _copy_staged(state, rows)
         return
     if state.dialect.name == "sqlite":
         state.exec_driver_sql(_SQLITE_STAGE, rows)
         return
-    columns = ("run_id", "id_kind", "member_id", "anonymous_id", "traits")
+    columns = ("run_id", "id_kind", "member_id", "anonymous_id", "traits", "value")
     dicts = [dict(zip(columns, row, strict=True)) for row in rows]
     for values in dicts:  # the generic path binds the JSON column with a Python value
         values["traits"] = None if values["traits"] is None else json.loads(values["traits"])

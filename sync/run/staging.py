@@ -31,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sync.errors import SourceError, driver_reason
 from sync.run.sources import Unconvertible, conversion_failed, tolerate_unconvertible
 from sync.run.stage_table import count_staged, insert_staged
+from sync.run.trait_values import InvalidValue, TraitColumns, row_object
 from sync.state.db import insert_ignoring_duplicates
 from sync.state.tables import MAX_MEMBER_ID_LENGTH, STAGED
 
@@ -51,6 +52,8 @@ class SnapshotStats:
     invalid: int = 0
     duplicates: int = 0
     samples: list[str] = field(default_factory=list)
+    # A trait group's traits (its query's columns but the ids), sorted.
+    trait_names: list[str] = field(default_factory=list)
 
     def add_invalid(self, description: str) -> None:
         """Count one invalid row, keeping a few as examples."""
@@ -182,14 +185,18 @@ def traits_json(row: Sequence[Any], trait_indexes: Sequence[tuple[str, int]]) ->
     return "{" + ", ".join(parts) + "}"
 
 
+# A staging row: (id_kind, member_id, anonymous_id, traits JSON, a trait group's values JSON).
+StagingRow = tuple[str, str, str | None, str | None, str | None]
+
+
 def validate_row(
     row: Sequence[Any],
     user_index: int | None,
     anon_index: int | None,
     trait_indexes: Sequence[tuple[str, int]],
-) -> tuple[str, str, str | None, str | None] | str:
-    """A staging row for one query row — ``(id_kind, member_id, anonymous_id, traits JSON)``
-    — or why the row is invalid."""
+) -> StagingRow | str:
+    """A staging row for one audience query row — ``(id_kind, member_id, anonymous_id, traits
+    JSON, None)`` — or why the row is invalid."""
     user_id, user_problem = (
         normalize_id(row[user_index]) if user_index is not None else (None, None)
     )
@@ -204,9 +211,28 @@ def validate_row(
         return "no user_id or anonymous_id (NULL or blank)"
     traits = traits_json(row, trait_indexes)
     if user_id is not None:
-        return ("user", user_id, anon_id, traits)
+        return ("user", user_id, anon_id, traits, None)
     assert anon_id is not None
-    return ("anonymous", anon_id, None, traits)
+    return ("anonymous", anon_id, None, traits, None)
+
+
+def validate_trait_row(
+    row: Sequence[Any],
+    user_index: int | None,
+    anon_index: int | None,
+    trait_indexes: Sequence[tuple[str, int]],
+) -> StagingRow | str:
+    """A staging row for one trait group row — ``(id_kind, member_id, anonymous_id, None,
+    values JSON)`` — or why it is invalid (ids by the audiences' rule)."""
+    checked = validate_row(row, user_index, anon_index, ())
+    if isinstance(checked, str):
+        return checked
+    try:
+        value = row_object([(name, row[index]) for name, index in trait_indexes])
+    except InvalidValue as invalid:
+        label = "user_id" if checked[0] == "user" else "anonymous_id"
+        return f"{label} {checked[1]!r}: {invalid}"
+    return (checked[0], checked[1], checked[2], None, value)
 
 
 class StateWriteFailed(Exception):
@@ -235,6 +261,7 @@ def stage_from_source(
     chunk_size: int,
     commit_each_chunk: bool = True,
     after_chunk: Callable[[], None] | None = None,
+    trait_columns: TraitColumns | None = None,
 ) -> SnapshotStats:
     """Stream the query's rows from ``source`` into the staging table of ``state``.
 
@@ -242,6 +269,8 @@ def stage_from_source(
     ``infinity`` date) fails the whole fetch. The query then runs once more on a connection
     that reads such values as markers, and their rows are invalid: the common case pays
     nothing for it.
+
+    ``trait_columns``: the query is a trait group's; its rows are staged as values.
     """
     stream = partial(
         _stream,
@@ -254,6 +283,7 @@ def stage_from_source(
         chunk_size=chunk_size,
         commit_each_chunk=commit_each_chunk,
         after_chunk=after_chunk,
+        trait_columns=trait_columns,
     )
     try:
         try:
@@ -284,10 +314,13 @@ def _stream(
     commit_each_chunk: bool,
     after_chunk: Callable[[], None] | None,
     tolerant: bool,
+    trait_columns: TraitColumns | None,
 ) -> SnapshotStats:
     stats = SnapshotStats()
     statement = insert_ignoring_duplicates(state)
     validate = _validate_tolerant if tolerant else validate_row
+    if trait_columns is not None:
+        validate = validate_trait_row  # reads unconvertible values as invalid itself
     with source.connect() as connection:
         if tolerant:
             tolerate_unconvertible(connection)
@@ -300,6 +333,9 @@ def _stream(
         user_index = columns.index("user_id") if "user_id" in columns else None
         anon_index = columns.index("anonymous_id") if "anonymous_id" in columns else None
         trait_indexes = [(name, columns.index(name)) for name in dict.fromkeys(traits)]
+        if trait_columns is not None:
+            trait_indexes = trait_columns.indexes(columns)
+            stats.trait_names = [name for name, _ in trait_indexes]
         for chunk in result.partitions(chunk_size):
             staged_rows: list[tuple[Any, ...]] = []
             for row in chunk:
@@ -328,7 +364,7 @@ def _validate_tolerant(
     user_index: int | None,
     anon_index: int | None,
     trait_indexes: Sequence[tuple[str, int]],
-) -> tuple[str, str, str | None, str | None] | str:
+) -> StagingRow | str:
     """``validate_row`` for rows read by a tolerant connection: a trait that could not be read
     makes its row invalid (ids are checked by ``normalize_id``)."""
     checked = validate_row(row, user_index, anon_index, trait_indexes)

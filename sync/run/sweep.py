@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from sync.config import AudienceConfig
+from sync.config import ComputationConfig
 from sync.delivery import retry_due
 from sync.errors import AudienceSyncError, LeaseHeldError
 from sync.reports import DestinationReport, RunReport
@@ -17,7 +17,7 @@ from sync.state.db import installation_id
 from sync.state.memberships import count_status, pending_in
 
 
-def sweep_audience(context: RunContext, audience: AudienceConfig) -> RunReport | None:
+def sweep_audience(context: RunContext, audience: ComputationConfig) -> RunReport | None:
     """See ``Syncer.sweep``."""
     engine = context.engine
     with engine.begin() as connection:
@@ -41,7 +41,13 @@ def sweep_audience(context: RunContext, audience: AudienceConfig) -> RunReport |
                     report.destinations.append(DestinationReport(target.name, pending=pending))
             try:
                 error = context.deliver(
-                    audience_id, audience.trait_key, install, targets, report.destinations, lease
+                    audience_id,
+                    audience.trait_key,
+                    install,
+                    targets,
+                    report.destinations,
+                    lease,
+                    kind=audience.kind,
                 )
                 report.error = error or report.error
                 report.status = status_after_delivery(report)

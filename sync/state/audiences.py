@@ -1,4 +1,5 @@
-"""Audience rows in the state DB: creation (freezing the key), lookups, retirement."""
+"""Computation rows (audiences and trait groups) in the state DB: creation (freezing the key),
+lookups, retirement."""
 
 from __future__ import annotations
 
@@ -6,44 +7,53 @@ import hashlib
 
 from sqlalchemy import Connection, Engine, delete, select, update
 
-from sync.config import AudienceConfig, Config
+from sync.config import ComputationConfig, Config
 from sync.errors import AudienceSyncError, UnknownAudienceError
 from sync.state.db import insert_ignoring_duplicates
 from sync.state.tables import AUDIENCES as A
 from sync.state.tables import DELIVERY_PROGRESS as P
 from sync.state.tables import DESTINATION_ENDPOINTS as E
+from sync.state.tables import FALSE_VALUE, ComputationKind, utcnow
 from sync.state.tables import MEMBERSHIPS as M
-from sync.state.tables import utcnow
 
 
-def definition_hash(audience: AudienceConfig) -> str:
-    """Fingerprint of what defines an audience's members."""
-    material = "\x1f".join([audience.source, audience.query.strip(), *audience.traits])
+def definition_hash(audience: ComputationConfig) -> str:
+    """Fingerprint of what defines an audience's members (a trait group's values)."""
+    parts = [audience.source, audience.query.strip(), *audience.extra_traits]
+    if audience.is_trait_group:  # never the same definition as an audience's
+        parts.insert(0, "trait")
+    material = "\x1f".join(parts)
     return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
-def destinations_hash(audience: AudienceConfig) -> str:
+def destinations_hash(audience: ComputationConfig) -> str:
     """Fingerprint of where an audience is sent (order does not matter)."""
     material = "\x1f".join(sorted(audience.destinations))
     return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
-def ensure_audience(connection: Connection, audience: AudienceConfig) -> int:
-    """The audience's id, creating its row (and freezing its key) on first sync."""
+def ensure_audience(connection: Connection, audience: ComputationConfig) -> int:
+    """The audience's (or trait group's) id, creating its row (and freezing its key) on first
+    sync."""
     key = audience.trait_key
-    row = connection.execute(select(A.c.id, A.c.retired_at, A.c.name).where(A.c.key == key)).first()
+    columns = (A.c.id, A.c.retired_at, A.c.name, A.c.kind)
+    row = connection.execute(select(*columns).where(A.c.key == key)).first()
     digest = definition_hash(audience)
     hashes = {"definition_hash": digest, "destinations_hash": destinations_hash(audience)}
     if row is None:
         # Two processes may create the same audience at once: the loser reads the winner's row.
         connection.execute(
             insert_ignoring_duplicates(connection, A).values(
-                key=key, name=audience.name, created_at=utcnow(), **hashes
+                key=key, name=audience.name, kind=audience.kind, created_at=utcnow(), **hashes
             )
         )
-        row = connection.execute(
-            select(A.c.id, A.c.retired_at, A.c.name).where(A.c.key == key)
-        ).one()
+        row = connection.execute(select(*columns).where(A.c.key == key)).one()
+    if row.kind != audience.kind:
+        was = "an audience" if row.kind == "audience" else "a trait group"
+        raise AudienceSyncError(
+            f'{audience.label} "{audience.name}": the key "{key}" belongs to {was} '
+            f'("{row.name}") in the state database; choose another key'
+        )
     if row.retired_at is not None:
         if not audience.allow_key_reuse:
             raise AudienceSyncError(
@@ -66,12 +76,28 @@ def stored_audience(connection: Connection, config: Config, name: str) -> int:
     return int(audience_id)
 
 
-def live_audience_of(connection: Connection, audience: AudienceConfig) -> int | None:
+def live_audience_of(connection: Connection, audience: ComputationConfig) -> int | None:
     """The id of a configured audience that has synced and is not retired, else None."""
     audience_id = connection.execute(
         select(A.c.id).where(A.c.key == audience.trait_key, A.c.retired_at.is_(None))
     ).scalar()
     return None if audience_id is None else int(audience_id)
+
+
+def store_exit_value(connection: Connection, audience_id: int, value: str) -> None:
+    """Remember a trait group's leaver value (its traits all null) for `retire --send-null`."""
+    connection.execute(update(A).where(A.c.id == audience_id).values(exit_value=value))
+
+
+def exit_value_of(connection: Connection, audience_id: int) -> tuple[ComputationKind, str]:
+    """The computation's kind, and what a member of it is sent when it ends: an audience's
+    ``false``, a trait group's stored nulls (``'{}'`` if it never ran)."""
+    kind, value = connection.execute(
+        select(A.c.kind, A.c.exit_value).where(A.c.id == audience_id)
+    ).one()
+    if kind == "audience":
+        return kind, FALSE_VALUE
+    return kind, str(value or "{}")
 
 
 def audience_title(connection: Connection, audience_id: int) -> str:
@@ -81,7 +107,7 @@ def audience_title(connection: Connection, audience_id: int) -> str:
 
 def orphaned_audience(connection: Connection, config: Config, key: str) -> int:
     """The id of an audience that is in the state DB but no longer in the config."""
-    if any(a.trait_key == key for a in config.audiences):
+    if any(a.trait_key == key for a in config.computations):
         raise AudienceSyncError(
             f'audience "{key}" is still in the config; remove it from the config before retiring it'
         )

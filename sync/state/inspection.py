@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import Connection, and_, case, func, select
 
-from sync.config import AudienceConfig, Config
+from sync.config import ComputationConfig, Config
 from sync.errors import UnknownAudienceError
 from sync.state.memberships import is_pending
 from sync.state.tables import AUDIENCES as A
@@ -24,7 +25,7 @@ def _iso(moment: datetime | None) -> str | None:
 
 def next_run_at(config: Config, key: str, last_started: datetime | None) -> datetime | None:
     """When the daemon's schedule would next run the audience with ``key``."""
-    audience = next((a for a in config.audiences if a.trait_key == key), None)
+    audience = next((a for a in config.computations if a.trait_key == key), None)
     if audience is None or not audience.enabled:
         return None
     schedule = config.schedule_of(audience)
@@ -69,7 +70,7 @@ def status_rows(connection: Connection, config: Config) -> list[dict[str, Any]]:
     by_audience: dict[int, list[Any]] = {}
     for row in counts:
         by_audience.setdefault(row.audience_id, []).append(row)
-    configured = {a.trait_key: a for a in config.audiences}
+    configured = {a.trait_key: a for a in config.computations}
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     for audience in connection.execute(select(A).order_by(A.c.key)).all():
@@ -117,7 +118,7 @@ def status_rows(connection: Connection, config: Config) -> list[dict[str, Any]]:
     return rows
 
 
-def _audience_state(audience: Any, configured: AudienceConfig | None) -> str:
+def _audience_state(audience: Any, configured: ComputationConfig | None) -> str:
     """retired, orphaned (no longer in the config), disabled or active."""
     if audience.retired_at is not None:
         return "retired"
@@ -126,7 +127,7 @@ def _audience_state(audience: Any, configured: AudienceConfig | None) -> str:
     return "active" if configured.enabled else "disabled"
 
 
-def _row_state(state: str, configured: AudienceConfig | None, entry: Any) -> str:
+def _row_state(state: str, configured: ComputationConfig | None, entry: Any) -> str:
     """A configured audience's rows at a destination it no longer lists are `dropped`
     (`retire AUDIENCE --destination NAME` ends them)."""
     if state != "active" or configured is None or entry is None:
@@ -197,6 +198,10 @@ def run_rows(
     return rows
 
 
+def _json_value(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
 def _membership(row: Any, key: str | None = None) -> dict[str, Any]:
     data = {
         "destination": row.destination,
@@ -204,7 +209,10 @@ def _membership(row: Any, key: str | None = None) -> dict[str, Any]:
         "member_id": row.member_id,
         "anonymous_id": row.anonymous_id,
         "desired": bool(row.desired),
-        "synced": None if row.synced is None else bool(row.synced),
+        # The value it should have, and the one the destination last acknowledged (None:
+        # none yet): an audience's true/false, a trait group's values.
+        "value": _json_value(row.value),
+        "synced": _json_value(row.synced_value),
         "version": row.version,
         "changed_at": _iso(row.changed_at),
         "status": row.status,

@@ -1,7 +1,11 @@
-"""Memberships: every status transition of an (audience, destination, member) row outside the
+"""Memberships: every status transition of a (computation, destination, member) row outside the
 planner's set operations and delivery's acknowledgements, and the rules all of them share —
-which rows are pending, what a leaver's status is, what a change resets — so that planning,
-delivery and the operator commands cannot drift apart."""
+which rows are pending, what a changed row's status is, what a change resets — so that planning,
+delivery and the operator commands cannot drift apart.
+
+One rule for audiences and trait groups: a row is pending when its ``value`` differs from the
+``synced_value`` the destination acknowledged (a row never acknowledged: only while its member
+is in the result, ``desired``), or when it is ``in_doubt``."""
 
 from __future__ import annotations
 
@@ -10,11 +14,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, case, func, or_, select, true, update
+from sqlalchemy import Connection, and_, case, false, func, literal, or_, select, true, update
 
 from sync.clock import state_now
+from sync.state.tables import FALSE_VALUE, MembershipStatus
 from sync.state.tables import MEMBERSHIPS as M
-from sync.state.tables import MembershipStatus
 
 # Rows a run still has to deliver: never sent yet, or refused by an earlier run (retried first).
 PENDING_STATUSES: tuple[MembershipStatus, ...] = ("pending", "rejected")
@@ -59,31 +63,33 @@ def status_after_change(target: DestinationTarget | None, pending_when: Any) -> 
     return case((pending_when, "pending"), else_="in_sync")
 
 
-def leaver_status(target: DestinationTarget | None = None) -> Any:
-    """The status of a member who just left: pending while the destination may hold its
-    ``true`` (delivered, or in doubt), else in sync (it never got there)."""
-    return status_after_change(target, or_(M.c.synced == true(), M.c.in_doubt == true()))
-
-
-def reentrant_status(target: DestinationTarget | None = None) -> Any:
-    """The status of a former member who came back: pending unless the destination surely
-    holds its ``true`` already (delivered and not in doubt)."""
-    return status_after_change(
-        target,
-        or_(M.c.synced.is_(None), M.c.synced == False, M.c.in_doubt == true()),  # noqa: E712
+def differs(value: Any, desired: Any) -> Any:
+    """Whether the destination must be sent ``value`` (for a member that is in the result when
+    ``desired``): in doubt, or not what it acknowledged — where nothing was ever acknowledged,
+    only for a member in the result (one who left before anything was sent needs nothing)."""
+    return or_(
+        M.c.in_doubt == true(),
+        and_(M.c.synced_value.is_(None), desired),
+        and_(M.c.synced_value.is_not(None), M.c.synced_value != value),
     )
+
+
+def status_for(target: DestinationTarget | None, value: Any, desired: Any) -> Any:
+    """The status of a row whose value becomes ``value`` (and its presence ``desired``),
+    computed from the row's columns before the change."""
+    return status_after_change(target, differs(value, desired))
+
+
+def leaver_status(target: DestinationTarget | None = None, value: Any = FALSE_VALUE) -> Any:
+    """The status of a member who just left (now to hold ``value``): pending while the
+    destination may hold something else (delivered, or in doubt), else in sync (nothing of it
+    ever got there)."""
+    return status_for(target, literal(value) if isinstance(value, str) else value, false())
 
 
 def pending_condition(audience_id: int, destination: str) -> Any:
-    """Rows of one audience and destination whose destination value differs from ``desired``."""
-    return and_(
-        of_destination(audience_id, destination),
-        or_(
-            and_(M.c.synced.is_(None), M.c.desired),
-            M.c.synced != M.c.desired,
-            M.c.in_doubt,
-        ),
-    )
+    """Rows of one computation and destination whose destination value differs from ``value``."""
+    return and_(of_destination(audience_id, destination), differs(M.c.value, M.c.desired))
 
 
 def count_status(connection: Connection, audience_id: int, destination: str) -> dict[str, int]:
@@ -144,16 +150,20 @@ def mark_full_resync(
     if include_exited:
         connection.execute(
             update(M)
-            .where(of, M.c.desired == False, M.c.synced.is_not(None))  # noqa: E712
+            .where(of, M.c.desired == False, M.c.synced_value.is_not(None))  # noqa: E712
             .values(**again)
         )
 
 
 def mark_all_exited(
-    connection: Connection, audience_id: int, destination: str | None = None
+    connection: Connection,
+    audience_id: int,
+    destination: str | None = None,
+    *,
+    value: str = FALSE_VALUE,
 ) -> list[str]:
-    """Plan ``false`` for every current member (before retiring), at every destination or one;
-    return the destinations."""
+    """Plan ``value`` (an audience's ``false``, a trait group's nulls) for every current member
+    (before retiring), at every destination or one; return the destinations."""
     now = state_now(connection)  # changed_at: one clock for every host
     scope = [M.c.audience_id == audience_id]
     if destination is not None:
@@ -163,9 +173,10 @@ def mark_all_exited(
         .where(*scope, M.c.desired == true())
         .values(
             desired=False,
+            value=value,
             version=M.c.version + 1,
             changed_at=now,
-            status=leaver_status(),
+            status=leaver_status(value=value),
             **DELIVERY_RESET,
         )
     )

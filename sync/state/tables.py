@@ -26,6 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sync import clock
 from sync.clock import stored_utc
+from sync.messages import ComputationClass
 from sync.redaction import redactor
 
 # Longest member id we accept (Segment has no documented limit; 255 keeps the primary key
@@ -68,6 +69,13 @@ MEMBERSHIP_STATUSES: tuple[MembershipStatus, ...] = (
 )
 IdKind = Literal["user", "anonymous"]
 ID_KINDS: tuple[IdKind, ...] = ("user", "anonymous")
+# What a computation's members are sent: membership (true/false) or a trait group's values
+# (Segment's computation_class).
+ComputationKind = ComputationClass
+COMPUTATION_KINDS: tuple[ComputationKind, ...] = ("audience", "trait")
+# The values of an audience's rows (canonical JSON text).
+TRUE_VALUE = "true"
+FALSE_VALUE = "false"
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -125,6 +133,20 @@ class UTCDateTime(TypeDecorator[datetime]):
         return None if value is None else stored_utc(value)
 
 
+class ValueText(TypeDecorator[str]):
+    """A value as canonical JSON text (``true``, ``false``, a trait group's row object),
+    compared byte for byte on every state database: on MySQL and MariaDB a binary NO PAD
+    collation, since their default would find ``{"plan":"Pro"}`` equal to ``{"plan":"pro"}``."""
+
+    impl = Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name in MYSQL_DIALECTS:
+            return mysql.MEDIUMTEXT(charset="utf8mb4", collation=key_collation(dialect))
+        return self.impl_instance
+
+
 class RedactedText(TypeDecorator[str]):
     """Free text (errors) that passes through the process's redactor on its way in: no
     writer, present or future, can store a secret in it."""
@@ -170,17 +192,24 @@ class Installation(Base):
 
 
 class Audience(Base):
-    """An audience known to the state DB; its key is frozen at creation."""
+    """A computation (an audience or a trait group) known to the state DB; its key is frozen at
+    creation. Audience and trait group keys share this table's one namespace."""
 
     __tablename__ = "audiences"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     key: Mapped[str] = mapped_column(Key(100), unique=True)
+    kind: Mapped[ComputationKind] = mapped_column(
+        _enum(COMPUTATION_KINDS, "computation_kind"), default="audience", server_default="audience"
+    )
     name: Mapped[str] = mapped_column(Key(255))
     definition_hash: Mapped[str] = mapped_column(Key(64))
     # sha256 of the sorted destination names at the last sync: with ``definition_hash`` it
     # recognises a renamed audience (sync.run.drift). NULL for audiences last synced before 0008.
     destinations_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # A trait group's leaver value (every trait of its last run's columns null), for
+    # `retire --send-null`; NULL for audiences.
+    exit_value: Mapped[str | None] = mapped_column(ValueText, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     lease_owner: Mapped[str | None] = mapped_column(Key(255), nullable=True)
@@ -189,7 +218,13 @@ class Audience(Base):
 
 
 class Membership(Base):
-    """What one member should be at one destination, and what it last acknowledged."""
+    """What one member's value should be at one destination, and what it last acknowledged.
+
+    ``desired`` says whether the member is in the computation's result now; ``value`` is the
+    value it should have at the destination (canonical JSON: ``true``/``false`` for an audience,
+    the row's object for a trait group, all nulls for a trait group's leaver); ``synced_value``
+    is the value the destination last acknowledged (NULL: none ever). Pending = the two differ
+    (a never-acknowledged row only while its member is in the result) or ``in_doubt``."""
 
     __tablename__ = "memberships"
     __table_args__ = (
@@ -214,7 +249,8 @@ class Membership(Base):
     member_id: Mapped[str] = mapped_column(Key(MAX_MEMBER_ID_LENGTH), primary_key=True)
     anonymous_id: Mapped[str | None] = mapped_column(Key(MAX_MEMBER_ID_LENGTH), nullable=True)
     desired: Mapped[bool] = mapped_column(Boolean)
-    synced: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    value: Mapped[str | None] = mapped_column(ValueText, nullable=True)
+    synced_value: Mapped[str | None] = mapped_column(ValueText, nullable=True)
     # True from the moment a message for this row is handed to the destination until it is
     # acknowledged: the destination may hold a value we never saw confirmed (a crash, a lost
     # response), so the row stays pending whatever `desired` becomes.
@@ -268,6 +304,8 @@ class RunDelivery(Base):
     destination: Mapped[str] = mapped_column(Key(100), primary_key=True)
     added: Mapped[int] = mapped_column(Integer, default=0)
     removed: Mapped[int] = mapped_column(Integer, default=0)
+    # A trait group's continuing members whose values changed.
+    changed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     pending: Mapped[int] = mapped_column(Integer, default=0)
     sent: Mapped[int] = mapped_column(Integer, default=0)
     rejected: Mapped[int] = mapped_column(Integer, default=0)
@@ -312,6 +350,8 @@ class StagedMember(Base):
     member_id: Mapped[str] = mapped_column(Key(MAX_MEMBER_ID_LENGTH), primary_key=True)
     anonymous_id: Mapped[str | None] = mapped_column(Key(MAX_MEMBER_ID_LENGTH), nullable=True)
     traits: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # A trait group's row values (canonical JSON text); NULL for an audience.
+    value: Mapped[str | None] = mapped_column(ValueText, nullable=True)
 
 
 class DestinationEndpoint(Base):

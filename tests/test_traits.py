@@ -1,0 +1,209 @@
+"""SQL trait groups: a row of values per user, sent when it changes (README "SQL traits")."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.harness import Harness
+from tests.receiver import Receiver
+
+GROUP = "Support Traits"
+KEY = "support_traits"
+
+
+def _group(harness: Harness, on_exit: str = "null", query: str | None = None) -> None:
+    harness.warehouse_sql(
+        "CREATE TABLE IF NOT EXISTS summary (user_id TEXT, open_tickets INTEGER, plan TEXT, "
+        "last_ticket_at TEXT)"
+    )
+    query = query or "SELECT user_id, open_tickets, plan, last_ticket_at FROM summary"
+    harness.config_extra = (
+        "[[traits]]\n"
+        f'name = "{GROUP}"\n'
+        'source = "warehouse"\n'
+        f'query = "{query}"\n'
+        'destinations = ["segment"]\n'
+        f'on_exit = "{on_exit}"\n'
+    )
+
+
+def _rows(harness: Harness, rows: list[tuple[Any, ...]]) -> None:
+    harness.warehouse_sql("DELETE FROM summary")
+    for row in rows:
+        harness.warehouse_sql(("INSERT INTO summary VALUES (?, ?, ?, ?)", row))
+
+
+def _sent(receiver: Receiver) -> dict[str, dict[str, Any]]:
+    """Each user's traits in the messages since the last reset (one message per user)."""
+    messages = receiver.messages()
+    users = [m["userId"] for m in messages]
+    assert len(users) == len(set(users)), users
+    return {m["userId"]: m["traits"] for m in messages}
+
+
+def test_first_sync_sends_every_row_then_only_changes(
+    harness: Harness, receiver: Receiver
+) -> None:
+    _group(harness)
+    _rows(harness, [("u1", 2, "pro", "2026-11-01T10:00:00Z"), ("u2", 0, "free", None)])
+    report = harness.sync_named(GROUP)
+    assert report.status == "succeeded", report.error
+    assert _sent(receiver) == {
+        "u1": {"open_tickets": 2, "plan": "pro", "last_ticket_at": "2026-11-01T10:00:00Z"},
+        "u2": {"open_tickets": 0, "plan": "free", "last_ticket_at": None},
+    }
+    message = receiver.messages()[0]
+    assert message["type"] == "identify"
+    personas = message["context"]["personas"]
+    assert personas["computation_class"] == "trait"
+    assert personas["computation_key"] == KEY
+    assert personas["computation_id"].startswith("trt_")
+
+    receiver.reset()
+    assert harness.sync_named(GROUP).status == "succeeded"
+    assert receiver.messages() == []  # nothing changed, nothing sent
+
+    _rows(harness, [("u1", 3, "pro", "2026-11-02T09:00:00Z"), ("u2", 0, "free", None)])
+    receiver.reset()
+    report = harness.sync_named(GROUP)
+    assert _sent(receiver) == {
+        "u1": {"open_tickets": 3, "plan": "pro", "last_ticket_at": "2026-11-02T09:00:00Z"}
+    }
+    assert report.destinations[0].changed == 1
+
+
+def test_a_leaver_gets_nulls_once(harness: Harness, receiver: Receiver) -> None:
+    _group(harness)
+    _rows(harness, [("u1", 2, "pro", None), ("u2", 1, "free", None)])
+    harness.sync_named(GROUP)
+    _rows(harness, [("u2", 1, "free", None)])
+    receiver.reset()
+    report = harness.sync_named(GROUP)
+    assert report.status == "succeeded", report.error
+    nulls = {"open_tickets": None, "plan": None, "last_ticket_at": None}
+    assert _sent(receiver) == {"u1": nulls}
+    receiver.reset()
+    harness.sync_named(GROUP)
+    assert receiver.messages() == []
+    # Back with the values it had: the destination holds nulls, so they are sent again.
+    _rows(harness, [("u1", 2, "pro", None), ("u2", 1, "free", None)])
+    harness.sync_named(GROUP)
+    assert _sent(receiver) == {"u1": {"open_tickets": 2, "plan": "pro", "last_ticket_at": None}}
+
+
+def test_on_exit_keep_sends_nothing_to_a_leaver(harness: Harness, receiver: Receiver) -> None:
+    _group(harness, on_exit="keep")
+    _rows(harness, [("u1", 2, "pro", None), ("u2", 1, "free", None)])
+    harness.sync_named(GROUP)
+    _rows(harness, [("u2", 1, "free", None)])
+    receiver.reset()
+    assert harness.sync_named(GROUP).status == "succeeded"
+    assert receiver.messages() == []
+    # Back with the same values: the destination kept them, nothing to send.
+    _rows(harness, [("u1", 2, "pro", None), ("u2", 1, "free", None)])
+    harness.sync_named(GROUP)
+    assert receiver.messages() == []
+    assert harness.memberships()["u1"].status == "in_sync"
+
+
+def test_a_value_changed_twice_before_delivery_sends_only_the_latest(
+    harness: Harness, receiver: Receiver
+) -> None:
+    _group(harness)
+    _rows(harness, [("u1", 1, "free", None)])
+    harness.sync_named(GROUP)
+    _rows(harness, [("u1", 2, "pro", None)])
+    harness.sync_named(GROUP, deliver=False)
+    _rows(harness, [("u1", 3, "team", None)])
+    receiver.reset()
+    harness.sync_named(GROUP)
+    assert [m["traits"] for m in receiver.messages()] == [
+        {"open_tickets": 3, "plan": "team", "last_ticket_at": None}
+    ]
+
+
+def test_invalid_rows_are_explained_per_row(harness: Harness, receiver: Receiver) -> None:
+    harness.warehouse_sql("CREATE TABLE scores (user_id TEXT, score REAL, blob BLOB, note TEXT)")
+    _group(harness, query="SELECT user_id, score, blob, note FROM scores")
+    harness.warehouse_sql(
+        ("INSERT INTO scores VALUES (?, ?, ?, ?)", ("ok", 1.5, None, "fine")),
+        ("INSERT INTO scores VALUES (?, ?, ?, ?)", ("nan", float("nan"), None, "x")),
+        ("INSERT INTO scores VALUES (?, ?, ?, ?)", ("inf", float("inf"), None, "x")),
+        ("INSERT INTO scores VALUES (?, ?, ?, ?)", ("raw", 1.0, b"\x00\xff", "x")),
+        ("INSERT INTO scores VALUES (?, ?, ?, ?)", ("big", 1.0, None, "x" * 17_000)),
+    )
+    report = harness.sync_named(GROUP)
+    assert report.status == "succeeded", report.error
+    # SQLite stores NaN as NULL: that row is valid, with a null score.
+    assert report.invalid == 3
+    samples = "\n".join(report.invalid_samples)
+    assert "user_id 'inf': trait score: inf is not a JSON number" in samples
+    assert "user_id 'raw': trait blob: bytes are not a trait value" in samples
+    assert "user_id 'big': its values are 17,035 bytes of JSON, over the limit of 16,384" in samples
+    assert _sent(receiver) == {
+        "ok": {"score": 1.5, "blob": None, "note": "fine"},
+        "nan": {"score": None, "blob": None, "note": "x"},
+    }
+    stored = harness.runs()[-1].invalid_samples
+    assert any("'raw'" in s for s in stored)
+
+
+def test_a_column_that_is_not_a_key_fails_the_run_naming_it(
+    harness: Harness, receiver: Receiver
+) -> None:
+    _group(harness, query="SELECT user_id, open_tickets AS \\\"Open Tickets\\\" FROM summary")
+    _rows(harness, [("u1", 2, "pro", None)])
+    report = harness.sync_named(GROUP)
+    assert report.status == "failed"
+    assert 'column "Open Tickets" cannot be a trait key' in str(report.error)
+    assert "AS open_tickets" in str(report.error)
+    assert receiver.messages() == []
+
+
+def test_a_trait_named_like_an_audience_key_at_the_same_destination_fails(
+    harness: Harness, receiver: Receiver
+) -> None:
+    _group(harness, query="SELECT user_id, 1 AS high_value_users FROM summary")
+    _rows(harness, [("u1", 2, "pro", None)])
+    report = harness.sync_named(GROUP)
+    assert report.status == "failed"
+    assert 'is also the key of audience "High Value Users" at destination "segment"' in str(
+        report.error
+    )
+
+
+def test_a_trait_group_cannot_take_a_key_of_an_audience(harness: Harness) -> None:
+    from sync.errors import ConfigError
+
+    harness.config_extra = (
+        '[[traits]]\nname = "High Value Users"\nsource = "warehouse"\n'
+        'query = "SELECT user_id FROM members"\ndestinations = ["segment"]\n'
+    )
+    with pytest.raises(ConfigError, match="duplicate audience name"):
+        harness.config()
+
+
+def test_members_and_user_show_current_and_last_sent_values(
+    harness: Harness, receiver: Receiver
+) -> None:
+    from click.testing import CliRunner
+
+    from sync.cli import cli as main
+
+    _group(harness)
+    _rows(harness, [("u1", 2, "pro", None)])
+    harness.sync_named(GROUP)
+    _rows(harness, [("u1", 5, "pro", None)])
+    harness.sync_named(GROUP, deliver=False)
+    config = harness.write_config()
+    runner = CliRunner()
+    shown = runner.invoke(main, ["--config", str(config), "members", KEY, "--json"])
+    assert shown.exit_code == 0, shown.output
+    (member,) = json.loads(shown.output)
+    assert member["value"] == {"open_tickets": 5, "plan": "pro", "last_ticket_at": None}
+    assert member["synced"] == {"open_tickets": 2, "plan": "pro", "last_ticket_at": None}
+    user = json.loads(runner.invoke(main, ["--config", str(config), "user", "u1", "--json"]).output)
+    assert [(u["audience"], u["value"]["open_tickets"]) for u in user] == [(KEY, 5)]
