@@ -187,7 +187,7 @@ def plan_delta(env: Env) -> float:
             syncer.sync(audience, RunOptions(deliver=False))
             with syncer.engine.begin() as connection:  # as if everything had been delivered
                 connection.execute(
-                    update(MEMBERSHIPS).values(synced=MEMBERSHIPS.c.desired, status="in_sync")
+                    update(MEMBERSHIPS).values(synced_value=MEMBERSHIPS.c.value, status="in_sync")
                 )
         with env.syncer(url, env.churned) as (syncer, audience):
             report = syncer.sync(audience, RunOptions(deliver=False))

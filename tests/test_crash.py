@@ -18,12 +18,22 @@ KEY = "high_value_users"
 MEMBERS = 50_000
 
 
-def fill(harness: Harness, ids: range | list[int]) -> set[str]:
+# A trait group over the same members: each one's e-mail as the trait `contact`.
+TRAITS = """
+[[traits]]
+name = "Contacts"
+source = "warehouse"
+query = "SELECT user_id, email AS contact FROM members"
+destinations = ["segment"]
+"""
+
+
+def fill(harness: Harness, ids: range | list[int], domain: str = "x.co") -> set[str]:
     members = [f"u{i:06d}" for i in ids]
     with sqlite3.connect(harness.warehouse) as db:
         db.execute("DELETE FROM members")
         db.executemany(
-            "INSERT INTO members VALUES (?, ?, NULL)", ((m, f"{m}@x.co") for m in members)
+            "INSERT INTO members VALUES (?, ?, NULL)", ((m, f"{m}@{domain}") for m in members)
         )
     db.close()
     return set(members)
@@ -44,7 +54,7 @@ def test_sigkill_at_every_phase_then_converge(
     harness: Harness, receiver: Receiver, tmp_path: Path
 ) -> None:
     harness.destinations["segment"].update(batch_size=500, concurrency=2)
-    harness.config_extra = '\n[daemon]\nlease_seconds = "5s"\n'
+    harness.config_extra = '\n[daemon]\nlease_seconds = "5s"\n' + TRAITS
     config = harness.write_config()
     config.write_text(config.read_text().replace("chunk_size = 1000", "chunk_size = 500"))
     engine = harness.engine
@@ -67,12 +77,20 @@ def test_sigkill_at_every_phase_then_converge(
     receiver.delay = 0.05
     victim = spawn(config, *command, log=tmp_path / "3.log")
     kill_when(victim, lambda: len(receiver.requests) >= 8, "delivery")
+    program = victim.args[: -len(command)]
+
+    # 4. The trait group mid-delivery (its first sync), values changed before the restart.
+    def contacts_sent() -> int:
+        return sum(1 for (_, key) in list(receiver.state) if key == "contact")
+
+    victim = spawn(config, "sync", "Contacts", "--wait", "30", log=tmp_path / "4.log")
+    kill_when(victim, lambda: contacts_sent() >= 1_000, "trait group delivery")
     receiver.delay = 0
-    last = fill(harness, range(1_000, MEMBERS + 500))
+    last = fill(harness, range(1_000, MEMBERS + 500), domain="y.co")
 
     # Restart: waits out the dead process's lease, then converges.
     final = subprocess.run(
-        [*victim.args[:-3], "sync", "--wait", "30"],
+        [*program, "sync", "--wait", "30"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -82,11 +100,17 @@ def test_sigkill_at_every_phase_then_converge(
     state = {who: value for (who, key), value in receiver.state.items() if key == KEY}
     assert {who for who, value in state.items() if value} == last
     assert set(state) <= {f"u{i:06d}" for i in range(MEMBERS + 500)}
+    # The trait group: members hold their current e-mail, leavers null.
+    contacts = {who: value for (who, key), value in receiver.state.items() if key == "contact"}
+    assert {who: v for who, v in contacts.items() if v is not None} == {
+        m: f"{m}@y.co" for m in last
+    }
+    assert set(contacts) <= {f"u{i:06d}" for i in range(MEMBERS + 500)}
 
     with engine.connect() as connection:
         statuses = connection.execute(select(RUNS.c.status).order_by(RUNS.c.id)).scalars().all()
         assert "running" not in statuses and statuses[-1] == "succeeded"
-        assert statuses.count("abandoned") == 3
+        assert statuses.count("abandoned") == 4  # one per kill
         assert connection.execute(select(func.count()).select_from(STAGED)).scalar() == 0
         pending = connection.execute(
             select(func.count()).where(MEMBERSHIPS.c.status.in_(("pending", "rejected")))

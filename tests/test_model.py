@@ -42,6 +42,8 @@ class SimulatedCrash(BaseException):
 class Snapshot:
     members: tuple[Any, ...]
     huge: frozenset[str] = frozenset()  # members whose trait is over the size limit
+    # Members whose value in the trait group goes up by one.
+    bumped: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ steps = st.one_of(
         Snapshot,
         st.lists(st.sampled_from(POOL + INVALID), max_size=12).map(tuple),
         st.frozensets(st.sampled_from(POOL), max_size=3),
+        st.frozensets(st.sampled_from(POOL), max_size=4),
     ),
     st.builds(
         Sync,
@@ -164,6 +167,17 @@ def pending_count(engine: Engine, key: str) -> int:
         return int(connection.execute(query).scalar_one())
 
 
+def trait_group(number: int, tiers: dict[str, int]) -> str:
+    """A trait group beside the example's audience, over the same members: one trait whose
+    value per member is ``tiers`` (0 when absent)."""
+    cases = " ".join(f"WHEN '{m}' THEN {t}" for m, t in sorted(tiers.items()))
+    value = f"CASE user_id {cases} ELSE 0 END" if cases else "0"
+    return (
+        f'[[traits]]\nname = "Tiers {number}"\nsource = "warehouse"\ndestinations = ["segment"]\n'
+        f'query = "SELECT user_id, {value} AS tier_{number} FROM members"\n'
+    )
+
+
 def valid(members: tuple[Any, ...]) -> set[str]:
     return {
         m for m in members if isinstance(m, str) and m.strip() and len(m) <= 255 and "\n" not in m
@@ -221,13 +235,24 @@ def test_any_history_converges_to_the_last_snapshot(
     ever_members: set[str] = set()
     last: set[str] = set()
     fulls = 0
+    tiers: dict[str, int] = {}
+    group, trait = f"Tiers {number}", f"tier_{number}"
+    harness.config_extra = trait_group(number, tiers)
 
-    def run(faults: bool, applied_5xx: str | None = None, **options: Any) -> None:
+    def run(
+        faults: bool, applied_5xx: str | None = None, both: bool = False, **options: Any
+    ) -> None:
+        """Sync the audience (and with ``both`` the trait group, armed with the same crash)."""
         chaos.faults_enabled = faults
         chaos.forced = applied_5xx
+        crash = crasher.armed
         try:
             with contextlib.suppress(SimulatedCrash, LeaseHeldError):
                 harness.sync(**options)
+            if both:
+                crasher.armed = crash
+                with contextlib.suppress(SimulatedCrash, LeaseHeldError):
+                    harness.sync_named(group, **options)
         finally:
             chaos.forced = None
 
@@ -236,12 +261,16 @@ def test_any_history_converges_to_the_last_snapshot(
             rows = [(m, HUGE_TRAIT if m in step.huge else None, None) for m in step.members]
             harness.set_members(rows)  # type: ignore[arg-type]
             last = valid(step.members)
+            for member in step.bumped:
+                tiers[member] = tiers.get(member, 0) + 1
+            harness.config_extra = trait_group(number, tiers)
         elif isinstance(step, Sync):
             crasher.armed = step.crash
             ever_members |= last
             run(
                 step.faults,
                 step.applied_5xx,
+                both=True,
                 full=step.full,
                 include_exited=step.full and step.include_exited,
             )
@@ -264,16 +293,24 @@ def test_any_history_converges_to_the_last_snapshot(
 
     # Faults off: runs (and the retry backoff) until nothing is pending.
     ever_members |= last
+    group_key = f"tiers_{number}"
     for _ in range(20):
-        run(False)
-        if pending_count(state_engine, key) == 0:
+        run(False, both=True)
+        if pending_count(state_engine, key) == 0 and pending_count(state_engine, group_key) == 0:
             break
         time.sleep(0.05)
     assert pending_count(state_engine, key) == 0
+    assert pending_count(state_engine, group_key) == 0
 
     state = chaos.values(key)
     assert {who for who, value in state.items() if value} == last
     assert set(state) <= ever_members, "a user who was never a member received something"
+    # The trait group: each member holds its current value, each leaver null.
+    values = chaos.values(trait)
+    assert {who: v for who, v in values.items() if v is not None} == {
+        m: tiers.get(m, 0) for m in last
+    }
+    assert set(values) <= ever_members
     assert not chaos.violations
     # A resend carries the messageId of the change it repeats; only a full resync mints new ones.
     ids: dict[tuple[str, str, str], set[str]] = defaultdict(set)
