@@ -19,8 +19,10 @@ from sync.state.monitoring import DestinationCounts, destination_counts, last_su
 PREFIX = "audience_sync"
 # Run durations span a small audience's second to a first sync of millions (~minutes).
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-# The outcomes of `messages_total`, each a DestinationReport field.
-MESSAGE_OUTCOMES = ("sent", "rejected", "failed")
+# The outcomes of `messages_total`, each a DestinationReport field counting this run's events.
+# (Its `failed` is a state, the rows given up after max_attempts, so it is the gauge
+# `failed_rows`: a counter would add the same rows again with every run.)
+MESSAGE_OUTCOMES = ("sent", "rejected")
 
 
 class _StateCollector(Collector):
@@ -49,9 +51,16 @@ class _StateCollector(Collector):
             "Memberships waiting for delivery per computation and destination.",
             labels=labels,
         )
+        failed = GaugeMetricFamily(
+            f"{PREFIX}_failed_rows",
+            "Memberships given up after max_attempts rejections (waiting for `audience-sync "
+            "retry`) per computation and destination.",
+            labels=labels,
+        )
         for row in counts:
             members.add_metric([row.computation, row.destination], row.members)
             pending.add_metric([row.computation, row.destination], row.pending)
+            failed.add_metric([row.computation, row.destination], row.failed)
         last = GaugeMetricFamily(
             f"{PREFIX}_last_success_timestamp_seconds",
             "When the last succeeded run of each computation finished (Unix time).",
@@ -61,6 +70,7 @@ class _StateCollector(Collector):
             last.add_metric([key], moment.timestamp())
         yield members
         yield pending
+        yield failed
         yield last
 
 
@@ -79,7 +89,7 @@ class Metrics:
         self.messages = Counter(
             f"{PREFIX}_messages",
             "Messages of this daemon's runs, by computation, destination and outcome "
-            "(sent = acknowledged; rejected; failed = gave up after max_attempts).",
+            "(sent: acknowledged; rejected: refused by the destination).",
             ["computation", "destination", "outcome"],
             registry=self.registry,
         )

@@ -20,12 +20,13 @@ _MEMBERS_KNOWN = ("succeeded", "partial", "guarded")
 
 @dataclass(frozen=True)
 class DestinationCounts:
-    """Members and pending rows of one computation at one destination."""
+    """Members, pending and failed rows of one computation at one destination."""
 
     computation: str
     destination: str
     members: int
     pending: int
+    failed: int
 
 
 @dataclass(frozen=True)
@@ -40,20 +41,23 @@ class RunPoint:
 
 
 def destination_counts(connection: Connection) -> list[DestinationCounts]:
-    """Members and pending rows per live (not retired) computation and destination."""
+    """Members, pending and failed rows per live (not retired) computation and destination."""
     rows = connection.execute(
         select(
             A.c.key,
             M.c.destination,
             func.sum(case((M.c.desired, 1), else_=0)),
             func.sum(case((is_pending(), 1), else_=0)),
+            func.sum(case((M.c.status == "failed", 1), else_=0)),
         )
         .join(A, A.c.id == M.c.audience_id)
         .where(A.c.retired_at.is_(None))
         .group_by(A.c.key, M.c.destination)
         .order_by(A.c.key, M.c.destination)
     ).all()
-    return [DestinationCounts(k, d, int(m or 0), int(p or 0)) for k, d, m, p in rows]
+    return [
+        DestinationCounts(k, d, int(m or 0), int(p or 0), int(f or 0)) for k, d, m, p, f in rows
+    ]
 
 
 def last_successes(connection: Connection) -> dict[str, datetime]:
