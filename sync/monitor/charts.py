@@ -45,8 +45,11 @@ def runs_chart(points: list[RunPoint]) -> str:
         f"messages sent (bars, up to {max(p.sent for p in points)}) over the last "
         f"{len(points)} run(s)"
     )
+    base = HEIGHT - PAD
     return (
         f'<svg class="chart" role="img" width="{WIDTH}" height="{HEIGHT}" '
         f'viewBox="0 0 {WIDTH} {HEIGHT}" aria-label="{escape(label)}">'
-        f"<title>{escape(label)}</title>{''.join(bars)}{polyline}{''.join(dots)}</svg>"
+        f"<title>{escape(label)}</title>"
+        f'<line class="axis" x1="{PAD}" y1="{base}" x2="{WIDTH - PAD}" y2="{base}"/>'
+        f"{''.join(bars)}{polyline}{''.join(dots)}</svg>"
     )

@@ -34,6 +34,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}.muted{color:#6b7685}
 .status{padding:.05rem .4rem;border-radius:.6rem;font-size:.85em;background:#e8ebf0}
 .status-succeeded{background:#d5f2dc}.status-partial{background:#fdf0c8}
 .status-failed,.status-abandoned{background:#f9d4d4}.status-guarded{background:#f3dcf7}
+td.when{white-space:nowrap}svg.chart line.axis{stroke:#b8c0cc}
 svg.chart rect.sent{fill:#9cc3ef}svg.chart polyline.members{fill:none;stroke:#1d5fa8;
 stroke-width:1.5}svg.chart circle.members{fill:#1d5fa8}.legend{font-size:.85em}
 .legend .sent{color:#5b93d4}.legend .members{color:#1d5fa8}
@@ -113,9 +114,9 @@ def overview_page(connection: Connection, config: Config, this_daemon: str) -> s
             f'<td class="num members">{max(e["members"] for e in entries)}</td>'
             f'<td class="num pending">{sum(e["pending"] for e in entries)}</td>'
             f'<td class="num failed">{sum(e["failed"] for e in entries)}</td>'
-            f'<td class="last-run">{_status(last.get("status"))} '
+            f'<td class="last-run when">{_status(last.get("status"))} '
             f"{_when(last.get('finished_at') or last.get('started_at'))}</td>"
-            f'<td class="next-run">{_when(first["next_run"])}</td>'
+            f'<td class="next-run when">{_when(first["next_run"])}</td>'
             f"<td>{runs_chart(charts.get(key, []))}</td></tr>"
         )
     headings = [
