@@ -227,3 +227,45 @@ def _empty_config(tmp_path: Path):  # type: ignore[no-untyped-def]
     from sync.config import parse_config
 
     return parse_config("", "t.toml", tmp_path, {})
+
+
+def test_recent_runs_and_the_pages_on_every_state_db(
+    harness: Harness, receiver: Receiver, tmp_path: Path
+) -> None:
+    from sync.state.monitoring import recent_runs
+
+    harness.set_members(["a", "b"])
+    harness.sync()
+    harness.set_members(["a", "b", "c"])
+    harness.sync()
+    harness.destinations["segment"]["write_key"] = (
+        "wrong"  # 401: the run fails; its member count is no audience size
+    )
+    harness.set_members(["a", "b", "c", "d"])
+    failed = harness.sync()
+    assert failed.status == "failed"
+    with harness.engine.connect() as connection:
+        series = recent_runs(connection, 2)
+        assert list(series) == [KEY]
+        assert [(p.status, p.members, p.sent) for p in series[KEY]] == [
+            ("succeeded", 3, 1),
+            ("failed", None, 0),
+        ]
+        assert [p.run_id for p in recent_runs(connection, 5, KEY)[KEY]] == [1, 2, 3]
+        assert recent_runs(connection, 5, "nobody") == {}
+    server = MonitorServer(
+        parse_listen_address("127.0.0.1:0"),
+        config=harness.config(),
+        engine=harness.engine,
+        metrics=Metrics(),
+        readiness=Readiness(lambda: True),
+        daemon_id="test",
+    )
+    server.start()
+    try:
+        for path, expected in [("", 200), (f"computations/{KEY}", 200), ("computations/x", 404)]:
+            response = httpx.get(server.url + path, timeout=10)
+            assert response.status_code == expected, response.text
+            assert "wrong" not in response.text
+    finally:
+        server.stop()
