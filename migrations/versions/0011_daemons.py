@@ -21,7 +21,7 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.create_table(
         "daemons",
-        sa.Column("id", Key(64), nullable=False),
+        sa.Column("id", Key(255), nullable=False),
         sa.Column("host", Key(255), nullable=False),
         sa.Column("pid", sa.Integer(), nullable=False),
         sa.Column("version", sa.String(length=32), nullable=False),
@@ -31,7 +31,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "daemon_schedules",
-        sa.Column("daemon_id", Key(64), nullable=False),
+        sa.Column("daemon_id", Key(255), nullable=False),
         sa.Column("computation", Key(100), nullable=False),
         sa.Column("next_run_at", UTCDateTime(), nullable=False),
         sa.ForeignKeyConstraint(

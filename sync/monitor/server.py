@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,7 +59,8 @@ class MonitorServer:
         class Handler(_Handler):
             server_monitor = monitor
 
-        self._server = ThreadingHTTPServer((address.host, address.port), Handler)
+        server_class = _IPv6Server if ":" in address.host else ThreadingHTTPServer
+        self._server = server_class((address.host, address.port), Handler)
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -127,6 +129,10 @@ class MonitorServer:
                 return 404, PLAIN, f"{redact(str(exc))}\n".encode()
             return 200, HTML, page.encode()
         return 404, PLAIN, b"not found: try /, /metrics, /healthz or /readyz\n"
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
 
 
 class _Handler(BaseHTTPRequestHandler):

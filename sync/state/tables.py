@@ -339,7 +339,8 @@ class DaemonRecord(Base):
 
     __tablename__ = "daemons"
 
-    id: Mapped[str] = mapped_column(Key(64), primary_key=True)
+    # host:pid:random, like a lease owner (a host name may be long).
+    id: Mapped[str] = mapped_column(Key(255), primary_key=True)
     host: Mapped[str] = mapped_column(Key(255))
     pid: Mapped[int] = mapped_column(Integer)
     version: Mapped[str] = mapped_column(String(32))
