@@ -115,6 +115,7 @@ class Daemon:
                     and logger.isEnabledFor(logging.DEBUG),
                 )
                 self.failures += 1
+                self.metrics.observe_error(audience.trait_key)
                 return None
             if not report.ok:
                 self.failures += 1

@@ -269,3 +269,23 @@ def test_recent_runs_and_the_pages_on_every_state_db(
             assert "wrong" not in response.text
     finally:
         server.stop()
+
+
+def test_a_run_refused_before_it_starts_counts_as_failed(
+    harness: Harness, receiver: Receiver
+) -> None:
+    from sync.scheduler import Daemon
+
+    harness.set_members(["a"])
+    assert harness.sync().status == "succeeded"
+    # The endpoint moved under the same destination name: refused until `sync --full`.
+    harness.destinations["segment"]["endpoint"] = receiver.url + "/elsewhere"
+    config = harness.config()
+    daemon = Daemon(config, harness.engine)
+    assert daemon.run_audience(config.audiences[0]) is None
+    found = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(daemon.metrics.exposition().decode())
+        for s in family.samples
+    }
+    assert found[("audience_sync_runs_total", (("computation", KEY), ("status", "failed")))] == 1

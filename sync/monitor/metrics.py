@@ -82,7 +82,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.runs = Counter(
             f"{PREFIX}_runs",
-            "Runs this daemon finished, by computation and status.",
+            "Runs this daemon finished, by computation and status (a run that failed before "
+            "it was recorded counts as failed).",
             ["computation", "status"],
             registry=self.registry,
         )
@@ -114,6 +115,11 @@ class Metrics:
                 self.messages.labels(report.key, entry.destination, outcome).inc(
                     getattr(entry, outcome)
                 )
+
+    def observe_error(self, key: str) -> None:
+        """Count a run that failed before it was recorded (a refused config drift, the state
+        DB unreachable): ``failed``, like a recorded failure, so one alert covers both."""
+        self.runs.labels(key, "failed").inc()
 
     def refresh(self, connection: Connection) -> None:
         """Re-read the gauges that come from the state DB."""
