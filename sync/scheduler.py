@@ -1,4 +1,5 @@
-"""The daemon: every enabled audience on its schedule, a retry sweep, and a graceful stop."""
+"""The daemon: every enabled audience on its schedule, a retry sweep, a heartbeat row, metrics
+and a status page (sync.monitor), and a graceful stop."""
 
 from __future__ import annotations
 
@@ -287,17 +288,18 @@ class Daemon:
         heartbeat = Heartbeat(
             self.engine, self.daemon_id, self.next_runs, after_beat=self.metrics.refresh
         )
-        scheduler.start()
-        heartbeat.start()
+        heartbeat.start()  # the daemon's row first: its runs may start at once
         self._heartbeat = heartbeat
-        self.monitor = self.start_monitor()
-        logger.info(
-            "daemon started: %d audience(s), %d worker(s), sweep every %gs",
-            len(self.audiences),
-            self.config.daemon.workers,
-            self.config.daemon.sweep_interval,
-        )
         try:
+            scheduler.start()
+            heartbeat.wake()  # write the scheduler's next runs now
+            self.monitor = self.start_monitor()
+            logger.info(
+                "daemon started: %d audience(s), %d worker(s), sweep every %gs",
+                len(self.audiences),
+                self.config.daemon.workers,
+                self.config.daemon.sweep_interval,
+            )
             while not self.stop.wait(0.2):
                 pass
             logger.info("stopping: no new runs; finishing the batches in flight")
