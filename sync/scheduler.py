@@ -1,4 +1,5 @@
-"""The daemon: every enabled audience on its schedule, a retry sweep, and a graceful stop."""
+"""The daemon: every enabled audience on its schedule, a retry sweep, a heartbeat row, metrics
+and a status page (sync.monitor), and a graceful stop."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Engine
 
 from sync.config import ComputationConfig, Config
+from sync.config.listen import parse_listen_address
 from sync.engine import Syncer
 from sync.errors import AudienceSyncError, LeaseHeldError, error_line
+from sync.monitor import Heartbeat, Metrics, MonitorServer, Readiness
 from sync.reports import RunOptions, RunReport
 from sync.run.drift import warn_about_drift
+from sync.state.leases import new_owner_id
 
 logger = logging.getLogger("sync.daemon")
 
@@ -47,6 +51,12 @@ class Daemon:
         self._idle = threading.Condition()
         self.failures = 0
         self._guarded_orphans: set[str] = set()  # logged once, not on every sweep
+        # Its row in `daemons` (sync.state.daemons) and what /metrics shows (sync.monitor).
+        self.daemon_id = new_owner_id()
+        self.metrics = Metrics()
+        self.monitor: MonitorServer | None = None
+        self._scheduler: BackgroundScheduler | None = None
+        self._heartbeat: Heartbeat | None = None
 
     def close(self) -> None:
         """Dispose the state DB engine, unless it was borrowed."""
@@ -76,11 +86,16 @@ class Daemon:
         with self._idle:
             self._active += 1
         try:
-            return work()
+            report = work()
         finally:
             with self._idle:
                 self._active -= 1
                 self._idle.notify_all()
+        if report is not None:
+            self.metrics.observe(report)
+            if self._heartbeat is not None:
+                self._heartbeat.wake()  # its next run time and the gauges changed
+        return report
 
     def run_audience(self, audience: ComputationConfig) -> RunReport | None:
         """One scheduled run; a busy audience is skipped, every failure is logged."""
@@ -101,6 +116,7 @@ class Daemon:
                     and logger.isEnabledFor(logging.DEBUG),
                 )
                 self.failures += 1
+                self.metrics.observe_error(audience.trait_key)
                 return None
             if not report.ok:
                 self.failures += 1
@@ -212,25 +228,89 @@ class Daemon:
         )
         return scheduler
 
+    def next_runs(self) -> dict[str, datetime]:
+        """When the scheduler will next run each audience (by key; this host's clock)."""
+        scheduler = self._scheduler
+        if scheduler is None or not scheduler.running or self.stop.is_set():
+            return {}
+        return {
+            job.name: job.next_run_time
+            for job in scheduler.get_jobs()
+            if job.id.startswith("audience:") and job.next_run_time is not None
+        }
+
+    def scheduler_running(self) -> bool:
+        """Whether the daemon is scheduling runs (``/readyz``)."""
+        scheduler = self._scheduler
+        return scheduler is not None and bool(scheduler.running) and not self.stop.is_set()
+
+    def start_monitor(self) -> MonitorServer | None:
+        """Serve /metrics, /healthz, /readyz and the status page on ``[daemon] http``
+        (None when turned off, or when the address cannot be bound: the daemon runs on)."""
+        setting = self.config.daemon.http
+        if not setting:
+            return None
+        address = parse_listen_address(setting)
+        try:
+            monitor = MonitorServer(
+                address,
+                config=self.config,
+                engine=self.engine,
+                metrics=self.metrics,
+                readiness=Readiness(self.scheduler_running),
+                daemon_id=self.daemon_id,
+            )
+        except OSError as exc:
+            logger.error(
+                "cannot serve metrics and the status page on %s: %s ([daemon] http; "
+                'http = "" turns it off); running without them',
+                setting,
+                exc.strerror or exc,
+            )
+            return None
+        monitor.start()
+        if not address.loopback:
+            logger.warning(
+                "metrics and the status page are served on %s without authentication: "
+                "anyone who can reach it sees audience names, counts and run errors",
+                setting,
+            )
+        logger.info("serving metrics, health checks and the status page on %s", monitor.url)
+        return monitor
+
     def serve(self, install_signal_handlers: bool = True) -> int:
         """Run until SIGTERM/SIGINT (or ``stop``); then finish in-flight batches and exit."""
         if install_signal_handlers:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._on_signal)
         self.warn_about_drift()
-        scheduler = self.build_scheduler()
-        scheduler.start()
-        logger.info(
-            "daemon started: %d audience(s), %d worker(s), sweep every %gs",
-            len(self.audiences),
-            self.config.daemon.workers,
-            self.config.daemon.sweep_interval,
+        scheduler = self._scheduler = self.build_scheduler()
+        heartbeat = Heartbeat(
+            self.engine, self.daemon_id, self.next_runs, after_beat=self.metrics.refresh
         )
-        while not self.stop.wait(0.2):
-            pass
-        logger.info("stopping: no new runs; finishing the batches in flight")
-        scheduler.shutdown(wait=False)
-        return 0 if self.wait_idle(self.config.daemon.shutdown_timeout) else 1
+        heartbeat.start()  # the daemon's row first: its runs may start at once
+        self._heartbeat = heartbeat
+        try:
+            scheduler.start()
+            heartbeat.wake()  # write the scheduler's next runs now
+            self.monitor = self.start_monitor()
+            logger.info(
+                "daemon started: %d audience(s), %d worker(s), sweep every %gs",
+                len(self.audiences),
+                self.config.daemon.workers,
+                self.config.daemon.sweep_interval,
+            )
+            while not self.stop.wait(0.2):
+                pass
+            logger.info("stopping: no new runs; finishing the batches in flight")
+            scheduler.shutdown(wait=False)
+            idle = self.wait_idle(self.config.daemon.shutdown_timeout)
+        finally:
+            self._heartbeat = None
+            heartbeat.stop()  # deletes its row: `status` says no daemon runs
+            if self.monitor is not None:
+                self.monitor.stop()
+        return 0 if idle else 1
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait for running jobs to finish; False if some still run after ``timeout``."""

@@ -24,6 +24,7 @@ def two_audiences(harness: Harness) -> Path:
 [daemon]
 sweep_interval = "1s"
 shutdown_timeout = "10s"
+http = "127.0.0.1:0"
 
 [[audiences]]
 name = "Newsletter"
@@ -156,7 +157,7 @@ def test_full_resync_while_the_daemon_runs(
     harness: Harness, receiver: Receiver, tmp_path: Path
 ) -> None:
     harness.defaults["schedule"] = "1s"
-    harness.config_extra = '\n[daemon]\nsweep_interval = "1s"\n'
+    harness.config_extra = '\n[daemon]\nsweep_interval = "1s"\nhttp = ""\n'
     harness.set_members(["a", "b", "c"])
     config = harness.write_config()
     daemon = spawn(config, "run", log=tmp_path / "daemon.log")

@@ -25,6 +25,7 @@ from sync.errors import SourceError, StateDatabaseMissingError, StateError
 from sync.redaction import redact, redact_url
 from sync.run.drift import drift_report
 from sync.run.sources import check_source, demo_warehouse_exists
+from sync.state.daemons import DaemonView, daemon_views
 from sync.state.db import make_state_engine, schema_status
 from sync.state.inspection import MemberFilter, member_rows, run_rows, status_rows, user_rows
 
@@ -83,13 +84,17 @@ USER_COLUMNS = {
 @json_option
 @pass_app
 def status(app: AppContext, as_json: bool) -> None:
-    """One line per audience and destination: members, pending, failed, last and next run."""
+    """Whether a daemon is running, then one line per audience and destination: members,
+    pending, failed, last run and the daemon's next run."""
     config = app.config()
     with reading(config) as connection:
         rows = status_rows(connection, config)
+        daemons = daemon_views(connection)
     if as_json:
         echo_json(rows)
         return
+    for line in daemon_lines(daemons):
+        console().print(line, markup=False, soft_wrap=True)
     shown = [
         {
             **r,
@@ -100,6 +105,26 @@ def status(app: AppContext, as_json: bool) -> None:
         for r in rows
     ]
     print_table("Audiences", STATUS_COLUMNS, shown)
+
+
+def daemon_lines(daemons: list[DaemonView]) -> list[str]:
+    """What `status` says about daemons: each live one, or that none is running (and when a
+    dead one was last heard of)."""
+    alive = [d for d in daemons if d.alive]
+    lines = [
+        f"daemon running: {d.host} pid {d.pid} (version {d.version}, started "
+        f"{d.started_at:%Y-%m-%d %H:%M:%S} UTC, last heartbeat "
+        f"{d.seconds_since_heartbeat:.0f}s ago)"
+        for d in alive
+    ]
+    if not alive:
+        lines.append("no daemon is running (`audience-sync run` starts one): no runs scheduled")
+        lines += [
+            f"  last seen: {d.host} pid {d.pid}, heartbeat {d.seconds_since_heartbeat:.0f}s "
+            "ago (it stopped without cleaning up: crashed or killed)"
+            for d in daemons[:3]
+        ]
+    return lines
 
 
 def _last_run(run: dict[str, Any] | None) -> str:

@@ -14,6 +14,7 @@ from pydantic import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from sync.config.listen import DEFAULT_HTTP_ADDRESS, check_http_setting
 from sync.destinations import DestinationSettings
 from sync.keys import derive_key, key_problem
 from sync.messages import ComputationClass as ComputationKind
@@ -108,10 +109,13 @@ class DaemonConfig(_Model):
     jitter: float = Field(default=0.0, ge=0)
     run_on_start: bool = True
     lease_seconds: float = Field(default=60.0, ge=5)
+    # /metrics, /healthz, /readyz and the status page (sync.monitor); "" turns them off.
+    http: str = DEFAULT_HTTP_ADDRESS
 
     _durations = field_validator(
         "sweep_interval", "shutdown_timeout", "jitter", "lease_seconds", mode="before"
     )(_duration)
+    _http = field_validator("http", mode="before")(check_http_setting)
 
 
 OnExit = Literal["null", "keep"]

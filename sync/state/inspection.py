@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sqlalchemy import Connection, and_, case, func, select
 
 from sync.config import ComputationConfig, Config
 from sync.errors import UnknownAudienceError
+from sync.state.daemons import scheduled_runs
 from sync.state.memberships import is_pending
 from sync.state.tables import AUDIENCES as A
 from sync.state.tables import MEMBERSHIPS as M
@@ -21,24 +22,6 @@ MemberFilter = Literal["all", "pending", "failed", "exited"]
 
 def _iso(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).isoformat(timespec="seconds") if moment else None
-
-
-def next_run_at(config: Config, key: str, last_started: datetime | None) -> datetime | None:
-    """When the daemon's schedule would next run the audience with ``key``."""
-    audience = next((a for a in config.computations if a.trait_key == key), None)
-    if audience is None or not audience.enabled:
-        return None
-    schedule = config.schedule_of(audience)
-    now = datetime.now(UTC)
-    if schedule.interval_seconds is not None:
-        if last_started is None:
-            return now
-        return max(now, last_started + timedelta(seconds=schedule.interval_seconds))
-    from apscheduler.triggers.cron import CronTrigger
-
-    trigger = CronTrigger.from_crontab(schedule.cron, timezone="UTC")
-    fire: datetime | None = trigger.get_next_fire_time(None, now)
-    return fire
 
 
 def audience_by_name(connection: Connection, config: Config, name: str) -> Any:
@@ -71,6 +54,7 @@ def status_rows(connection: Connection, config: Config) -> list[dict[str, Any]]:
     for row in counts:
         by_audience.setdefault(row.audience_id, []).append(row)
     configured = {a.trait_key: a for a in config.computations}
+    next_runs = scheduled_runs(connection)  # written by live daemons; none when none runs
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     for audience in connection.execute(select(A).order_by(A.c.key)).all():
@@ -92,11 +76,7 @@ def status_rows(connection: Connection, config: Config) -> list[dict[str, Any]]:
                     "failed": int(entry.failed or 0) if entry else 0,
                     "last_run": _run_summary(last),
                     "lease_owner": audience.lease_owner,
-                    "next_run": _iso(
-                        next_run_at(config, audience.key, last.started_at if last else None)
-                    )
-                    if state == "active"
-                    else None,
+                    "next_run": _iso(next_runs.get(audience.key)) if state == "active" else None,
                 }
             )
     for key, audience_config in configured.items():
@@ -112,7 +92,7 @@ def status_rows(connection: Connection, config: Config) -> list[dict[str, Any]]:
                     "failed": 0,
                     "last_run": None,
                     "lease_owner": None,
-                    "next_run": _iso(next_run_at(config, key, None)),
+                    "next_run": _iso(next_runs.get(key)),
                 }
             )
     return rows

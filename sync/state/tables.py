@@ -372,6 +372,35 @@ class DestinationEndpoint(Base):
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class DaemonRecord(Base):
+    """A running ``audience-sync run`` process: inserted at start, its ``heartbeat_at``
+    renewed on the state database's clock while it lives, deleted on a clean stop. A row
+    whose heartbeat is old belongs to a daemon that died (sync.state.daemons)."""
+
+    __tablename__ = "daemons"
+
+    # host:pid:random, like a lease owner (a host name may be long).
+    id: Mapped[str] = mapped_column(Key(255), primary_key=True)
+    host: Mapped[str] = mapped_column(Key(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class DaemonSchedule(Base):
+    """When a daemon will next run a computation (an audience, later a trait group), as its
+    scheduler says; rewritten with every heartbeat, gone with the daemon's row."""
+
+    __tablename__ = "daemon_schedules"
+
+    daemon_id: Mapped[str] = mapped_column(
+        ForeignKey("daemons.id", ondelete="CASCADE"), primary_key=True
+    )
+    computation: Mapped[str] = mapped_column(Key(100), primary_key=True)
+    next_run_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 # Core handles for the bulk paths (set operations, executemany), typed as tables.
 MEMBERSHIPS = cast(Table, Membership.__table__)
 STAGED = cast(Table, StagedMember.__table__)
@@ -381,3 +410,5 @@ INSTALLATION = cast(Table, Installation.__table__)
 RUN_DELIVERIES = cast(Table, RunDelivery.__table__)
 DELIVERY_PROGRESS = cast(Table, DeliveryProgress.__table__)
 DESTINATION_ENDPOINTS = cast(Table, DestinationEndpoint.__table__)
+DAEMONS = cast(Table, DaemonRecord.__table__)
+DAEMON_SCHEDULES = cast(Table, DaemonSchedule.__table__)
