@@ -293,3 +293,35 @@ def test_a_torn_last_line_left_by_a_crash_is_cut_off(harness: Harness, tmp_path:
     harness.set_members(["a", "b"])
     assert harness.sync().status == "succeeded"
     assert [json.loads(line)["userId"] for line in out.read_text().splitlines()] == ["b"]
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_the_size_limit_counts_a_message_s_own_bytes(over: int) -> None:
+    """A message exactly at the per-message limit goes; one byte over is refused, and the
+    reason gives its own size (not counting the comma that separates it in a batch)."""
+    from types import SimpleNamespace
+
+    from sync.delivery.batches import Batcher
+
+    encoder = MessageEncoder(AudienceContext("inst", 1, KEY, "segment"))
+    row = ("user", "a", None, "true", 1, "2024-05-01 10:00:00", None)
+    size = len(encoder.messages(*row)[0].encode())
+    limits = SimpleNamespace(
+        max_batch_messages=100, max_batch_bytes=500_000, max_message_bytes=size - over
+    )
+    refused: list[tuple[Any, str]] = []
+    batcher = Batcher(
+        encoder,
+        limits,  # type: ignore[arg-type]
+        on_trimmed=lambda: None,
+        on_oversized=refused.extend,
+    )
+    batches = list(batcher.batches([(*row[:4], False, *row[4:])]))
+    if over:
+        assert batches == []
+        assert [reason for _, reason in refused] == [
+            f"message is {size} bytes even without its traits, over the destination's limit "
+            f"of {size - 1} bytes"
+        ]
+    else:
+        assert refused == [] and [u.member_id for u in batches[0]] == ["a"]

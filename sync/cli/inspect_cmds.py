@@ -217,6 +217,7 @@ def check(app: AppContext, as_json: bool) -> None:
         *(_check_one_source(n, s.url, s.demo) for n, s in config.sources.items()),
     ]
     problems, warnings = _check_drift(config)
+    warnings = [*_payload_warnings(config), *warnings]
     ok = all(c["ok"] for c in connections) and not problems
     if as_json:
         echo_json(
@@ -235,11 +236,24 @@ def check(app: AppContext, as_json: bool) -> None:
         raise click.exceptions.Exit(1)
 
 
+def _payload_warnings(config: Config) -> list[str]:
+    """Advice on what messages carry: Engage puts ``space_id`` on every message, and some of
+    Segment's destinations read it (README "Destinations")."""
+    return [
+        f'destination "{name}" has no space_id: Engage puts space_id (and namespace) into '
+        "context.personas of every message, and some downstream destinations read it; set "
+        f'space_id = "spa_…" under [destinations.{name}]'
+        for name, settings in config.destinations.items()
+        if settings.type == "segment" and not settings.space_id
+    ]
+
+
 def _audience_rows(config: Config) -> list[dict[str, Any]]:
     return [
         {
             "name": a.name,
             "key": a.trait_key,
+            "kind": a.kind,
             "source": a.source,
             "destinations": list(a.destinations),
             "schedule": config.schedule_of(a).text,

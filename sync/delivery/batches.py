@@ -46,8 +46,12 @@ class BatchResult:
 
 
 def message_size(message: str) -> int:
-    """UTF-8 bytes of one encoded message in a batch body, with its separating comma."""
-    return (len(message) if message.isascii() else len(message.encode("utf-8"))) + 1
+    """UTF-8 bytes of one encoded message (what a per-message limit is about)."""
+    return len(message) if message.isascii() else len(message.encode("utf-8"))
+
+
+# Each message in a batch body is followed by a separating comma (counted against the batch).
+SEPARATOR_BYTES = 1
 
 
 class Batcher:
@@ -82,20 +86,21 @@ class Batcher:
         encode = self.encoder.messages
         for kind, member, anonymous, value, in_doubt, version, changed_at, traits in rows:
             messages = encode(kind, member, anonymous, value, version, changed_at, traits)
-            # Bytes in the body (UTF-8) plus the separating comma; one message in the common
+            # Bytes in the body (UTF-8) plus the separating commas; one message in the common
             # (identify) case, so no list is built for it.
             if len(messages) == 1:
-                size = largest = message_size(messages[0])
+                largest = message_size(messages[0])
+                size = largest + SEPARATOR_BYTES
             else:
                 sizes = [message_size(m) for m in messages]
-                size, largest = sum(sizes), max(sizes)
+                size, largest = sum(sizes) + SEPARATOR_BYTES * len(sizes), max(sizes)
             if self.max_message_bytes is not None and largest > self.max_message_bytes:
                 # The value change must go through: without the traits that make it too big.
                 messages, dropped = self.encoder.fitting(
                     kind, member, anonymous, value, version, changed_at, traits, self.fits
                 )
                 sizes = [message_size(m) for m in messages]
-                size = sum(sizes)
+                size = sum(sizes) + SEPARATOR_BYTES * len(sizes)
                 if not self.fits(messages):
                     unit = Unit(kind, member, version, bool(in_doubt), messages, size)
                     oversized.append((unit, self._too_big(max(sizes))))

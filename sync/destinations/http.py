@@ -33,7 +33,10 @@ from sync.redaction import redact
 # Segment HTTP Tracking API limits (segment.com/docs/connections/sources/catalog/libraries/
 # server/http-api/#max-request-size): 500 KB per batch request and at most 2,500 messages per
 # batch. Every HTTP destination keeps within them: webhook receivers are often Segment-compatible.
+# The default batch is 500,000 bytes (500 KB as documented); 512,000 is the most a setting may
+# ask for (500 KiB, what Segment's gateway was seen to take).
 SEGMENT_MAX_BATCH_MESSAGES = 2500
+SEGMENT_BATCH_BYTES = 500_000
 SEGMENT_MAX_BATCH_BYTES = 500 * 1024
 # Sanity bounds of our own on the settings (no destination states them): `max_batch_bytes`
 # must exceed 1 KiB; each request in flight holds a pooled connection and a thread.
@@ -54,7 +57,7 @@ class HttpSettings(BaseDestinationSettings):
 
     batch_size: int = Field(default=500, gt=0, le=SEGMENT_MAX_BATCH_MESSAGES)
     max_batch_bytes: int = Field(
-        default=SEGMENT_MAX_BATCH_BYTES, gt=MIN_BATCH_BYTES_LIMIT, le=SEGMENT_MAX_BATCH_BYTES
+        default=SEGMENT_BATCH_BYTES, gt=MIN_BATCH_BYTES_LIMIT, le=SEGMENT_MAX_BATCH_BYTES
     )
     timeout: float = Field(default=15.0, gt=0)
     concurrency: int = Field(default=4, gt=0, le=MAX_CONCURRENCY)
