@@ -20,7 +20,14 @@ from sqlalchemy import Engine
 from sync.config import AudienceConfig, Config
 from sync.engine import Syncer
 from sync.errors import AudienceSyncError, LeaseHeldError, error_line
-from sync.reports import RunOptions, RunReport
+from sync.reports import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    PARTIAL_STATUSES,
+    RunOptions,
+    RunReport,
+)
 from sync.run.drift import warn_about_drift
 
 logger = logging.getLogger("sync.daemon")
@@ -46,6 +53,8 @@ class Daemon:
         self._active = 0
         self._idle = threading.Condition()
         self.failures = 0
+        self.partial = 0  # runs that left changes unacknowledged (`run --once` exits 3)
+        self.busy = 0  # runs skipped because another process held the audience
         self._guarded_orphans: set[str] = set()  # logged once, not on every sweep
 
     def close(self) -> None:
@@ -90,6 +99,7 @@ class Daemon:
                 report = self.syncer.sync(audience, RunOptions(trigger="schedule"))
             except LeaseHeldError as exc:
                 logger.info("skipped: %s", exc)
+                self.busy += 1
                 return None
             except Exception as exc:
                 # One line (no SQL, no parameters); the traceback only when debugging.
@@ -104,6 +114,8 @@ class Daemon:
                 return None
             if not report.ok:
                 self.failures += 1
+            elif report.status in PARTIAL_STATUSES:
+                self.partial += 1
             return report
 
         return self._tracked(work)
@@ -167,14 +179,17 @@ class Daemon:
     # --- lifecycle -------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Run every enabled audience once; exit code 1 when any run failed or was guarded."""
+        """Run every enabled audience once; the exit code of ``sync`` (README "Exit codes"):
+        1 when any run failed, was guarded or busy, else 3 when any was partial, else 0."""
         self.warn_about_drift()
         for audience in self.audiences:
             if self.stop.is_set():
                 break
             self.run_audience(audience)
         self._retire_removed_safely()
-        return 1 if self.failures else 0
+        if self.failures or self.busy:
+            return EXIT_FAILED
+        return EXIT_PARTIAL if self.partial else EXIT_OK
 
     def _trigger(self, audience: AudienceConfig) -> Any:
         schedule = self.config.schedule_of(audience)

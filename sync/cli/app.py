@@ -18,9 +18,16 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from sync.config import Config, load_config
-from sync.errors import AudienceSyncError, driver_reason, error_line
+from sync.errors import (
+    AudienceSyncError,
+    ConfigError,
+    UnknownAudienceError,
+    driver_reason,
+    error_line,
+)
 from sync.logs import configure_logging
 from sync.redaction import install, redact, redactor
+from sync.reports import EXIT_USAGE
 from sync.state.db import make_state_engine, open_state, require_current_schema
 
 
@@ -59,7 +66,16 @@ class ErrorBoundaryGroup(click.Group):
         except Exception as exc:
             if _debug(ctx):
                 raise
+            if isinstance(exc, ConfigError | UnknownAudienceError):
+                raise UsageProblem(redact(_one_line(exc))) from None
             raise click.ClickException(redact(_one_line(exc))) from None
+
+
+class UsageProblem(click.ClickException):
+    """A config error or a name that matches nothing: exit code 2, like click's usage errors
+    (README "Exit codes"; nothing ran)."""
+
+    exit_code = EXIT_USAGE
 
 
 def _one_line(exc: Exception) -> str:

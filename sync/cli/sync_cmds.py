@@ -30,6 +30,7 @@ from sync.engine import DestinationReport, RunOptions, RunReport, Syncer
 from sync.errors import AudienceSyncError, LeaseHeldError, error_line
 from sync.logs import configure_logging
 from sync.redaction import redact
+from sync.reports import exit_code
 from sync.run.drift import warn_about_drift
 from sync.scheduler import Daemon
 from sync.tuning import settle_heap
@@ -58,7 +59,15 @@ def sync_command(
     wait: float,
     as_json: bool,
 ) -> None:
-    """Sync audiences now (all, or those named by name or key)."""
+    """Sync audiences now (all, or those named by name or key).
+
+    \b
+    Exit codes:
+      0 every planned change was acknowledged
+      1 a run failed, was guarded or found its audience busy
+      2 usage or config error
+      3 partial: something was left pending, rejected or failed, or the sync was interrupted
+    """
     if include_exited and not full:
         raise click.UsageError("--include-exited goes with --full")
     options = RunOptions(
@@ -71,15 +80,25 @@ def sync_command(
         echo_json([r.as_dict() for r in reports])
     else:
         print_reports(reports, "Dry run (nothing written or sent)" if dry_run else "Sync")
-    if not all(r.ok for r in reports):
-        raise click.exceptions.Exit(1)
+    code = exit_code(reports)
+    if code:
+        raise click.exceptions.Exit(code)
 
 
 @click.command("run")
 @click.option("--once", is_flag=True, help="Run every enabled audience once, then exit.")
 @pass_app
 def run_command(app: AppContext, once: bool) -> None:
-    """Run the daemon: every audience on its schedule until SIGTERM or SIGINT."""
+    """Run the daemon: every audience on its schedule until SIGTERM or SIGINT.
+
+    \b
+    Exit codes of --once (as sync's):
+      0 every planned change was acknowledged
+      1 a run failed, was guarded or found its audience busy
+      2 usage or config error
+      3 partial: something was left pending, rejected or failed, or a run was interrupted
+    Without --once: 0 after a clean stop, 1 when runs were still busy at shutdown_timeout.
+    """
     config = app.config()
     configure_logging(app.log_level or "INFO", app.log_format, config.secrets())
     with Daemon(config) as daemon:
