@@ -120,6 +120,8 @@ class Deliverer:
         finally:
             # After the pool has joined its workers: no connection is still in use.
             self.ledger.close()
+        if self.sender.gave_up is not None:
+            self.report.error = self.sender.gave_up  # the reason, over any one batch's
         return self.fatal
 
     def _should_stop(self) -> bool:
