@@ -184,6 +184,7 @@ class Daemon:
         self.warn_about_drift()
         for audience in self.audiences:
             if self.stop.is_set():
+                self.partial += 1  # interrupted before every audience ran
                 break
             self.run_audience(audience)
         self._retire_removed_safely()

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ from sync.cli.app import (
     RedactedTable,
     console,
     echo_json,
+    interruptible,
     json_option,
     pass_app,
     wait_option,
@@ -73,9 +75,12 @@ def sync_command(
     options = RunOptions(
         full=full, include_exited=include_exited, dry_run=dry_run, force=force, wait=wait
     )
-    reports = run_audiences(
-        app.config(), list(audiences), options, bars=sys.stdout.isatty() and not as_json
-    )
+    config = app.config()
+    stop = threading.Event()
+    with interruptible(stop):
+        reports = run_audiences(
+            config, list(audiences), options, bars=sys.stdout.isatty() and not as_json, stop=stop
+        )
     if as_json:
         echo_json([r.as_dict() for r in reports])
     else:
@@ -103,7 +108,11 @@ def run_command(app: AppContext, once: bool) -> None:
     configure_logging(app.log_level or "INFO", app.log_format, config.secrets())
     with Daemon(config) as daemon:
         settle_heap()
-        code = daemon.run_once() if once else daemon.serve()
+        if once:
+            with interruptible(daemon.stop):
+                code = daemon.run_once()
+        else:
+            code = daemon.serve()
     if code and not once:
         logging.shutdown()
         os._exit(code)  # runs still busy: do not wait for their threads at exit
@@ -190,24 +199,39 @@ def example_config_text() -> str:
 
 
 def run_audiences(
-    config: Config, names: list[str], options: RunOptions, *, bars: bool
+    config: Config,
+    names: list[str],
+    options: RunOptions,
+    *,
+    bars: bool,
+    stop: threading.Event | None = None,
 ) -> list[RunReport]:
     """Run the named audiences (all when none), one report each; a busy or broken audience
-    (missing driver, state DB error, full disk, a bug) does not stop the others. Audiences
-    removed from the config are warned about, or, with ``on_removed = "retire"`` and no names,
-    retired."""
+    (missing driver, state DB error, full disk, a bug) does not stop the others, ``stop``
+    does (the audiences not started are reported ``interrupted``). Audiences removed from the
+    config are warned about, or, with ``on_removed = "retire"`` and no names, retired."""
     # Retiring other audiences is for a run of them all, never for a named or dry one.
     retire = config.defaults.on_removed == "retire" and not names and not options.dry_run
-    with Syncer(config) as syncer:
+    with Syncer(config, stop=stop) as syncer:
         warn_about_drift(syncer.engine, config, warn_orphans=not retire)
         with _progress_bars(bars) as progress:
             settle_heap()
-            reports = [
-                _run_one(syncer, audience, options, progress) for audience in syncer.resolve(names)
-            ]
-            if retire:
+            reports = []
+            for audience in syncer.resolve(names):
+                if syncer.stop.is_set():
+                    reports.append(_not_started(audience))
+                else:
+                    reports.append(_run_one(syncer, audience, options, progress))
+            if retire and not syncer.stop.is_set():
                 reports.extend(syncer.retire_orphans(force=options.force))
             return reports
+
+
+def _not_started(audience: AudienceConfig) -> RunReport:
+    """The report of an audience a stopped ``sync`` did not start (no run is recorded)."""
+    return RunReport(
+        audience.name, audience.trait_key, "interrupted", error="not started: interrupted"
+    )
 
 
 def _run_one(

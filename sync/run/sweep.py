@@ -44,7 +44,7 @@ def sweep_audience(context: RunContext, audience: AudienceConfig) -> RunReport |
                     audience_id, audience.trait_key, install, targets, report.destinations, lease
                 )
                 report.error = error or report.error
-                report.status = status_after_delivery(report)
+                report.status = status_after_delivery(report, stopped=context.stop.is_set())
             except AudienceSyncError as exc:
                 report.status, report.error = "failed", str(exc)
         timings = {"deliver_seconds": time.monotonic() - started}
