@@ -14,7 +14,7 @@ from sync.run.drift import drift_problem
 from sync.run.record import record_run_safely, status_after_delivery
 from sync.state.audiences import live_audience_of
 from sync.state.db import installation_id
-from sync.state.memberships import count_status, pending_in
+from sync.state.memberships import count_members, count_status, pending_in
 
 
 def sweep_audience(context: RunContext, audience: AudienceConfig) -> RunReport | None:
@@ -39,6 +39,10 @@ def sweep_audience(context: RunContext, audience: AudienceConfig) -> RunReport |
                 for target, _ in targets:
                     pending = pending_in(count_status(connection, audience_id, target.name))
                     report.destinations.append(DestinationReport(target.name, pending=pending))
+                    # The audience as its last plan left it (a sweep computes nothing): the
+                    # run's members are not 0, as if the audience had been emptied.
+                    members = count_members(connection, audience_id, target.name)
+                    report.members = max(report.members, members)
             try:
                 error = context.deliver(
                     audience_id, audience.trait_key, install, targets, report.destinations, lease
