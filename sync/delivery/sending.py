@@ -73,7 +73,8 @@ class ConnectionFailures:
             return self._count >= self.limit
 
     def answered(self) -> None:
-        """The destination answered (whatever it said): it is reachable."""
+        """A request reached the destination (whatever it answered, or a timeout after
+        connecting): it is reachable."""
         with self._lock:
             self._count = 0
 
