@@ -35,7 +35,12 @@ from sync.run.context import RunContext, RunHooks, Targets
 from sync.run.drift import drift_problem
 from sync.run.dry_run import DRY_RUN_ID, copy_audience_state, copy_audiences, scratch_state
 from sync.run.prepare import commit_plan, end_planning, plan_destinations
-from sync.run.record import fill_snapshot, record_run_safely, status_after_delivery
+from sync.run.record import (
+    ABANDONED,
+    fill_snapshot,
+    record_run_safely,
+    status_after_delivery,
+)
 from sync.run.retire import retire_audience, retire_orphans
 from sync.run.sweep import sweep_audience
 from sync.state.audiences import ensure_audience, stored_audience
@@ -231,15 +236,23 @@ class Syncer:
                     )
                     report.error = error or report.error
                     timings["deliver_seconds"] = time.monotonic() - t2
-                    report.status = status_after_delivery(report)
-            except AudienceSyncError as exc:  # SourceError, LeaseLostError, RunInterruptedError…
+                    report.status = status_after_delivery(report, stopped=self.stop.is_set())
+            except RunInterruptedError as exc:  # asked to stop while computing: nothing changed
+                report.status, report.error = "interrupted", error_line(exc)
+            except AudienceSyncError as exc:  # SourceError, LeaseLostError…
                 report.status, report.error = "failed", error_line(exc)
             except Exception as exc:
                 # This audience's error boundary: the state DB gone or locked, a full disk, a
                 # bug fail this run alone, recorded in one line; the caller runs the next one.
                 report.status, report.error = "failed", error_line(exc)
                 logger.error("%s", report.error, exc_info=logger.isEnabledFor(logging.DEBUG))
-            except BaseException as exc:  # KeyboardInterrupt, SystemExit: record, then stop
+            except KeyboardInterrupt:
+                # A second Ctrl-C (the first sets `stop`): delivery abandoned its batches in
+                # flight; their rows stay covered by delivery_progress for the next run.
+                report.status, report.error = "interrupted", ABANDONED
+                record_run_safely(self.engine, report, timings, lease)
+                raise
+            except BaseException as exc:  # SystemExit: record, then stop
                 report.status, report.error = "failed", error_line(exc)
                 record_run_safely(self.engine, report, timings, lease)
                 raise

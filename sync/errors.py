@@ -154,12 +154,20 @@ class TransientDeliveryError(DeliveryError):
     """A delivery attempt failed in a way that may succeed later (network, timeout, 429, 5xx)."""
 
     def __init__(
-        self, message: str, retry_after: float | None = None, *, outcome_unknown: bool = False
+        self,
+        message: str,
+        retry_after: float | None = None,
+        *,
+        outcome_unknown: bool = False,
+        connection_failed: bool = False,
     ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         # e.g. a timeout after sending, a reset connection, a lost response
         self.outcome_unknown = outcome_unknown
+        # No connection could be made (refused, connect timeout): the destination may be
+        # down; enough of these in a row stop delivery to it for the run.
+        self.connection_failed = connection_failed
 
 
 class PermanentDeliveryError(DeliveryError):

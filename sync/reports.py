@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sync.state.tables import RunStatus, RunTrigger
+
+# Exit codes of `sync` and `run --once` (README "Exit codes"). 2 is click's own code for a
+# usage error; a config error is one too (nothing ran).
+EXIT_OK = 0  # every planned change was acknowledged
+EXIT_FAILED = 1  # a run failed, was guarded or found its audience busy
+EXIT_USAGE = 2  # usage or config error
+EXIT_PARTIAL = 3  # something was left pending, rejected or failed, or a run was interrupted
+
+# Outcomes that left planned changes unacknowledged without failing the run.
+PARTIAL_STATUSES = ("partial", "interrupted")
 
 
 @dataclass(frozen=True)
@@ -94,3 +105,14 @@ class RunReport:
             "dry_run": self.dry_run,
             "destinations": [d.shown() for d in self.destinations],
         }
+
+
+def exit_code(reports: Iterable[RunReport]) -> int:
+    """The exit code for these runs: the worst outcome decides (failed over partial)."""
+    code = EXIT_OK
+    for report in reports:
+        if not report.ok:
+            return EXIT_FAILED
+        if report.status in PARTIAL_STATUSES:
+            code = EXIT_PARTIAL
+    return code

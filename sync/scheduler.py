@@ -23,7 +23,14 @@ from sync.config.listen import parse_listen_address
 from sync.engine import Syncer
 from sync.errors import AudienceSyncError, LeaseHeldError, error_line
 from sync.monitor import Heartbeat, Metrics, MonitorServer, Readiness
-from sync.reports import RunOptions, RunReport
+from sync.reports import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    PARTIAL_STATUSES,
+    RunOptions,
+    RunReport,
+)
 from sync.run.drift import warn_about_drift
 from sync.state.leases import new_owner_id
 
@@ -50,6 +57,8 @@ class Daemon:
         self._active = 0
         self._idle = threading.Condition()
         self.failures = 0
+        self.partial = 0  # runs that left changes unacknowledged (`run --once` exits 3)
+        self.busy = 0  # runs skipped because another process held the audience
         self._guarded_orphans: set[str] = set()  # logged once, not on every sweep
         # Its row in `daemons` (sync.state.daemons) and what /metrics shows (sync.monitor).
         self.daemon_id = new_owner_id()
@@ -105,6 +114,7 @@ class Daemon:
                 report = self.syncer.sync(audience, RunOptions(trigger="schedule"))
             except LeaseHeldError as exc:
                 logger.info("skipped: %s", exc)
+                self.busy += 1
                 return None
             except Exception as exc:
                 # One line (no SQL, no parameters); the traceback only when debugging.
@@ -120,6 +130,8 @@ class Daemon:
                 return None
             if not report.ok:
                 self.failures += 1
+            elif report.status in PARTIAL_STATUSES:
+                self.partial += 1
             return report
 
         return self._tracked(work)
@@ -183,14 +195,18 @@ class Daemon:
     # --- lifecycle -------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Run every enabled audience once; exit code 1 when any run failed or was guarded."""
+        """Run every enabled audience once; the exit code of ``sync`` (README "Exit codes"):
+        1 when any run failed, was guarded or busy, else 3 when any was partial, else 0."""
         self.warn_about_drift()
         for audience in self.audiences:
             if self.stop.is_set():
+                self.partial += 1  # interrupted before every audience ran
                 break
             self.run_audience(audience)
         self._retire_removed_safely()
-        return 1 if self.failures else 0
+        if self.failures or self.busy:
+            return EXIT_FAILED
+        return EXIT_PARTIAL if self.partial else EXIT_OK
 
     def _trigger(self, audience: ComputationConfig) -> Any:
         schedule = self.config.schedule_of(audience)

@@ -129,7 +129,7 @@ def test_bad_config_is_one_line_without_traceback(tmp_path: Path) -> None:
         text=True,
         check=False,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2  # a config error (README "Exit codes")
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines

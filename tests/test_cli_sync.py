@@ -75,7 +75,7 @@ def test_sync_usage_errors(harness: Harness) -> None:
     runner = CliRunner()
     result = runner.invoke(cli, ["--config", str(path), "sync", "nope"])
     assert (
-        result.exit_code == 1
+        result.exit_code == 2
         and 'no audience named "nope" (keys: high_value_users)' in result.output
     )
     result = runner.invoke(cli, ["--config", str(path), "sync", "--include-exited"])

@@ -4,10 +4,15 @@ the console and redacted output, options declared once, and the state engine's l
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import click
@@ -18,9 +23,16 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from sync.config import Config, load_config
-from sync.errors import AudienceSyncError, driver_reason, error_line
+from sync.errors import (
+    AudienceSyncError,
+    ConfigError,
+    UnknownAudienceError,
+    driver_reason,
+    error_line,
+)
 from sync.logs import configure_logging
 from sync.redaction import install, redact, redactor
+from sync.reports import EXIT_PARTIAL, EXIT_USAGE
 from sync.state.db import make_state_engine, open_state, require_current_schema
 
 
@@ -59,7 +71,16 @@ class ErrorBoundaryGroup(click.Group):
         except Exception as exc:
             if _debug(ctx):
                 raise
+            if isinstance(exc, ConfigError | UnknownAudienceError):
+                raise UsageProblem(redact(_one_line(exc))) from None
             raise click.ClickException(redact(_one_line(exc))) from None
+
+
+class UsageProblem(click.ClickException):
+    """A config error or a name that matches nothing: exit code 2, like click's usage errors
+    (README "Exit codes"; nothing ran)."""
+
+    exit_code = EXIT_USAGE
 
 
 def _one_line(exc: Exception) -> str:
@@ -177,3 +198,48 @@ def disposing(engine: Engine) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------
+
+logger = logging.getLogger("sync.cli")
+
+
+@contextmanager
+def interruptible(stop: threading.Event) -> Iterator[None]:
+    """Ctrl-C (or SIGTERM) for a command that runs audiences: the first sets ``stop`` (runs
+    let their batches in flight finish and are recorded ``interrupted``), the second abandons
+    the batches in flight (``KeyboardInterrupt``: the run is recorded, then the process exits
+    at once with code 3 instead of waiting for the destination's answers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread (a test invoking from another)
+        return
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        logger.warning(
+            "%s: interrupted; finishing the batches in flight (Ctrl-C again to abandon them)",
+            signal.Signals(signum).name,
+        )
+
+    previous: dict[signal.Signals, Callable[[int, FrameType | None], Any] | int | None] = {}
+    for which in (signal.SIGINT, signal.SIGTERM):
+        previous[which] = signal.signal(which, on_signal)
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo(
+            "Interrupted: the batches in flight were abandoned; the next sync resends what "
+            "may have arrived unacknowledged",
+            err=True,
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Not sys.exit: the interpreter would wait for the delivery threads' answers.
+        os._exit(EXIT_PARTIAL)
+    finally:
+        for which, handler in previous.items():
+            signal.signal(which, handler)

@@ -52,8 +52,9 @@ RUN_COLUMNS = {
     "removed": "removed",
     "sent": "sent",
     "rejected": "rejected",
+    "failed": "failed",
     "invalid": "invalid",
-    "error": "error",
+    "why": "why",
 }
 MEMBER_COLUMNS = {
     "member": "member_id",

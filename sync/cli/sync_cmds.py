@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ from sync.cli.app import (
     RedactedTable,
     console,
     echo_json,
+    interruptible,
     json_option,
     pass_app,
     wait_option,
@@ -30,6 +32,7 @@ from sync.engine import DestinationReport, RunOptions, RunReport, Syncer
 from sync.errors import AudienceSyncError, LeaseHeldError, error_line
 from sync.logs import configure_logging
 from sync.redaction import redact
+from sync.reports import exit_code
 from sync.run.drift import warn_about_drift
 from sync.scheduler import Daemon
 from sync.tuning import settle_heap
@@ -58,33 +61,58 @@ def sync_command(
     wait: float,
     as_json: bool,
 ) -> None:
-    """Sync audiences now (all, or those named by name or key)."""
+    """Sync audiences now (all, or those named by name or key).
+
+    \b
+    Exit codes:
+      0 every planned change was acknowledged
+      1 a run failed, was guarded or found its audience busy
+      2 usage or config error
+      3 partial: something was left pending, rejected or failed, or the sync was interrupted
+    """
     if include_exited and not full:
         raise click.UsageError("--include-exited goes with --full")
     options = RunOptions(
         full=full, include_exited=include_exited, dry_run=dry_run, force=force, wait=wait
     )
-    reports = run_audiences(
-        app.config(), list(audiences), options, bars=sys.stdout.isatty() and not as_json
-    )
+    config = app.config()
+    stop = threading.Event()
+    with interruptible(stop):
+        reports = run_audiences(
+            config, list(audiences), options, bars=sys.stdout.isatty() and not as_json, stop=stop
+        )
     if as_json:
         echo_json([r.as_dict() for r in reports])
     else:
         print_reports(reports, "Dry run (nothing written or sent)" if dry_run else "Sync")
-    if not all(r.ok for r in reports):
-        raise click.exceptions.Exit(1)
+    code = exit_code(reports)
+    if code:
+        raise click.exceptions.Exit(code)
 
 
 @click.command("run")
 @click.option("--once", is_flag=True, help="Run every enabled audience once, then exit.")
 @pass_app
 def run_command(app: AppContext, once: bool) -> None:
-    """Run the daemon: every audience on its schedule until SIGTERM or SIGINT."""
+    """Run the daemon: every audience on its schedule until SIGTERM or SIGINT.
+
+    \b
+    Exit codes of --once (as sync's):
+      0 every planned change was acknowledged
+      1 a run failed, was guarded or found its audience busy
+      2 usage or config error
+      3 partial: something was left pending, rejected or failed, or a run was interrupted
+    Without --once: 0 after a clean stop, 1 when runs were still busy at shutdown_timeout.
+    """
     config = app.config()
     configure_logging(app.log_level or "INFO", app.log_format, config.secrets())
     with Daemon(config) as daemon:
         settle_heap()
-        code = daemon.run_once() if once else daemon.serve()
+        if once:
+            with interruptible(daemon.stop):
+                code = daemon.run_once()
+        else:
+            code = daemon.serve()
     if code and not once:
         logging.shutdown()
         os._exit(code)  # runs still busy: do not wait for their threads at exit
@@ -171,24 +199,39 @@ def example_config_text() -> str:
 
 
 def run_audiences(
-    config: Config, names: list[str], options: RunOptions, *, bars: bool
+    config: Config,
+    names: list[str],
+    options: RunOptions,
+    *,
+    bars: bool,
+    stop: threading.Event | None = None,
 ) -> list[RunReport]:
     """Run the named audiences (all when none), one report each; a busy or broken audience
-    (missing driver, state DB error, full disk, a bug) does not stop the others. Audiences
-    removed from the config are warned about, or, with ``on_removed = "retire"`` and no names,
-    retired."""
+    (missing driver, state DB error, full disk, a bug) does not stop the others, ``stop``
+    does (the audiences not started are reported ``interrupted``). Audiences removed from the
+    config are warned about, or, with ``on_removed = "retire"`` and no names, retired."""
     # Retiring other audiences is for a run of them all, never for a named or dry one.
     retire = config.defaults.on_removed == "retire" and not names and not options.dry_run
-    with Syncer(config) as syncer:
+    with Syncer(config, stop=stop) as syncer:
         warn_about_drift(syncer.engine, config, warn_orphans=not retire)
         with _progress_bars(bars) as progress:
             settle_heap()
-            reports = [
-                _run_one(syncer, audience, options, progress) for audience in syncer.resolve(names)
-            ]
-            if retire:
+            reports = []
+            for audience in syncer.resolve(names):
+                if syncer.stop.is_set():
+                    reports.append(_not_started(audience))
+                else:
+                    reports.append(_run_one(syncer, audience, options, progress))
+            if retire and not syncer.stop.is_set():
                 reports.extend(syncer.retire_orphans(force=options.force))
             return reports
+
+
+def _not_started(audience: ComputationConfig) -> RunReport:
+    """The report of an audience a stopped ``sync`` did not start (no run is recorded)."""
+    return RunReport(
+        audience.name, audience.trait_key, "interrupted", error="not started: interrupted"
+    )
 
 
 def _run_one(

@@ -87,6 +87,7 @@ class Defaults(_Model):
     delivery_time_budget: Annotated[float, Field(gt=0)] = 600.0
     retry_initial_delay: float = Field(default=1.0, gt=0)
     retry_max_delay: float = Field(default=60.0, gt=0)
+    max_connection_failures: int = Field(default=5, gt=0)
     on_removed: OnRemoved = "warn"
 
     _durations = field_validator(

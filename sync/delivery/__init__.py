@@ -61,7 +61,12 @@ def deliver_destinations(
     fatal: str | None = None
     for target, destination in pairs:
         if stop.is_set():
-            break
+            # Asked to stop: the destinations not reached yet are counted, not delivered.
+            entry = by_name.setdefault(target.name, DestinationReport(target.name))
+            if entry not in entries:
+                entries.append(entry)
+            _count_leftovers(engine, audience_id, entry)
+            continue
         settings = config.destinations[target.name]
         own = computation.settings_for(target.name) if computation else None
         context = AudienceContext(
@@ -96,8 +101,13 @@ def deliver_destinations(
             ).run()
             or fatal
         )
-        with engine.connect() as connection:
-            counts = count_status(connection, audience_id, target.name)
-        entry.failed = counts.get("failed", 0)
-        entry.left_pending = counts.get("pending", 0) + counts.get("rejected", 0)
+        _count_leftovers(engine, audience_id, entry)
     return fatal
+
+
+def _count_leftovers(engine: Engine, audience_id: int, entry: DestinationReport) -> None:
+    """Fill ``entry``'s ``failed`` and ``left_pending`` from the state DB."""
+    with engine.connect() as connection:
+        counts = count_status(connection, audience_id, entry.destination)
+    entry.failed = counts.get("failed", 0)
+    entry.left_pending = counts.get("pending", 0) + counts.get("rejected", 0)

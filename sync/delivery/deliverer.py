@@ -89,37 +89,48 @@ class Deliverer:
         concurrency = max(1, self.destination.concurrency)
         page = max(PAGE_ROWS, self.destination.max_batch_messages * concurrency)
         in_flight: set[Future[None]] = set()
+        pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="deliver")
+        abandoned = False
         try:
-            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="deliver") as pool:
-                try:
-                    self.ledger.start()
-                    for rows in self.ledger.pages(page):
+            try:
+                self.ledger.start()
+                for rows in self.ledger.pages(page):
+                    if self._should_stop():
+                        break
+                    self.ledger.hand_over(rows[-1][0], rows[-1][1])
+                    for batch in self.batcher.batches(rows):
+                        while len(in_flight) >= concurrency:
+                            self._collect(in_flight)
                         if self._should_stop():
                             break
-                        self.ledger.hand_over(rows[-1][0], rows[-1][1])
-                        for batch in self.batcher.batches(rows):
-                            while len(in_flight) >= concurrency:
-                                self._collect(in_flight)
-                            if self._should_stop():
-                                break
-                            # The copied context carries the run id into the worker's logs.
-                            context = contextvars.copy_context()
-                            in_flight.add(pool.submit(context.run, self._deliver_batch, batch))
-                        if self.lease is not None:
-                            self.lease.ensure_held()
-                        if self._should_stop():
-                            break
-                    while in_flight:
-                        self._collect(in_flight)
-                    # Not on an exception: a batch's fate may be unknown, the next run recovers.
-                    self.ledger.done()
-                finally:
-                    self._abort.set()
-                    while in_flight:
-                        self._collect(in_flight)
+                        # The copied context carries the run id into the worker's logs.
+                        context = contextvars.copy_context()
+                        in_flight.add(pool.submit(context.run, self._deliver_batch, batch))
+                    if self.lease is not None:
+                        self.lease.ensure_held()
+                    if self._should_stop():
+                        break
+                while in_flight:
+                    self._collect(in_flight)
+                # Not on an exception: a batch's fate may be unknown, the next run recovers.
+                self.ledger.done()
+            except KeyboardInterrupt:
+                # A second Ctrl-C: abandon the batches in flight instead of waiting for their
+                # answers. delivery_progress still covers their rows: the next run marks them
+                # in doubt before planning.
+                abandoned = True
+                raise
+            finally:
+                self._abort.set()
+                while in_flight and not abandoned:
+                    self._collect(in_flight)
         finally:
-            # After the pool has joined its workers: no connection is still in use.
-            self.ledger.close()
+            pool.shutdown(wait=not abandoned, cancel_futures=True)
+            if not abandoned:
+                # After the pool has joined its workers: no connection is still in use.
+                self.ledger.close()
+        if self.sender.gave_up is not None:
+            self.report.error = self.sender.gave_up  # the reason, over any one batch's
         return self.fatal
 
     def _should_stop(self) -> bool:

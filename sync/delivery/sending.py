@@ -46,12 +46,37 @@ class RetryPolicy:
     max_delay: float = 60.0
     time_budget: float = 600.0
     max_attempts: int = 5
+    # Consecutive connection failures after which delivery to a destination stops for the run.
+    max_connection_failures: int = 5
 
     def backoff(self, attempt: int, retry_after: float | None = None) -> float:
         """Exponential backoff with jitter; a destination's ``Retry-After`` wins if longer."""
         base = min(self.max_delay, self.initial_delay * (2**attempt))
         delay = random.uniform(base / 2, base)
         return max(delay, retry_after or 0.0)
+
+
+class ConnectionFailures:
+    """Consecutive connection failures to one destination, counted across its workers: at
+    ``limit`` delivery to it stops for the run, where a dead destination would otherwise be
+    retried for the whole time budget (10 minutes by default)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def failed(self) -> bool:
+        """Count one connection failure; True when ``limit`` of them came in a row."""
+        with self._lock:
+            self._count += 1
+            return self._count >= self.limit
+
+    def answered(self) -> None:
+        """A request reached the destination (whatever it answered, or a timeout after
+        connecting): it is reachable."""
+        with self._lock:
+            self._count = 0
 
 
 class Sender:
@@ -78,6 +103,10 @@ class Sender:
         self.abort = abort
         self.lease = lease
         self.hooks = hooks
+        self.failures = ConnectionFailures(policy.max_connection_failures)
+        # Why delivery to this destination stopped early (too many connection failures).
+        self.gave_up: str | None = None
+        self._gave_up_lock = threading.Lock()
 
     def send(self, units: list[Unit]) -> BatchResult:
         """Send one batch; every unit ends delivered, rejected or left. A fatal error (bad
@@ -105,12 +134,31 @@ class Sender:
                 left = BatchResult(
                     left=units, left_reason=str(exc), retry_delay=delay, uncertain=uncertain
                 )
+                if exc.connection_failed and self.failures.failed():
+                    left.left_reason = self._give_up(exc)
+                    return left
+                if not exc.connection_failed:
+                    self.failures.answered()
                 out_of_time = time.monotonic() + delay > self.deadline
                 if out_of_time or self.stop.is_set() or self.abort.is_set():
                     return left
                 logger.warning("%s; retry %d in %.1fs", exc, attempt, delay)
                 if self.stop.wait(delay) or self.abort.is_set():
                     return left
+
+    def _give_up(self, exc: TransientDeliveryError) -> str:
+        """Stop delivering to this destination for the run (the other workers end their
+        batches too; every row stays pending); return why, logged once."""
+        self.abort.set()
+        with self._gave_up_lock:
+            if self.gave_up is None:
+                limit = self.failures.limit
+                self.gave_up = (
+                    f"{exc}; {limit} consecutive connection failure{'s' if limit > 1 else ''}: "
+                    "delivery to it stops for this run, its rows stay pending"
+                )
+                logger.error("%s", self.gave_up)
+            return self.gave_up
 
     def _splitting(self, units: list[Unit]) -> BatchResult:
         """Send; on a rejected batch, split it in halves until the bad messages are alone."""
@@ -119,8 +167,10 @@ class Sender:
         self.hooks.before_send()
         try:
             self.destination.send([m for u in units for m in u.messages])
+            self.failures.answered()
             self.hooks.after_send()
         except RejectedBatchError as exc:
+            self.failures.answered()
             if len(units) == 1:
                 logger.warning(
                     'destination "%s" rejected member %s: %s',

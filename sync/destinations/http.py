@@ -168,18 +168,24 @@ def classify_response(status: int, headers: httpx.Headers, body: str) -> Outcome
     return Outcome("permanent", detail)
 
 
-def classify_transport_error(exc: httpx.TransportError) -> DeliveryError:
-    """Network failures are transient, except TLS verification failures, which will not heal."""
+def classify_transport_error(exc: httpx.TransportError, where: str = "") -> DeliveryError:
+    """Network failures are transient, except TLS verification failures, which will not heal.
+    ``where`` (``destination "NAME"``) starts the message: every warning names its destination."""
+    prefix = f"{where}: " if where else ""
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, ssl.SSLError):
-            return PermanentDeliveryError(f"TLS failure: {cause}")
+            return PermanentDeliveryError(f"{prefix}TLS failure: {cause}")
         cause = cause.__cause__ or cause.__context__
     kind = type(exc).__name__
     text = str(exc) or kind
     # Connecting failed: the request never left. Anything later may have reached the server.
     never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
-    return TransientDeliveryError(f"{kind}: {text}", outcome_unknown=not never_sent)
+    # A full pool of our own is no sign of a dead destination; a refused connection is.
+    unreachable = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+    return TransientDeliveryError(
+        f"{prefix}{kind}: {text}", outcome_unknown=not never_sent, connection_failed=unreachable
+    )
 
 
 @functools.cache
@@ -234,12 +240,12 @@ class HttpSender:
             headers["Content-Encoding"] = "gzip"
         if sign is not None:
             headers.update(sign(body))
+        where = f'destination "{self.destination}"'
         try:
             response = self.client.post(self.url, content=body, headers=headers)
         except httpx.TransportError as exc:
-            raise classify_transport_error(exc) from None
+            raise classify_transport_error(exc, where) from None
         outcome = classify_response(response.status_code, response.headers, response.text)
-        where = f'destination "{self.destination}"'
         if outcome.verdict == "ok":
             return
         if outcome.verdict == "transient":

@@ -69,6 +69,7 @@ class RunContext:
             max_delay=defaults.retry_max_delay,
             time_budget=defaults.delivery_time_budget,
             max_attempts=defaults.max_attempts,
+            max_connection_failures=defaults.max_connection_failures,
         )
 
     def take_lease(self, audience_id: int, title: str, wait: float) -> Lease:

@@ -25,12 +25,24 @@ def fill_snapshot(report: RunReport, stats: SnapshotStats) -> None:
     report.invalid_samples = list(stats.samples)
 
 
-def status_after_delivery(report: RunReport) -> RunStatus:
-    """A delivered run's outcome: failed on an error that stopped a destination, partial when
-    rows are left over (pending, rejected, failed), else succeeded."""
+# runs.error of a run stopped by Ctrl-C or SIGTERM.
+INTERRUPTED = "interrupted: the batches in flight finished, the rest stays pending"
+ABANDONED = (
+    "interrupted twice: stopped at once, the batches in flight abandoned (the next run "
+    "resends what may have arrived unacknowledged), the rest stays pending"
+)
+
+
+def status_after_delivery(report: RunReport, *, stopped: bool = False) -> RunStatus:
+    """A delivered run's outcome: failed on an error that stopped a destination; when rows are
+    left over (pending, rejected, failed), interrupted if the process was asked to stop
+    (``stopped``), else partial; else succeeded."""
     if report.error:
         return "failed"
     if any(d.left_pending or d.rejected or d.failed for d in report.destinations):
+        if stopped:
+            report.error = INTERRUPTED
+            return "interrupted"
         return "partial"
     return "succeeded"
 

@@ -14,7 +14,7 @@ from sync.run.drift import drift_problem
 from sync.run.record import record_run_safely, status_after_delivery
 from sync.state.audiences import live_audience_of
 from sync.state.db import installation_id
-from sync.state.memberships import count_status, pending_in
+from sync.state.memberships import count_members, count_status, pending_in
 
 
 def sweep_audience(context: RunContext, audience: ComputationConfig) -> RunReport | None:
@@ -39,6 +39,10 @@ def sweep_audience(context: RunContext, audience: ComputationConfig) -> RunRepor
                 for target, _ in targets:
                     pending = pending_in(count_status(connection, audience_id, target.name))
                     report.destinations.append(DestinationReport(target.name, pending=pending))
+                    # The audience as its last plan left it (a sweep computes nothing): the
+                    # run's members are not 0, as if the audience had been emptied.
+                    members = count_members(connection, audience_id, target.name)
+                    report.members = max(report.members, members)
             try:
                 error = context.deliver(
                     audience_id,
@@ -50,7 +54,7 @@ def sweep_audience(context: RunContext, audience: ComputationConfig) -> RunRepor
                     kind=audience.kind,
                 )
                 report.error = error or report.error
-                report.status = status_after_delivery(report)
+                report.status = status_after_delivery(report, stopped=context.stop.is_set())
             except AudienceSyncError as exc:
                 report.status, report.error = "failed", str(exc)
         timings = {"deliver_seconds": time.monotonic() - started}

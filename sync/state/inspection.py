@@ -12,6 +12,7 @@ from sync.config import ComputationConfig, Config
 from sync.errors import UnknownAudienceError
 from sync.state.daemons import scheduled_runs
 from sync.state.memberships import is_pending
+from sync.state.runs import run_reason
 from sync.state.tables import AUDIENCES as A
 from sync.state.tables import MEMBERSHIPS as M
 from sync.state.tables import RUN_DELIVERIES as D
@@ -164,6 +165,7 @@ def run_rows(
                 "removed": run.removed,
                 "sent": run.sent,
                 "rejected": run.rejected,
+                "failed": sum(d["failed"] for d in details.get(run.id, [])),
                 "invalid": run.invalid,
                 "duplicates": run.duplicates,
                 "skipped": run.skipped,
@@ -171,6 +173,7 @@ def run_rows(
                 "plan_seconds": run.plan_seconds,
                 "deliver_seconds": run.deliver_seconds,
                 "error": run.error,
+                "why": run_reason(run.error, details.get(run.id, [])),
                 "invalid_samples": run.invalid_samples or [],
                 "destinations": details.get(run.id, []),
             }

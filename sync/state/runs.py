@@ -109,3 +109,25 @@ def abandon_runs(connection: Connection, audience_id: int, now: datetime) -> int
         .values(status="abandoned", finished_at=now, error=ABANDONED_ERROR)
     )
     return int(result.rowcount)
+
+
+def run_reason(error: str | None, deliveries: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why a run ended as it did, in one line: its own error, then each destination's reason
+    (``run_deliveries``: what was left over, and the error that left it) where that says
+    more, e.g. ``segment: 250 left pending: destination "segment": ConnectError: …``."""
+    parts = [error] if error else []
+    for delivery in deliveries:
+        counts = ", ".join(
+            f"{delivery[column]} {label}"
+            for column, label in (
+                ("left_pending", "left pending"),
+                ("rejected", "rejected"),
+                ("failed", "failed"),
+            )
+            if delivery[column]
+        )
+        reason = delivery["error"] if delivery["error"] != error else None
+        if counts or reason:
+            said = ": ".join(text for text in (counts, reason) if text)
+            parts.append(f"{delivery['destination']}: {said}")
+    return "; ".join(parts) or None

@@ -45,7 +45,11 @@ MYSQL_KEY_COLLATION = "utf8mb4_0900_bin"
 # MySQL's DATETIME keeps whole seconds unless given a fractional precision (6 = microseconds).
 MYSQL_DATETIME_PRECISION = 6
 
-RunStatus = Literal["running", "succeeded", "partial", "failed", "guarded", "abandoned"]
+# interrupted: stopped by Ctrl-C or SIGTERM (the batches in flight finished or were
+# abandoned; what was left stays pending).
+RunStatus = Literal[
+    "running", "succeeded", "partial", "failed", "guarded", "abandoned", "interrupted"
+]
 RUN_STATUSES: tuple[RunStatus, ...] = (
     "running",
     "succeeded",
@@ -53,6 +57,7 @@ RUN_STATUSES: tuple[RunStatus, ...] = (
     "failed",
     "guarded",
     "abandoned",
+    "interrupted",
 )
 RunTrigger = Literal["manual", "full", "schedule", "sweep", "demo"]
 RUN_TRIGGERS: tuple[RunTrigger, ...] = ("manual", "full", "schedule", "sweep", "demo")
