@@ -69,10 +69,11 @@ def test_check_example_config_on_a_fresh_clone(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["ok"] is True
-    assert [a["key"] for a in report["audiences"]] == [
-        "order_completed_last_30days",
-        "high_value_users",
-        "trial_expiring_7d",
+    assert [(a["key"], a["kind"]) for a in report["audiences"]] == [
+        ("order_completed_last_30days", "audience"),
+        ("high_value_users", "audience"),
+        ("trial_expiring_7d", "audience"),
+        ("order_stats", "trait"),
     ]
     assert not (tmp_path / "audience-sync.db").exists(), "check must not create the state DB"
 

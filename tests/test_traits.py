@@ -207,3 +207,56 @@ def test_members_and_user_show_current_and_last_sent_values(
     assert member["synced"] == {"open_tickets": 2, "plan": "pro", "last_ticket_at": None}
     user = json.loads(runner.invoke(main, ["--config", str(config), "user", "u1", "--json"]).output)
     assert [(u["audience"], u["value"]["open_tickets"]) for u in user] == [(KEY, 5)]
+
+
+def test_dry_run_plans_a_trait_group_without_writing(harness: Harness, receiver: Receiver) -> None:
+    _group(harness)
+    _rows(harness, [("u1", 2, "pro", None), ("u2", 1, "free", None)])
+    harness.sync_named(GROUP)
+    _rows(harness, [("u1", 3, "pro", None)])
+    receiver.reset()
+    report = harness.sync_named(GROUP, dry_run=True)
+    assert report.status == "planned"
+    (entry,) = report.destinations
+    assert (entry.changed, entry.removed, entry.pending) == (1, 1, 2)
+    assert receiver.messages() == []
+    assert harness.memberships()["u1"].value == '{"last_ticket_at":null,"open_tickets":2,"plan":"pro"}'
+
+
+def test_the_removal_guard_stops_a_run_that_would_null_most_of_a_group(
+    harness: Harness, receiver: Receiver
+) -> None:
+    harness.defaults.update(guard_min_members=2, max_removal_ratio=0.5)
+    _group(harness)
+    _rows(harness, [(f"u{i}", i, "pro", None) for i in range(4)])
+    harness.sync_named(GROUP)
+    _rows(harness, [("u0", 0, "pro", None)])
+    receiver.reset()
+    report = harness.sync_named(GROUP)
+    assert report.status == "guarded"
+    assert "would remove 3 of 4 members" in str(report.error)
+    assert receiver.messages() == []
+    assert harness.sync_named(GROUP, force=True).status == "succeeded"
+    assert len(receiver.messages()) == 3
+
+
+def test_retire_send_null_nulls_a_removed_group_s_members(
+    harness: Harness, receiver: Receiver
+) -> None:
+    from click.testing import CliRunner
+
+    from sync.cli import cli
+
+    _group(harness)
+    _rows(harness, [("u1", 2, "pro", None), ("u2", 1, "free", None)])
+    harness.sync_named(GROUP)
+    harness.config_extra = ""  # the group is removed from the config
+    config = harness.write_config()
+    receiver.reset()
+    runner = CliRunner()
+    wrong = runner.invoke(cli, ["--config", str(config), "retire", KEY, "--send-false"])
+    assert wrong.exit_code != 0 and "retire it with --send-null" in wrong.output
+    done = runner.invoke(cli, ["--config", str(config), "retire", KEY, "--send-null"])
+    assert done.exit_code == 0, done.output
+    nulls = {"open_tickets": None, "plan": None, "last_ticket_at": None}
+    assert _sent(receiver) == {"u1": nulls, "u2": nulls}

@@ -283,6 +283,7 @@ def print_reports(reports: list[RunReport], title: str) -> None:
         "members",
         "added",
         "removed",
+        "changed",
         "sent",
         "rejected",
         "invalid",
@@ -303,6 +304,7 @@ def print_reports(reports: list[RunReport], title: str) -> None:
                 str(report.members),
                 str(entry.added) if entry else "-",
                 str(entry.removed) if entry else "-",
+                str(entry.changed) if entry else "-",
                 str(entry.sent)
                 if entry and not report.dry_run
                 else ("-" if not entry else f"({entry.pending} to send)"),
