@@ -75,6 +75,37 @@ def make_warehouse(path: Path, members: int, churn: float = 0.0) -> None:
     db.close()
 
 
+# A trait group's rows change between its two snapshots for this share of the users.
+TRAIT_CHANGE = 0.05
+
+
+def make_trait_warehouse(path: Path, members: int, changed: float = 0.0) -> None:
+    """One row of values per user; with ``changed``, that share of the rows has new values."""
+    every = round(1 / changed) if changed else 0
+    path.unlink(missing_ok=True)
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA journal_mode = OFF")
+        db.execute("PRAGMA synchronous = OFF")
+        db.execute(
+            "CREATE TABLE scores (user_id TEXT NOT NULL, orders_count INTEGER, revenue REAL, "
+            "plan TEXT, last_order_at TEXT)"
+        )
+        db.executemany(
+            "INSERT INTO scores VALUES (?, ?, ?, ?, ?)",
+            (
+                (
+                    member_id(i),
+                    i % 17 + (1 if every and i % every == 0 else 0),
+                    round(i % 1000 * 1.37, 2),
+                    ("free", "pro", "team")[i % 3],
+                    f"2026-11-{i % 28 + 1:02d}T10:00:00Z",
+                )
+                for i in range(members)
+            ),
+        )
+    db.close()
+
+
 @contextmanager
 def state_database(kind: str, folder: Path) -> Iterator[str]:
     """A fresh, empty state database URL."""
@@ -116,6 +147,18 @@ name = "Bench Audience"
 source = "warehouse"
 query = "SELECT user_id, email FROM members"
 traits = ["email"]
+destinations = ["segment"]
+"""
+
+
+def trait_config_text(state_url: str, warehouse: Path, receiver_url: str) -> str:
+    """The benchmark's config with a trait group of four traits instead of the audience."""
+    head = config_text(state_url, warehouse, receiver_url).split("[[audiences]]")[0]
+    return head + """
+[[traits]]
+name = "Bench Traits"
+source = "warehouse"
+query = "SELECT user_id, orders_count, revenue, plan, last_order_at FROM scores"
 destinations = ["segment"]
 """
 
@@ -163,15 +206,26 @@ class Env:
         make_warehouse(self.churned, self.members, self.churn)
 
     @contextmanager
-    def syncer(self, state_url: str, warehouse: Path) -> Iterator[tuple[Syncer, Any]]:
+    def syncer(
+        self, state_url: str, warehouse: Path, *, traits: bool = False
+    ) -> Iterator[tuple[Syncer, Any]]:
         """A Syncer on an upgraded state DB (``auto_upgrade``), reading ``warehouse``; its
-        engine is disposed afterwards."""
+        engine is disposed afterwards. With ``traits``, on the trait group's config."""
+        text_of = trait_config_text if traits else config_text
         config = parse_config(
-            config_text(state_url, warehouse, self.receiver_url), "bench", self.folder, {}
+            text_of(state_url, warehouse, self.receiver_url), "bench", self.folder, {}
         )
         with Syncer(config) as syncer:
             settle_heap()  # as the `sync` and `run` commands do once they are set up
-            yield syncer, config.audiences[0]
+            yield syncer, config.computations[0]
+
+    def trait_warehouses(self) -> tuple[Path, Path]:
+        """The trait group's two snapshots (made on first use)."""
+        base, changed = self.folder / "traits.db", self.folder / "traits-changed.db"
+        if not changed.exists():
+            make_trait_warehouse(base, self.members)
+            make_trait_warehouse(changed, self.members, TRAIT_CHANGE)
+        return base, changed
 
 
 def plan_first(env: Env) -> float:
@@ -193,6 +247,35 @@ def plan_delta(env: Env) -> float:
             report = syncer.sync(audience, RunOptions(deliver=False))
     moved = int(env.members * env.churn)
     assert report.destinations[0].added == moved == report.destinations[0].removed, report
+    return report.seconds
+
+
+def trait_first(env: Env) -> float:
+    """A trait group's first sync, computed and planned (every row pending)."""
+    base, _ = env.trait_warehouses()
+    with (
+        state_database(env.state, env.folder) as url,
+        env.syncer(url, base, traits=True) as (syncer, group),
+    ):
+        report = syncer.sync(group, RunOptions(deliver=False))
+    assert report.members == env.members and report.destinations[0].added == env.members, report
+    return report.seconds
+
+
+def trait_delta(env: Env) -> float:
+    """A trait group's next sync after 5% of the rows changed values, computed and planned."""
+    base, changed = env.trait_warehouses()
+    with state_database(env.state, env.folder) as url:
+        with env.syncer(url, base, traits=True) as (syncer, group):
+            syncer.sync(group, RunOptions(deliver=False))
+            with syncer.engine.begin() as connection:  # as if everything had been delivered
+                connection.execute(
+                    update(MEMBERSHIPS).values(synced_value=MEMBERSHIPS.c.value, status="in_sync")
+                )
+        with env.syncer(url, changed, traits=True) as (syncer, group):
+            report = syncer.sync(group, RunOptions(deliver=False))
+    expected = len(range(0, env.members, round(1 / TRAIT_CHANGE)))
+    assert report.destinations[0].changed == expected == report.destinations[0].pending, report
     return report.seconds
 
 
@@ -357,6 +440,8 @@ SCENARIOS: dict[str, Callable[[Env], float]] = {
     "plan-delta": plan_delta,
     "deliver": deliver,
     "end-to-end": end_to_end,
+    "trait-first": trait_first,
+    "trait-delta": trait_delta,
     "peer-default": peer_default,
     "peer-tuned": peer_tuned,
 }
@@ -488,6 +573,8 @@ def print_table(results: dict[str, Any]) -> None:
         "deliver": f"{ratio('deliver', 'floor-send', invert=True)} of bare httpx rate (target >= 0.5x); "
         f"{ratio('deliver', 'peer-tuned', invert=True)} of tuned peer rate (target >= 5x)",
         "end-to-end": f"{ratio('end-to-end', 'peer-tuned', invert=True)} faster than tuned peer (target >= 5x)",
+        "trait-first": "a trait group of 4 traits: compute + plan, every row pending",
+        "trait-delta": f"{TRAIT_CHANGE:.0%} of the rows changed values: compute + plan",
         "peer-default": f"dropped {results.get('peer_default_dropped', '?')} messages",
         "peer-tuned": f"settings {results.get('peer_tuned_settings', '')}",
     }

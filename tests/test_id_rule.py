@@ -206,3 +206,82 @@ def test_queries_the_streaming_path_takes_work_on_the_same_database(
     same, streamed, _ = _both_paths(state_engine, query, ["email"])
     assert same == streamed
     assert [row[1] for row in same[0]] == ["a", "b"]
+
+
+def _both_trait_paths(engine: Engine, query: str) -> tuple[Any, Any, bool]:
+    """A trait group's query staged by SQL (as the runner does) and by streaming: the staged
+    (kind, member, value) rows and the counts of each, and whether SQL staged it."""
+    from sync.run.trait_values import TraitColumns
+
+    url = engine.url.render_as_string(hide_password=False)
+    names = {"audience": "G", "source_name": "w", "query": query, "traits": []}
+    columns = TraitColumns("G")
+    with engine.connect() as connection:
+        same = stage_in_database(connection, SAME_DB_RUN, trait_columns=columns, **names)
+        in_sql = same is not None
+        source = make_source_engine("w", url)
+        try:
+            if same is None:
+                same = stage_from_source(
+                    source, connection, SAME_DB_RUN, chunk_size=3, trait_columns=columns, **names
+                )
+            streamed = stage_from_source(
+                source, connection, STREAMED_RUN, chunk_size=3, trait_columns=columns, **names
+            )
+        finally:
+            source.dispose()
+
+        def staged(run_id: int) -> list[tuple[Any, ...]]:
+            return list(
+                connection.execute(
+                    select(STAGED.c.id_kind, STAGED.c.member_id, STAGED.c.value)
+                    .where(STAGED.c.run_id == run_id)
+                    .order_by(STAGED.c.id_kind, STAGED.c.member_id)
+                ).all()
+            )
+
+        results = (
+            (staged(SAME_DB_RUN), _counts(same), same.trait_names),
+            (staged(STREAMED_RUN), _counts(streamed), streamed.trait_names),
+        )
+        connection.rollback()
+    return results[0], results[1], in_sql
+
+
+TRICKY_TEXT = [
+    "plain",
+    'quote " and \\ backslash',
+    "tab\tnew\nline\rreturn",
+    "bell\u0007 and \u001f unit",
+    "ünïcödé ✓ 😀 \u2028 \u0085",
+    "",
+    " spaced ",
+]
+
+
+def test_trait_group_rows_stage_alike_on_both_paths(state_engine: Engine) -> None:
+    """(MariaDB/MySQL state DBs always stream: both results come from streaming there.)"""
+    with state_engine.begin() as connection:
+        connection.execute(text("CREATE TABLE tv (user_id TEXT, note TEXT, n BIGINT, big TEXT)"))
+        for i, note in enumerate(TRICKY_TEXT):
+            connection.execute(
+                text("INSERT INTO tv VALUES (:u, :note, :n, :big)"),
+                {"u": f"u{i}", "note": note, "n": i * 10**12 - 3, "big": None},
+            )
+        connection.execute(
+            text("INSERT INTO tv VALUES ('nulls', NULL, NULL, NULL), ('huge', 'x', 1, :big)"),
+            {"big": "y" * 17_000},
+        )
+    try:
+        same, streamed, in_sql = _both_trait_paths(state_engine, "SELECT * FROM tv")
+        assert in_sql is (state_engine.dialect.name in ("sqlite", "postgresql"))
+        assert same == streamed
+        rows, counts, names = same
+        assert names == ["big", "n", "note"]
+        assert counts[2] == 1 and "over the limit of 16,384" in counts[4][0]
+        values = {member: json.loads(value) for _, member, value in rows}
+        assert values["u1"]["note"] == 'quote " and \\ backslash'
+        assert values["nulls"] == {"big": None, "n": None, "note": None}
+    finally:
+        with state_engine.begin() as connection:
+            connection.execute(text("DROP TABLE tv"))

@@ -78,7 +78,7 @@ def _stage(
     after_chunk: AfterChunk,
 ) -> SnapshotStats:
     source = config.sources[audience.source]
-    if source.url == config.state.url and not audience.is_trait_group:
+    if source.url == config.state.url:
         stats = stage_in_database(
             connection,
             run_id,
@@ -86,6 +86,7 @@ def _stage(
             source_name=audience.source,
             query=audience.query,
             traits=audience.extra_traits,
+            trait_columns=trait_columns(connection, config, audience),
         )
         if stats is not None:
             return stats  # else values SQL cannot render as Python does: stream them

@@ -3,7 +3,8 @@
 
 One rule for ids and traits on every path (README "How a sync works"): this path stages in SQL
 only queries whose ids and traits it renders exactly as the streaming path's ``validate_row``
-does — text, integers, booleans (PostgreSQL) and NULL. A query with any other value (a float, a
+(a trait group's values: ``validate_trait_row``) does — text, integers, booleans (PostgreSQL)
+and NULL. A query with any other value (a float, a
 NUMERIC, a date, bytes, JSON, text with NUL or not UTF-8) is left to the streaming path, whole:
 :func:`stage_in_database` returns None and the caller streams it.
 """
@@ -41,7 +42,9 @@ from sync.run.staging import (
     query_problem,
     source_error,
     validate_row,
+    validate_trait_row,
 )
+from sync.run.trait_values import MAX_TRAIT_ROW_BYTES, TraitColumns
 from sync.state.db import insert_ignoring_duplicates
 from sync.state.tables import MAX_MEMBER_ID_LENGTH
 
@@ -136,6 +139,41 @@ def _traits_json(dialect: str, rows: _Rows, traits: Sequence[str]) -> Any:
     return builder(*pairs)
 
 
+def _value_json(dialect: str, rows: _Rows, names: Sequence[str]) -> Any:
+    """A trait group's row as the streaming path's canonical JSON text (``row_object``): sorted
+    names, no spaces; each value rendered by the database exactly as Python's JSON encoder
+    does for text, integers, booleans and NULL (the only values this path takes)."""
+    parts: list[Any] = []
+    for index, name in enumerate(sorted(names)):
+        column = rows.column(name)
+        rendered: Any
+        if dialect == "postgresql":
+            rendered = func.coalesce(cast(func.to_json(column), Text), literal("null"))
+        else:
+            rendered = case(
+                (column.is_(None), literal("null")),
+                (func.typeof(column) == "integer", cast(column, Text)),
+                else_=func.json_quote(column),
+            )
+        parts += [literal(("{" if index == 0 else ",") + f'"{name}":'), rendered]
+    parts.append(literal("}"))
+    return func.concat(*parts) if dialect == "postgresql" else _sqlite_concat(parts)
+
+
+def _sqlite_concat(parts: list[Any]) -> Any:
+    joined = parts[0]
+    for part in parts[1:]:
+        joined = joined.op("||")(part)
+    return joined
+
+
+def _bytes(dialect: str, value: Any) -> Any:
+    """The UTF-8 length of a text expression."""
+    if dialect == "postgresql":
+        return func.octet_length(value)
+    return func.length(cast(value, LargeBinary))
+
+
 def subquery_text(query: str) -> str:
     """The audience query as the body of a subquery: without its trailing semicolons and
     comment lines, and ending with a newline (a comment at the end of its last line would
@@ -155,9 +193,11 @@ def stage_in_database(
     source_name: str,
     query: str,
     traits: Sequence[str],
+    trait_columns: TraitColumns | None = None,
 ) -> SnapshotStats | None:
     """Stage with one ``INSERT … SELECT`` when the source is the state database itself; None
-    when the query holds values only the streaming path renders (the caller streams it)."""
+    when the query holds values only the streaming path renders (the caller streams it).
+    ``trait_columns``: the query is a trait group's; its rows are staged as values."""
     # A little over 60 lines: probe, count and insert share one error boundary (every
     # failure here is the query's, reported as a source error).
     dialect = state.dialect.name
@@ -171,6 +211,10 @@ def stage_in_database(
         probe.close()
         if problem := query_problem(columns, traits):
             raise SourceError(f'audience "{audience}": the query {problem}')
+        names: list[str] = []
+        if trait_columns is not None:
+            names = [name for name, _ in trait_columns.indexes(columns)]  # raises if unusable
+            traits = names
         if len(set(columns)) < len(columns):
             return None  # a column named twice is ambiguous in SQL; streaming takes the first
         ids = [c for c in ("user_id", "anonymous_id") if c in columns]
@@ -178,6 +222,10 @@ def stage_in_database(
             return None
         source = text(body).columns().subquery("q")
         rows = _Rows(dialect, "q", columns)
+        value: Any = null()
+        if trait_columns is not None:
+            value = _value_json(dialect, rows, names)
+            rows.valid = and_(rows.valid, _bytes(dialect, value) <= MAX_TRAIT_ROW_BYTES)
         totals = [func.count(), func.sum(case((rows.valid, 1), else_=0))]
         if dialect == "sqlite":
             state.connection.dbapi_connection.create_function(  # type: ignore[union-attr]
@@ -196,20 +244,22 @@ def stage_in_database(
                     "member_id"
                 ),
                 case((rows.anon_kept, rows.anon), else_=null()).label("anonymous_id"),
-                _traits_json(dialect, rows, traits).label("traits"),
+                (null() if names else _traits_json(dialect, rows, traits)).label("traits"),
+                value.label("value"),
             )
             .select_from(source)
             .where(rows.valid)
         )
         state.execute(
             insert_ignoring_duplicates(state).from_select(
-                ["run_id", "id_kind", "member_id", "anonymous_id", "traits"], snapshot
+                ["run_id", "id_kind", "member_id", "anonymous_id", "traits", "value"], snapshot
             )
         )
         stats = SnapshotStats(rows=int(counts[0]), staged=count_staged(state, run_id))
+        stats.trait_names = names
         stats.invalid = stats.rows - int(counts[1] or 0)
         if stats.invalid:
-            stats.samples = _samples(state, dialect, body, columns, traits)
+            stats.samples = _samples(state, dialect, body, columns, traits, names)
     except SQLAlchemyError as exc:
         raise source_error(audience, source_name, exc) from None
     stats.duplicates = stats.rows - stats.invalid - stats.staged
@@ -217,24 +267,37 @@ def stage_in_database(
 
 
 def _samples(
-    state: Connection, dialect: str, body: str, columns: list[str], traits: Sequence[str]
+    state: Connection,
+    dialect: str,
+    body: str,
+    columns: list[str],
+    traits: Sequence[str],
+    values: Sequence[str],
 ) -> list[str]:
     """The first invalid rows, described by the streaming path's own validation (so both paths
-    give the same reasons), numbered by their position in the result."""
+    give the same reasons), numbered by their position in the result. ``values``: a trait
+    group's traits (its rows are validated as values)."""
     numbered = text(f"SELECT row_number() OVER () AS audience_sync_row, q.* FROM ({body}) AS q")
     rows = _Rows(dialect, "r", columns)
+    invalid = ~rows.valid
+    if values:
+        value = _value_json(dialect, rows, values)
+        invalid = or_(invalid, _bytes(dialect, value) > MAX_TRAIT_ROW_BYTES)
     wanted = ["audience_sync_row", *columns]
     found = state.execute(
         select(*[rows.column(c) for c in wanted])
         .select_from(numbered.columns().subquery("r"))
-        .where(~rows.valid)
+        .where(invalid)
         .limit(MAX_INVALID_SAMPLES)
     ).all()
     user = columns.index("user_id") + 1 if "user_id" in columns else None
     anon = columns.index("anonymous_id") + 1 if "anonymous_id" in columns else None
     trait_indexes = [(t, columns.index(t) + 1) for t in dict.fromkeys(traits)]
+    validate = validate_trait_row if values else validate_row
+    if values:
+        trait_indexes.sort()
     samples = []
     for row in found:
-        reason = validate_row(row, user, anon, trait_indexes)
+        reason = validate(row, user, anon, trait_indexes)
         samples.append(invalid_sample(int(row[0]), reason if isinstance(reason, str) else "id"))
     return samples

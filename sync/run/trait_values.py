@@ -103,8 +103,17 @@ def row_object(names_and_values: Sequence[tuple[str, Any]]) -> str:
     ``InvalidValue`` naming the trait."""
     parts = []
     for name, value in names_and_values:
+        kind = type(value)
         try:
-            encoded = canonical(value)
+            # The common types inline (this runs for every value of every row).
+            if kind is str and _SURROGATE.search(value) is None:
+                encoded = encode_basestring(value)
+            elif kind is int:
+                encoded = int.__repr__(value)
+            elif value is None:
+                encoded = "null"
+            else:
+                encoded = canonical(value)
         except InvalidValue as invalid:
             raise InvalidValue(f"trait {name}: {invalid}") from None
         parts.append(f'"{name}":{encoded}')  # names are keys: plain ASCII, nothing to escape
