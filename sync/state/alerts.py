@@ -3,13 +3,13 @@ and when, so that every process sharing the state database keeps one repeat inte
 status of a computation's previous run (a success after a failure is a recovery).
 
 An alert is *claimed* before it is sent: one statement moves ``sent_at`` to now only when the
-interval has passed (or inserts the first row), so two processes finishing runs at once send it
-once. A send that fails gives its claim back, and the next run tries again.
+interval has passed, so two processes finishing runs at once send it once. A send that fails
+gives its claim back, and the next run tries again.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, delete, select, update
 
@@ -21,6 +21,8 @@ from sync.state.tables import RUNS
 # A run that ended one of these ways leaves the computation needing attention; the next
 # success is a recovery. `abandoned` (a crashed process) is passed over: the run before it says.
 TROUBLE_STATUSES = ("failed", "guarded", "partial")
+# `sent_at` of an alert never sent yet.
+NEVER = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 def claim_alert(
@@ -30,20 +32,25 @@ def claim_alert(
     of the claim, or None when it was sent less than ``repeat_seconds`` ago (by any
     process). Commit before sending."""
     now = state_now(connection)
-    keys = (A.c.alert == alert, A.c.computation == computation, A.c.event == event)
+    # The row first, as if sent long ago (a row another process inserted is kept): then one
+    # conditional UPDATE decides, and its row count is exact on every database, where an
+    # INSERT … ON CONFLICT DO NOTHING's is not (psycopg reports -1).
+    connection.execute(
+        insert_ignoring_duplicates(connection, A).values(
+            alert=alert, computation=computation, event=event, sent_at=NEVER
+        )
+    )
     due = connection.execute(
         update(A)
-        .where(*keys, A.c.sent_at <= now - timedelta(seconds=repeat_seconds))
+        .where(
+            A.c.alert == alert,
+            A.c.computation == computation,
+            A.c.event == event,
+            A.c.sent_at <= now - timedelta(seconds=repeat_seconds),
+        )
         .values(sent_at=now)
     ).rowcount
-    if not due:
-        # The first alert of its kind, unless another process inserted it (or it is recent).
-        due = connection.execute(
-            insert_ignoring_duplicates(connection, A).values(
-                alert=alert, computation=computation, event=event, sent_at=now
-            )
-        ).rowcount
-    return now if due else None
+    return now if due == 1 else None
 
 
 def release_alert(
