@@ -23,6 +23,7 @@ from sync.state.db import make_state_engine
 from sync.state.tables import ALERTS_SENT
 from tests.harness import Harness, _toml
 from tests.receiver import Receiver
+from tests.test_secrets import dump_state
 
 BROKEN_QUERY = "SELECT user_id FROM no_such_table"
 GOOD_QUERY = "SELECT user_id, email FROM members"
@@ -249,7 +250,7 @@ def test_a_receiver_down_or_slow_leaves_the_sync_alone(
     assert {d.message_id for d in receiver.deliveries} and harness.runs()[-1].status == "succeeded"
     assert 'alert "down": could not send the recovered alert' in result.stderr
     assert [b["event"] for b in bodies(alert_receiver, f"/{token}")] == ["failed", "recovered"]
-    assert token not in result.output + result.stderr
+    assert token not in result.output + result.stderr + dump_state(harness.engine)
 
 
 def test_processes_sharing_a_state_database_alert_once(
