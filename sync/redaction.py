@@ -29,6 +29,9 @@ _SECRET_KEY = re.compile(r"(?i)secret|token|passw|pwd|credential|write_key|api_?
 _SECRET_HEADER = re.compile(
     r"(?i)auth|token|key|secret|signature|passw|cookie|session|credential"
 )
+# Values that are credentials whole by where they sit: an alert's URL (a Slack incoming
+# webhook's token is its path).
+_SECRET_PATH = re.compile(r"^alerts\..+\.url$")
 # Keys whose value is a URL: a value read into one from the environment is a secret whole
 # (webhook URLs often carry their token in the path).
 _URL_KEYS = frozenset({"url", "endpoint"})
@@ -165,6 +168,8 @@ def collect_secrets(
 
 def is_secret_path(path: str) -> bool:
     """Whether the config value at this TOML path is a credential."""
+    if _SECRET_PATH.match(path):
+        return True
     parent, _, last = path.rpartition(".")
     if parent.endswith("headers") or parent == "headers":
         return bool(_SECRET_HEADER.search(last))

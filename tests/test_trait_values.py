@@ -13,7 +13,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import create_engine, text
 
 from sync.config import parse_config
 from sync.engine import RunOptions, Syncer

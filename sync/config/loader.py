@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from sync.config.models import (
+    AlertConfig,
     AudienceConfig,
     AudienceDestinationSettings,
     Config,
@@ -210,6 +211,7 @@ def _all_field_names() -> set[str]:
         Config,
         StateConfig,
         SourceConfig,
+        AlertConfig,
         Defaults,
         DaemonConfig,
         AudienceConfig,
@@ -296,6 +298,30 @@ def _cross_reference_problems(raw: dict[str, Any]) -> list[str]:
             where = f"{section}[{index}]"
             problems.extend(_reference_problems(where, audience, sources, destinations))
             problems.extend(_identity_problems(where, audience, names, keys))
+    problems.extend(_alert_problems(raw.get("alerts"), names, keys))
+    return problems
+
+
+def _alert_problems(
+    alerts: Any, names: Mapping[str, str], keys: Mapping[str, tuple[str, str]]
+) -> list[str]:
+    """An alert's ``audiences`` must name configured audiences or trait groups (names or keys)."""
+    if not isinstance(alerts, dict):
+        return []
+    problems: list[str] = []
+    for alert_name, alert in alerts.items():
+        wanted = alert.get("audiences") if isinstance(alert, dict) else None
+        if not isinstance(wanted, list):
+            continue
+        for i, entry in enumerate(wanted):
+            if isinstance(entry, str) and entry not in names and entry not in keys:
+                known = ", ".join(sorted(names)) or "none defined"
+                close = difflib.get_close_matches(entry, [*names, *keys], n=1)
+                hint = f'; did you mean "{close[0]}"?' if close else f" (defined: {known})"
+                problems.append(
+                    f'alerts.{alert_name}.audiences[{i}]: no audience or trait group named '
+                    f'"{entry}"{hint}'
+                )
     return problems
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.exc import ArgumentError
 
 from sync.config.listen import DEFAULT_HTTP_ADDRESS, check_http_setting
 from sync.destinations import DestinationSettings
+from sync.destinations.http import check_http_url
 from sync.keys import derive_key, key_problem
 from sync.messages import ComputationClass as ComputationKind
 from sync.redaction import Redactor, collect_secrets
@@ -117,6 +118,40 @@ class DaemonConfig(_Model):
         "sweep_interval", "shutdown_timeout", "jitter", "lease_seconds", mode="before"
     )(_duration)
     _http = field_validator("http", mode="before")(check_http_setting)
+
+
+# What an alert tells of (README "Alerts"): a run that failed, was guarded (an unusual removal),
+# was left partial, or a success after one of those.
+AlertEvent = Literal["failed", "guarded", "partial", "recovered"]
+ALERT_EVENTS: tuple[AlertEvent, ...] = ("failed", "guarded", "partial", "recovered")
+# An alert's name and the computation keys it files under are `alerts_sent` keys: VARCHAR(100).
+MAX_ALERT_NAME_LENGTH = 100
+# An alert is sent after the run, before the next one: a slow receiver may hold a worker this
+# long per alert, never longer.
+MAX_ALERT_TIMEOUT_SECONDS = 30.0
+
+
+class AlertConfig(_Model):
+    """``[alerts.NAME]``: where to tell of failed, guarded, partial and recovered runs."""
+
+    type: Literal["webhook", "slack"]
+    # A secret whole (a Slack incoming webhook's token is its path): redacted everywhere.
+    url: str
+    on: list[AlertEvent] = Field(default_factory=lambda: list(ALERT_EVENTS), min_length=1)
+    # Names or keys of audiences and trait groups; None: every computation.
+    audiences: list[str] | None = Field(default=None, min_length=1)
+    # A computation that keeps failing alerts once per interval (per alert and event).
+    repeat: float = Field(default=3600.0, ge=0)
+    timeout: float = Field(default=5.0, gt=0, le=MAX_ALERT_TIMEOUT_SECONDS)
+
+    _url = field_validator("url")(check_http_url)
+    _durations = field_validator("repeat", "timeout", mode="before")(_duration)
+
+    def covers(self, computation: ComputationConfig) -> bool:
+        """Whether this alert tells of ``computation`` (its name or key is listed, or none is)."""
+        if self.audiences is None:
+            return True
+        return computation.name in self.audiences or computation.trait_key in self.audiences
 
 
 OnExit = Literal["null", "keep"]
@@ -237,6 +272,7 @@ class Config(_Model):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     audiences: list[AudienceConfig] = Field(default_factory=list)
     traits: list[TraitGroupConfig] = Field(default_factory=list)
+    alerts: dict[str, AlertConfig] = Field(default_factory=dict)
     # Values read from ${VAR}s into URLs and headers (set by `parse_config`).
     _environment_secrets: tuple[str, ...] = PrivateAttr(default=())
 
@@ -250,6 +286,17 @@ class Config(_Model):
                 raise ValueError(
                     f'destination name "{name[:40]}…" is {len(name)} characters long; the '
                     f"state database keeps at most {MAX_DESTINATION_NAME_LENGTH}: shorten it"
+                )
+        return value
+
+    @field_validator("alerts")
+    @classmethod
+    def _check_alert_names(cls, value: dict[str, AlertConfig]) -> dict[str, AlertConfig]:
+        for name in value:
+            if len(name) > MAX_ALERT_NAME_LENGTH:
+                raise ValueError(
+                    f'alert name "{name[:40]}…" is {len(name)} characters long; the state '
+                    f"database keeps at most {MAX_ALERT_NAME_LENGTH}: shorten it"
                 )
         return value
 

@@ -1,5 +1,6 @@
 """What every run of a ``Syncer`` shares, and the one path run, sweep and retire take through
-it: take the audience's lease, keep a run record, open its destinations, deliver."""
+it: take the audience's lease, keep a run record, open its destinations, deliver; once the run
+is recorded, its alerts (``sync.alerts``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
+from sync.alerts import Alerter
 from sync.config import ComputationConfig, Config
 from sync.delivery import DeliveryHooks, ProgressFactory, RetryPolicy, deliver_destinations
 from sync.destinations import Destination, build_destination
@@ -63,6 +65,7 @@ class RunContext:
         self.stop = stop
         self.hooks = hooks
         self.lease_seconds = config.daemon.lease_seconds
+        self.alerter = Alerter(config, engine)
         defaults = config.defaults
         self.policy = RetryPolicy(
             initial_delay=defaults.retry_initial_delay,
@@ -98,8 +101,10 @@ class RunContext:
         started: float,
     ) -> Iterator[None]:
         """Start a run record under ``lease`` and tag log lines with it; afterwards release
-        the lease and log the run's one summary line. The body records the outcome."""
+        the lease, log the run's one summary line and, when the body ended normally, send the
+        run's alerts. The body records the outcome."""
         token = None
+        ended = False
         try:
             with self.engine.begin() as connection:
                 lease.fence(connection)
@@ -108,10 +113,13 @@ class RunContext:
                 )
             token = current_run.set(f"{report.run_id} {audience.trait_key}")
             yield
+            ended = True
         finally:
             lease.release()
             report.seconds = time.monotonic() - started
             log_summary(report)
+            if ended:  # recorded; not on Ctrl-C, which must stop at once
+                self.alerter.after_run(audience, audience_id, report)
             if token is not None:
                 current_run.reset(token)
 

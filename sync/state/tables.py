@@ -406,6 +406,19 @@ class DaemonSchedule(Base):
     next_run_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class AlertSent(Base):
+    """When an alert last told its receiver about a computation's failed, guarded or partial
+    runs: the repeat interval counts from it, whichever process sent it (sync.alerts). A
+    computation's rows are deleted when it recovers, so its next failure alerts at once."""
+
+    __tablename__ = "alerts_sent"
+
+    alert: Mapped[str] = mapped_column(Key(100), primary_key=True)
+    computation: Mapped[str] = mapped_column(Key(100), primary_key=True)
+    event: Mapped[str] = mapped_column(Key(16), primary_key=True)
+    sent_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 # Core handles for the bulk paths (set operations, executemany), typed as tables.
 MEMBERSHIPS = cast(Table, Membership.__table__)
 STAGED = cast(Table, StagedMember.__table__)
@@ -417,3 +430,4 @@ DELIVERY_PROGRESS = cast(Table, DeliveryProgress.__table__)
 DESTINATION_ENDPOINTS = cast(Table, DestinationEndpoint.__table__)
 DAEMONS = cast(Table, DaemonRecord.__table__)
 DAEMON_SCHEDULES = cast(Table, DaemonSchedule.__table__)
+ALERTS_SENT = cast(Table, AlertSent.__table__)
