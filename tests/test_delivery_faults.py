@@ -142,7 +142,7 @@ def test_a_leaver_whose_trait_grew_past_the_limit_still_gets_false(
     assert last["userId"] == "a" and last["traits"] == {"email": "a@x", KEY: False}
     assert len(json.dumps(last, separators=(",", ":"))) < 32 * 1024
     row = harness.memberships()["a"]
-    assert row.status == "in_sync" and row.synced is False
+    assert row.status == "in_sync" and row.synced_value == "false"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("member a" in w and "note" in w for w in warnings), warnings
 

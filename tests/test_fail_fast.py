@@ -61,7 +61,7 @@ def test_sync_against_a_refusing_receiver_exits_3_naming_the_destination(
 
     rows = harness.memberships("crm")
     assert len(rows) == 250
-    assert all(r.status == "pending" and r.synced is None and not r.in_doubt for r in rows.values())
+    assert all(r.status == "pending" and r.synced_value is None and not r.in_doubt for r in rows.values())
     (run,) = harness.runs()
     assert run.status == "partial" and run.sent == 0
     with harness.engine.connect() as connection:

@@ -52,7 +52,7 @@ def _insert_run(engine: Engine, status: str) -> None:
 
 
 def test_migration_0010_allows_interrupted_runs(bare_engine: Engine) -> None:
-    upgrade(bare_engine, "0008")
+    upgrade(bare_engine, "0009")
     with pytest.raises((IntegrityError, OperationalError)):
         _insert_run(bare_engine, "interrupted")
     _insert_run(bare_engine, "failed")
@@ -60,7 +60,7 @@ def test_migration_0010_allows_interrupted_runs(bare_engine: Engine) -> None:
     _insert_run(bare_engine, "interrupted")
     with pytest.raises((IntegrityError, OperationalError)):
         _insert_run(bare_engine, "exploded")  # the CHECK constraint is still there
-    downgrade(bare_engine, "0008")
+    downgrade(bare_engine, "0009")
     with bare_engine.connect() as connection:
         statuses = connection.execute(select(RUNS.c.status).order_by(RUNS.c.id)).scalars().all()
     assert statuses == ["failed", "failed"]
@@ -116,9 +116,9 @@ def test_ctrl_c_finishes_the_batch_in_flight_and_records_interrupted(
     sent = {m["userId"] for m in receiver.messages()}
     for member, row in rows.items():
         if member in sent:
-            assert (row.status, row.synced, row.in_doubt) == ("in_sync", True, False), member
+            assert (row.status, row.synced_value, row.in_doubt) == ("in_sync", "true", False), member
         else:
-            assert (row.status, row.synced, row.in_doubt) == ("pending", None, False), member
+            assert (row.status, row.synced_value, row.in_doubt) == ("pending", None, False), member
     assert _progress_rows(harness.engine) == 0  # delivery ended normally
 
     # The next sync sends the rest, once.
@@ -147,7 +147,7 @@ def test_a_second_ctrl_c_abandons_the_batch_in_flight(
     assert status == "interrupted" and error and "abandoned" in error
     assert "KeyboardInterrupt" not in error
     # Nothing was acknowledged; the delivery's progress row bounds what may have arrived.
-    assert all(r.synced is None and r.status == "pending" for r in harness.memberships().values())
+    assert all(r.synced_value is None and r.status == "pending" for r in harness.memberships().values())
     assert _progress_rows(harness.engine) == 1
     wait_for(lambda: len(receiver.messages()) == 10, 30, "the abandoned batch to be applied")
     in_flight = [m["messageId"] for m in receiver.messages()]
