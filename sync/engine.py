@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine
 
 from sync import redaction
 from sync.config import ComputationConfig, Config
-from sync.delivery import ProgressFactory
+from sync.delivery import ProgressFactory, prune_deliveries
 from sync.errors import (
     AudienceSyncError,
     ConfigDriftError,
@@ -169,7 +169,17 @@ class Syncer:
         )
         with self._context.recorded_run(audience, audience_id, trigger, report, lease, started):
             self._run(audience, audience_id, install, options, report, lease, progress)
+        self.prune_ledger()
         return report
+
+    def prune_ledger(self) -> int:
+        """Delete delivery ledger rows older than ``[state] keep_deliveries`` (after every run,
+        so both `sync` and the daemon prune); a failure is logged, never the run's."""
+        try:
+            return prune_deliveries(self.engine, self.config.state.keep_deliveries)
+        except Exception as exc:
+            logger.warning("could not prune the delivery ledger: %s", error_line(exc))
+            return 0
 
     def _refuse_drift(self, audience: ComputationConfig, *, full: bool) -> None:
         """Raise ``ConfigDriftError`` for a likely rename or a moved endpoint (sync.run.drift)."""

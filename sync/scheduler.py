@@ -165,7 +165,8 @@ class Daemon:
 
     def sweep(self) -> None:
         """Retry transient leftovers of every audience whose backoff has expired, and apply
-        ``on_removed``."""
+        ``on_removed``; prune the delivery ledger."""
+        self.syncer.prune_ledger()
         self._tracked(self._retire_removed_safely)
         for audience in self.audiences:
             if self.stop.is_set():

@@ -56,6 +56,10 @@ class StateConfig(_Model):
 
     url: str = "sqlite:///audience-sync.db"
     auto_upgrade: bool = False
+    # How long the delivery ledger keeps a sent message's row (`sync` and the daemon prune).
+    keep_deliveries: Annotated[float, Field(gt=0)] = 30 * 86_400.0
+
+    _durations = field_validator("keep_deliveries", mode="before")(_duration)
 
     @field_validator("url")
     @classmethod

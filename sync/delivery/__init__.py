@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 
 from sync.config import ComputationConfig, Config
 from sync.delivery.deliverer import Deliverer
-from sync.delivery.ledger import recover_in_flight, retry_due
+from sync.delivery.ledger import prune_deliveries, recover_in_flight, retry_due
 from sync.delivery.sending import NO_HOOKS, DeliveryHooks, RetryPolicy
 from sync.destinations import Destination
 from sync.messages import AudienceContext, ComputationClass
@@ -28,6 +28,7 @@ __all__ = [
     "ProgressFactory",
     "RetryPolicy",
     "deliver_destinations",
+    "prune_deliveries",
     "recover_in_flight",
     "retry_due",
 ]

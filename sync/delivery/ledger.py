@@ -1,13 +1,16 @@
 """The delivery ledger: every state DB read and write of delivery — pages of pending rows,
 compare-and-set acknowledgements, rejections, in-doubt marks, progress rows, recovery after a
-crash — so that the worker loop and the sending code hold no SQL."""
+crash, the ``deliveries`` rows (one per message sent) and their pruning — so that the worker
+loop and the sending code hold no SQL."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import re
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -38,14 +41,40 @@ from sqlalchemy.dialects.postgresql import ARRAY
 
 from sync.clock import StateClock, state_now
 from sync.delivery.batches import BatchResult, Unit
+from sync.redaction import redactor
 from sync.state.leases import Lease
 from sync.state.memberships import pending_condition
-from sync.state.tables import DELIVERY_PROGRESS, MEMBERSHIPS
+from sync.state.tables import DELIVERIES, DELIVERY_PROGRESS, MEMBERSHIPS, DeliveryOutcome
 
 logger = logging.getLogger("sync.delivery")
 
 M = MEMBERSHIPS
 P = DELIVERY_PROGRESS
+L = DELIVERIES
+
+# The columns of a ``deliveries`` row, in the order ``Ledger._log`` builds its tuples.
+LOG_COLUMNS = (
+    "message_id",
+    "message_type",
+    "batch_id",
+    "audience_id",
+    "destination",
+    "id_kind",
+    "member_id",
+    "value",
+    "traits",
+    "version",
+    "outcome",
+    "reason",
+    "http_status",
+    "sent_at",
+    "acknowledged_at",
+)
+# Rows deleted per transaction when pruning, so that a large prune never holds SQLite's one
+# write lock (or many row locks) long enough to stall a delivery.
+PRUNE_CHUNK = 10_000
+_HTTP_STATUS = re.compile(r"\bHTTP ([1-5][0-9][0-9])\b")
+_ID_MARK = '"messageId":"as-'
 
 
 def member_in(engine: Engine) -> Any:
@@ -119,6 +148,57 @@ def retry_due(connection: Connection, audience_id: int) -> bool:
     return connection.execute(query.limit(1)).first() is not None
 
 
+def _message_id(message: str, version: int) -> str:
+    """The ``messageId`` of an encoded message, found in its text (decoding every message sent
+    would cost more than its encoding did). Ours are ``as-<40 hex>-v<version>``, which a trait
+    that happens to be called messageId does not fake."""
+    tail = f'-v{version}"'
+    start = message.find(_ID_MARK)
+    while start >= 0:
+        start += len(_ID_MARK) - 3
+        if message.startswith(tail, start + 43):
+            return message[start : start + 42 + len(tail)]
+        start = message.find(_ID_MARK, start)
+    return str(json.loads(message).get("messageId", ""))
+
+
+def _http_status(reason: str | None) -> int | None:
+    """The HTTP status a destination's answer carried, as its reason names it."""
+    found = _HTTP_STATUS.search(reason) if reason else None
+    return int(found.group(1)) if found else None
+
+
+def prune_deliveries(engine: Engine, keep_seconds: float) -> int:
+    """Delete ``deliveries`` rows sent more than ``keep_seconds`` ago (by the state DB's clock),
+    in chunks of ``PRUNE_CHUNK`` rows per transaction; return how many.
+
+    Rows are appended in ``id`` order, so the first young row by ``id`` bounds what goes: a
+    walk of the primary key, no index on ``sent_at``. An old row appended after a young one
+    (a slow batch of another computation) waits for the next prune."""
+    deleted = 0
+    with engine.connect() as connection:
+        cutoff = state_now(connection) - timedelta(seconds=keep_seconds)
+        young = connection.execute(
+            select(L.c.id).where(L.c.sent_at >= cutoff).order_by(L.c.id).limit(1)
+        ).scalar()
+        if young is None:
+            young = (connection.execute(select(func.max(L.c.id))).scalar() or 0) + 1
+        start = connection.execute(select(func.min(L.c.id))).scalar()
+        connection.rollback()
+    if start is None:
+        return 0
+    while start < young:
+        end = min(start + PRUNE_CHUNK, young)
+        with engine.begin() as connection:
+            deleted += connection.execute(
+                delete(L).where(L.c.id >= start, L.c.id < end, L.c.sent_at < cutoff)
+            ).rowcount
+        start = end
+    if deleted:
+        logger.info("pruned %d delivery ledger row(s) sent before %s", deleted, cutoff)
+    return deleted
+
+
 def _groups(
     units: list[Unit], doubt: Callable[[Unit], bool] | None = None
 ) -> dict[tuple[str, int, bool], list[str]]:
@@ -158,6 +238,19 @@ class Ledger:
         self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None
         self._local = threading.local()
         self._connections: list[Connection] = []
+        # What each row read for sending carried: (value, traits, its page's hand-over time),
+        # by (id kind, member, version), until its batch's outcome puts it in the ledger.
+        self._sent: dict[tuple[str, str, int], tuple[Any, Any, list[Any]]] = {}
+        self._handed: list[Any] = [None, None]
+        # A time as the driver takes it (SQLite: text), converted once per page or batch.
+        self._time: Callable[[datetime], Any] = L.c.sent_at.type.bind_processor(
+            engine.dialect
+        ) or (lambda moment: moment)
+        mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        self._log_sql = (
+            f"INSERT INTO {L.name} ({', '.join(LOG_COLUMNS)}) "
+            f"VALUES ({', '.join([mark] * len(LOG_COLUMNS))})"
+        )
         self._build_statements()
 
     def _build_statements(self) -> None:
@@ -258,6 +351,9 @@ class Ledger:
                     rows = list(connection.execute(query).cursor.fetchall())
                 if not rows:
                     break
+                # The ledger records what was read, even if the row changes meanwhile.
+                handed = self._handed = [now, self._time(now)]
+                self._sent.update({(r[0], r[1], r[5]): (r[3], r[7], handed) for r in rows})
                 yield rows
                 after = (rows[-1][0], rows[-1][1])
                 if len(rows) < page:
@@ -296,6 +392,7 @@ class Ledger:
         """Commit, before a page's batches are sent, that rows up to its last key may soon be
         at the destination (one small write per page; pages come in key order)."""
         now = self.now()
+        self._handed[:] = [now, self._time(now)]
         with self._writing() as connection:
             connection.execute(
                 self._advance,
@@ -357,6 +454,38 @@ class Ledger:
                 self._doubt_changed(connection, kind, version, members)
             if result.rejected:
                 self._reject(connection, result.rejected, doubt)
+            self._log(connection, result, now)
+
+    def _log(self, connection: Connection, result: BatchResult, now: datetime) -> None:
+        """Append one ``deliveries`` row per message of the batch: one executemany of plain
+        tuples (no per-row statement building or type processing; times converted once)."""
+        batch = uuid.uuid4().hex
+        recorded = self._time(now)
+        head = (batch, self.audience_id, self.destination)
+        sent = self._sent
+        rows: list[tuple[Any, ...]] = []
+
+        def add(unit: Unit, outcome: DeliveryOutcome, reason: str | None, at: Any) -> None:
+            key = (unit.id_kind, unit.member_id, unit.version)
+            value, traits, handed = sent.pop(key, None) or (None, None, [now, recorded])
+            status = _http_status(reason)
+            tail = (unit.version, outcome, reason, status, handed[1], at)
+            for message in unit.messages:
+                kind = "track" if message.startswith('{"type":"track"') else "identify"
+                mid = _message_id(message, unit.version)
+                rows.append((mid, kind, *head, unit.id_kind, unit.member_id, value, traits, *tail))
+
+        for unit in result.delivered:
+            add(unit, "acknowledged", None, recorded)
+        for unit, reason in result.rejected:
+            add(unit, "rejected", redactor().redact(reason), None)
+        if result.left:
+            outcome: DeliveryOutcome = "unknown" if result.uncertain else "refused"
+            left_reason = redactor().redact(result.left_reason) if result.left_reason else None
+            for unit in result.left:
+                add(unit, outcome, left_reason, None)
+        if rows:
+            connection.exec_driver_sql(self._log_sql, rows)
 
     def _reject(
         self,

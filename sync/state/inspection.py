@@ -14,6 +14,7 @@ from sync.state.daemons import scheduled_runs
 from sync.state.memberships import is_pending
 from sync.state.runs import run_reason
 from sync.state.tables import AUDIENCES as A
+from sync.state.tables import DELIVERIES as L
 from sync.state.tables import MEMBERSHIPS as M
 from sync.state.tables import RUN_DELIVERIES as D
 from sync.state.tables import RUNS as R
@@ -187,6 +188,7 @@ def _json_value(text: str | None) -> Any:
 
 def _membership(row: Any, key: str | None = None) -> dict[str, Any]:
     data = {
+        "_audience_id": row.audience_id,
         "destination": row.destination,
         "id_kind": row.id_kind,
         "member_id": row.member_id,
@@ -204,6 +206,10 @@ def _membership(row: Any, key: str | None = None) -> dict[str, Any]:
         "delivered_at": _iso(row.delivered_at),
         "last_error": row.last_error,
         "traits": row.traits,
+        # The delivery ledger's last message to this member here (None: none kept).
+        "last_sent": None,
+        "last_sent_at": None,
+        "last_outcome": None,
     }
     if key is not None:
         data = {"audience": key, **data}
@@ -233,7 +239,37 @@ def member_rows(
     else:
         query = query.where(M.c.desired.is_(True))
     query = query.order_by(M.c.destination, M.c.id_kind, M.c.member_id).limit(limit)
-    return [_membership(r) for r in connection.execute(query).all()]
+    rows = [_membership(r) for r in connection.execute(query).all()]
+    members = sorted({r["member_id"] for r in rows})
+    _add_last_sent(connection, rows, L.c.audience_id == row.id, members)
+    return rows
+
+
+def _add_last_sent(
+    connection: Connection, rows: list[dict[str, Any]], where: Any, members: list[str]
+) -> None:
+    """Fill each membership row's ``last_sent`` (the value), ``last_sent_at`` and
+    ``last_outcome`` from the delivery ledger's newest row for it."""
+    if not rows:
+        return
+    last: dict[tuple[int, str, str, str], Any] = {}
+    for start in range(0, len(members), 500):  # bounded IN lists
+        query = (
+            select(L.c.audience_id, L.c.destination, L.c.id_kind, L.c.member_id, L.c.value)
+            .add_columns(L.c.sent_at, L.c.outcome)
+            .where(where, L.c.member_id.in_(members[start : start + 500]))
+            .order_by(L.c.id)
+        )
+        for entry in connection.execute(query).all():
+            last[(entry.audience_id, entry.destination, entry.id_kind, entry.member_id)] = entry
+    for data in rows:
+        found = last.get(
+            (data.pop("_audience_id"), data["destination"], data["id_kind"], data["member_id"])
+        )
+        if found is not None:
+            data["last_sent"] = _json_value(found.value)
+            data["last_sent_at"] = _iso(found.sent_at)
+            data["last_outcome"] = found.outcome
 
 
 def user_rows(connection: Connection, member_id: str) -> list[dict[str, Any]]:
@@ -244,4 +280,6 @@ def user_rows(connection: Connection, member_id: str) -> list[dict[str, Any]]:
         .where(M.c.member_id == member_id)
         .order_by(A.c.key, M.c.destination)
     )
-    return [_membership(r, r.key) for r in connection.execute(query).all()]
+    rows = [_membership(r, r.key) for r in connection.execute(query).all()]
+    _add_last_sent(connection, rows, L.c.member_id == member_id, [member_id])
+    return rows

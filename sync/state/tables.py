@@ -7,6 +7,7 @@ from typing import Any, Literal, cast
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Dialect,
@@ -419,6 +420,54 @@ class AlertSent(Base):
     sent_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+# What became of one message (the delivery ledger): the destination acknowledged it;
+# rejected it (400/413/422, or it was too big to send: the reason says); refused it for now
+# (a 429, a refused connection, out of time: it was not applied, the row is retried); or its
+# fate is unknown (a timeout, a lost response, a 5xx: the row stays in doubt).
+DeliveryOutcome = Literal["acknowledged", "rejected", "refused", "unknown"]
+DELIVERY_OUTCOMES: tuple[DeliveryOutcome, ...] = ("acknowledged", "rejected", "refused", "unknown")
+# The view over `deliveries` that answers "what was sent to U" (migration 0012, README
+# "Delivery ledger").
+SENT_MESSAGES_VIEW = "sent_messages"
+
+
+class Delivery(Base):
+    """The delivery ledger: one row per message sent, appended when its batch's outcome is
+    recorded (in that transaction) and pruned after ``[state] keep_deliveries``.
+
+    No foreign key to ``audiences``: a check per appended row for rows that are only read by
+    people (computations are never deleted). Rows are appended in ``id`` order, which pruning
+    walks instead of an index on ``sent_at``."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (Index("ix_deliveries_member_id", "member_id"),)
+
+    # INTEGER PRIMARY KEY on SQLite: the rowid itself, one B-tree per appended row.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    message_id: Mapped[str] = mapped_column(Key(100))
+    message_type: Mapped[str] = mapped_column(String(16))
+    # The batch (one request, or the halves an isolating split sent) the message went in.
+    batch_id: Mapped[str] = mapped_column(String(32))
+    audience_id: Mapped[int] = mapped_column(Integer)
+    destination: Mapped[str] = mapped_column(Key(100))
+    id_kind: Mapped[str] = mapped_column(String(16))
+    member_id: Mapped[str] = mapped_column(Key(MAX_MEMBER_ID_LENGTH))
+    # The value sent (canonical JSON text) and the extra traits sent with it (JSON text, as
+    # stored when the batch was read; a message over the size limit left some of them out).
+    value: Mapped[str | None] = mapped_column(ValueText, nullable=True)
+    traits: Mapped[str | None] = mapped_column(Text, nullable=True)
+    version: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(16))
+    # The destination's reason (redacted) for anything but an acknowledgement.
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    http_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # When its page was handed to the senders (the state DB's clock): it left at or after this.
+    sent_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
 # Core handles for the bulk paths (set operations, executemany), typed as tables.
 MEMBERSHIPS = cast(Table, Membership.__table__)
 STAGED = cast(Table, StagedMember.__table__)
@@ -431,3 +480,6 @@ DESTINATION_ENDPOINTS = cast(Table, DestinationEndpoint.__table__)
 DAEMONS = cast(Table, DaemonRecord.__table__)
 DAEMON_SCHEDULES = cast(Table, DaemonSchedule.__table__)
 ALERTS_SENT = cast(Table, AlertSent.__table__)
+
+
+DELIVERIES = cast(Table, Delivery.__table__)

@@ -1,0 +1,131 @@
+"""The delivery ledger: one row per message sent, the `sent_messages` view that answers "what
+was sent to U", `user`/`members` showing the last sent value, and retention pruning."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+from click.testing import CliRunner
+from sqlalchemy import func, select, text, update
+
+from sync.cli import cli
+from sync.clock import state_now
+from sync.delivery import prune_deliveries
+from sync.state.tables import DELIVERIES
+from tests.harness import Harness
+from tests.receiver import Receiver
+
+KEY = "high_value_users"
+WHAT_WAS_SENT_TO = """
+SELECT computation, computation_kind, destination, id_kind, member_id, message_id,
+       message_type, value, traits, version, batch_id, sent_at, outcome, reason, http_status,
+       acknowledged_at
+FROM sent_messages WHERE member_id = :member ORDER BY sent_at, id
+"""
+
+
+def sent_to(harness: Harness, member: str) -> list[Any]:
+    with harness.engine.connect() as connection:
+        return list(connection.execute(text(WHAT_WAS_SENT_TO), {"member": member}).all())
+
+
+def test_every_message_sent_has_a_ledger_row(harness: Harness, receiver: Receiver) -> None:
+    """Acknowledged and rejected messages, each with its messageId, value, traits, version,
+    batch, times and outcome; a leaver's false follows its true."""
+    harness.set_members(["a", "b", "c"])
+    receiver.poison = {"b"}
+    assert harness.sync().status == "partial"
+    received = {m["userId"]: m["messageId"] for m in receiver.messages()}
+
+    (a,) = sent_to(harness, "a")
+    assert (a.computation, a.computation_kind, a.destination) == (KEY, "audience", "segment")
+    assert (a.id_kind, a.message_type, a.version) == ("user", "identify", 1)
+    assert a.message_id == received["a"]
+    assert json.loads(a.value) is True and json.loads(a.traits) == {"email": "a@example.com"}
+    assert a.outcome == "acknowledged" and a.reason is None
+    assert a.acknowledged_at is not None and a.sent_at <= a.acknowledged_at
+    assert len(a.batch_id) == 32
+
+    (b,) = sent_to(harness, "b")
+    assert b.outcome == "rejected" and b.http_status == 400 and "HTTP 400" in b.reason
+    assert b.acknowledged_at is None and "b" not in received
+
+    receiver.poison = set()
+    harness.set_members(["a", "b"])
+    harness.sync()
+    true, false = sent_to(harness, "c")
+    assert (json.loads(true.value), json.loads(false.value)) == (True, False)
+    assert false.version == 2 and false.outcome == "acknowledged"
+    assert false.message_id == receiver.messages()[-1]["messageId"] != true.message_id
+    assert [r.outcome for r in sent_to(harness, "b")] == ["rejected", "acknowledged"]
+    with harness.engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(DELIVERIES)).scalar() == 5
+
+
+def test_a_5xx_is_recorded_with_an_unknown_outcome(harness: Harness, receiver: Receiver) -> None:
+    """A message that may have arrived without an acknowledgement: outcome unknown, its
+    status; resent later with the same messageId and acknowledged."""
+    harness.defaults["delivery_time_budget"] = "1s"
+    harness.set_members(["a"])
+    receiver.forced = "503"
+    assert harness.sync().status == "partial"
+    (first,) = sent_to(harness, "a")
+    assert (first.outcome, first.http_status, first.acknowledged_at) == ("unknown", 503, None)
+    receiver.forced = None
+    with harness.engine.begin() as connection:
+        connection.execute(text("UPDATE memberships SET next_attempt_at = NULL"))
+    assert harness.sync().status == "succeeded"
+    again = sent_to(harness, "a")[-1]
+    assert again.outcome == "acknowledged" and again.message_id == first.message_id
+
+
+def test_user_and_members_show_the_last_sent_value(harness: Harness, receiver: Receiver) -> None:
+    harness.set_members(["a", "b"])
+    harness.sync()
+    harness.set_members(["a"])
+    harness.sync()
+    config = harness.write_config()
+
+    def invoke(*args: str) -> Any:
+        result = CliRunner().invoke(cli, ["--config", str(config), *args, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    (row,) = invoke("user", "b")
+    assert row["last_sent"] is False and row["last_outcome"] == "acknowledged"
+    with harness.engine.connect() as connection:
+        sent_at = connection.execute(
+            select(DELIVERIES.c.sent_at).where(DELIVERIES.c.member_id == "b").order_by(
+                DELIVERIES.c.id.desc()
+            )
+        ).scalar()
+    assert row["last_sent_at"] == sent_at.isoformat(timespec="seconds")
+    exited = invoke("members", KEY, "--exited")
+    assert [(r["member_id"], r["last_sent"]) for r in exited] == [("b", False)]
+    (member,) = invoke("members", KEY)
+    assert (member["member_id"], member["last_sent"]) == ("a", True)
+    table = CliRunner().invoke(cli, ["--config", str(config), "user", "b"]).output
+    assert "last sent" in table
+
+
+def test_rows_older_than_keep_deliveries_are_pruned(harness: Harness, receiver: Receiver) -> None:
+    """`sync` prunes what is older than `[state] keep_deliveries`; younger rows stay."""
+    harness.set_members(["a", "b", "c"])
+    harness.sync()
+    with harness.engine.begin() as connection:
+        old = state_now(connection) - timedelta(days=31)
+        connection.execute(
+            update(DELIVERIES).where(DELIVERIES.c.member_id != "c").values(sent_at=old)
+        )
+    assert prune_deliveries(harness.engine, keep_seconds=40 * 86_400) == 0
+    harness.set_members(["a", "b", "c", "d"])
+    harness.sync()  # default keep_deliveries: 30 days
+    assert [r.member_id for r in sent_to(harness, "a") + sent_to(harness, "b")] == []
+    assert len(sent_to(harness, "c")) == 1 and len(sent_to(harness, "d")) == 1
+    with harness.engine.begin() as connection:
+        connection.execute(update(DELIVERIES).values(sent_at=old))
+    harness.config_extra = ""
+    assert prune_deliveries(harness.engine, keep_seconds=86_400) == 2
+    assert prune_deliveries(harness.engine, keep_seconds=86_400) == 0
