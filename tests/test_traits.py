@@ -260,3 +260,22 @@ def test_retire_send_null_nulls_a_removed_group_s_members(
     assert done.exit_code == 0, done.output
     nulls = {"open_tickets": None, "plan": None, "last_ticket_at": None}
     assert _sent(receiver) == {"u1": nulls, "u2": nulls}
+
+
+def test_a_renamed_trait_group_is_refused_and_an_orphan_named_with_send_null(
+    harness: Harness, receiver: Receiver
+) -> None:
+    from sync.errors import ConfigDriftError
+    from sync.run.drift import drift_warnings
+
+    _group(harness)
+    _rows(harness, [("u1", 2, "pro", None)])
+    harness.sync_named(GROUP)
+    harness.config_extra = harness.config_extra.replace(GROUP, "Help Desk Traits")
+    with pytest.raises(ConfigDriftError, match='looks like "support_traits" renamed'):
+        harness.sync_named("Help Desk Traits")
+    harness.config_extra = ""
+    with harness.engine.connect() as connection:
+        (line,) = drift_warnings(connection, harness.config(), warn_orphans=True)
+    assert line.startswith('trait group "support_traits" was removed from the config')
+    assert "retire support_traits --send-null" in line

@@ -167,6 +167,13 @@ def rename_problem(
         if row.destinations_hash not in (None, destinations):
             continue
         old = row.key
+        if audience.is_trait_group:
+            return (
+                f'trait group "{audience.name}" looks like "{old}" renamed (same source, query '
+                f'and destinations): it would send its values under the new key "{key}" and '
+                f'leave "{old}" orphaned; set key = "{old}" on it to keep the old key, or run '
+                f"`audience-sync retire {_quoted(old)}` first"
+            )
         return (
             f'audience "{audience.name}" looks like "{old}" renamed (same source, query, traits '
             f'and destinations): it would send true under the new key "{key}" and leave "{old}" '
@@ -258,16 +265,24 @@ def drift_warnings(connection: Connection, config: Config, *, warn_orphans: bool
     if warn_orphans:
         for orphan in orphans(connection, config):
             key = _quoted(orphan.key)
-            lines.append(
-                f'audience "{orphan.key}" was removed from the config but its members keep '
-                f"their values at its destinations; run `audience-sync retire {key} "
-                f"--send-false` to send them false{tail}"
+            label, flag, what = (
+                ("trait group", "--send-null", "nulls")
+                if orphan.kind == "trait"
+                else ("audience", "--send-false", "false")
             )
+            lines.append(
+                f'{label} "{orphan.key}" was removed from the config but its members keep '
+                f"their values at its destinations; run `audience-sync retire {key} "
+                f"{flag}` to send them {what}{tail}"
+            )
+    configured = {c.trait_key: c for c in config.computations}
     for key, name in dropped_destinations(connection, config):
+        group = configured[key].is_trait_group
+        label, flag = ("trait group", "--send-null") if group else ("audience", "--send-false")
         lines.append(
-            f'audience "{key}" no longer lists destination "{name}", which still holds its '
+            f'{label} "{key}" no longer lists destination "{name}", which still holds its '
             f"values; run `audience-sync retire {_quoted(key)} --destination {_quoted(name)} "
-            "--send-false`"
+            f"{flag}`"
         )
     return lines
 
