@@ -237,7 +237,8 @@ def _filter(table: Any, name_key: str, path: str, p: _Problems) -> Filter | None
         p.add(path, f'write a table: {{ {name_key} = ..., op = "=", value = ... }}')
         return None
     _unknown_keys(table, (name_key, "op", "value"), path, p)
-    name, op, value = table.get(name_key), table.get("op"), table.get("value")
+    name, op = table.get(name_key), table.get("op")
+    value: Any = table.get("value")
     ok = True
     if not isinstance(name, str) or not name:
         p.add(f"{path}.{name_key}", "required: a non-empty name")
