@@ -29,6 +29,7 @@ from sqlalchemy import (
     literal,
     literal_column,
     not_,
+    null,
     or_,
     select,
     table,
@@ -122,6 +123,8 @@ class _Compilation:
         self.now_query = rules.now_query
         self.problems: list[str] = []
         self.aliases = _names()
+        # Anonymous profiles are read from the event tables' anonymous id column.
+        self.anonymous = False
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
@@ -135,11 +138,8 @@ class _Compilation:
             self.problem(path, str(exc))
             name = "invalid"
         s = self.schema
-        t = table(
-            name,
-            *(column(c) for c in dict.fromkeys([s.user_id, s.anonymous_id, s.timestamp, *columns])),
-            schema=s.db_schema,
-        )
+        ids = [s.user_id, *([s.anonymous_id] if self.anonymous else []), s.timestamp]
+        t = table(name, *(column(c) for c in dict.fromkeys([*ids, *columns])), schema=s.db_schema)
         return t.alias(next(self.aliases))
 
     def property_column(self, written: str, path: str, what: str = "property") -> str:
@@ -525,6 +525,7 @@ def compile_audience(
     raises ``RuleProblems`` (with TOML paths)."""
     assert audience.condition is not None
     c = _Compilation(catalog, audience.source, rules)
+    c.anonymous = audience.include_anonymous
     s = c.schema
     users = c.users([])
     known = select(users.c[s.users_id].label("pid"), literal(0).label("anon"))
@@ -551,7 +552,7 @@ def compile_audience(
     ]
     _raise(c)
     if anonymous is None:
-        ids: list[Any] = [profiles.c.pid.label("user_id"), literal(None).label("anonymous_id")]
+        ids: list[Any] = [profiles.c.pid.label("user_id"), null().label("anonymous_id")]
     else:
         ids = [
             case((anonymous == 0, profiles.c.pid)).label("user_id"),
