@@ -478,3 +478,95 @@ def test_hostile_names_become_identifiers_or_are_refused(name: str) -> None:
     assert "audiences[1].rules.event: event" in str(raised.value)
     assert "audiences[1].rules.where[0].property" in str(raised.value)
     assert "not a valid table or column name" in str(raised.value)
+
+
+# --- config problems ------------------------------------------------------------------------
+
+_CONFIG = """
+[sources.w]
+url = "sqlite:///w.db"
+[destinations.out]
+type = "file"
+path = "out.jsonl"
+[[audiences]]
+name = "A"
+source = "w"
+destinations = ["out"]
+[audiences.rules]
+{a}
+[[audiences]]
+name = "B"
+source = "w"
+destinations = ["out"]
+[audiences.rules]
+{b}
+"""
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ('event = "X"\ncount = "~ 2"', 'event = "X"', "audiences[0].rules.count: not a count"),
+        (
+            'event = "X"\nwithin = "30 days"',
+            'event = "X"',
+            "audiences[0].rules.within: not a time window",
+        ),
+        (
+            'all = [ { trait = "plan", op = "like", value = "x" } ]',
+            'event = "X"',
+            "audiences[0].rules.all[0].op: unknown operator 'like'",
+        ),
+        (
+            'member_of = "Nobody"',
+            'event = "X"',
+            'audiences[0].rules.member_of: no audience named "Nobody"',
+        ),
+        ('member_of = "B"', 'not = { member_of = "a" }', "in a cycle: A → B → A"),
+        (
+            'computed_trait = "ltv"\nop = ">"\nvalue = 1',
+            'event = "X"',
+            'no trait group defines a trait "ltv"',
+        ),
+    ],
+)
+def test_config_reports_rule_problems_with_their_path(
+    tmp_path: Path, a: str, b: str, expected: str
+) -> None:
+    from sync.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        parse_config(_CONFIG.format(a=a, b=b), "t.toml", tmp_path, {})
+    assert any(expected in p for p in raised.value.problems), raised.value.problems
+
+
+def test_show_sql_and_preview_commands(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from sync.cli import cli
+
+    warehouse_path = tmp_path / "w.db"
+    engine = create_engine(f"sqlite:///{warehouse_path}")
+    load(engine, WAREHOUSE)
+    engine.dispose()
+    config = tmp_path / "c.toml"
+    config.write_text(
+        _CONFIG.replace(
+            'url = "sqlite:///w.db"',
+            f'url = "sqlite:///{warehouse_path}"\nnow_query = "{NOW_QUERY}"',
+        ).format(
+            a='event = "Order Completed"\nwithin = "30d"\nwhere = [ { property = "currency", op = "=", value = "it\'s" } ]',
+            b='event = "Order Completed"\nwithin = "30d"',
+        )
+    )
+    shown = CliRunner().invoke(cli, ["--config", str(config), "show-sql", "A"])
+    assert shown.exit_code == 0, shown.output
+    assert "order_completed" in shown.output and "it's" not in shown.output.split("--")[0]
+    assert '"it\'s"' in shown.output  # listed as a bound parameter
+    previewed = CliRunner().invoke(cli, ["--config", str(config), "preview", "B", "--json"])
+    assert previewed.exit_code == 0, previewed.output
+    condition = parse_condition({"event": "Order Completed", "within": "30d"}, "r")
+    report = json.loads(previewed.output)
+    assert report["count"] == len(ORACLE.members(condition, False))
+    assert len(report["sample"]) == 10
+    assert not (tmp_path / "audience-sync.db").exists()  # preview writes nothing
