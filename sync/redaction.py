@@ -26,9 +26,7 @@ MIN_SECRET_LENGTH = 3
 _SECRET_KEY = re.compile(r"(?i)secret|token|passw|pwd|credential|write_key|api_?key|private")
 # Header names that carry credentials; other headers (`X-Team = "growth"`) are not hidden
 # unless their value came from the environment.
-_SECRET_HEADER = re.compile(
-    r"(?i)auth|token|key|secret|signature|passw|cookie|session|credential"
-)
+_SECRET_HEADER = re.compile(r"(?i)auth|token|key|secret|signature|passw|cookie|session|credential")
 # Values that are credentials whole by where they sit: an alert's URL (a Slack incoming
 # webhook's token is its path).
 _SECRET_PATH = re.compile(r"^alerts\..+\.url$")
@@ -150,9 +148,7 @@ def _token_like(user: str) -> bool:
     return len(user) >= 16 and any(c.isdigit() for c in user) and any(c.isalpha() for c in user)
 
 
-def collect_secrets(
-    tree: Any, interpolated: Iterable[tuple[str, str]] = ()
-) -> list[str]:
+def collect_secrets(tree: Any, interpolated: Iterable[tuple[str, str]] = ()) -> list[str]:
     """Every secret in a config tree (the raw TOML dict or a model dump): values of secret
     keys and credential headers, URL userinfo, and values read from the environment
     (``interpolated``: (TOML path, resolved text or one variable's value) pairs) into secret

@@ -72,7 +72,9 @@ def test_check_example_config_on_a_fresh_clone(tmp_path: Path) -> None:
     assert [(a["key"], a["kind"]) for a in report["audiences"]] == [
         ("order_completed_last_30days", "audience"),
         ("high_value_users", "audience"),
+        ("lapsed_buyers", "audience"),
         ("trial_expiring_7d", "audience"),
+        ("order_insights", "trait"),
         ("order_stats", "trait"),
     ]
     assert not (tmp_path / "audience-sync.db").exists(), "check must not create the state DB"

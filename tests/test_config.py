@@ -36,7 +36,15 @@ def problems_of(text: str, environ: dict[str, str] | None = None) -> list[str]:
 def test_example_config_loads_without_environment() -> None:
     config = load_config(REPO / "config.example.toml", environ={})
     keys = [a.trait_key for a in config.audiences]
-    assert keys == ["order_completed_last_30days", "high_value_users", "trial_expiring_7d"]
+    assert keys == [
+        "order_completed_last_30days",
+        "high_value_users",
+        "lapsed_buyers",
+        "trial_expiring_7d",
+    ]
+    # Both ways of defining a computation are shown: rules, and one SQL audience and group.
+    assert [a.query is None for a in config.audiences] == [True, True, True, False]
+    assert [g.query is None for g in config.traits] == [True, False]
     assert config.state.url == f"sqlite:///{REPO / 'audience-sync.db'}"
     assert config.sources["warehouse"].demo
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import click
 
 from sync import __version__
-from sync.cli import admin_cmds, inspect_cmds, sync_cmds
+from sync.cli import admin_cmds, inspect_cmds, rules_cmds, sync_cmds
 from sync.cli.app import AppContext, ErrorBoundaryGroup
 from sync.config import DEFAULT_CONFIG_PATH
 from sync.logs import configure_logging
@@ -62,6 +62,8 @@ cli.add_command(inspect_cmds.user)
 cli.add_command(admin_cmds.db)
 cli.add_command(admin_cmds.retry)
 cli.add_command(admin_cmds.retire)
+cli.add_command(rules_cmds.show_sql)
+cli.add_command(rules_cmds.preview_command)
 
 
 def main() -> None:

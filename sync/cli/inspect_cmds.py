@@ -24,6 +24,7 @@ from sync.config import Config
 from sync.errors import SourceError, StateDatabaseMissingError, StateError
 from sync.redaction import redact, redact_url
 from sync.run.drift import drift_report
+from sync.run.preview import column_problems
 from sync.run.sources import check_source, demo_warehouse_exists
 from sync.state.daemons import DaemonView, daemon_views
 from sync.state.db import make_state_engine, schema_status
@@ -222,6 +223,7 @@ def check(app: AppContext, as_json: bool) -> None:
         *(_check_one_source(n, s.url, s.demo) for n, s in config.sources.items()),
     ]
     problems, warnings = _check_drift(config)
+    problems = [*column_problems(config), *problems]
     warnings = [*_payload_warnings(config), *warnings]
     ok = all(c["ok"] for c in connections) and not problems
     if as_json:

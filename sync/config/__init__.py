@@ -15,6 +15,7 @@ from sync.config.models import (
     StateConfig,
     TraitGroupConfig,
 )
+from sync.config.rules import compile_rules, rule_problems
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -27,6 +28,8 @@ __all__ = [
     "SourceConfig",
     "StateConfig",
     "TraitGroupConfig",
+    "compile_rules",
     "load_config",
     "parse_config",
+    "rule_problems",
 ]

@@ -31,10 +31,12 @@ from sync.config.models import (
     StateConfig,
     TraitGroupConfig,
 )
+from sync.config.rules import rule_problems
 from sync.destinations import DESTINATION_TYPES, SETTINGS_TYPES
 from sync.errors import ConfigError
 from sync.keys import derive_key, name_key_problem
 from sync.redaction import Redactor, collect_secrets, is_secret_path
+from sync.rules import SchemaMapping
 
 __all__ = ["load_config", "parse_config"]
 
@@ -91,6 +93,8 @@ def parse_config(
     except ValidationError as exc:
         problems.extend(_describe(error, raw, interpolated) for error in exc.errors())
     problems.extend(_cross_reference_problems(raw))
+    if config is not None and not problems:
+        problems.extend(rule_problems(config))
     if problems or config is None:
         # Validators quote values (a bad URL, say): no secret of this file may be quoted.
         hide = Redactor(collect_secrets(raw, from_env))
@@ -217,6 +221,7 @@ def _all_field_names() -> set[str]:
         AudienceConfig,
         AudienceDestinationSettings,
         TraitGroupConfig,
+        SchemaMapping,
         *SETTINGS_TYPES,
     )
     for model in models:
@@ -250,6 +255,10 @@ def _describe(error: Any, raw: dict[str, Any], interpolated: Mapping[str, tuple[
         )
     message = str(error["msg"])
     message = message.removeprefix("Value error, ")
+    for field in ("query", "rules"):  # a computation's query-or-rules check names its key
+        if message.startswith(f"{field}: "):
+            where = f"{path}.{field}" + _audience_named(loc, raw)
+            message = message.removeprefix(f"{field}: ")
     got = error.get("input")
     if written is not None:
         # Never the value read from the environment: it may be a secret in the wrong key.
@@ -319,7 +328,7 @@ def _alert_problems(
                 close = difflib.get_close_matches(entry, [*names, *keys], n=1)
                 hint = f'; did you mean "{close[0]}"?' if close else f" (defined: {known})"
                 problems.append(
-                    f'alerts.{alert_name}.audiences[{i}]: no audience or trait group named '
+                    f"alerts.{alert_name}.audiences[{i}]: no audience or trait group named "
                     f'"{entry}"{hint}'
                 )
     return problems

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -10,6 +11,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     field_validator,
+    model_validator,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -20,6 +22,7 @@ from sync.destinations.http import check_http_url
 from sync.keys import derive_key, key_problem
 from sync.messages import ComputationClass as ComputationKind
 from sync.redaction import Redactor, collect_secrets
+from sync.rules import SchemaMapping
 from sync.schedule import Schedule, parse_duration, parse_schedule
 
 DEFAULT_CONFIG_PATH = "audience-sync.toml"
@@ -75,6 +78,11 @@ class SourceConfig(_Model):
     # The SQLite file is audience-sync's demo warehouse: created (by `demo`, `sync`, `run`)
     # when missing, so the example config works on a fresh clone.
     demo: bool = False
+    # Rules measure time windows against "now": CURRENT_TIMESTAMP, or this query's one value
+    # (a frozen or simulated clock, e.g. the demo's demo_clock table).
+    now_query: str | None = Field(default=None, min_length=1)
+    # Where rules find Segment's tables and columns (README "Rules").
+    schema_mapping: SchemaMapping = Field(default_factory=SchemaMapping, alias="schema")
 
     @field_validator("url")
     @classmethod
@@ -180,7 +188,9 @@ class ComputationConfig(_Model):
     name: str = Field(min_length=1)
     key: str | None = None
     source: str
-    query: str
+    # Exactly one of the two: SQL, or rules compiled to SQL (sync.rules).
+    query: str | None = None
+    rules: dict[str, Any] | None = None
     destinations: list[str] = Field(min_length=1)
     schedule: str | None = None
     max_removal_ratio: float | None = Field(default=None, ge=0, le=1)
@@ -190,10 +200,28 @@ class ComputationConfig(_Model):
 
     @field_validator("query")
     @classmethod
-    def _check_query(cls, value: str) -> str:
-        if not value.strip():
+    def _check_query(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError('the query is empty; write a SELECT returning a "user_id" column')
         return value
+
+    @model_validator(mode="after")
+    def _query_or_rules(self) -> ComputationConfig:
+        if (self.query is None) == (self.rules is None):
+            raise ValueError(
+                'rules: give either query (SQL) or rules (README "Rules"), not both'
+                if self.query is not None
+                else 'query: required key is missing; add query = "SELECT ..." or a rules table'
+            )
+        return self
+
+    @property
+    def definition_text(self) -> str:
+        """What defines the members (or values) apart from the source: the query, or the
+        rules as canonical JSON."""
+        if self.query is not None:
+            return self.query.strip()
+        return "rules:" + json.dumps(self.rules, sort_keys=True, separators=(",", ":"))
 
     @field_validator("schedule")
     @classmethod
@@ -239,6 +267,22 @@ class AudienceConfig(ComputationConfig):
 
     traits: list[str] = Field(default_factory=list)
     destination_settings: dict[str, AudienceDestinationSettings] = Field(default_factory=dict)
+    # Rules only: profiles known only by an anonymous id are members too (Engage leaves them
+    # out by default).
+    include_anonymous: bool = False
+
+    @model_validator(mode="after")
+    def _anonymous_with_rules(self) -> AudienceConfig:
+        if self.include_anonymous and self.rules is None:
+            raise ValueError(
+                "include_anonymous is a setting of rules; a query returns anonymous_id itself"
+            )
+        return self
+
+    @property
+    def definition_text(self) -> str:
+        text = super().definition_text
+        return text + ",anonymous" if self.include_anonymous else text
 
     @property
     def extra_traits(self) -> list[str]:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, Select, select
 
-from sync.config import ComputationConfig, Config
+from sync.config import ComputationConfig, Config, compile_rules
 from sync.errors import LeaseLostError, RunInterruptedError, SourceError
+from sync.rules import RuleProblems
 from sync.run.dry_run import DRY_RUN_ID
 from sync.run.plan import drop_staging
 from sync.run.same_database import stage_in_database
@@ -78,7 +80,8 @@ def _stage(
     after_chunk: AfterChunk,
 ) -> SnapshotStats:
     source = config.sources[audience.source]
-    if source.url == config.state.url:
+    # Rules stream (their Select is bound SQL for the source, not text for INSERT … SELECT).
+    if source.url == config.state.url and audience.query is not None:
         stats = stage_in_database(
             connection,
             run_id,
@@ -118,7 +121,7 @@ def _stream(
             run_id,
             audience=audience.name,
             source_name=audience.source,
-            query=audience.query,
+            query=source_statement(config, audience),
             traits=audience.extra_traits,
             chunk_size=config.sources[audience.source].chunk_size,
             commit_each_chunk=commit_each_chunk,
@@ -127,6 +130,16 @@ def _stream(
         )
     finally:
         engine.dispose()
+
+
+def source_statement(config: Config, audience: ComputationConfig) -> str | Select[Any]:
+    """What runs on the source: the audience's SQL, or its rules compiled (sync.rules)."""
+    if audience.query is not None:
+        return audience.query
+    try:
+        return compile_rules(config, audience)
+    except RuleProblems as exc:  # checked when the config loaded: a defect if it happens
+        raise SourceError(f'{audience.label} "{audience.name}": {exc}') from None
 
 
 def trait_columns(

@@ -27,6 +27,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.sql.expression import Executable
 
 from sync.errors import SourceError, driver_reason
 from sync.run.sources import Unconvertible, conversion_failed, tolerate_unconvertible
@@ -256,7 +257,7 @@ def stage_from_source(
     *,
     audience: str,
     source_name: str,
-    query: str,
+    query: str | Executable,
     traits: Sequence[str],
     chunk_size: int,
     commit_each_chunk: bool = True,
@@ -270,6 +271,7 @@ def stage_from_source(
     that reads such values as markers, and their rows are invalid: the common case pays
     nothing for it.
 
+    ``query``: SQL text, or a statement (rules compiled by ``sync.rules``).
     ``trait_columns``: the query is a trait group's; its rows are staged as values.
     """
     stream = partial(
@@ -308,7 +310,7 @@ def _stream(
     run_id: int,
     *,
     audience: str,
-    query: str,
+    query: str | Executable,
     traits: Sequence[str],
     chunk_size: int,
     commit_each_chunk: bool,
@@ -325,7 +327,7 @@ def _stream(
         if tolerant:
             tolerate_unconvertible(connection)
         result = connection.execution_options(stream_results=True, yield_per=chunk_size).execute(
-            text(query)
+            text(query) if isinstance(query, str) else query
         )
         columns = list(result.keys())
         if problem := query_problem(columns, traits):

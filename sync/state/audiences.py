@@ -19,7 +19,7 @@ from sync.state.tables import MEMBERSHIPS as M
 
 def definition_hash(audience: ComputationConfig) -> str:
     """Fingerprint of what defines an audience's members (a trait group's values)."""
-    parts = [audience.source, audience.query.strip(), *audience.extra_traits]
+    parts = [audience.source, audience.definition_text, *audience.extra_traits]
     if audience.is_trait_group:  # never the same definition as an audience's
         parts.insert(0, "trait")
     material = "\x1f".join(parts)

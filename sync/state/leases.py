@@ -225,9 +225,7 @@ class Lease:
             # A shared row lock: other fenced writes of this run go on in parallel, a takeover
             # (an UPDATE of the row) waits for them to commit, then they are fenced out.
             owner = connection.execute(
-                select(A.c.lease_owner)
-                .where(A.c.id == self.audience_id)
-                .with_for_update(read=True)
+                select(A.c.lease_owner).where(A.c.id == self.audience_id).with_for_update(read=True)
             ).scalar()
             held = owner == self.token
         if not held:
