@@ -430,6 +430,9 @@ class Ledger:
             # Still in doubt after a failed batch: it was before, or this batch's fate is unknown.
             return unit.in_doubt or result.uncertain
 
+        # The ledger's rows are built before the write transaction: on SQLite writers queue on
+        # one mutex, and only the INSERT itself needs to be inside it.
+        log = self._log_rows(result, now)
         with self._writing() as connection:
             for (kind, version, _), members in _groups(result.delivered).items():
                 acked = connection.execute(
@@ -454,11 +457,13 @@ class Ledger:
                 self._doubt_changed(connection, kind, version, members)
             if result.rejected:
                 self._reject(connection, result.rejected, doubt)
-            self._log(connection, result, now)
+            if log:  # in the outcome's transaction: the ledger never disagrees with the rows
+                connection.exec_driver_sql(self._log_sql, log)
 
-    def _log(self, connection: Connection, result: BatchResult, now: datetime) -> None:
-        """Append one ``deliveries`` row per message of the batch: one executemany of plain
-        tuples (no per-row statement building or type processing; times converted once)."""
+    def _log_rows(self, result: BatchResult, now: datetime) -> list[tuple[Any, ...]]:
+        """One ``deliveries`` row per message of the batch, as plain tuples for one
+        executemany (no per-row statement building or type processing; times converted
+        once)."""
         batch = uuid.uuid4().hex
         recorded = self._time(now)
         head = (batch, self.audience_id, self.destination)
@@ -484,8 +489,7 @@ class Ledger:
             left_reason = redactor().redact(result.left_reason) if result.left_reason else None
             for unit in result.left:
                 add(unit, outcome, left_reason, None)
-        if rows:
-            connection.exec_driver_sql(self._log_sql, rows)
+        return rows
 
     def _reject(
         self,
