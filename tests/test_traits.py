@@ -279,3 +279,30 @@ def test_a_renamed_trait_group_is_refused_and_an_orphan_named_with_send_null(
         (line,) = drift_warnings(connection, harness.config(), warn_orphans=True)
     assert line.startswith('trait group "support_traits" was removed from the config')
     assert "retire support_traits --send-null" in line
+
+
+def test_a_member_whose_row_turns_invalid_keeps_its_values(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """An unusable value is the row's problem, not a reason to null the member's traits."""
+    harness.warehouse_sql("CREATE TABLE scores (user_id TEXT, score REAL, note TEXT)")
+    _group(harness, query="SELECT user_id, score, note FROM scores")
+    harness.warehouse_sql(
+        ("INSERT INTO scores VALUES (?, ?, ?)", ("u1", 1.5, "a")),
+        ("INSERT INTO scores VALUES (?, ?, ?)", ("u2", 2.5, "b")),
+    )
+    harness.sync_named(GROUP)
+    harness.warehouse_sql(
+        ("UPDATE scores SET score = ? WHERE user_id = 'u1'", (float("inf"),)),
+        ("INSERT INTO scores VALUES (?, ?, ?)", ("u3", float("-inf"), "c")),
+    )
+    receiver.reset()
+    report = harness.sync_named(GROUP)
+    assert report.status == "succeeded", report.error
+    assert report.invalid == 2 and report.destinations[0].removed == 0
+    assert receiver.messages() == []  # u1 keeps 1.5; u3 is not sent a half row
+    assert harness.memberships()["u1"].value == '{"note":"a","score":1.5}'
+    assert "u3" not in harness.memberships()
+    harness.warehouse_sql("UPDATE scores SET score = 3.5 WHERE user_id IN ('u1', 'u3')")
+    harness.sync_named(GROUP)
+    assert _sent(receiver) == {"u1": {"score": 3.5, "note": "a"}, "u3": {"score": 3.5, "note": "c"}}

@@ -42,11 +42,12 @@ from sync.state.tables import MEMBERSHIPS as M
 from sync.state.tables import STAGED as S
 
 
-def _staged_match(run_id: int) -> Any:
+def _staged_match(run_id: int, *more: Any) -> Any:
     return exists().where(
         S.c.run_id == run_id,
         S.c.id_kind == M.c.id_kind,
         S.c.member_id == M.c.member_id,
+        *more,
     )
 
 
@@ -198,9 +199,12 @@ def plan_destination(
         plan.changed = changed.rowcount
 
     entered = _staged_value(run_id, S.c.value) if rule.kind == "trait" else rule.entered()
+    # A trait group's row staged without values (invalid values, sync.run.staging.HeldRow)
+    # keeps its member where it is: not a leaver above, neither a re-entrant nor an entrant.
+    with_values = [S.c.value.is_not(None)] if rule.kind == "trait" else []
     reentrants = connection.execute(
         update(M)
-        .where(of, M.c.desired == False, _staged_match(run_id))  # noqa: E712
+        .where(of, M.c.desired == False, _staged_match(run_id, *with_values))  # noqa: E712
         .values(
             desired=True,
             value=entered,
@@ -213,7 +217,7 @@ def plan_destination(
     entrant_status: Any = literal("pending")
     if target.requires_user_id:
         entrant_status = case((S.c.id_kind == "anonymous", "skipped"), else_="pending")
-    snapshot = S.c.run_id == run_id
+    snapshot = and_(S.c.run_id == run_id, *with_values)
     if connection.execute(select(exists().where(of))).scalar():
         # Only staged members without a row are entrants (an anti-join on the key). A first
         # plan needs none: on PostgreSQL, an anti-join against the table being inserted into

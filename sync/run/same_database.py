@@ -37,6 +37,7 @@ from sync.errors import SourceError
 from sync.run.stage_table import count_staged
 from sync.run.staging import (
     MAX_INVALID_SAMPLES,
+    HeldRow,
     SnapshotStats,
     invalid_sample,
     query_problem,
@@ -223,10 +224,14 @@ def stage_in_database(
         source = text(body).columns().subquery("q")
         rows = _Rows(dialect, "q", columns)
         value: Any = null()
-        if trait_columns is not None:
-            value = _value_json(dialect, rows, names)
-            rows.valid = and_(rows.valid, _bytes(dialect, value) <= MAX_TRAIT_ROW_BYTES)
         totals = [func.count(), func.sum(case((rows.valid, 1), else_=0))]
+        if trait_columns is not None:
+            # A row over the size limit is held: staged without values, its member keeps
+            # what it has (as the streaming path's HeldRow).
+            rendered = _value_json(dialect, rows, names)
+            fits = _bytes(dialect, rendered) <= MAX_TRAIT_ROW_BYTES
+            value = case((fits, rendered), else_=null())
+            totals.append(func.sum(case((and_(rows.valid, ~fits), 1), else_=0)))
         if dialect == "sqlite":
             state.connection.dbapi_connection.create_function(  # type: ignore[union-attr]
                 UTF8_CHECK_FUNCTION, 1, _is_utf8, deterministic=True
@@ -234,7 +239,7 @@ def stage_in_database(
             plain = and_(*[_sqlite_plain(rows.column(c)) for c in (*ids, *traits)])
             totals.append(func.sum(case((plain, 0), else_=1)))
         counts = state.execute(select(*totals).select_from(source)).one()
-        if dialect == "sqlite" and counts[2]:
+        if dialect == "sqlite" and counts[-1]:
             return None
         snapshot = (
             select(
@@ -257,12 +262,13 @@ def stage_in_database(
         )
         stats = SnapshotStats(rows=int(counts[0]), staged=count_staged(state, run_id))
         stats.trait_names = names
-        stats.invalid = stats.rows - int(counts[1] or 0)
+        stats.held = int(counts[2] or 0) if names else 0
+        stats.invalid = stats.rows - int(counts[1] or 0) + stats.held
         if stats.invalid:
             stats.samples = _samples(state, dialect, body, columns, traits, names)
     except SQLAlchemyError as exc:
         raise source_error(audience, source_name, exc) from None
-    stats.duplicates = stats.rows - stats.invalid - stats.staged
+    stats.count_duplicates()
     return stats
 
 
@@ -299,5 +305,7 @@ def _samples(
     samples = []
     for row in found:
         reason = validate(row, user, anon, trait_indexes)
+        if isinstance(reason, HeldRow):
+            reason = reason.reason
         samples.append(invalid_sample(int(row[0]), reason if isinstance(reason, str) else "id"))
     return samples

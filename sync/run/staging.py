@@ -55,6 +55,13 @@ class SnapshotStats:
     samples: list[str] = field(default_factory=list)
     # A trait group's traits (its query's columns but the ids), sorted.
     trait_names: list[str] = field(default_factory=list)
+    # Invalid rows of a trait group whose ids are usable: staged without values, so that the
+    # member keeps what it has (counted in ``invalid`` and in ``staged``).
+    held: int = 0
+
+    def count_duplicates(self) -> None:
+        """Rows that named a member staged already (the first row staged wins)."""
+        self.duplicates = self.rows - self.invalid - (self.staged - self.held)
 
     def add_invalid(self, description: str) -> None:
         """Count one invalid row, keeping a few as examples."""
@@ -217,14 +224,24 @@ def validate_row(
     return ("anonymous", anon_id, None, traits, None)
 
 
+@dataclass(frozen=True)
+class HeldRow:
+    """An invalid trait group row whose member is known: staged without values (the member
+    keeps the values it has; it neither leaves nor enters), and counted invalid."""
+
+    row: StagingRow
+    reason: str
+
+
 def validate_trait_row(
     row: Sequence[Any],
     user_index: int | None,
     anon_index: int | None,
     trait_indexes: Sequence[tuple[str, int]],
-) -> StagingRow | str:
+) -> StagingRow | HeldRow | str:
     """A staging row for one trait group row — ``(id_kind, member_id, anonymous_id, None,
-    values JSON)`` — or why it is invalid (ids by the audiences' rule)."""
+    values JSON)`` — or, for values without a JSON form, a ``HeldRow``; or why the row is
+    invalid (its ids, by the audiences' rule)."""
     checked = validate_row(row, user_index, anon_index, ())
     if isinstance(checked, str):
         return checked
@@ -232,7 +249,7 @@ def validate_trait_row(
         value = row_object([(name, row[index]) for name, index in trait_indexes])
     except InvalidValue as invalid:
         label = "user_id" if checked[0] == "user" else "anonymous_id"
-        return f"{label} {checked[1]!r}: {invalid}"
+        return HeldRow(checked, f"{label} {checked[1]!r}: {invalid}")
     return (checked[0], checked[1], checked[2], None, value)
 
 
@@ -300,7 +317,7 @@ def stage_from_source(
     except StateWriteFailed as failed:
         raise failed.error from None  # the state DB's, not the source's
     stats.staged = count_staged(state, run_id)
-    stats.duplicates = stats.rows - stats.invalid - stats.staged
+    stats.count_duplicates()
     return stats
 
 
@@ -320,6 +337,7 @@ def _stream(
 ) -> SnapshotStats:
     stats = SnapshotStats()
     statement = insert_ignoring_duplicates(state)
+    validate: Callable[..., StagingRow | HeldRow | str]
     validate = _validate_tolerant if tolerant else validate_row
     if trait_columns is not None:
         validate = validate_trait_row  # reads unconvertible values as invalid itself
@@ -346,6 +364,10 @@ def _stream(
                 if isinstance(checked, str):
                     stats.add_invalid(invalid_sample(stats.rows, checked))
                     continue
+                if isinstance(checked, HeldRow):
+                    stats.add_invalid(invalid_sample(stats.rows, checked.reason))
+                    stats.held += 1
+                    checked = checked.row
                 staged_rows.append((run_id, *checked))
             try:
                 if staged_rows:
