@@ -156,3 +156,15 @@ def test_read_only_commands_do_not_create_a_missing_sqlite_file(tmp_path) -> Non
     with pytest.raises(StateDatabaseMissingError, match="db upgrade"):
         make_state_engine(f"sqlite:///{tmp_path / 'missing.db'}", must_exist=True)
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_0009_completes_over_a_half_done_upgrade(state_engine: Engine) -> None:
+    """MySQL/MariaDB commit each ALTER at once: a killed 0009 may have added ``value`` but not
+    ``synced_value``; upgrading again completes it (hostile review)."""
+    downgrade(state_engine, "0008")
+    with state_engine.begin() as connection:
+        connection.execute(text("ALTER TABLE memberships ADD COLUMN value TEXT"))
+    upgrade(state_engine)
+    assert current_revision(state_engine) == head_revision()
+    columns = {c["name"] for c in inspect(state_engine).get_columns("memberships")}
+    assert {"value", "synced_value"} <= columns and "synced" not in columns

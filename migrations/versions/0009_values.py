@@ -59,12 +59,11 @@ def upgrade() -> None:
     if "value" not in _columns("staged_members"):
         with op.batch_alter_table("staged_members", schema=None) as batch_op:
             batch_op.add_column(sa.Column("value", ValueText(), nullable=True))
-    membership_columns = _columns("memberships")
-    if "value" not in membership_columns:
-        with op.batch_alter_table("memberships", schema=None) as batch_op:
-            batch_op.add_column(sa.Column("value", ValueText(), nullable=True))
-            batch_op.add_column(sa.Column("synced_value", ValueText(), nullable=True))
-    if "synced" in membership_columns:
+    for name in ("value", "synced_value"):  # each checked: MySQL may have added one of them
+        if name not in _columns("memberships"):
+            with op.batch_alter_table("memberships", schema=None) as batch_op:
+                batch_op.add_column(sa.Column(name, ValueText(), nullable=True))
+    if "synced" in _columns("memberships"):
         op.execute(
             "UPDATE memberships SET "
             "value = CASE WHEN desired THEN 'true' ELSE 'false' END, "
