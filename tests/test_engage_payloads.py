@@ -113,3 +113,24 @@ def test_check_warns_once_about_a_segment_destination_without_space_id(
     assert len(warnings) == (0 if space_id else 1)
     if warnings:
         assert warnings[0].startswith('destination "seg" has no space_id')
+
+
+@pytest.mark.parametrize(
+    ("written", "problem"),
+    [
+        ("{ since = 2026-11-29T00:00:00Z }", "audience_settings.since is a TOML datetime"),
+        ("{ f = nan }", "audience_settings.f is nan, which JSON cannot carry"),
+        ("{ nested = { x = [1, inf] } }", "audience_settings.nested.x[1] is inf"),
+    ],
+)
+def test_audience_settings_json_cannot_carry_are_a_config_error(
+    harness: Harness, written: str, problem: str
+) -> None:
+    harness.config_extra = ""
+    text = harness.config_text() + (
+        f"[audiences.destination_settings.segment]\naudience_settings = {written}\n"
+    )
+    from sync.config import parse_config
+
+    with pytest.raises(ConfigError, match=problem.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(text, "t.toml", harness.tmp_path, {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -175,6 +176,35 @@ class AudienceDestinationSettings(_Model):
 
     external_audience_id: str | None = Field(default=None, min_length=1)
     audience_settings: dict[str, Any] | None = None
+
+    @field_validator("audience_settings")
+    @classmethod
+    def _check_json(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and (problem := _json_problem(value, "audience_settings")):
+            raise ValueError(problem)
+        return value
+
+
+def _json_problem(value: Any, path: str) -> str | None:
+    """Why ``value`` (from TOML) cannot go into a JSON message, naming where in it."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if problem := _json_problem(item, f"{path}.{key}"):
+                return problem
+        return None
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if problem := _json_problem(item, f"{path}[{index}]"):
+                return problem
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{path} is {value}, which JSON cannot carry; write a finite number"
+    if value is None or isinstance(value, str | int | float | bool):
+        return None
+    return (
+        f"{path} is a TOML {type(value).__name__}, which JSON cannot carry; write it as a "
+        'string (e.g. "2026-11-29T00:00:00Z")'
+    )
 
 
 class ComputationConfig(_Model):
