@@ -174,3 +174,27 @@ def test_values_without_a_json_form_are_refused() -> None:
             raise AssertionError(f"{value!r} was accepted")
     assert canonical(Decimal("12.50")) == "12.5" and canonical(Decimal("1E+3")) == "1000"
     assert canonical({"b": [1, None], "a": True}) == '{"a":true,"b":[1,null]}'
+
+
+def test_json_numbers_from_postgresql_are_exact(
+    postgres_schema_url: str, receiver: Receiver, tmp_path: Path
+) -> None:
+    """psycopg would read json numbers as floats: 19.990000000000000001 became 19.99 and a
+    change in its last digit went unseen (hostile review)."""
+    warehouse = create_engine(postgres_schema_url)
+    try:
+        with warehouse.begin() as connection:
+            connection.execute(text("CREATE TABLE docs (user_id text, doc jsonb)"))
+            connection.execute(
+                text("INSERT INTO docs VALUES ('u1', '{\"price\": 19.990000000000000001}')")
+            )
+        _sync(postgres_schema_url, "docs", tmp_path, receiver)
+        with warehouse.begin() as connection:
+            connection.execute(
+                text("UPDATE docs SET doc = '{\"price\": 19.990000000000000002}'")
+            )
+        _sync(postgres_schema_url, "docs", tmp_path, receiver)
+        prices = [m["traits"]["doc"]["price"] for m in _exact_messages(receiver)]
+        assert prices == [Decimal("19.990000000000000001"), Decimal("19.990000000000000002")]
+    finally:
+        warehouse.dispose()

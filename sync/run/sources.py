@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import decimal
+import json
 import sqlite3
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +47,18 @@ def _source_engine(name: str, parsed: URL) -> Engine:
     if backend == "postgresql":
         engine = create_engine(parsed, pool_pre_ping=True)
         event.listen(engine, "begin", read_only_transaction)
+        if parsed.get_driver_name() == "psycopg":
+            event.listen(engine, "connect", exact_json_numbers)
         return engine
     return create_engine(parsed, pool_pre_ping=True)
+
+
+def exact_json_numbers(dbapi_connection: Any, _record: Any) -> None:
+    """psycopg reads json/jsonb numbers as floats by default: ``19.990000000000000001`` would
+    become ``19.99`` and a change in its last digit would go unseen. Read them as decimals."""
+    from psycopg.types.json import set_json_loads
+
+    set_json_loads(partial(json.loads, parse_float=decimal.Decimal), dbapi_connection)
 
 
 def check_source(name: str, url: str) -> None:
