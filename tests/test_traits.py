@@ -44,9 +44,7 @@ def _sent(receiver: Receiver) -> dict[str, dict[str, Any]]:
     return {m["userId"]: m["traits"] for m in messages}
 
 
-def test_first_sync_sends_every_row_then_only_changes(
-    harness: Harness, receiver: Receiver
-) -> None:
+def test_first_sync_sends_every_row_then_only_changes(harness: Harness, receiver: Receiver) -> None:
     _group(harness)
     _rows(harness, [("u1", 2, "pro", "2026-11-01T10:00:00Z"), ("u2", 0, "free", None)])
     report = harness.sync_named(GROUP)
@@ -154,7 +152,7 @@ def test_invalid_rows_are_explained_per_row(harness: Harness, receiver: Receiver
 def test_a_column_that_is_not_a_key_fails_the_run_naming_it(
     harness: Harness, receiver: Receiver
 ) -> None:
-    _group(harness, query="SELECT user_id, open_tickets AS \\\"Open Tickets\\\" FROM summary")
+    _group(harness, query='SELECT user_id, open_tickets AS \\"Open Tickets\\" FROM summary')
     _rows(harness, [("u1", 2, "pro", None)])
     report = harness.sync_named(GROUP)
     assert report.status == "failed"
@@ -220,7 +218,9 @@ def test_dry_run_plans_a_trait_group_without_writing(harness: Harness, receiver:
     (entry,) = report.destinations
     assert (entry.changed, entry.removed, entry.pending) == (1, 1, 2)
     assert receiver.messages() == []
-    assert harness.memberships()["u1"].value == '{"last_ticket_at":null,"open_tickets":2,"plan":"pro"}'
+    assert (
+        harness.memberships()["u1"].value == '{"last_ticket_at":null,"open_tickets":2,"plan":"pro"}'
+    )
 
 
 def test_the_removal_guard_stops_a_run_that_would_null_most_of_a_group(
@@ -306,3 +306,47 @@ def test_a_member_whose_row_turns_invalid_keeps_its_values(
     harness.warehouse_sql("UPDATE scores SET score = 3.5 WHERE user_id IN ('u1', 'u3')")
     harness.sync_named(GROUP)
     assert _sent(receiver) == {"u1": {"score": 3.5, "note": "a"}, "u3": {"score": 3.5, "note": "c"}}
+
+
+def test_two_groups_first_synced_at_once_never_both_send_one_trait(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """Group B's first run happens inside group A's (before A has recorded its traits): B
+    sends, A finds the clash before planning and fails naming B (hostile review: both sent
+    "plan")."""
+    from sync.engine import RunHooks
+
+    harness.warehouse_sql(
+        "CREATE TABLE a (user_id TEXT, plan TEXT)", "CREATE TABLE b (user_id TEXT, plan TEXT)"
+    )
+    harness.warehouse_sql(
+        "INSERT INTO a VALUES ('u1', 'pro')", "INSERT INTO b VALUES ('u1', 'team')"
+    )
+    harness.config_extra = "".join(
+        f'[[traits]]\nname = "{name}"\nsource = "warehouse"\nquery = "SELECT * FROM {table}"\n'
+        'destinations = ["segment"]\n'
+        for name, table in (("Group A", "a"), ("Group B", "b"))
+    )
+    inner: list[Any] = []
+
+    def run_b_once() -> None:
+        if not inner:
+            inner.append(None)
+            inner.append(harness.sync_named("Group B"))
+
+    harness.hooks = RunHooks(after_chunk=run_b_once)
+    first = harness.sync_named("Group A")
+    assert inner[1].status == "succeeded"
+    assert first.status == "failed"
+    assert 'column "plan" is also the key of trait group "Group B"' in str(first.error)
+    assert [m["traits"] for m in receiver.messages()] == [{"plan": "team"}]
+
+
+def test_a_trait_named_like_an_audience_s_extra_trait_fails(
+    harness: Harness, receiver: Receiver
+) -> None:
+    _group(harness, query="SELECT user_id, plan AS email FROM summary")
+    _rows(harness, [("u1", 2, "pro", None)])
+    report = harness.sync_named(GROUP)
+    assert report.status == "failed"
+    assert 'a trait sent with audience "High Value Users"' in str(report.error)

@@ -26,7 +26,8 @@ from sync.run.same_database import stage_in_database
 from sync.run.sources import make_source_engine
 from sync.run.stage_table import refresh_statistics
 from sync.run.staging import SnapshotStats, stage_from_source
-from sync.run.trait_values import TraitColumns
+from sync.run.trait_values import TraitColumns, exit_value
+from sync.state.audiences import store_exit_value
 from sync.state.leases import Lease
 from sync.state.tables import AUDIENCES
 
@@ -61,6 +62,8 @@ def compute_snapshot(
     fenced_commit(connection, lease)
     try:
         stats = _stage(connection, config, audience, run_id, after_chunk)
+        if audience.is_trait_group:
+            claim_trait_names(connection, config, audience, audience_id, stats, lease)
         fenced_commit(connection, lease)
         refresh_statistics(connection)
         connection.commit()
@@ -150,6 +153,15 @@ def trait_columns(
     run). None for an audience."""
     if not group.is_trait_group:
         return None
+    return TraitColumns(group.name, _reserved_names(connection, config, group))
+
+
+def _reserved_names(
+    connection: Connection, config: Config, group: ComputationConfig
+) -> dict[str, str]:
+    """Trait names other computations send to one of ``group``'s destinations -> who: an
+    audience's key and the extra traits it carries; another trait group's traits, as its last
+    run (or its run now, see ``claim_trait_names``) stored them."""
     reserved: dict[str, str] = {}
     for other in config.computations:
         shared = [d for d in other.destinations if d in group.destinations]
@@ -158,13 +170,38 @@ def trait_columns(
         holder = f'{other.label} "{other.name}" at destination "{shared[0]}"'
         if not other.is_trait_group:
             reserved[other.trait_key] = holder
+            for name in other.extra_traits:
+                reserved.setdefault(name, f"a trait sent with {holder}")
             continue
         stored = connection.execute(
             select(AUDIENCES.c.exit_value).where(AUDIENCES.c.key == other.trait_key)
         ).scalar()
         for name in json.loads(stored) if stored else {}:
             reserved.setdefault(name, holder)
-    return TraitColumns(group.name, reserved)
+    return reserved
+
+
+def claim_trait_names(
+    connection: Connection,
+    config: Config,
+    group: ComputationConfig,
+    group_id: int,
+    stats: SnapshotStats,
+    lease: Lease,
+) -> None:
+    """Record the group's trait names (its exit value) and commit, then look again at the
+    names other groups recorded: of two groups whose first runs ran at once, each checked
+    before the other recorded anything, so at least the later one finds the clash here,
+    before anything is planned or sent (``SourceError``)."""
+    store_exit_value(connection, group_id, exit_value(stats.trait_names))
+    fenced_commit(connection, lease)
+    reserved = _reserved_names(connection, config, group)
+    for name in stats.trait_names:
+        if name in reserved:
+            raise SourceError(
+                f'trait group "{group.name}": column "{name}" is also the key of '
+                f"{reserved[name]}; alias it in the query"
+            )
 
 
 def fenced_commit(connection: Connection, lease: Lease) -> None:
