@@ -350,3 +350,24 @@ def test_a_trait_named_like_an_audience_s_extra_trait_fails(
     report = harness.sync_named(GROUP)
     assert report.status == "failed"
     assert 'a trait sent with audience "High Value Users"' in str(report.error)
+
+
+@pytest.mark.parametrize(
+    ("column", "alias"),
+    [("Open Tickets", "AS open_tickets"), ("user_ID", "AS trait_user_id"), ("2fa", "AS trait_2fa")],
+)
+def test_a_bad_column_name_gets_an_alias_that_is_a_trait(column: str, alias: str) -> None:
+    from sync.errors import SourceError
+    from sync.run.trait_values import TraitColumns
+
+    with pytest.raises(SourceError, match=alias):
+        TraitColumns("G").indexes(["user_id", column])
+
+
+def test_a_key_of_another_table_is_refused_without_suggesting_itself(harness: Harness) -> None:
+    from sync.errors import ConfigError
+
+    _group(harness)
+    harness.config_extra += "[traits.destination_settings.segment]\nexternal_audience_id = 'x'\n"
+    with pytest.raises(ConfigError, match=r"unknown key here \(another table takes it\)"):
+        harness.config()

@@ -239,6 +239,8 @@ def _describe(error: Any, raw: dict[str, Any], interpolated: Mapping[str, tuple[
         key = str(loc[-1])
         close = difflib.get_close_matches(key, sorted(_all_field_names()), n=1)
         hint = f'; did you mean "{close[0]}"?' if close else "; remove it"
+        if close and close[0] == key:  # a key of another table (e.g. audiences only)
+            hint = " here (another table takes it); remove it"
         return f"{where}: unknown key{hint}"
     if kind == "missing":
         return f"{where}: required key is missing; add {loc[-1]} = ..."

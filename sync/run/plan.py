@@ -97,6 +97,7 @@ def retirement_problem(
     name: str,
     max_removal_ratio: float,
     min_members: int,
+    kind: str = "audience",
 ) -> str | None:
     """The removal guard's verdict on sending ``false`` to all of a removed audience's members
     (``on_removed = "retire"``): the same rule as a run's (``removal_problem``)."""
@@ -111,11 +112,16 @@ def retirement_problem(
             audience_name=name,
         )
         if guarded:
+            label, what, flag = (
+                ("trait group", "nulls", "--send-null")
+                if kind == "trait"
+                else ("audience", "false", "--send-false")
+            )
             return (
-                f'audience "{key}" was removed from the config, and on_removed = "retire" '
-                f'would send false to all its {current} members at destination "{destination}", '
+                f'{label} "{key}" was removed from the config, and on_removed = "retire" '
+                f'would send {what} to all its {current} members at destination "{destination}", '
                 f"more than max_removal_ratio {max_removal_ratio:.0%}; run `audience-sync sync "
-                f"--force` to retire it anyway, or `audience-sync retire {key} --send-false`"
+                f"--force` to retire it anyway, or `audience-sync retire {key} {flag}`"
             )
     return None
 

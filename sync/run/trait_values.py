@@ -148,6 +148,8 @@ class TraitColumns:
                 continue
             if problem := key_problem(column):
                 alias = derive_key(column) or "my_trait"
+                if alias in ID_COLUMNS or not alias[0].isalpha():  # not an id by accident
+                    alias = f"trait_{alias}"
                 raise SourceError(
                     f'trait group "{self.group}": column "{column}" cannot be a trait key '
                     f"({problem}); alias it in the query, e.g. AS {alias}"
