@@ -570,3 +570,25 @@ def test_show_sql_and_preview_commands(tmp_path: Path) -> None:
     assert report["count"] == len(ORACLE.members(condition, False))
     assert len(report["sample"]) == 10
     assert not (tmp_path / "audience-sync.db").exists()  # preview writes nothing
+
+
+def test_not_a_member_of_a_sql_audience_with_a_null_id(warehouse: Engine) -> None:
+    """`NOT (x IN (… NULL …))` is never true: a SQL audience returning one row without a
+    user_id must not empty every "not a member of" audience built on it."""
+    from sync.rules.compiler import Catalog
+
+    sql = AudienceDefinition(
+        "Some",
+        "some",
+        "w",
+        "audiences[0]",
+        query="SELECT id AS user_id FROM users WHERE plan = 'pro' UNION ALL SELECT NULL",
+    )
+    rules = parse_condition({"not": {"member_of": "Some"}}, "audiences[1].rules")
+    tested = AudienceDefinition("Tested", "tested", "w", "audiences[1]", condition=rules)
+    statement = compile_audience(tested, Catalog((sql, tested), ()), RULES)
+    with warehouse.connect() as connection:
+        members = {row.user_id for row in connection.execute(statement)}
+        pro = {r[0] for r in connection.execute(text("SELECT id FROM users WHERE plan = 'pro'"))}
+        everyone = {r[0] for r in connection.execute(text("SELECT id FROM users"))}
+    assert members == everyone - pro and members

@@ -405,7 +405,10 @@ class _AudienceCompiler:
         if other.condition is None:
             assert other.query is not None
             members = text(other.query).columns(column("user_id")).subquery(next(self.c.aliases))
-            return and_(profile.known(), profile.pid.in_(select(members.c.user_id)))
+            # Without its NULL ids: `NOT (x IN (… NULL …))` is NULL, never true, so one row
+            # without a user_id would have emptied every "not a member of" audience.
+            ids = select(members.c.user_id).where(members.c.user_id.is_not(None))
+            return and_(profile.known(), profile.pid.in_(ids))
         inner = self.condition(
             other.condition, profile, f"{other.path}.rules", (*stack, other.name)
         )
