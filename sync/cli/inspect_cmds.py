@@ -207,10 +207,17 @@ def user(app: AppContext, user_id: str, as_json: bool) -> None:
 
 
 @click.command()
+@click.option(
+    "--probe",
+    is_flag=True,
+    help="Also run each query returning no rows (columns, keys) and send each HTTP "
+    "destination an empty batch (DNS, TLS, credentials).",
+)
 @json_option
 @pass_app
-def check(app: AppContext, as_json: bool) -> None:
-    """Validate the config and connect to the state DB and every source."""
+def check(app: AppContext, probe: bool, as_json: bool) -> None:
+    """Validate the config and connect to the state DB and every source; with --probe, also
+    try each query and destination without changing anything."""
     config = app.config()
     audiences = _audience_rows(config)
     connections = [
@@ -219,22 +226,80 @@ def check(app: AppContext, as_json: bool) -> None:
     ]
     problems, warnings = _check_drift(config)
     warnings = [*_payload_warnings(config), *warnings]
+    probed = _probe(config) if probe else None
     ok = all(c["ok"] for c in connections) and not problems
+    if probed is not None:
+        ok = ok and all(p["ok"] for group in probed.values() for p in group)
     if as_json:
-        echo_json(
-            {
-                "config": app.config_path,
-                "ok": ok,
-                "audiences": audiences,
-                "connections": connections,
-                "problems": problems,
-                "warnings": warnings,
-            }
-        )
+        payload: dict[str, Any] = {
+            "config": app.config_path,
+            "ok": ok,
+            "audiences": audiences,
+            "connections": connections,
+            "problems": problems,
+            "warnings": warnings,
+        }
+        if probed is not None:
+            payload["probe"] = probed
+        echo_json(payload)
     else:
         _print_check(app.config_path, audiences, connections, problems, warnings)
+        if probed is not None:
+            _print_probe(probed)
     if not ok:
         raise click.exceptions.Exit(1)
+
+
+def _probe(config: Config) -> dict[str, list[dict[str, Any]]]:
+    """``check --probe``: every query (columns, keys) and every destination, as rows."""
+    from sync.destinations.probe import probe_destination
+    from sync.run.probe import probe_queries
+
+    try:
+        with reading(config) as connection:
+            queries = probe_queries(config, connection)
+    except StateError:
+        queries = probe_queries(config, None)  # no state DB yet: nothing retired, no keys held
+    destinations = [probe_destination(n, s) for n, s in config.destinations.items()]
+    return {
+        "queries": [
+            {
+                "audience": q.audience,
+                "key": q.key,
+                "kind": q.kind,
+                "ok": q.ok,
+                "columns": list(q.columns),
+                "detail": q.detail,
+            }
+            for q in queries
+        ],
+        "destinations": [
+            {
+                "destination": d.destination,
+                "url": d.url,
+                "ok": d.ok,
+                "verdict": d.verdict,
+                "detail": d.detail,
+            }
+            for d in destinations
+        ],
+    }
+
+
+def _print_probe(probed: dict[str, list[dict[str, Any]]]) -> None:
+    out = console()
+    table = RedactedTable(title="Probe (nothing fetched, nothing sent)")
+    for column in ("what", "target", "status"):
+        table.add_column(column, overflow="fold")
+    for q in probed["queries"]:
+        detail = q["detail"] if q["ok"] else Text(redact(q["detail"]), style="red")
+        table.add_row(f"{q['kind']} {q['audience']}", q["key"], detail)
+    for d in probed["destinations"]:
+        detail = (
+            d["detail"] if d["ok"] else Text(redact(f"{d['verdict']}: {d['detail']}"), style="red")
+        )
+        table.add_row(f"destination {d['destination']}", d["url"], detail)
+    out.print(table)
 
 
 def _payload_warnings(config: Config) -> list[str]:

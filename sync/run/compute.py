@@ -130,11 +130,11 @@ def _stream(
 
 
 def trait_columns(
-    connection: Connection, config: Config, group: ComputationConfig
+    connection: Connection | None, config: Config, group: ComputationConfig
 ) -> TraitColumns | None:
     """A trait group's column rule: its traits may not take a key another computation sends
     to one of its destinations (an audience's key; another trait group's traits as of its last
-    run). None for an audience."""
+    run, when there is a state DB ``connection``). None for an audience."""
     if not group.is_trait_group:
         return None
     reserved: dict[str, str] = {}
@@ -145,6 +145,8 @@ def trait_columns(
         holder = f'{other.label} "{other.name}" at destination "{shared[0]}"'
         if not other.is_trait_group:
             reserved[other.trait_key] = holder
+            continue
+        if connection is None:
             continue
         stored = connection.execute(
             select(AUDIENCES.c.exit_value).where(AUDIENCES.c.key == other.trait_key)
