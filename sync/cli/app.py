@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -30,7 +30,7 @@ from sync.errors import (
     driver_reason,
     error_line,
 )
-from sync.logs import configure_logging
+from sync.logs import configure_logging, json_logs, log_fatal
 from sync.redaction import install, redact, redactor
 from sync.reports import EXIT_PARTIAL, EXIT_USAGE
 from sync.state.db import make_state_engine, open_state, require_current_schema
@@ -74,6 +74,35 @@ class ErrorBoundaryGroup(click.Group):
             if isinstance(exc, ConfigError | UnknownAudienceError):
                 raise UsageProblem(redact(_one_line(exc))) from None
             raise click.ClickException(redact(_one_line(exc))) from None
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """click's standalone handling, except that with ``--log-format json`` the error that
+        ends the command is one JSON line on stderr (``level``, ``message``, ``exit_code``)
+        instead of ``Error: …``."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.ClickException as exc:
+            if json_logs():
+                log_fatal(redact(exc.format_message()), exc.exit_code)
+            else:
+                exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            if json_logs():
+                log_fatal("aborted", 1)
+            else:
+                click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 class UsageProblem(click.ClickException):
