@@ -221,7 +221,7 @@ def test_daemon_checks_the_schema_at_start(tmp_path: Path, state_url: str) -> No
         harness = Harness(tmp_path, engine)
         config = harness.write_config()
         code, output = invoke(config, "run", "--once")
-        assert code == 1 and "no schema yet; run `audience-sync db upgrade`" in output
+        assert code == 1 and "run `audience-sync db upgrade`" in output
         harness.config_extra = ""
         config.write_text(
             config.read_text().replace(

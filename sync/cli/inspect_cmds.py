@@ -20,14 +20,21 @@ from sync.cli.app import (
     reading,
     state_engine,
 )
-from sync.config import Config
+from sync.config import ComputationConfig, Config
 from sync.errors import SourceError, StateDatabaseMissingError, StateError
 from sync.redaction import redact, redact_url
 from sync.run.drift import drift_report
 from sync.run.sources import check_source, demo_warehouse_exists
 from sync.state.daemons import DaemonView, daemon_views
 from sync.state.db import make_state_engine, schema_status
-from sync.state.inspection import MemberFilter, member_rows, run_rows, status_rows, user_rows
+from sync.state.inspection import (
+    MemberFilter,
+    count_member_rows,
+    member_rows,
+    run_rows,
+    status_rows,
+    user_rows,
+)
 
 # Each table's columns: heading → key of the rows sync.state.inspection returns.
 STATUS_COLUMNS = {
@@ -158,13 +165,18 @@ def runs(app: AppContext, audience: str | None, limit: int, as_json: bool) -> No
 @click.command()
 @click.argument("audience")
 @click.option("--destination", default=None, help="Only this destination.")
-@click.option("--pending", "which", flag_value="pending", help="Only rows waiting for delivery.")
-@click.option(
-    "--failed", "which", flag_value="failed", help="Only rows that gave up (see `retry`)."
-)
-@click.option("--exited", "which", flag_value="exited", help="Ex-members instead of members.")
+@click.option("--pending", is_flag=True, help="Only rows waiting for delivery.")
+@click.option("--failed", is_flag=True, help="Only rows that gave up (see `retry`).")
+@click.option("--exited", is_flag=True, help="Ex-members instead of members.")
 @click.option(
     "--limit", type=click.IntRange(1), default=100, show_default=True, help="Rows to show."
+)
+@click.option(
+    "--offset",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Skip this many rows first (the next page: --offset 100).",
 )
 @json_option
 @pass_app
@@ -172,20 +184,55 @@ def members(
     app: AppContext,
     audience: str,
     destination: str | None,
-    which: MemberFilter | None,
+    pending: bool,
+    failed: bool,
+    exited: bool,
     limit: int,
+    offset: int,
     as_json: bool,
 ) -> None:
-    """Members of an audience (name or key), with their delivery state."""
+    """Members of an audience (name or key), with their delivery state, a page at a time."""
+    chosen = [
+        name for name, on in (("pending", pending), ("failed", failed), ("exited", exited)) if on
+    ]
+    if len(chosen) > 1:
+        flags = " and ".join(f"--{name}" for name in chosen)
+        raise click.UsageError(f"{flags} contradict each other: choose one")
+    which: MemberFilter = chosen[0] if chosen else "all"  # type: ignore[assignment]
     config = app.config()
     with reading(config) as connection:
         rows = member_rows(
-            connection, config, audience, destination=destination, which=which or "all", limit=limit
+            connection,
+            config,
+            audience,
+            destination=destination,
+            which=which,
+            limit=limit,
+            offset=offset,
+        )
+        total = count_member_rows(
+            connection, config, audience, destination=destination, which=which
         )
     if as_json:
         echo_json(rows)
         return
     print_table(f"Members of {audience}", MEMBER_COLUMNS, rows)
+    click.echo(page_caption(offset, len(rows), total))
+
+
+def page_caption(offset: int, shown: int, total: int) -> str:
+    """``showing 100 of 776 (rows 1-100; --offset 100 for the next page)``."""
+    if total == 0:
+        return "showing 0 of 0"
+    if shown == 0:
+        return f"showing 0 of {total} (--offset {offset} is past the end)"
+    line = f"showing {shown} of {total}"
+    if shown < total:
+        line += f" (rows {offset + 1}-{offset + shown}"
+        if offset + shown < total:
+            line += f"; --offset {offset + shown} for the next page"
+        line += ")"
+    return line
 
 
 @click.command()
@@ -322,11 +369,19 @@ def _audience_rows(config: Config) -> list[dict[str, Any]]:
             "kind": a.kind,
             "source": a.source,
             "destinations": list(a.destinations),
-            "schedule": config.schedule_of(a).text,
+            "schedule": _schedule_text(config, a),
             "enabled": a.enabled,
         }
         for a in config.computations
     ]
+
+
+def _schedule_text(config: Config, computation: ComputationConfig) -> str:
+    """An interval as written; a cron expression with the time zone it is read in."""
+    schedule = config.schedule_of(computation)
+    if schedule.cron is None:
+        return schedule.text
+    return f"{schedule.text} ({config.defaults.timezone})"
 
 
 def _print_check(

@@ -60,7 +60,9 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(shown, [f"cannot read the config file: {reason}"]) from None
-    return parse_config(text, shown, config_path.resolve().parent, environ)
+    config = parse_config(text, shown, config_path.resolve().parent, environ)
+    config._path = shown
+    return config
 
 
 def parse_config(
@@ -319,7 +321,7 @@ def _alert_problems(
                 close = difflib.get_close_matches(entry, [*names, *keys], n=1)
                 hint = f'; did you mean "{close[0]}"?' if close else f" (defined: {known})"
                 problems.append(
-                    f'alerts.{alert_name}.audiences[{i}]: no audience or trait group named '
+                    f"alerts.{alert_name}.audiences[{i}]: no audience or trait group named "
                     f'"{entry}"{hint}'
                 )
     return problems

@@ -114,6 +114,7 @@ def retire_orphans(context: RunContext, *, force: bool) -> list[RunReport]:
                 name=o.name,
                 max_removal_ratio=defaults.max_removal_ratio,
                 min_members=defaults.guard_min_members,
+                command_line=context.config.command_line,
             )
             for o in found
         }

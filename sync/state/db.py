@@ -316,8 +316,9 @@ def installation_id(connection: Connection) -> str:
 
 def open_state(url: str, *, auto_upgrade: bool = False) -> Engine:
     """The state engine for commands that write: the schema must be current, or is migrated
-    first when ``auto_upgrade`` is set (``[state] auto_upgrade = true``)."""
-    engine = make_state_engine(url)
+    first when ``auto_upgrade`` is set (``[state] auto_upgrade = true``). Without it a missing
+    SQLite file is refused, not created: a refused command leaves no empty file behind."""
+    engine = make_state_engine(url, must_exist=not auto_upgrade)
     try:
         if auto_upgrade and schema_status(engine).state in ("empty", "behind"):
             upgrade(engine)
