@@ -62,6 +62,12 @@ LAZY_COMMANDS: dict[str, LazyCommand] = {
         "Everything about one user (or anonymous id): every audience and destination.",
     ),
     "db": ("sync.cli.admin_cmds", "db", "Manage the state database schema."),
+    "init": (
+        "sync.cli.init_cmd",
+        "init",
+        "Write a commented audience-sync.toml and a .env.example into the current folder "
+        "(refuses to overwrite either).",
+    ),
     "retry": (
         "sync.cli.admin_cmds",
         "retry",

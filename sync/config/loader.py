@@ -53,8 +53,8 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         raise ConfigError(
             shown,
             [
-                "config file not found; copy config.example.toml there, pass --config PATH "
-                "or set AUDIENCE_SYNC_CONFIG"
+                "config file not found; `audience-sync init` writes a commented one in the "
+                "current folder, or pass --config PATH or set AUDIENCE_SYNC_CONFIG"
             ],
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
