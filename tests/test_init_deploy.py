@@ -43,6 +43,7 @@ def test_init_writes_a_config_that_checks_and_an_env_example(in_empty_folder: Pa
     assert "# AUDIENCE_SYNC_STATE_URL=sqlite:///audience-sync.db" in env_text
     assert "# AUDIENCE_SYNC_HTTP=127.0.0.1:9464" in env_text
     assert env_text.count("SEGMENT_WRITE_KEY=") == 1
+    assert "\nVAR=" not in env_text  # the comment explaining ${VAR} is not a setting
 
     result = runner.invoke(cli, ["check", "--json"])  # as written, no variable set
     assert result.exit_code == 0, result.output

@@ -10,6 +10,8 @@ from sync.errors import AudienceSyncError
 
 # `${NAME}` or `${NAME:-default}` (sync.config.loader's interpolation syntax).
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# A setting, commented out or not (`key = …`, `# write_key = …`): prose mentioning ${VAR} is not.
+_SETTING = re.compile(r"^\s*(?:#\s*)?[A-Za-z0-9_.\"-]+\s*=")
 
 
 def example_config_text() -> str:
@@ -32,6 +34,8 @@ def env_example_text(config_text: str) -> str:
     ]
     seen: set[str] = set()
     for raw in config_text.splitlines():
+        if not _SETTING.match(raw):
+            continue
         for match in _VARIABLE.finditer(raw):
             name, default = match.group(1), match.group(2)
             if name in seen:
