@@ -54,6 +54,21 @@ logger = logging.getLogger("sync.runner")
 __all__ = ["DestinationReport", "RunHooks", "RunOptions", "RunReport", "Syncer"]
 
 
+def resolve_computations(config: Config, names: list[str]) -> list[ComputationConfig]:
+    """Audiences and trait groups by name or key, all of them when ``names`` is empty; a name
+    that matches nothing is an ``UnknownAudienceError`` (checked before the state DB opens)."""
+    if not names:
+        return list(config.computations)
+    found = []
+    for name in names:
+        audience = config.find_audience(name)
+        if audience is None:
+            known = ", ".join(a.trait_key for a in config.computations) or "none"
+            raise UnknownAudienceError(f'no audience named "{name}" (keys: {known})')
+        found.append(audience)
+    return found
+
+
 class Syncer:
     """Runs audiences against one state database; thread-safe for different audiences.
 
@@ -126,16 +141,7 @@ class Syncer:
 
     def resolve(self, names: list[str]) -> list[ComputationConfig]:
         """Audiences by name or key; all of them when ``names`` is empty."""
-        if not names:
-            return list(self.config.computations)
-        found = []
-        for name in names:
-            audience = self.config.find_audience(name)
-            if audience is None:
-                known = ", ".join(a.trait_key for a in self.config.computations) or "none"
-                raise UnknownAudienceError(f'no audience named "{name}" (keys: {known})')
-            found.append(audience)
-        return found
+        return resolve_computations(self.config, names)
 
     def open_destinations(self, names: Iterable[str]) -> AbstractContextManager[Targets]:
         """The configured destinations ``names``, each beside the planner's view of it;

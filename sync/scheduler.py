@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType, TracebackType
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -37,6 +38,18 @@ from sync.state.leases import new_owner_id
 logger = logging.getLogger("sync.daemon")
 
 
+def schedule_trigger(config: Config, audience: ComputationConfig) -> Any:
+    """The APScheduler trigger of ``audience``'s schedule: an interval, or a cron expression
+    read as wall-clock time in ``[defaults] timezone`` (daylight saving included, as cron
+    does)."""
+    schedule = config.schedule_of(audience)
+    jitter = int(config.daemon.jitter) or None
+    if schedule.interval_seconds is not None:
+        return IntervalTrigger(seconds=schedule.interval_seconds, timezone=UTC, jitter=jitter)
+    zone = ZoneInfo(config.defaults.timezone)
+    return CronTrigger.from_crontab(schedule.cron, timezone=zone)
+
+
 class Daemon:
     """Runs audiences on their schedules until asked to stop.
 
@@ -57,6 +70,7 @@ class Daemon:
         self._active = 0
         self._idle = threading.Condition()
         self.failures = 0
+        self.once_reports: list[RunReport] = []  # what `run --once` ran, for its --json
         self.partial = 0  # runs that left changes unacknowledged (`run --once` exits 3)
         self.busy = 0  # runs skipped because another process held the audience
         self._guarded_orphans: set[str] = set()  # logged once, not on every sweep
@@ -203,18 +217,16 @@ class Daemon:
             if self.stop.is_set():
                 self.partial += 1  # interrupted before every audience ran
                 break
-            self.run_audience(audience)
+            report = self.run_audience(audience)
+            if report is not None:
+                self.once_reports.append(report)
         self._retire_removed_safely()
         if self.failures or self.busy:
             return EXIT_FAILED
         return EXIT_PARTIAL if self.partial else EXIT_OK
 
     def _trigger(self, audience: ComputationConfig) -> Any:
-        schedule = self.config.schedule_of(audience)
-        jitter = int(self.config.daemon.jitter) or None
-        if schedule.interval_seconds is not None:
-            return IntervalTrigger(seconds=schedule.interval_seconds, timezone=UTC, jitter=jitter)
-        return CronTrigger.from_crontab(schedule.cron, timezone=UTC)
+        return schedule_trigger(self.config, audience)
 
     def build_scheduler(self) -> BackgroundScheduler:
         """A scheduler with one job per enabled audience plus the sweep."""

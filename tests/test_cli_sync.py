@@ -93,7 +93,12 @@ def test_sync_refuses_an_out_of_date_schema(tmp_path: Path, state_url: str) -> N
         path = write_config(harness)
         result = CliRunner().invoke(cli, ["--config", str(path), "sync"])
         assert result.exit_code == 1
-        assert "no schema yet; run `audience-sync db upgrade`" in result.output
+        if state_url.startswith("sqlite"):
+            # A refused command creates no empty state DB file (issue 15).
+            assert "does not exist; run `audience-sync db upgrade` to create it" in result.output
+            assert not (tmp_path / "state.db").exists()
+        else:
+            assert "no schema yet; run `audience-sync db upgrade`" in result.output
     finally:
         engine.dispose()
 

@@ -38,9 +38,14 @@ def db() -> None:
     hidden=True,
     help="Test seam: created when the upgrade stops there.",
 )
+@json_option
 @pass_app
 def db_upgrade(
-    app: AppContext, revision: str, test_pause_before: str | None, test_ready_file: Path | None
+    app: AppContext,
+    revision: str,
+    test_pause_before: str | None,
+    test_ready_file: Path | None,
+    as_json: bool,
 ) -> None:
     """Create or migrate the state database to this version's schema."""
     config = app.config()
@@ -52,7 +57,16 @@ def db_upgrade(
         upgrade(engine, revision, pause=pause)
         after = schema_status(engine)
     where = redact_url(config.state.url)
-    if before.current == after.current:
+    if as_json:
+        echo_json(
+            {
+                "state": where,
+                "from": before.current,
+                "to": after.current,
+                "upgraded": before.current != after.current,
+            }
+        )
+    elif before.current == after.current:
         click.echo(f"state database {where} already at schema {after.current}")
     else:
         click.echo(
@@ -75,11 +89,15 @@ def db_current(app: AppContext, as_json: bool) -> None:
 
 @click.command()
 @click.argument("audience")
+@json_option
 @pass_app
-def retry(app: AppContext, audience: str) -> None:
+def retry(app: AppContext, audience: str, as_json: bool) -> None:
     """Re-queue an audience's failed rows for its next run."""
     with Syncer(app.config()) as syncer:
         count = syncer.retry(audience)
+    if as_json:
+        echo_json({"audience": audience, "queued": count})
+        return
     click.echo(f"{count} failed row(s) of {audience} queued for the next run")
 
 
@@ -98,6 +116,7 @@ def retry(app: AppContext, audience: str) -> None:
     help="Only this destination, which the audience no longer lists (it may stay configured).",
 )
 @wait_option
+@json_option
 @pass_app
 def retire(
     app: AppContext,
@@ -106,6 +125,7 @@ def retire(
     send_null: bool,
     destination: str | None,
     wait: float,
+    as_json: bool,
 ) -> None:
     """Retire an audience or trait group removed from the config (its key stays reserved), or
     with --destination its rows at a destination it no longer lists."""
@@ -120,6 +140,17 @@ def retire(
             wait=wait,
         )
     sent = sum(e.sent for e in entries)
+    if as_json:
+        echo_json(
+            {
+                "audience": audience,
+                "destination": destination,
+                "retired": destination is None,
+                "sent": sent,
+                "destinations": [e.stored() for e in entries],
+            }
+        )
+        return
     what = "false" if send_false else "null"
     extra = f" after sending {sent} {what} value(s)" if send_false or send_null else ""
     if destination is None:

@@ -11,7 +11,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -20,82 +19,19 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
 
-from sync.config import Config, load_config
-from sync.errors import (
-    AudienceSyncError,
-    ConfigError,
-    UnknownAudienceError,
-    driver_reason,
-    error_line,
-)
-from sync.logs import configure_logging
-from sync.redaction import install, redact, redactor
-from sync.reports import EXIT_PARTIAL, EXIT_USAGE
+from sync.cli.base import AppContext, ErrorBoundaryGroup, UsageProblem, pass_app
+
+__all__ = [
+    "AppContext",
+    "ErrorBoundaryGroup",
+    "UsageProblem",
+    "pass_app",
+]
+from sync.config import Config
+from sync.redaction import redact, redactor
+from sync.reports import EXIT_PARTIAL
 from sync.state.db import make_state_engine, open_state, require_current_schema
-
-
-@dataclass
-class AppContext:
-    """What the global options decided, shared with every command."""
-
-    config_path: str
-    log_level: str | None
-    log_format: str
-    debug: bool
-    _config: Config | None = None
-
-    def config(self) -> Config:
-        """Load (once) and return the validated config; secrets are registered for redaction."""
-        if self._config is None:
-            self._config = load_config(self.config_path)
-            # Before anything can print, log or store a text: the one redactor for all three.
-            install(self._config.redactor())
-            configure_logging(self.log_level or "WARNING", self.log_format)
-        return self._config
-
-
-pass_app = click.make_pass_decorator(AppContext)
-
-
-class ErrorBoundaryGroup(click.Group):
-    """The command line's one error boundary: library errors become one-line messages (their
-    secrets redacted); ``--debug`` lets the traceback through."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except Exception as exc:
-            if _debug(ctx):
-                raise
-            if isinstance(exc, ConfigError | UnknownAudienceError):
-                raise UsageProblem(redact(_one_line(exc))) from None
-            raise click.ClickException(redact(_one_line(exc))) from None
-
-
-class UsageProblem(click.ClickException):
-    """A config error or a name that matches nothing: exit code 2, like click's usage errors
-    (README "Exit codes"; nothing ran)."""
-
-    exit_code = EXIT_USAGE
-
-
-def _one_line(exc: Exception) -> str:
-    """Our own errors say what to do; anything else is a bug, shown with where to look."""
-    if isinstance(exc, AudienceSyncError):
-        return str(exc)
-    if isinstance(exc, SQLAlchemyError):
-        return f"state database error: {driver_reason(exc)}"
-    return f"{error_line(exc)} (run with --debug for the traceback)"
-
-
-def _debug(ctx: click.Context) -> bool:
-    app = ctx.find_object(AppContext)
-    return bool(app and app.debug)
-
 
 # --- options declared once -------------------------------------------------------------------
 
@@ -127,6 +63,12 @@ def console() -> Console:
 class RedactedTable(Table):
     """A table whose text cells pass through the process's redactor, before layout (a cell
     wrapped over two lines would split a secret where no later filter could see it)."""
+
+    def add_column(self, *args: Any, **kwargs: Any) -> None:
+        """Add a column whose long values fold onto the next line instead of being cut with
+        an ellipsis (an audience key, a member id must be read whole, even at 80 columns)."""
+        kwargs.setdefault("overflow", "fold")
+        super().add_column(*args, **kwargs)
 
     def add_row(self, *renderables: Any, **kwargs: Any) -> None:
         """Add a row, its text redacted."""

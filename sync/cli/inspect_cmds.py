@@ -20,7 +20,7 @@ from sync.cli.app import (
     reading,
     state_engine,
 )
-from sync.config import Config
+from sync.config import ComputationConfig, Config
 from sync.errors import SourceError, StateDatabaseMissingError, StateError
 from sync.redaction import redact, redact_url
 from sync.run.drift import drift_report
@@ -28,7 +28,14 @@ from sync.run.preview import column_problems
 from sync.run.sources import check_source, demo_warehouse_exists
 from sync.state.daemons import DaemonView, daemon_views
 from sync.state.db import make_state_engine, schema_status
-from sync.state.inspection import MemberFilter, member_rows, run_rows, status_rows, user_rows
+from sync.state.inspection import (
+    MemberFilter,
+    count_member_rows,
+    member_rows,
+    run_rows,
+    status_rows,
+    user_rows,
+)
 
 # Each table's columns: heading → key of the rows sync.state.inspection returns.
 STATUS_COLUMNS = {
@@ -163,13 +170,18 @@ def runs(app: AppContext, audience: str | None, limit: int, as_json: bool) -> No
 @click.command()
 @click.argument("audience")
 @click.option("--destination", default=None, help="Only this destination.")
-@click.option("--pending", "which", flag_value="pending", help="Only rows waiting for delivery.")
-@click.option(
-    "--failed", "which", flag_value="failed", help="Only rows that gave up (see `retry`)."
-)
-@click.option("--exited", "which", flag_value="exited", help="Ex-members instead of members.")
+@click.option("--pending", is_flag=True, help="Only rows waiting for delivery.")
+@click.option("--failed", is_flag=True, help="Only rows that gave up (see `retry`).")
+@click.option("--exited", is_flag=True, help="Ex-members instead of members.")
 @click.option(
     "--limit", type=click.IntRange(1), default=100, show_default=True, help="Rows to show."
+)
+@click.option(
+    "--offset",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Skip this many rows first (the next page: --offset 100).",
 )
 @json_option
 @pass_app
@@ -177,20 +189,55 @@ def members(
     app: AppContext,
     audience: str,
     destination: str | None,
-    which: MemberFilter | None,
+    pending: bool,
+    failed: bool,
+    exited: bool,
     limit: int,
+    offset: int,
     as_json: bool,
 ) -> None:
-    """Members of an audience (name or key), with their delivery state."""
+    """Members of an audience (name or key), with their delivery state, a page at a time."""
+    chosen = [
+        name for name, on in (("pending", pending), ("failed", failed), ("exited", exited)) if on
+    ]
+    if len(chosen) > 1:
+        flags = " and ".join(f"--{name}" for name in chosen)
+        raise click.UsageError(f"{flags} contradict each other: choose one")
+    which: MemberFilter = chosen[0] if chosen else "all"  # type: ignore[assignment]
     config = app.config()
     with reading(config) as connection:
         rows = member_rows(
-            connection, config, audience, destination=destination, which=which or "all", limit=limit
+            connection,
+            config,
+            audience,
+            destination=destination,
+            which=which,
+            limit=limit,
+            offset=offset,
+        )
+        total = count_member_rows(
+            connection, config, audience, destination=destination, which=which
         )
     if as_json:
         echo_json(rows)
         return
     print_table(f"Members of {audience}", MEMBER_COLUMNS, rows)
+    click.echo(page_caption(offset, len(rows), total))
+
+
+def page_caption(offset: int, shown: int, total: int) -> str:
+    """``showing 100 of 776 (rows 1-100; --offset 100 for the next page)``."""
+    if total == 0:
+        return "showing 0 of 0"
+    if shown == 0:
+        return f"showing 0 of {total} (--offset {offset} is past the end)"
+    line = f"showing {shown} of {total}"
+    if shown < total:
+        line += f" (rows {offset + 1}-{offset + shown}"
+        if offset + shown < total:
+            line += f"; --offset {offset + shown} for the next page"
+        line += ")"
+    return line
 
 
 @click.command()
@@ -212,10 +259,17 @@ def user(app: AppContext, user_id: str, as_json: bool) -> None:
 
 
 @click.command()
+@click.option(
+    "--probe",
+    is_flag=True,
+    help="Also run each query returning no rows (columns, keys) and send each HTTP "
+    "destination an empty batch (DNS, TLS, credentials).",
+)
 @json_option
 @pass_app
-def check(app: AppContext, as_json: bool) -> None:
-    """Validate the config and connect to the state DB and every source."""
+def check(app: AppContext, probe: bool, as_json: bool) -> None:
+    """Validate the config and connect to the state DB and every source; with --probe, also
+    try each query and destination without changing anything."""
     config = app.config()
     audiences = _audience_rows(config)
     connections = [
@@ -225,22 +279,80 @@ def check(app: AppContext, as_json: bool) -> None:
     problems, warnings = _check_drift(config)
     problems = [*column_problems(config), *problems]
     warnings = [*_payload_warnings(config), *warnings]
+    probed = _probe(config) if probe else None
     ok = all(c["ok"] for c in connections) and not problems
+    if probed is not None:
+        ok = ok and all(p["ok"] for group in probed.values() for p in group)
     if as_json:
-        echo_json(
-            {
-                "config": app.config_path,
-                "ok": ok,
-                "audiences": audiences,
-                "connections": connections,
-                "problems": problems,
-                "warnings": warnings,
-            }
-        )
+        payload: dict[str, Any] = {
+            "config": app.config_path,
+            "ok": ok,
+            "audiences": audiences,
+            "connections": connections,
+            "problems": problems,
+            "warnings": warnings,
+        }
+        if probed is not None:
+            payload["probe"] = probed
+        echo_json(payload)
     else:
         _print_check(app.config_path, audiences, connections, problems, warnings)
+        if probed is not None:
+            _print_probe(probed)
     if not ok:
         raise click.exceptions.Exit(1)
+
+
+def _probe(config: Config) -> dict[str, list[dict[str, Any]]]:
+    """``check --probe``: every query (columns, keys) and every destination, as rows."""
+    from sync.destinations.probe import probe_destination
+    from sync.run.probe import probe_queries
+
+    try:
+        with reading(config) as connection:
+            queries = probe_queries(config, connection)
+    except StateError:
+        queries = probe_queries(config, None)  # no state DB yet: nothing retired, no keys held
+    destinations = [probe_destination(n, s) for n, s in config.destinations.items()]
+    return {
+        "queries": [
+            {
+                "audience": q.audience,
+                "key": q.key,
+                "kind": q.kind,
+                "ok": q.ok,
+                "columns": list(q.columns),
+                "detail": q.detail,
+            }
+            for q in queries
+        ],
+        "destinations": [
+            {
+                "destination": d.destination,
+                "url": d.url,
+                "ok": d.ok,
+                "verdict": d.verdict,
+                "detail": d.detail,
+            }
+            for d in destinations
+        ],
+    }
+
+
+def _print_probe(probed: dict[str, list[dict[str, Any]]]) -> None:
+    out = console()
+    table = RedactedTable(title="Probe (nothing fetched, nothing sent)")
+    for column in ("what", "target", "status"):
+        table.add_column(column, overflow="fold")
+    for q in probed["queries"]:
+        detail = q["detail"] if q["ok"] else Text(redact(q["detail"]), style="red")
+        table.add_row(f"{q['kind']} {q['audience']}", q["key"], detail)
+    for d in probed["destinations"]:
+        detail = (
+            d["detail"] if d["ok"] else Text(redact(f"{d['verdict']}: {d['detail']}"), style="red")
+        )
+        table.add_row(f"destination {d['destination']}", d["url"], detail)
+    out.print(table)
 
 
 def _payload_warnings(config: Config) -> list[str]:
@@ -263,11 +375,19 @@ def _audience_rows(config: Config) -> list[dict[str, Any]]:
             "kind": a.kind,
             "source": a.source,
             "destinations": list(a.destinations),
-            "schedule": config.schedule_of(a).text,
+            "schedule": _schedule_text(config, a),
             "enabled": a.enabled,
         }
         for a in config.computations
     ]
+
+
+def _schedule_text(config: Config, computation: ComputationConfig) -> str:
+    """An interval as written; a cron expression with the time zone it is read in."""
+    schedule = config.schedule_of(computation)
+    if schedule.cron is None:
+        return schedule.text
+    return f"{schedule.text} ({config.defaults.timezone})"
 
 
 def _print_check(

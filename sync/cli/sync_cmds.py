@@ -28,7 +28,7 @@ from sync.cli.app import (
 from sync.config import ComputationConfig, Config, load_config
 from sync.delivery import ProgressFactory
 from sync.demo import advance_demo_clock, demo_path, ensure_demo_warehouse
-from sync.engine import DestinationReport, RunOptions, RunReport, Syncer
+from sync.engine import DestinationReport, RunOptions, RunReport, Syncer, resolve_computations
 from sync.errors import AudienceSyncError, LeaseHeldError, error_line
 from sync.logs import configure_logging
 from sync.redaction import redact
@@ -76,6 +76,7 @@ def sync_command(
         full=full, include_exited=include_exited, dry_run=dry_run, force=force, wait=wait
     )
     config = app.config()
+    resolve_computations(config, list(audiences))  # a wrong name opens no state DB
     stop = threading.Event()
     with interruptible(stop):
         reports = run_audiences(
@@ -92,8 +93,9 @@ def sync_command(
 
 @click.command("run")
 @click.option("--once", is_flag=True, help="Run every enabled audience once, then exit.")
+@json_option
 @pass_app
-def run_command(app: AppContext, once: bool) -> None:
+def run_command(app: AppContext, once: bool, as_json: bool) -> None:
     """Run the daemon: every audience on its schedule until SIGTERM or SIGINT.
 
     \b
@@ -104,6 +106,8 @@ def run_command(app: AppContext, once: bool) -> None:
       3 partial: something was left pending, rejected or failed, or a run was interrupted
     Without --once: 0 after a clean stop, 1 when runs were still busy at shutdown_timeout.
     """
+    if as_json and not once:
+        raise click.UsageError("--json goes with --once (the daemon logs; see --log-format)")
     config = app.config()
     configure_logging(app.log_level or "INFO", app.log_format, config.secrets())
     with Daemon(config) as daemon:
@@ -111,6 +115,8 @@ def run_command(app: AppContext, once: bool) -> None:
         if once:
             with interruptible(daemon.stop):
                 code = daemon.run_once()
+            if as_json:
+                echo_json([r.as_dict() for r in daemon.once_reports])
         else:
             code = daemon.serve()
     if code and not once:

@@ -55,14 +55,16 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         raise ConfigError(
             shown,
             [
-                "config file not found; copy config.example.toml there, pass --config PATH "
-                "or set AUDIENCE_SYNC_CONFIG"
+                "config file not found; `audience-sync init` writes a commented one in the "
+                "current folder, or pass --config PATH or set AUDIENCE_SYNC_CONFIG"
             ],
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(shown, [f"cannot read the config file: {reason}"]) from None
-    return parse_config(text, shown, config_path.resolve().parent, environ)
+    config = parse_config(text, shown, config_path.resolve().parent, environ)
+    config._path = shown
+    return config
 
 
 def parse_config(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -103,10 +104,25 @@ class Defaults(_Model):
     retry_max_delay: float = Field(default=60.0, gt=0)
     max_connection_failures: int = Field(default=5, gt=0)
     on_removed: OnRemoved = "warn"
+    # The time zone of cron schedules (an IANA name); intervals do not depend on it.
+    timezone: str = "UTC"
 
     _durations = field_validator(
         "delivery_time_budget", "retry_initial_delay", "retry_max_delay", mode="before"
     )(_duration)
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f'unknown time zone "{value}"; write an IANA name such as "Europe/Paris" or "UTC"'
+            ) from None
+        return value
 
     @field_validator("schedule")
     @classmethod
@@ -353,6 +369,8 @@ class Config(_Model):
     alerts: dict[str, AlertConfig] = Field(default_factory=dict)
     # Values read from ${VAR}s into URLs and headers (set by `parse_config`).
     _environment_secrets: tuple[str, ...] = PrivateAttr(default=())
+    # The path the config was loaded from, as given (set by `load_config`).
+    _path: str | None = PrivateAttr(default=None)
 
     @field_validator("destinations")
     @classmethod
@@ -417,6 +435,14 @@ class Config(_Model):
             if name_or_key in (audience.name, audience.trait_key):
                 return audience
         return None
+
+    def command_line(self, *args: str) -> str:
+        """The ``audience-sync`` command a hint tells the user to run, with ``--config`` when
+        this config was not loaded from the default path (the user gave it)."""
+        words = ["audience-sync"]
+        if self._path is not None and self._path != DEFAULT_CONFIG_PATH:
+            words += ["--config", self._path]
+        return shlex.join([*words, *args])
 
     def secrets(self) -> list[str]:
         """Every secret value in the config (credential keys and headers, URL userinfo,

@@ -146,18 +146,18 @@ def source_statement(config: Config, audience: ComputationConfig) -> str | Selec
 
 
 def trait_columns(
-    connection: Connection, config: Config, group: ComputationConfig
+    connection: Connection | None, config: Config, group: ComputationConfig
 ) -> TraitColumns | None:
     """A trait group's column rule: its traits may not take a key another computation sends
     to one of its destinations (an audience's key; another trait group's traits as of its last
-    run). None for an audience."""
+    run, when there is a state DB ``connection``). None for an audience."""
     if not group.is_trait_group:
         return None
     return TraitColumns(group.name, _reserved_names(connection, config, group))
 
 
 def _reserved_names(
-    connection: Connection, config: Config, group: ComputationConfig
+    connection: Connection | None, config: Config, group: ComputationConfig
 ) -> dict[str, str]:
     """Trait names other computations send to one of ``group``'s destinations -> who: an
     audience's key and the extra traits it carries; another trait group's traits, as its last
@@ -172,6 +172,10 @@ def _reserved_names(
             reserved[other.trait_key] = holder
             for name in other.extra_traits:
                 reserved.setdefault(name, f"a trait sent with {holder}")
+            continue
+        if connection is None:
+            continue
+        if connection is None:  # no state DB (yet): nothing recorded
             continue
         stored = connection.execute(
             select(AUDIENCES.c.exit_value).where(AUDIENCES.c.key == other.trait_key)

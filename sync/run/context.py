@@ -17,7 +17,7 @@ from sync.alerts import Alerter
 from sync.config import ComputationConfig, Config
 from sync.delivery import DeliveryHooks, ProgressFactory, RetryPolicy, deliver_destinations
 from sync.destinations import Destination, build_destination
-from sync.logs import current_run
+from sync.logs import RunTag, current_run
 from sync.reports import DestinationReport, RunReport
 from sync.run.record import log_summary
 from sync.state.leases import Lease
@@ -111,7 +111,7 @@ class RunContext:
                 report.run_id = start_run(
                     connection, audience_id, owner=self.owner, trigger=trigger
                 )
-            token = current_run.set(f"{report.run_id} {audience.trait_key}")
+            token = current_run.set(RunTag(report.run_id, audience.trait_key))
             yield
             ended = True
         finally:

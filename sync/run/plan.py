@@ -8,6 +8,7 @@ resets delivery bookkeeping. Nothing here sends anything.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -66,14 +67,17 @@ def removal_problem(
     max_removal_ratio: float,
     min_members: int,
     audience_name: str,
+    force_command: str | None = None,
 ) -> str | None:
     """Why a planned destination must not be committed unforced (a mass removal, an emptied
     audience), or None. Judged from the plan itself: its leavers are the removals, so no
-    separate anti-join counts them first."""
+    separate anti-join counts them first. ``force_command``: the command the hint gives
+    (``Config.command_line``, which repeats the user's ``--config``)."""
     current, removed = plan.current, plan.removed
     if current == 0 or current < min_members:
         return None
-    hint = f"check the source, then run `audience-sync sync --force {shlex.quote(audience_name)}`"
+    command = force_command or f"audience-sync sync --force {shlex.quote(audience_name)}"
+    hint = f"check the source, then run `{command}`"
     if staged == 0:
         return (
             f"the query returned no members; this would remove all {current} members at "
@@ -98,6 +102,7 @@ def retirement_problem(
     max_removal_ratio: float,
     min_members: int,
     kind: str = "audience",
+    command_line: Callable[..., str] | None = None,
 ) -> str | None:
     """The removal guard's verdict on sending ``false`` to all of a removed audience's members
     (``on_removed = "retire"``): the same rule as a run's (``removal_problem``)."""
@@ -117,11 +122,13 @@ def retirement_problem(
                 if kind == "trait"
                 else ("audience", "false", "--send-false")
             )
+            line = command_line or (lambda *args: shlex.join(["audience-sync", *args]))
+            force, retire = line("sync", "--force"), line("retire", key, flag)
             return (
                 f'{label} "{key}" was removed from the config, and on_removed = "retire" '
                 f'would send {what} to all its {current} members at destination "{destination}", '
-                f"more than max_removal_ratio {max_removal_ratio:.0%}; run `audience-sync sync "
-                f"--force` to retire it anyway, or `audience-sync retire {key} {flag}`"
+                f"more than max_removal_ratio {max_removal_ratio:.0%}; run `{force}` to retire "
+                f"it anyway, or `{retire}`"
             )
     return None
 

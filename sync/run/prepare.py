@@ -70,6 +70,7 @@ def plan_destinations(
             max_removal_ratio=config.max_removal_ratio_of(audience),
             min_members=config.guard_min_members_of(audience),
             audience_name=audience.name,
+            force_command=config.command_line("sync", "--force", audience.name),
         )
         if problem and not options.force:
             return problem, []  # the caller rolls the plan back

@@ -4,6 +4,7 @@ outcome after delivery, and its one summary log line."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from sqlalchemy import Connection, Engine
 
@@ -105,7 +106,9 @@ def record_run_safely(
 
 
 def log_summary(report: RunReport) -> None:
-    """The run's one summary line: INFO when it went well, ERROR otherwise."""
+    """The run's one summary line: INFO when it went well, ERROR otherwise. Its status, counts
+    (summed over destinations, and per destination under ``destinations``) and ``duration_ms``
+    are fields of their own in JSON logs."""
     parts = ", ".join(
         f"{d.destination}: +{d.added} -{d.removed} sent {d.sent}"
         + (f" rejected {d.rejected}" if d.rejected else "")
@@ -113,16 +116,33 @@ def log_summary(report: RunReport) -> None:
         + (f" left {d.left_pending}" if d.left_pending else "")
         for d in report.destinations
     )
+    counted = ("added", "removed", "changed", "sent", "rejected", "failed", "left_pending")
+    per_destination = [
+        {"destination": d.destination, **{c: getattr(d, c) for c in counted}}
+        for d in report.destinations
+    ]
+    fields: dict[str, Any] = {
+        "audience": report.key,
+        "status": report.status,
+        "members": report.members,
+        "invalid": report.invalid,
+        **{c: sum(getattr(d, c) for d in report.destinations) for c in counted},
+        "duration_ms": round(report.seconds * 1000),
+        "destinations": per_destination,
+    }
+    if report.run_id is not None:
+        fields["run_id"] = report.run_id
+    if len(per_destination) == 1:
+        fields["destination"] = per_destination[0]["destination"]
     level = logging.INFO if report.ok else logging.ERROR
     logger.log(
         level,
-        'run %s audience "%s": %s, %d members, %d invalid (%s) in %.1fs%s',
-        report.run_id,
-        report.key,
+        "%s: %d members, %d invalid (%s) in %.1fs%s",
         report.status,
         report.members,
         report.invalid,
         parts or "no destinations planned",
         report.seconds,
         f": {report.error}" if report.error else "",
+        extra=fields,
     )

@@ -115,6 +115,7 @@ def retire_orphans(context: RunContext, *, force: bool) -> list[RunReport]:
                 max_removal_ratio=defaults.max_removal_ratio,
                 min_members=defaults.guard_min_members,
                 kind=o.kind,
+                command_line=context.config.command_line,
             )
             for o in found
         }

@@ -4,8 +4,9 @@ lookups, retirement."""
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, select, update
+from sqlalchemy import Connection, Engine, Row, delete, select, update
 
 from sync.config import ComputationConfig, Config
 from sync.errors import AudienceSyncError, UnknownAudienceError
@@ -48,21 +49,36 @@ def ensure_audience(connection: Connection, audience: ComputationConfig) -> int:
             )
         )
         row = connection.execute(select(*columns).where(A.c.key == key)).one()
-    if row.kind != audience.kind:
-        was = "an audience" if row.kind == "audience" else "a trait group"
-        raise AudienceSyncError(
-            f'{audience.label} "{audience.name}": the key "{key}" belongs to {was} '
-            f'("{row.name}") in the state database; choose another key'
-        )
+    if problem := _key_refusal(row, audience):
+        raise AudienceSyncError(problem)
     if row.retired_at is not None:
-        if not audience.allow_key_reuse:
-            raise AudienceSyncError(
-                f'audience "{audience.name}": the key "{key}" belonged to the retired audience '
-                f'"{row.name}"; choose another key or set allow_key_reuse = true'
-            )
         connection.execute(update(A).where(A.c.id == row.id).values(retired_at=None))
     connection.execute(update(A).where(A.c.id == row.id).values(name=audience.name, **hashes))
     return int(row.id)
+
+
+def key_refusal(connection: Connection, audience: ComputationConfig) -> str | None:
+    """Why the state DB refuses ``audience``'s key (held by the other kind of computation, or
+    retired without ``allow_key_reuse``), or None; what ``ensure_audience`` raises."""
+    columns = (A.c.id, A.c.retired_at, A.c.name, A.c.kind)
+    row = connection.execute(select(*columns).where(A.c.key == audience.trait_key)).first()
+    return None if row is None else _key_refusal(row, audience)
+
+
+def _key_refusal(row: Row[Any], audience: ComputationConfig) -> str | None:
+    key = audience.trait_key
+    if row.kind != audience.kind:
+        was = "an audience" if row.kind == "audience" else "a trait group"
+        return (
+            f'{audience.label} "{audience.name}": the key "{key}" belongs to {was} '
+            f'("{row.name}") in the state database; choose another key'
+        )
+    if row.retired_at is not None and not audience.allow_key_reuse:
+        return (
+            f'audience "{audience.name}": the key "{key}" belonged to the retired audience '
+            f'"{row.name}"; choose another key or set allow_key_reuse = true'
+        )
+    return None
 
 
 def stored_audience(connection: Connection, config: Config, name: str) -> int:

@@ -82,12 +82,12 @@ def make_state_engine(url: str, *, must_exist: bool = False, read_only: bool = F
                 engine = create_engine(ro_url)
                 event.listen(engine, "connect", _configure_sqlite_reader)
                 return engine
+            if not path.parent.exists():  # first: `db upgrade` could not create it either
+                raise StateError(f"state database folder {path.parent} does not exist")
             if must_exist and not path.exists():
                 raise StateDatabaseMissingError(
                     f"state database {path} does not exist; run `{UPGRADE_HINT}` to create it"
                 )
-            if not path.parent.exists():
-                raise StateError(f"state database folder {path.parent} does not exist")
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _configure_sqlite)
         return engine
@@ -316,8 +316,9 @@ def installation_id(connection: Connection) -> str:
 
 def open_state(url: str, *, auto_upgrade: bool = False) -> Engine:
     """The state engine for commands that write: the schema must be current, or is migrated
-    first when ``auto_upgrade`` is set (``[state] auto_upgrade = true``)."""
-    engine = make_state_engine(url)
+    first when ``auto_upgrade`` is set (``[state] auto_upgrade = true``). Without it a missing
+    SQLite file is refused, not created: a refused command leaves no empty file behind."""
+    engine = make_state_engine(url, must_exist=not auto_upgrade)
     try:
         if auto_upgrade and schema_status(engine).state in ("empty", "behind"):
             upgrade(engine)

@@ -6,7 +6,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import Connection, and_, case, func, select
+from sqlalchemy import ColumnElement, Connection, and_, case, func, select
 
 from sync.config import ComputationConfig, Config
 from sync.errors import UnknownAudienceError
@@ -224,21 +224,14 @@ def member_rows(
     destination: str | None,
     which: MemberFilter,
     limit: int,
+    offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """Memberships of one audience, in member order."""
+    """Memberships of one audience, in member order: ``limit`` rows after the first
+    ``offset``."""
     row = audience_by_name(connection, config, audience)
-    query = select(M).where(M.c.audience_id == row.id)
-    if destination is not None:
-        query = query.where(M.c.destination == destination)
-    if which == "pending":
-        query = query.where(is_pending())
-    elif which == "failed":
-        query = query.where(M.c.status == "failed")
-    elif which == "exited":
-        query = query.where(and_(M.c.desired.is_(False)))
-    else:
-        query = query.where(M.c.desired.is_(True))
-    query = query.order_by(M.c.destination, M.c.id_kind, M.c.member_id).limit(limit)
+    query = select(M).where(*_member_filter(row.id, destination, which))
+    query = query.order_by(M.c.destination, M.c.id_kind, M.c.member_id)
+    query = query.limit(limit).offset(offset)
     rows = [_membership(r) for r in connection.execute(query).all()]
     members = sorted({r["member_id"] for r in rows})
     _add_last_sent(connection, rows, L.c.audience_id == row.id, members)
@@ -270,6 +263,37 @@ def _add_last_sent(
             data["last_sent"] = _json_value(found.value)
             data["last_sent_at"] = _iso(found.sent_at)
             data["last_outcome"] = found.outcome
+
+
+def count_member_rows(
+    connection: Connection,
+    config: Config,
+    audience: str,
+    *,
+    destination: str | None,
+    which: MemberFilter,
+) -> int:
+    """How many rows ``member_rows`` pages through."""
+    row = audience_by_name(connection, config, audience)
+    query = select(func.count()).select_from(M).where(*_member_filter(row.id, destination, which))
+    return int(connection.execute(query).scalar_one())
+
+
+def _member_filter(
+    audience_id: int, destination: str | None, which: MemberFilter
+) -> list[ColumnElement[bool]]:
+    conditions = [M.c.audience_id == audience_id]
+    if destination is not None:
+        conditions.append(M.c.destination == destination)
+    if which == "pending":
+        conditions.append(is_pending())
+    elif which == "failed":
+        conditions.append(M.c.status == "failed")
+    elif which == "exited":
+        conditions.append(and_(M.c.desired.is_(False)))
+    else:
+        conditions.append(M.c.desired.is_(True))
+    return conditions
 
 
 def user_rows(connection: Connection, member_id: str) -> list[dict[str, Any]]:

@@ -165,10 +165,14 @@ class RedactedText(TypeDecorator[str]):
 
 
 class RedactedJSON(TypeDecorator[Any]):
-    """JSON whose strings pass through the process's redactor on their way in."""
+    """JSON whose strings pass through the process's redactor on their way in; None is SQL
+    NULL (SQLAlchemy's JSON would store the JSON text ``null``)."""
 
     impl = JSON
     cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(none_as_null=True)
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         return None if value is None else redactor().redact_tree(value)
