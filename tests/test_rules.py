@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 import tomllib
 import uuid
 from collections.abc import Iterator
@@ -559,10 +560,31 @@ def test_show_sql_and_preview_commands(tmp_path: Path) -> None:
             b='event = "Order Completed"\nwithin = "30d"',
         )
     )
+    # By default the values are written in, quoted by the dialect: runnable in the client.
     shown = CliRunner().invoke(cli, ["--config", str(config), "show-sql", "A"])
     assert shown.exit_code == 0, shown.output
-    assert "order_completed" in shown.output and "it's" not in shown.output.split("--")[0]
-    assert '"it\'s"' in shown.output  # listed as a bound parameter
+    assert "r1.currency = 'it''s'" in shown.output
+    with sqlite3.connect(warehouse_path) as db:
+        pasted = db.execute(shown.output).fetchall()
+    db.close()
+    assert {row[0] for row in pasted} == {
+        m
+        for m, _ in ORACLE.members(
+            parse_condition(
+                {
+                    "event": "Order Completed",
+                    "within": "30d",
+                    "where": [{"property": "currency", "op": "=", "value": "it's"}],
+                },
+                "r",
+            ),
+            False,
+        )
+    }
+    # --bound: placeholders, then the values as a run binds them.
+    bound = CliRunner().invoke(cli, ["--config", str(config), "show-sql", "A", "--bound"])
+    assert "it's" not in bound.output.split("--")[0]
+    assert '"it\'s"' in bound.output  # listed as a bound parameter
     previewed = CliRunner().invoke(cli, ["--config", str(config), "preview", "B", "--json"])
     assert previewed.exit_code == 0, previewed.output
     condition = parse_condition({"event": "Order Completed", "within": "30d"}, "r")
@@ -592,3 +614,26 @@ def test_not_a_member_of_a_sql_audience_with_a_null_id(warehouse: Engine) -> Non
         pro = {r[0] for r in connection.execute(text("SELECT id FROM users WHERE plan = 'pro'"))}
         everyone = {r[0] for r in connection.execute(text("SELECT id FROM users"))}
     assert members == everyone - pro and members
+
+
+@pytest.mark.parametrize("needle", ["%", "_", "%o%"])
+def test_contains_takes_wildcard_characters_literally(warehouse: Engine, needle: str) -> None:
+    """MariaDB's LIKE read a value's % and _ as wildcards (hostile review: 2241 members where
+    SQLite and PostgreSQL found none)."""
+    condition = parse_condition(
+        {"trait": "plan", "op": "contains", "value": needle}, "audiences[1].rules"
+    )
+    assert sql_members(warehouse, condition, False) == set()
+
+
+def test_member_of_a_sql_audience_with_integer_ids(warehouse: Engine) -> None:
+    from sync.rules.compiler import Catalog
+
+    sql = AudienceDefinition("Ints", "ints", "w", "audiences[0]", query="SELECT 1 AS user_id")
+    rules = parse_condition({"not": {"member_of": "Ints"}}, "audiences[1].rules")
+    tested = AudienceDefinition("Tested", "tested", "w", "audiences[1]", condition=rules)
+    statement = compile_audience(tested, Catalog((sql, tested), ()), RULES)
+    with warehouse.connect() as connection:
+        members = {row.user_id for row in connection.execute(statement)}
+        everyone = {r[0] for r in connection.execute(text("SELECT id FROM users"))}
+    assert members == everyone

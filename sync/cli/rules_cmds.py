@@ -8,17 +8,33 @@ import json
 import click
 
 from sync.cli.app import AppContext, echo_json, json_option, pass_app, print_table
-from sync.run.preview import DEFAULT_SAMPLE_SIZE, compiled_sql, find_computation, preview
+from sync.run.preview import (
+    DEFAULT_SAMPLE_SIZE,
+    compiled_sql,
+    find_computation,
+    preview,
+    runnable_sql,
+)
 
 
 @click.command("show-sql")
 @click.argument("audience")
+@click.option(
+    "--bound",
+    is_flag=True,
+    help="Print placeholders and the bound values after them (as runs send them), instead of "
+    "SQL with the values written in.",
+)
 @pass_app
-def show_sql(app: AppContext, audience: str) -> None:
+def show_sql(app: AppContext, audience: str, bound: bool) -> None:
     """Print the SQL an audience or trait group runs on its source (rules compiled for the
     source's dialect; bound values listed after it)."""
     config = app.config()
-    sql, params = compiled_sql(config, find_computation(config, audience))
+    computation = find_computation(config, audience)
+    if not bound and (runnable := runnable_sql(config, computation)) is not None:
+        click.echo(runnable)  # values quoted by the dialect: paste it into the database client
+        return
+    sql, params = compiled_sql(config, computation)
     click.echo(sql)
     if params:
         click.echo("-- parameters (bound, never part of the SQL text):")

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import (
     Double,
     Select,
+    String,
     TableClause,
     and_,
     case,
@@ -407,7 +408,8 @@ class _AudienceCompiler:
             members = text(other.query).columns(column("user_id")).subquery(next(self.c.aliases))
             # Without its NULL ids: `NOT (x IN (… NULL …))` is NULL, never true, so one row
             # without a user_id would have emptied every "not a member of" audience.
-            ids = select(members.c.user_id).where(members.c.user_id.is_not(None))
+            # As text: the SQL may return integer ids, which the rules compare as text.
+            ids = select(cast(members.c.user_id, String)).where(members.c.user_id.is_not(None))
             return and_(profile.known(), profile.pid.in_(ids))
         inner = self.condition(
             other.condition, profile, f"{other.path}.rules", (*stack, other.name)

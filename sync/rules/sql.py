@@ -99,6 +99,14 @@ def _contains_instr(element: Contains, compiler: SQLCompiler, **kw: Any) -> str:
     return f"(instr({compiler.process(element.clauses, **kw)}) > 0)"
 
 
+@compiles(Contains, "mysql")
+@compiles(Contains, "mariadb")
+def _contains_locate(element: Contains, compiler: SQLCompiler, **kw: Any) -> str:
+    # LOCATE(needle, haystack): no wildcards (LIKE would read a value's % and _ as them).
+    haystack, needle = list(element.clauses)
+    return f"(LOCATE({compiler.process(needle, **kw)}, {compiler.process(haystack, **kw)}) > 0)"
+
+
 @compiles(Contains, "postgresql")
 def _contains_strpos(element: Contains, compiler: SQLCompiler, **kw: Any) -> str:
     return f"(strpos({compiler.process(element.clauses, **kw)}) > 0)"

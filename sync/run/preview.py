@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import Select, TableClause, func, inspect, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import CompileError, SQLAlchemyError
 from sqlalchemy.sql.selectable import Alias
 from sqlalchemy.sql.visitors import iterate
 
@@ -47,6 +47,24 @@ def compiled_sql(config: Config, computation: ComputationConfig) -> tuple[str, d
     dialect = make_url(config.sources[computation.source].url).get_dialect()()
     compiled = statement.compile(dialect=dialect)
     return str(compiled), dict(compiled.params)
+
+
+def runnable_sql(config: Config, computation: ComputationConfig) -> str | None:
+    """The SQL with its values written in (quoted by the dialect), to paste into the
+    database's own client — for reading only: runs bind the values. None when a value has no
+    literal form in that dialect."""
+    statement = source_statement(config, computation)
+    if isinstance(statement, str):
+        return statement.strip()
+    dialect = make_url(config.sources[computation.source].url).get_dialect()()
+    try:
+        return str(
+            statement.compile(
+                dialect=dialect, compile_kwargs={"literal_binds": True, "render_postcompile": True}
+            )
+        )
+    except (CompileError, NotImplementedError):
+        return None
 
 
 @dataclass(frozen=True)
