@@ -21,7 +21,7 @@ def test_benchmark_runs_every_scenario(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     assert set(results["scenarios"]) == {
         "floor-load-diff", "floor-send", "receiver", "plan-first", "plan-delta", "deliver", "end-to-end",
-        "peer-default", "peer-tuned",
+        "trait-first", "trait-delta", "peer-default", "peer-tuned",
     }
     assert all(row["median"] > 0 for row in results["scenarios"].values())
     assert {(m["phase"], m["members"]) for m in results["memory"]} == {("plan", 10000), ("deliver", 10000)}
