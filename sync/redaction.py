@@ -122,9 +122,10 @@ def redact_url(url: str) -> str:
 
 def url_secrets(url: str) -> list[str]:
     """The credentials in a URL's userinfo: the password (and, split at an unencoded ``@``,
-    each of its parts), and the user name when it is one (any HTTP user name; a database
-    user name only when it looks like a token: `postgres` is a role, and hiding it would
-    mangle every "postgresql" in a message)."""
+    each of its parts), and the user name when it is one: when it looks like a token, or is
+    an HTTP URL's only credential (tokens travel as user names). A plain name beside a
+    password is not hidden: `user:pw@` would otherwise mangle every "user" in the output
+    (`user_00003`), as `postgres` would every "postgresql"."""
     try:
         parts = urlsplit(url.strip())
         user, password = parts.username, parts.password
@@ -133,7 +134,8 @@ def url_secrets(url: str) -> list[str]:
     found: list[str] = []
     if password:
         found += [password, *password.split("@")]
-    if user and (parts.scheme.lower() in _HTTP_SCHEMES or _token_like(user)):
+    http_token = parts.scheme.lower() in _HTTP_SCHEMES and not password
+    if user and (http_token or _token_like(user)):
         found += [user, *user.split("@")]
     if (user or password) and parts.scheme.lower() in _HTTP_SCHEMES:
         # Sent as an HTTP Basic Authorization header: a destination echoing our headers

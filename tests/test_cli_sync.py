@@ -124,3 +124,15 @@ def test_demo_runs_offline_and_shows_a_full_send_then_deltas(tmp_path: Path) -> 
     exits = [m for m in messages if False in m["traits"].values()]
     assert exits, "the second pass should send some false values"
     assert len(messages) > 1000
+
+
+def test_demo_never_recreates_a_folder_it_did_not_write(tmp_path: Path) -> None:
+    """`demo --dir .` in a folder set up by `init` wiped the user's config, state DB and
+    output (hostile review); a folder the demo wrote is recreated as before."""
+    (tmp_path / "audience-sync.toml").write_text("# mine\n")
+    (tmp_path / "audience-sync.db").write_bytes(b"mine")
+    refused = CliRunner().invoke(cli, ["demo", "--dir", str(tmp_path)])
+    assert refused.exit_code == 2
+    assert "holds audience-sync.toml, audience-sync.db that the demo did not write" in refused.output
+    assert (tmp_path / "audience-sync.toml").read_text() == "# mine\n"
+    assert (tmp_path / "audience-sync.db").read_bytes() == b"mine"

@@ -224,3 +224,15 @@ secret = 12345678
     assert "sources.bad.url" in joined and "destinations.h.secret" in joined
     for secret in ("WKsecret123", "dbSECRETpw", "12345678"):
         assert secret not in joined, joined
+
+
+def test_a_plain_user_name_beside_a_password_is_not_hidden() -> None:
+    """`http://user:pw@…` hid every "user" in the output (`user_00003` became `***_00003`;
+    hostile review); the password and the Basic header still go."""
+    from sync.redaction import Redactor, url_secrets
+
+    found = url_secrets("http://user:pw_SECRET_1@127.0.0.1:9/x")
+    redactor = Redactor(found)
+    assert "user" not in found
+    shown = redactor.redact("member user_00003 via http://user:pw_SECRET_1@h")
+    assert shown.startswith("member user_00003 via http://") and "pw_SECRET_1" not in shown

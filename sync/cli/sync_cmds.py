@@ -171,8 +171,20 @@ def demo(workdir: str, days: int) -> None:
         raise click.exceptions.Exit(1)
 
 
+# Written into a demo folder: only a folder holding it (or none of the demo's files) is
+# recreated, never a user's own config, state DB or output of the same names.
+DEMO_MARKER = ".audience-sync-demo"
+
+
 def _fresh_demo_config(folder: Path) -> Config:
     """The example config in ``folder``, its warehouse, state DB and output removed."""
+    owned = ("audience-sync.toml", "audience-sync.db", "out")
+    if not (folder / DEMO_MARKER).exists() and any((folder / name).exists() for name in owned):
+        found = ", ".join(name for name in owned if (folder / name).exists())
+        raise click.UsageError(
+            f"{folder} holds {found} that the demo did not write; the demo recreates its folder, "
+            "so give it another one: audience-sync demo --dir demo"
+        )
     for stale in (
         "audience-sync.db",
         "audience-sync.db-wal",
@@ -186,6 +198,7 @@ def _fresh_demo_config(folder: Path) -> Config:
         else:
             target.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / DEMO_MARKER).write_text("a folder `audience-sync demo` recreates\n")
     config_path = folder / "audience-sync.toml"
     config_path.write_text(example_config_text(), encoding="utf-8")
     # The demo is self-contained: it ignores AUDIENCE_SYNC_STATE_URL and other variables.
