@@ -84,12 +84,17 @@ class Syncer:
         owner: str | None = None,
         stop: threading.Event | None = None,
         hooks: RunHooks | None = None,
+        create_state: bool = True,
     ) -> None:
+        """``create_state = False``: a missing SQLite state DB is an error, never created (for
+        commands about what it already holds)."""
         # The state DB's error columns and every log line redact this config's secrets.
         redaction.install(config.redactor())
         self._owns_engine = engine is None
         if engine is None:
-            engine = open_state(config.state.url, auto_upgrade=config.state.auto_upgrade)
+            engine = open_state(
+                config.state.url, auto_upgrade=config.state.auto_upgrade, create=create_state
+            )
         self._context = RunContext(
             config,
             engine,

@@ -118,6 +118,11 @@ def test_a_refused_command_creates_no_state_db(tmp_path: Path) -> None:
         code, output = _cli("--config", str(config), *command)
         assert code == 2, output
         assert not state.exists(), command
+    # retry and retire act on what the state DB holds: auto_upgrade never creates it for them
+    # (hostile review: `retry a` made a migrated state DB to say it knew no "a").
+    for command in (["retry", "a"], ["retire", "nope"], ["retire", "high_value_users"]):
+        code, output = _cli("--config", str(config), *command)
+        assert code != 0 and not state.exists(), (command, output)
     config.write_text(plain)
     key = "high_value_users"
     for command in (["sync"], ["retry", key], ["retire", key], ["run", "--once"], ["status"]):

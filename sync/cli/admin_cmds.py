@@ -93,7 +93,7 @@ def db_current(app: AppContext, as_json: bool) -> None:
 @pass_app
 def retry(app: AppContext, audience: str, as_json: bool) -> None:
     """Re-queue an audience's failed rows for its next run."""
-    with Syncer(app.config()) as syncer:
+    with Syncer(app.config(), create_state=False) as syncer:
         count = syncer.retry(audience)
     if as_json:
         echo_json({"audience": audience, "queued": count})
@@ -131,7 +131,7 @@ def retire(
     with --destination its rows at a destination it no longer lists."""
     if send_false and send_null:
         raise click.UsageError("--send-false is for audiences, --send-null for trait groups")
-    with Syncer(app.config()) as syncer:
+    with Syncer(app.config(), create_state=False) as syncer:
         entries = syncer.retire(
             audience,
             destination=destination,

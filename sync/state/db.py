@@ -314,11 +314,12 @@ def installation_id(connection: Connection) -> str:
     return new_id
 
 
-def open_state(url: str, *, auto_upgrade: bool = False) -> Engine:
+def open_state(url: str, *, auto_upgrade: bool = False, create: bool = True) -> Engine:
     """The state engine for commands that write: the schema must be current, or is migrated
     first when ``auto_upgrade`` is set (``[state] auto_upgrade = true``). Without it a missing
-    SQLite file is refused, not created: a refused command leaves no empty file behind."""
-    engine = make_state_engine(url, must_exist=not auto_upgrade)
+    SQLite file is refused, not created: a refused command leaves no empty file behind; nor
+    with ``create = False`` (commands about what the state DB already holds: retry, retire)."""
+    engine = make_state_engine(url, must_exist=not (auto_upgrade and create))
     try:
         if auto_upgrade and schema_status(engine).state in ("empty", "behind"):
             upgrade(engine)
