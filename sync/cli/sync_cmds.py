@@ -26,10 +26,11 @@ from sync.cli.app import (
     wait_option,
 )
 from sync.config import ComputationConfig, Config, load_config
+from sync.config.starter import example_config_text
 from sync.delivery import ProgressFactory
 from sync.demo import advance_demo_clock, demo_path, ensure_demo_warehouse
 from sync.engine import DestinationReport, RunOptions, RunReport, Syncer, resolve_computations
-from sync.errors import AudienceSyncError, LeaseHeldError, error_line
+from sync.errors import LeaseHeldError, error_line
 from sync.logs import configure_logging
 from sync.redaction import redact
 from sync.reports import exit_code
@@ -203,15 +204,6 @@ def _fresh_demo_config(folder: Path) -> Config:
     config_path.write_text(example_config_text(), encoding="utf-8")
     # The demo is self-contained: it ignores AUDIENCE_SYNC_STATE_URL and other variables.
     return load_config(config_path, environ={})
-
-
-def example_config_text() -> str:
-    """The example config shipped with audience-sync."""
-    package = Path(__file__).resolve().parent.parent
-    for candidate in (package / "config.example.toml", package.parent / "config.example.toml"):
-        if candidate.exists():
-            return candidate.read_text(encoding="utf-8")
-    raise AudienceSyncError("config.example.toml is missing from this installation")
 
 
 # --- running and reporting -------------------------------------------------------------------
