@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from sync import __version__
 from sync.clock import StateClock
@@ -61,16 +61,19 @@ class Heartbeat:
         """Insert the daemon's row and start beating."""
         with self.engine.begin() as connection:
             self._clock_offset = StateClock(connection).offset
-            register_daemon(
-                connection,
-                self.daemon_id,
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                version=__version__,
-            )
+            self._register(connection)
         self._last_ok = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
         self._thread.start()
+
+    def _register(self, connection: Connection) -> None:
+        register_daemon(
+            connection,
+            self.daemon_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=__version__,
+        )
 
     def wake(self) -> None:
         """Beat now (a run finished: its next run time and the gauges changed)."""
@@ -101,13 +104,7 @@ class Heartbeat:
         with self.engine.begin() as connection:
             if not beat(connection, self.daemon_id, next_runs):
                 logger.warning("this daemon's heartbeat row was gone; registering it again")
-                register_daemon(
-                    connection,
-                    self.daemon_id,
-                    host=socket.gethostname(),
-                    pid=os.getpid(),
-                    version=__version__,
-                )
+                self._register(connection)
                 beat(connection, self.daemon_id, next_runs)
         if self.after_beat is not None:
             with self.engine.connect() as connection:

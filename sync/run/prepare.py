@@ -25,7 +25,6 @@ from sync.run.record import record_run
 from sync.run.stage_table import refresh_statistics
 from sync.run.staging import SnapshotStats
 from sync.run.trait_values import exit_value
-from sync.state.audiences import store_exit_value
 from sync.state.leases import Lease
 from sync.state.memberships import DestinationTarget, count_status, mark_full_resync, pending_in
 
@@ -55,8 +54,7 @@ def plan_destinations(
     now = state_now(connection)  # changed_at: one clock for every host
     rule = AUDIENCE_VALUES
     if audience.is_trait_group:
-        nulls = exit_value(stats.trait_names)
-        store_exit_value(connection, audience_id, nulls)
+        nulls = exit_value(stats.trait_names)  # stored when compute claimed the trait names
         keep = isinstance(audience, TraitGroupConfig) and audience.on_exit == "keep"
         rule = ValueRule("trait", None if keep else nulls)
     plans = []
