@@ -17,12 +17,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Connection,
     Engine,
     String,
     Text,
     and_,
-    any_,
     bindparam,
     case,
     cast,
@@ -37,7 +37,6 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 
 from sync.clock import StateClock, state_now
 from sync.delivery.batches import BatchResult, Unit
@@ -79,8 +78,9 @@ _ID_MARK = '"messageId":"as-'
 
 def member_in(engine: Engine) -> Any:
     """``member_id IN (:b_members)`` with the list as one bound value (``members_value``): a
-    JSON array on SQLite, an array on PostgreSQL. Binding hundreds of separate parameters per
-    statement costs more than the statement itself."""
+    JSON array on SQLite and PostgreSQL. Binding hundreds of separate parameters per statement
+    costs more than the statement itself, and so does a PostgreSQL array, which the driver
+    escapes element by element in Python (JSON is one C call)."""
     dialect = engine.dialect.name
     if dialect == "sqlite":
         ids: Any = select(literal_column("value")).select_from(
@@ -88,13 +88,15 @@ def member_in(engine: Engine) -> Any:
         )
         return M.c.member_id.in_(ids)
     if dialect == "postgresql":
-        return M.c.member_id == any_(bindparam("b_members", type_=ARRAY(String)))
+        members = cast(bindparam("b_members", type_=Text), JSON)
+        elements = func.json_array_elements_text(members).table_valued("value")
+        return M.c.member_id.in_(select(elements.c.value))
     return M.c.member_id.in_(bindparam("b_members", expanding=True))
 
 
 def members_value(engine: Engine, members: list[str]) -> Any:
     """The bound value of ``member_in``'s list."""
-    return json.dumps(members) if engine.dialect.name == "sqlite" else members
+    return json.dumps(members) if engine.dialect.name in ("sqlite", "postgresql") else members
 
 
 def recover_in_flight(
@@ -162,6 +164,30 @@ def _message_id(message: str, version: int) -> str:
     return str(json.loads(message).get("messageId", ""))
 
 
+def _message_type(message: str) -> str:
+    """``identify`` or ``track``: an encoded message starts with its type."""
+    return "track" if message.startswith('{"type":"track"') else "identify"
+
+
+def _key(unit: Unit) -> tuple[str, str, int]:
+    """What ``Ledger.pages`` keeps a row's read values by."""
+    return (unit.id_kind, unit.member_id, unit.version)
+
+
+def _units(result: BatchResult) -> Iterator[Unit]:
+    yield from result.delivered
+    yield from (unit for unit, _reason in result.rejected)
+    yield from result.left
+
+
+def _by_version(units: list[Unit]) -> dict[tuple[str, int], list[Unit]]:
+    """Units by (id kind, version): one compare-and-set statement per group."""
+    groups: dict[tuple[str, int], list[Unit]] = {}
+    for unit in units:
+        groups.setdefault((unit.id_kind, unit.version), []).append(unit)
+    return groups
+
+
 def _http_status(reason: str | None) -> int | None:
     """The HTTP status a destination's answer carried, as its reason names it."""
     found = _HTTP_STATUS.search(reason) if reason else None
@@ -223,19 +249,24 @@ class Ledger:
         *,
         max_attempts: int,
         lease: Lease | None = None,
+        log: bool = True,
     ) -> None:
         """``max_attempts``: rejections after which a row is ``failed``. With a ``lease``,
-        every write transaction is fenced by it."""
+        every write transaction is fenced by it. ``log``: append a ``deliveries`` row per
+        message sent (``[state] delivery_ledger``)."""
         self.engine = engine
         self.audience_id = audience_id
         self.destination = destination
         self.max_attempts = max_attempts
         self.lease = lease
+        self.log = log
         self.clock: StateClock | None = None  # measured when delivery starts
         self._lock = threading.Lock()
         # SQLite has one writer at a time, and a waiting writer sleeps in its busy handler
         # (1, 2, 5, 10… ms): the workers queue on a mutex instead.
         self._write_lock = threading.Lock() if engine.dialect.name == "sqlite" else None
+        self._queue_lock = threading.Lock()
+        self._queue: list[list[Any]] = []  # outcomes waiting for the write mutex
         self._local = threading.local()
         self._connections: list[Connection] = []
         # What each row read for sending carried: (value, traits, its page's hand-over time),
@@ -243,9 +274,9 @@ class Ledger:
         self._sent: dict[tuple[str, str, int], tuple[Any, Any, list[Any]]] = {}
         self._handed: list[Any] = [None, None]
         # A time as the driver takes it (SQLite: text), converted once per page or batch.
-        self._time: Callable[[datetime], Any] = L.c.sent_at.type.bind_processor(
-            engine.dialect
-        ) or (lambda moment: moment)
+        self._time: Callable[[datetime], Any] = L.c.sent_at.type.bind_processor(engine.dialect) or (
+            lambda moment: moment
+        )
         mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
         self._log_sql = (
             f"INSERT INTO {L.name} ({', '.join(LOG_COLUMNS)}) "
@@ -275,6 +306,7 @@ class Ledger:
                 delivered_at=bindparam("b_now", type_=M.c.delivered_at.type),
             )
         )
+        self._log_acked = self._acked_insert()
         self._progress_row = and_(
             P.c.audience_id == self.audience_id, P.c.destination == self.destination
         )
@@ -295,8 +327,71 @@ class Ledger:
             )
         )
 
+    def _acked_insert(self) -> str | None:
+        """The ``deliveries`` rows of one acknowledged group (id kind, version, message type,
+        hand-over time) as one ``INSERT … SELECT`` (positional parameters: ``_acked_params``):
+        value and traits come from the memberships rows the compare-and-set has just matched at
+        the version sent, which is what was read for sending (only this runner writes them, and
+        traits change only when a plan runs); the messageIds are bound as one value, a JSON
+        object member → messageId (one C call to encode, where a PostgreSQL array is escaped
+        element by element in Python).
+
+        Binding 15 values per message cost more than the acknowledgement itself, and on SQLite
+        it ran under the one write lock, taking the GIL back once per row. Driver SQL: SQLite
+        must read the ids first (``CROSS JOIN`` fixes its join order), which SQLAlchemy cannot
+        say. ``None`` on MariaDB/MySQL, whose driver already sends an executemany as one
+        multi-row INSERT."""
+        dialect = self.engine.dialect.name
+        if dialect == "sqlite":
+            mark, traits = "?", "m.traits"
+            ids = "json_each(?) AS j CROSS JOIN"
+            member, message = "j.key", "j.value"
+        elif dialect == "postgresql":
+            mark, traits = "%s", "CAST(m.traits AS TEXT)"
+            ids = "json_each_text(%s::json) AS j (member, message) JOIN"
+            member, message = "j.member", "j.message"
+        else:
+            return None
+        columns = ", ".join(c for c in LOG_COLUMNS if c not in ("reason", "http_status"))
+        return (
+            f"INSERT INTO {L.name} ({columns}) "
+            f"SELECT {message}, {mark}, {mark}, m.audience_id, m.destination, m.id_kind, "
+            f"m.member_id, m.value, {traits}, m.version, 'acknowledged', {mark}, {mark} "
+            f"FROM {ids} {M.name} AS m ON m.audience_id = {mark} AND m.destination = {mark} "
+            f"AND m.id_kind = {mark} AND m.member_id = {member} AND m.version = {mark}"
+        )
+
+    def _group_commit(self, write: Callable[[Connection], None]) -> None:
+        """Run ``write`` in a write transaction and return once it is committed.
+
+        On SQLite, where writers take turns on one mutex, the outcomes that queued while
+        another worker held it are written in one transaction by the next holder (group
+        commit): every batch's writes stay all-or-nothing (a crash loses a group, whose rows
+        the progress row covers, as it would lose a batch), with one commit, one fence and one
+        WAL append for the group. A failed group fails each of its workers."""
+        if self._write_lock is None:
+            with self._writing() as connection:
+                write(connection)
+            return
+        item: list[Any] = [write, None]  # [what to write, the error that undid it]
+        with self._queue_lock:
+            self._queue.append(item)
+        with self._write_lock:
+            with self._queue_lock:
+                group, self._queue = self._queue, []
+            if group:
+                try:
+                    with self._writing(locked=True) as connection:
+                        for queued in group:
+                            queued[0](connection)
+                except BaseException as error:
+                    for queued in group:
+                        queued[1] = error
+        if item[1] is not None:
+            raise item[1]
+
     @contextmanager
-    def _writing(self) -> Iterator[Connection]:
+    def _writing(self, *, locked: bool = False) -> Iterator[Connection]:
         """A write transaction on the state DB, from any thread, on that thread's connection
         (a pool checkout per batch costs a ping on PostgreSQL)."""
         connection = getattr(self._local, "connection", None)
@@ -304,7 +399,8 @@ class Ledger:
             connection = self._local.connection = self.engine.connect()
             with self._lock:
                 self._connections.append(connection)
-        with self._write_lock or contextlib.nullcontext(), connection.begin():
+        mutex = None if locked else self._write_lock
+        with mutex or contextlib.nullcontext(), connection.begin():
             yield connection
             if self.lease is not None:
                 self.lease.fence(connection)
@@ -353,7 +449,8 @@ class Ledger:
                     break
                 # The ledger records what was read, even if the row changes meanwhile.
                 handed = self._handed = [now, self._time(now)]
-                self._sent.update({(r[0], r[1], r[5]): (r[3], r[7], handed) for r in rows})
+                if self.log:
+                    self._sent.update({(r[0], r[1], r[5]): (r[3], r[7], handed) for r in rows})
                 yield rows
                 after = (rows[-1][0], rows[-1][1])
                 if len(rows) < page:
@@ -430,16 +527,35 @@ class Ledger:
             # Still in doubt after a failed batch: it was before, or this batch's fate is unknown.
             return unit.in_doubt or result.uncertain
 
-        # The ledger's rows are built before the write transaction: on SQLite writers queue on
-        # one mutex, and only the INSERT itself needs to be inside it.
-        log = self._log_rows(result, now)
-        with self._writing() as connection:
-            for (kind, version, _), members in _groups(result.delivered).items():
-                acked = connection.execute(
+        # The ledger's rows and parameters are built before the write transaction: on SQLite
+        # writers queue on one mutex, and only the statements need to be inside it.
+        batch = uuid.uuid4().hex
+        acked = _by_version(result.delivered)
+        read: dict[tuple[str, str, int], Any] = {}
+        log: list[tuple[Any, ...]] = []
+        by_sql = self.log and self._log_acked is not None  # else row by row, or not at all
+        if self.log:
+            read = {key: self._sent.pop(key, None) for key in map(_key, _units(result))}
+            log = self._log_rows(result, read, batch, now, delivered=not by_sql)
+        sql_logs = {
+            group: self._acked_params(group, units, read, batch, now)
+            for group, units in (acked.items() if by_sql else ())
+        }
+
+        def write(connection: Connection) -> None:
+            for (kind, version), units in acked.items():
+                members = [unit.member_id for unit in units]
+                matched = connection.execute(
                     self._ack, {**self._params(kind, members, version), "b_now": now}
                 ).rowcount
-                if acked < len(members):
+                if matched < len(members):
                     self._doubt_changed(connection, kind, version, members)
+                params = sql_logs.get((kind, version))
+                if params and matched == len(members):
+                    self._log_group(connection, params)
+                elif by_sql:  # the rows changed meanwhile: log what was read (not what is now)
+                    at = self._time(now)
+                    log.extend(self._rows_of(units, "acknowledged", None, at, read, batch, at))
             retry_at = now + timedelta(seconds=result.retry_delay)
             for (kind, version, in_doubt), members in _groups(result.left, doubt).items():
                 connection.execute(
@@ -460,35 +576,108 @@ class Ledger:
             if log:  # in the outcome's transaction: the ledger never disagrees with the rows
                 connection.exec_driver_sql(self._log_sql, log)
 
-    def _log_rows(self, result: BatchResult, now: datetime) -> list[tuple[Any, ...]]:
-        """One ``deliveries`` row per message of the batch, as plain tuples for one
-        executemany (no per-row statement building or type processing; times converted
-        once)."""
-        batch = uuid.uuid4().hex
-        recorded = self._time(now)
-        head = (batch, self.audience_id, self.destination)
-        sent = self._sent
-        rows: list[tuple[Any, ...]] = []
+        self._group_commit(write)
 
-        def add(unit: Unit, outcome: DeliveryOutcome, reason: str | None, at: Any) -> None:
-            key = (unit.id_kind, unit.member_id, unit.version)
-            value, traits, handed = sent.pop(key, None) or (None, None, [now, recorded])
-            status = _http_status(reason)
-            tail = (unit.version, outcome, reason, status, handed[1], at)
+    def _acked_params(
+        self,
+        group: tuple[str, int],
+        units: list[Unit],
+        read: dict[tuple[str, str, int], Any],
+        batch: str,
+        now: datetime,
+    ) -> list[tuple[tuple[Any, ...], int]] | None:
+        """The parameters of ``_log_acked``, and the rows each must append, for one acknowledged
+        group: one statement per message type (and page, for its hand-over time), usually one.
+        ``None`` when a member repeats (it would be one key twice): such a group is logged row
+        by row."""
+        kind, version = group
+        split: dict[tuple[str, datetime], tuple[list[str], list[str]]] = {}
+        for unit in units:
+            entry = read[_key(unit)]
+            sent_at = entry[2][0] if entry is not None else now
             for message in unit.messages:
-                kind = "track" if message.startswith('{"type":"track"') else "identify"
-                mid = _message_id(message, unit.version)
-                rows.append((mid, kind, *head, unit.id_kind, unit.member_id, value, traits, *tail))
+                members, ids = split.setdefault((_message_type(message), sent_at), ([], []))
+                members.append(unit.member_id)
+                ids.append(_message_id(message, version))
+        statements: list[tuple[tuple[Any, ...], int]] = []
+        recorded = self._time(now)
+        where = (self.audience_id, self.destination, kind, version)
+        for (message_type, sent_at), (members, ids) in split.items():
+            by_member = dict(zip(members, ids, strict=True))
+            if len(by_member) < len(members):
+                return None
+            source = json.dumps(by_member)
+            head = (message_type, batch, self._time(sent_at), recorded)
+            statements.append(((*head, source, *where), len(members)))
+        return statements
 
-        for unit in result.delivered:
-            add(unit, "acknowledged", None, recorded)
+    def _log_group(
+        self, connection: Connection, statements: list[tuple[tuple[Any, ...], int]]
+    ) -> None:
+        """Append an acknowledged group's rows, all of them or none: the compare-and-set has
+        just matched every member at the version sent, so a shortfall is a defect (the
+        transaction, acknowledgement included, is rolled back; the rows stay covered by the
+        delivery's progress row and are recovered in doubt)."""
+        assert self._log_acked is not None
+        for parameters, expected in statements:
+            inserted = connection.exec_driver_sql(self._log_acked, parameters).rowcount
+            if inserted != expected:
+                raise RuntimeError(
+                    f'delivery ledger of "{self.destination}": {inserted} row(s) for '
+                    f"{expected} acknowledged message(s)"
+                )
+
+    def _log_rows(
+        self,
+        result: BatchResult,
+        read: dict[tuple[str, str, int], Any],
+        batch: str,
+        now: datetime,
+        *,
+        delivered: bool,
+    ) -> list[tuple[Any, ...]]:
+        """The ``deliveries`` rows of the batch's rejected and left messages (and, with
+        ``delivered``, its acknowledged ones) as plain tuples for one executemany (no per-row
+        statement building or type processing; times converted once)."""
+        recorded = self._time(now)
+        rows: list[tuple[Any, ...]] = []
+        if delivered:
+            rows += self._rows_of(
+                result.delivered, "acknowledged", None, recorded, read, batch, recorded
+            )
         for unit, reason in result.rejected:
-            add(unit, "rejected", redactor().redact(reason), None)
+            rows += self._rows_of(
+                [unit], "rejected", redactor().redact(reason), None, read, batch, recorded
+            )
         if result.left:
             outcome: DeliveryOutcome = "unknown" if result.uncertain else "refused"
             left_reason = redactor().redact(result.left_reason) if result.left_reason else None
-            for unit in result.left:
-                add(unit, outcome, left_reason, None)
+            rows += self._rows_of(result.left, outcome, left_reason, None, read, batch, recorded)
+        return rows
+
+    def _rows_of(
+        self,
+        units: list[Unit],
+        outcome: DeliveryOutcome,
+        reason: str | None,
+        at: Any,
+        read: dict[tuple[str, str, int], Any],
+        batch: str,
+        recorded: Any,
+    ) -> list[tuple[Any, ...]]:
+        """``deliveries`` tuples (``LOG_COLUMNS``) of these units' messages, with what was
+        read for sending them."""
+        head = (batch, self.audience_id, self.destination)
+        status = _http_status(reason)
+        rows: list[tuple[Any, ...]] = []
+        for unit in units:
+            # Not read from a page (cannot happen): logged as sent when recorded.
+            value, traits, handed = read.get(_key(unit)) or (None, None, [None, recorded])
+            who = (unit.id_kind, unit.member_id, value, traits)
+            tail = (unit.version, outcome, reason, status, handed[1], at)
+            for message in unit.messages:
+                mid = _message_id(message, unit.version)
+                rows.append((mid, _message_type(message), *head, *who, *tail))
         return rows
 
     def _reject(
