@@ -49,6 +49,7 @@ class Harness:
         }
         self.source_url = f"sqlite:///{self.warehouse}"
         self.config_extra = ""  # raw TOML appended (extra tables, more audiences)
+        self.state: dict[str, Any] = {}  # [state] settings besides the url
         self.hooks = RunHooks()  # fault drills: every run of `sync` calls them
 
     def set_members(self, rows: list[str | tuple[Any, ...]]) -> None:
@@ -63,6 +64,7 @@ class Harness:
 
     def config_text(self) -> str:
         lines = [f'[state]\nurl = "{self.engine.url.render_as_string(hide_password=False)}"']
+        lines += [f"{k} = {_toml(v)}" for k, v in self.state.items()]
         lines.append(f'[sources.warehouse]\nurl = "{self.source_url}"\nchunk_size = 1000')
         for name, settings in self.destinations.items():
             lines.append(f"[destinations.{name}]")

@@ -12,8 +12,9 @@ from sqlalchemy import func, select, text, update
 
 from sync.cli import cli
 from sync.clock import state_now
-from sync.delivery import prune_deliveries
-from sync.state.tables import DELIVERIES
+from sync.delivery import DeliveryHooks, prune_deliveries
+from sync.engine import RunHooks
+from sync.state.tables import DELIVERIES, MEMBERSHIPS
 from tests.harness import Harness
 from tests.receiver import Receiver
 
@@ -62,6 +63,77 @@ def test_every_message_sent_has_a_ledger_row(harness: Harness, receiver: Receive
     assert [r.outcome for r in sent_to(harness, "b")] == ["rejected", "acknowledged"]
     with harness.engine.connect() as connection:
         assert connection.execute(select(func.count()).select_from(DELIVERIES)).scalar() == 5
+
+
+def test_many_concurrent_batches_log_each_message_once(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """Batches recorded by four workers (on SQLite, grouped into shared transactions): one
+    acknowledged row per message, with its own messageId, the value and traits sent."""
+    members = [f"m{i:04d}" for i in range(600)]
+    harness.set_members(members)
+    harness.destinations["segment"].update(batch_size=7, concurrency=4)
+    assert harness.sync().status == "succeeded"
+    received = {m["userId"]: m["messageId"] for m in receiver.messages()}
+    with harness.engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT member_id, message_id, value, traits, outcome, batch_id FROM deliveries")
+        ).all()
+    assert sorted(r.member_id for r in rows) == members
+    assert {r.member_id: r.message_id for r in rows} == received
+    assert {(r.value, r.outcome) for r in rows} == {("true", "acknowledged")}
+    assert all(json.loads(r.traits) == {"email": f"{r.member_id}@example.com"} for r in rows)
+    assert len({r.batch_id for r in rows}) == len(receiver.batches()) == 86
+    assert {row.status for row in harness.memberships().values()} == {"in_sync"}
+
+
+def test_mode_both_logs_the_identify_and_the_track(harness: Harness, receiver: Receiver) -> None:
+    harness.destinations["segment"]["mode"] = "both"
+    harness.set_members(["a"])
+    harness.sync()
+    rows = sent_to(harness, "a")
+    assert sorted(r.message_type for r in rows) == ["identify", "track"]
+    assert {r.message_id for r in rows} == {m["messageId"] for m in receiver.messages()}
+    assert len({r.message_id for r in rows}) == 2 and {r.batch_id for r in rows} == {
+        rows[0].batch_id
+    }
+
+
+def test_a_row_changed_in_flight_is_logged_as_sent(harness: Harness, receiver: Receiver) -> None:
+    """The compare-and-set misses a row that changed while its batch was in flight: the
+    ledger says what went (the old value, acknowledged by the destination), and the row stays
+    pending, in doubt, for its new value."""
+    harness.set_members(["a", "b"])
+
+    def change_a() -> None:
+        with harness.engine.begin() as connection:
+            connection.execute(
+                update(MEMBERSHIPS)
+                .where(MEMBERSHIPS.c.member_id == "a")
+                .values(value="false", desired=False, version=MEMBERSHIPS.c.version + 1)
+            )
+
+    harness.hooks = RunHooks(delivery=DeliveryHooks(before_record=change_a))
+    harness.sync()
+    (a,) = sent_to(harness, "a")
+    assert (a.value, a.version, a.outcome) == ("true", 1, "acknowledged")
+    assert a.message_id == next(m["messageId"] for m in receiver.messages() if m["userId"] == "a")
+    (b,) = sent_to(harness, "b")
+    assert (b.value, b.outcome) == ("true", "acknowledged")
+    rows = harness.memberships()
+    assert (rows["a"].status, rows["a"].in_doubt, rows["a"].version) == ("pending", True, 2)
+    assert rows["b"].status == "in_sync"
+
+
+def test_the_ledger_can_be_turned_off(harness: Harness, receiver: Receiver) -> None:
+    """`[state] delivery_ledger = false`: acknowledgements as before, no rows."""
+    harness.state["delivery_ledger"] = False
+    harness.set_members(["a", "b"])
+    receiver.poison = {"b"}
+    assert harness.sync().status == "partial"
+    assert sent_to(harness, "a") == [] and sent_to(harness, "b") == []
+    rows = harness.memberships()
+    assert (rows["a"].status, rows["b"].status) == ("in_sync", "rejected")
 
 
 def test_a_5xx_is_recorded_with_an_unknown_outcome(harness: Harness, receiver: Receiver) -> None:

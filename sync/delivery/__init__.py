@@ -99,6 +99,7 @@ def deliver_destinations(
                 lease=lease,
                 progress=progress(key, target.name, entry.pending) if progress else None,
                 hooks=hooks,
+                log=config.state.delivery_ledger,
             ).run()
             or fatal
         )

@@ -44,9 +44,11 @@ class Deliverer:
         lease: Lease | None = None,
         progress: Callable[[int], None] | None = None,
         hooks: DeliveryHooks = NO_HOOKS,
+        log: bool = True,
     ) -> None:
         """With a ``lease``, every write is fenced by it and no batch is sent without it.
-        ``report`` receives ``sent``, ``rejected``, ``trimmed`` and ``error``."""
+        ``report`` receives ``sent``, ``rejected``, ``trimmed`` and ``error``. ``log``: append
+        each message sent to the delivery ledger."""
         self.destination = destination
         self.report = report
         self.stop = stop or threading.Event()
@@ -63,6 +65,7 @@ class Deliverer:
             context.destination,
             max_attempts=policy.max_attempts,
             lease=lease,
+            log=log,
         )
         self.batcher = Batcher(
             MessageEncoder(context),
