@@ -12,6 +12,7 @@ import gc
 import json
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -31,7 +32,9 @@ class Stats:
         self.ids: set[str] = set()
 
 
-def serve(port: int = 0) -> None:
+def serve(port: int = 0, latency: float = 0.0) -> None:
+    """Serve on ``port`` (0: any free one, printed), answering each batch after ``latency``
+    seconds: a remote API's round trip, which the sender's workers overlap."""
     # Everything this process allocates is acyclic (parsed JSON, id strings); without this, each
     # full collection walks the set of every messageId seen, which at 10M members made the
     # receiver the bottleneck.
@@ -66,6 +69,8 @@ def serve(port: int = 0) -> None:
 
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("content-length", 0)))
+            if latency and self.path != "/reset":
+                time.sleep(latency)  # the simulated network round trip, not synchronisation
             if self.path == "/reset":
                 with stats.lock:
                     stats.reset()
@@ -95,4 +100,7 @@ def serve(port: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    serve(
+        int(sys.argv[1]) if len(sys.argv) > 1 else 0,
+        float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.0,
+    )

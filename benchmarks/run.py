@@ -128,11 +128,16 @@ def state_database(kind: str, folder: Path) -> Iterator[str]:
         admin.dispose()
 
 
+# Whether runs append to the delivery ledger (`--ledger`; `both` alternates it per repetition).
+LEDGER = [True]
+
+
 def config_text(state_url: str, warehouse: Path, receiver_url: str) -> str:
     return f"""
 [state]
 url = "{state_url}"
 auto_upgrade = true
+delivery_ledger = {"true" if LEDGER[0] else "false"}
 [sources.warehouse]
 url = "sqlite:///{warehouse}"
 chunk_size = 20000
@@ -164,10 +169,13 @@ destinations = ["segment"]
 
 
 @contextmanager
-def receiver() -> Iterator[str]:
-    """The benchmark receiver in its own process."""
+def receiver(latency_ms: float = 0.0) -> Iterator[str]:
+    """The benchmark receiver in its own process, answering each request after
+    ``latency_ms`` (a remote API's round trip; 0: at once)."""
     process = subprocess.Popen(
-        [sys.executable, str(HERE / "receiver.py")], stdout=subprocess.PIPE, text=True
+        [sys.executable, str(HERE / "receiver.py"), "0", str(latency_ms)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert process.stdout is not None
     port = int(process.stdout.readline())
@@ -515,6 +523,15 @@ def main() -> None:
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--memory", default="", help="comma-separated sizes for peak RSS")
     parser.add_argument("--json", default=str(HERE / "results.json"))
+    parser.add_argument(
+        "--ledger",
+        choices=["on", "off", "both"],
+        default="on",
+        help="[state] delivery_ledger; both: each scenario with it off and on, alternately",
+    )
+    parser.add_argument(
+        "--latency", type=float, default=0.0, help="receiver's answer delay per request, ms"
+    )
     parser.add_argument("--child-memory", choices=["plan", "deliver"], help=argparse.SUPPRESS)
     parser.add_argument("--receiver", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -534,19 +551,33 @@ def main() -> None:
         "members": args.members,
         "churn": args.churn,
         "repeat": args.repeat,
+        "ledger": args.ledger,
+        "latency_ms": args.latency,
         "scenarios": {},
     }
-    with tempfile.TemporaryDirectory() as tmp, receiver() as url:
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.ledger]
+    with tempfile.TemporaryDirectory() as tmp, receiver(args.latency) as url:
         env = Env(Path(tmp), state, args.members, args.churn, url)
         for name in names:
-            times = [SCENARIOS[name](env) for _ in range(args.repeat)]
-            results["scenarios"][name] = {
-                "median": statistics.median(times),
-                "min": min(times),
-                "max": max(times),
-                "per_second": args.members / statistics.median(times),
-            }
-            print(f"  {name}: {statistics.median(times):.2f}s", file=sys.stderr, flush=True)
+            times: dict[bool, list[float]] = {mode: [] for mode in modes}
+            for _ in range(args.repeat):
+                for mode in modes:  # alternated, so that drift in the machine's load is shared
+                    LEDGER[0] = mode
+                    times[mode].append(SCENARIOS[name](env))
+            for mode in modes:
+                label = name if mode or args.ledger == "off" else f"{name} (no ledger)"
+                median = statistics.median(times[mode])
+                results["scenarios"][label] = {
+                    "median": median,
+                    "min": min(times[mode]),
+                    "max": max(times[mode]),
+                    "per_second": args.members / median,
+                }
+                print(f"  {label}: {median:.2f}s", file=sys.stderr, flush=True)
+            if len(modes) == 2:
+                off, on = (statistics.median(times[mode]) for mode in modes)
+                results["scenarios"][name]["ledger_cost"] = on / off - 1
+                print(f"  {name}: ledger costs {on / off - 1:+.0%}", file=sys.stderr, flush=True)
         if "peer_default_dropped" in env.__dict__:
             results["peer_default_dropped"] = env.__dict__["peer_default_dropped"]
             results["peer_tuned_settings"] = PEER_TUNED
@@ -585,9 +616,15 @@ def print_table(results: dict[str, Any]) -> None:
         f"state DB: {results['state']}, members: {results['members']:,}, churn: {results['churn']}, repetitions: {results['repeat']}"
     )
     print(f"{'scenario':<16} {'median s':>9} {'min s':>8} {'max s':>8} {'members/s':>11}  notes")
+    print(
+        f"delivery ledger: {results.get('ledger', 'on')}, receiver latency: {results.get('latency_ms', 0):g} ms"
+    )
     for name, row in s.items():
+        note = notes.get(name, "")
+        if "ledger_cost" in row:
+            note = f"ledger costs {row['ledger_cost']:+.0%} of the time without; {note}"
         print(
-            f"{name:<16} {row['median']:>9.2f} {row['min']:>8.2f} {row['max']:>8.2f} {row['per_second']:>11,.0f}  {notes.get(name, '')}"
+            f"{name:<16} {row['median']:>9.2f} {row['min']:>8.2f} {row['max']:>8.2f} {row['per_second']:>11,.0f}  {note}"
         )
     for row in results.get("memory", []):
         print(
