@@ -136,6 +136,41 @@ def test_the_ledger_can_be_turned_off(harness: Harness, receiver: Receiver) -> N
     assert (rows["a"].status, rows["b"].status) == ("in_sync", "rejected")
 
 
+def test_a_member_with_huge_traits_is_acknowledged_and_logged(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """70 KB of traits (over MariaDB's TEXT): the message goes out without them, and the ledger
+    row keeps what was read — its insert must not undo the batch's acknowledgement."""
+    harness.audience["query"] = "SELECT user_id, email, anonymous_id AS bio FROM members"
+    harness.audience["traits"] = ["email", "bio"]
+    harness.set_members([("a", "a@example.com", "x" * 70_000), "b"])
+    assert harness.sync().status == "succeeded"
+    (a,) = sent_to(harness, "a")
+    assert a.outcome == "acknowledged" and len(json.loads(a.traits)["bio"]) == 70_000
+    assert {row.status for row in harness.memberships().values()} == {"in_sync"}
+
+
+def test_user_shows_the_acknowledgement_the_ledger_did_not_log(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """A leave sent while the ledger was off: `user` shows the acknowledged false (from the
+    membership), not the ledger's older true."""
+    harness.set_members(["a", "b"])
+    harness.sync()
+    harness.state["delivery_ledger"] = False
+    harness.set_members(["b"])
+    harness.sync()
+    config = harness.write_config()
+    result = CliRunner().invoke(cli, ["--config", str(config), "user", "a", "--json"])
+    (row,) = json.loads(result.output)
+    assert (row["last_sent"], row["last_outcome"], row["synced"]) == (False, "acknowledged", False)
+    assert row["last_sent_at"] == row["delivered_at"]
+    (b,) = json.loads(
+        CliRunner().invoke(cli, ["--config", str(config), "user", "b", "--json"]).output
+    )
+    assert (b["last_sent"], b["last_outcome"]) == (True, "acknowledged")
+
+
 def test_a_5xx_is_recorded_with_an_unknown_outcome(harness: Harness, receiver: Receiver) -> None:
     """A message that may have arrived without an acknowledgement: outcome unknown, its
     status; resent later with the same messageId and acknowledged."""

@@ -189,6 +189,7 @@ def _json_value(text: str | None) -> Any:
 def _membership(row: Any, key: str | None = None) -> dict[str, Any]:
     data = {
         "_audience_id": row.audience_id,
+        "_delivered_at": row.delivered_at,
         "destination": row.destination,
         "id_kind": row.id_kind,
         "member_id": row.member_id,
@@ -206,7 +207,9 @@ def _membership(row: Any, key: str | None = None) -> dict[str, Any]:
         "delivered_at": _iso(row.delivered_at),
         "last_error": row.last_error,
         "traits": row.traits,
-        # The delivery ledger's last message to this member here (None: none kept).
+        # The delivery ledger's last message to this member here; where the ledger holds
+        # nothing as new as the last acknowledgement (it was off, or pruned), that
+        # acknowledgement (None: nothing was ever acknowledged or logged).
         "last_sent": None,
         "last_sent_at": None,
         "last_outcome": None,
@@ -242,14 +245,16 @@ def _add_last_sent(
     connection: Connection, rows: list[dict[str, Any]], where: Any, members: list[str]
 ) -> None:
     """Fill each membership row's ``last_sent`` (the value), ``last_sent_at`` and
-    ``last_outcome`` from the delivery ledger's newest row for it."""
+    ``last_outcome`` from the delivery ledger's newest row for it — or from the row's own last
+    acknowledgement (``synced``, ``delivered_at``) where the ledger has nothing that recent:
+    messages sent while ``[state] delivery_ledger`` was off, or pruned."""
     if not rows:
         return
     last: dict[tuple[int, str, str, str], Any] = {}
     for start in range(0, len(members), 500):  # bounded IN lists
         query = (
             select(L.c.audience_id, L.c.destination, L.c.id_kind, L.c.member_id, L.c.value)
-            .add_columns(L.c.sent_at, L.c.outcome)
+            .add_columns(L.c.sent_at, L.c.acknowledged_at, L.c.outcome)
             .where(where, L.c.member_id.in_(members[start : start + 500]))
             .order_by(L.c.id)
         )
@@ -259,7 +264,14 @@ def _add_last_sent(
         found = last.get(
             (data.pop("_audience_id"), data["destination"], data["id_kind"], data["member_id"])
         )
-        if found is not None:
+        acknowledged = data.pop("_delivered_at")
+        if acknowledged is not None and (
+            found is None or (found.acknowledged_at or found.sent_at) < acknowledged
+        ):
+            data["last_sent"] = data["synced"]
+            data["last_sent_at"] = _iso(acknowledged)
+            data["last_outcome"] = "acknowledged"
+        elif found is not None:
             data["last_sent"] = _json_value(found.value)
             data["last_sent_at"] = _iso(found.sent_at)
             data["last_outcome"] = found.outcome

@@ -461,7 +461,10 @@ class Delivery(Base):
     # The value sent (canonical JSON text) and the extra traits sent with it (JSON text, as
     # stored when the batch was read; a message over the size limit left some of them out).
     value: Mapped[str | None] = mapped_column(ValueText, nullable=True)
-    traits: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # LONGTEXT on MariaDB/MySQL, as memberships.traits (JSON) is there: TEXT holds 64 KB.
+    traits: Mapped[str | None] = mapped_column(
+        Text().with_variant(mysql.LONGTEXT(), *MYSQL_DIALECTS), nullable=True
+    )
     version: Mapped[int] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(String(16))
     # The destination's reason (redacted) for anything but an acknowledgement.
