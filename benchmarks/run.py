@@ -615,10 +615,10 @@ def print_table(results: dict[str, Any]) -> None:
     print(
         f"state DB: {results['state']}, members: {results['members']:,}, churn: {results['churn']}, repetitions: {results['repeat']}"
     )
-    print(f"{'scenario':<16} {'median s':>9} {'min s':>8} {'max s':>8} {'members/s':>11}  notes")
     print(
         f"delivery ledger: {results.get('ledger', 'on')}, receiver latency: {results.get('latency_ms', 0):g} ms"
     )
+    print(f"{'scenario':<16} {'median s':>9} {'min s':>8} {'max s':>8} {'members/s':>11}  notes")
     for name, row in s.items():
         note = notes.get(name, "")
         if "ledger_cost" in row:
