@@ -82,6 +82,19 @@ class Deliverer:
             lease=lease,
             hooks=hooks,
         )
+        # On SQLite, whose one writer the workers would otherwise take turns on (a worker
+        # waiting for its turn sends nothing), a worker hands its batch's outcome to a recorder
+        # and sends its next batch: the write turn overlaps the network round trip. Two
+        # recorder threads, so that outcomes queued meanwhile are committed together
+        # (``Ledger._group_commit``). Elsewhere each worker records its own outcome, in
+        # parallel with the others.
+        self._recorder: ThreadPoolExecutor | None = None
+        if engine.dialect.name == "sqlite":
+            self._recorder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="record")
+        self._recording: set[Future[None]] = set()  # outcomes handed over, not yet committed
+        # Outcomes a worker may hand over before it waits for the recorders (memory bound).
+        self._slots = threading.Semaphore(2 * max(1, destination.concurrency))
+        self._abandoned = False
 
     # --- main thread ---------------------------------------------------------------------
 
@@ -115,20 +128,25 @@ class Deliverer:
                         break
                 while in_flight:
                     self._collect(in_flight)
+                self._wait_recorded()
                 # Not on an exception: a batch's fate may be unknown, the next run recovers.
                 self.ledger.done()
             except KeyboardInterrupt:
                 # A second Ctrl-C: abandon the batches in flight instead of waiting for their
                 # answers. delivery_progress still covers their rows: the next run marks them
                 # in doubt before planning.
-                abandoned = True
+                abandoned = self._abandoned = True
                 raise
             finally:
                 self._abort.set()
                 while in_flight and not abandoned:
                     self._collect(in_flight)
+                if not abandoned:
+                    self._wait_recorded()
         finally:
             pool.shutdown(wait=not abandoned, cancel_futures=True)
+            if self._recorder is not None:
+                self._recorder.shutdown(wait=not abandoned, cancel_futures=True)
             if not abandoned:
                 # After the pool has joined its workers: no connection is still in use.
                 self.ledger.close()
@@ -143,12 +161,26 @@ class Deliverer:
         with self._lock:
             self.report.trimmed += 1
 
-    @staticmethod
-    def _collect(in_flight: set[Future[None]]) -> None:
-        """Wait for a batch to finish; a database error in a worker surfaces here."""
+    def _collect(self, in_flight: set[Future[None]]) -> None:
+        """Wait for a batch to finish; a database error in a worker or a recorder surfaces
+        here."""
         done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
         for future in done:
             in_flight.discard(future)
+            future.result()
+        with self._lock:
+            recorded = {future for future in self._recording if future.done()}
+            self._recording -= recorded
+        for future in recorded:
+            future.result()
+
+    def _wait_recorded(self) -> None:
+        """Wait until every outcome handed to the recorders is committed (or has failed: the
+        first error is raised). Called once no worker is sending any more."""
+        with self._lock:
+            recording, self._recording = self._recording, set()
+        wait(recording)
+        for future in recording:
             future.result()
 
     # --- worker threads -------------------------------------------------------------------
@@ -164,7 +196,33 @@ class Deliverer:
             logger.error("%s", result.fatal)
             with self._lock:
                 self.fatal = self.report.error = result.fatal
-        self._record(result)
+        if self._recorder is None:
+            self._record(result)
+            return
+        # Wait for room among the outcomes handed over; an abandoned delivery records nothing
+        # more (its rows stay covered by the progress row).
+        while not self._slots.acquire(timeout=0.1):
+            if self._abandoned:
+                return
+        context = contextvars.copy_context()
+        try:
+            future = self._recorder.submit(context.run, self._record_handed, result)
+        except RuntimeError:  # the recorder was shut down: the delivery was abandoned
+            self._slots.release()
+            return
+        with self._lock:
+            self._recording.add(future)
+
+    def _record_handed(self, result: BatchResult) -> None:
+        """A recorder thread: record an outcome a worker handed over. A failure stops the
+        delivery (as a worker's would) and is raised in the main thread."""
+        try:
+            self._record(result)
+        except BaseException:
+            self._abort.set()
+            raise
+        finally:
+            self._slots.release()
 
     def _record(self, result: BatchResult) -> None:
         """Record one batch's outcome in the state DB, then count it in the report."""
