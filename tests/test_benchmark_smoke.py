@@ -26,3 +26,17 @@ def test_benchmark_runs_every_scenario(tmp_path: Path) -> None:
     assert all(row["median"] > 0 for row in results["scenarios"].values())
     assert {(m["phase"], m["members"]) for m in results["memory"]} == {("plan", 10000), ("deliver", 10000)}
     assert "members/s" in result.stdout and "peer-tuned" in result.stdout
+
+
+def test_ledger_writes_benchmark_runs(tmp_path: Path) -> None:
+    """benchmarks/ledger_writes.py on 2,000 rows: every variant acknowledges every row (the
+    script asserts it) and is reported."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "ledger_writes.py"), "--members", "2000",
+         "--repeat", "1"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert "2,000 acknowledgements" in lines[0]
+    assert [line.split()[0] for line in lines[1:]] == ["ack", "ack", "ledger,"]
