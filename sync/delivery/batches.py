@@ -26,6 +26,9 @@ class Unit(NamedTuple):
     in_doubt: bool
     messages: list[str]  # encoded JSON
     size: int
+    # The stored value and traits the messages were encoded from (the delivery ledger's).
+    value: str | None = None
+    traits: str | None = None
 
 
 @dataclass
@@ -43,6 +46,8 @@ class BatchResult:
     uncertain: bool = False
     # The error that ends this destination's delivery (bad credentials, unwritable file).
     fatal: str | None = None
+    # When its page was handed over: [time, the driver's form of it] (``Ledger.handed``).
+    handed: list[Any] | None = None
 
 
 def message_size(message: str) -> int:
@@ -102,11 +107,13 @@ class Batcher:
                 sizes = [message_size(m) for m in messages]
                 size = sum(sizes) + SEPARATOR_BYTES * len(sizes)
                 if not self.fits(messages):
-                    unit = Unit(kind, member, version, bool(in_doubt), messages, size)
+                    unit = Unit(
+                        kind, member, version, bool(in_doubt), messages, size, value, traits
+                    )
                     oversized.append((unit, self._too_big(max(sizes))))
                     continue
                 self._trimmed(member, largest, dropped)
-            unit = Unit(kind, member, version, bool(in_doubt), messages, size)
+            unit = Unit(kind, member, version, bool(in_doubt), messages, size, value, traits)
             too_many = batch_messages + len(messages) > limit_messages
             too_big = limit_bytes is not None and batch_bytes + unit.size > limit_bytes
             if batch and (too_many or too_big):

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -71,7 +72,9 @@ class Deliverer:
             MessageEncoder(context),
             destination,
             on_trimmed=self._trimmed,
-            on_oversized=lambda rejected: self._record(BatchResult(rejected=rejected)),
+            on_oversized=lambda rejected: self._record(
+                BatchResult(rejected=rejected, handed=self.ledger.handed)
+            ),
         )
         self.sender = Sender(
             destination,
@@ -114,6 +117,7 @@ class Deliverer:
                     if self._should_stop():
                         break
                     self.ledger.hand_over(rows[-1][0], rows[-1][1])
+                    handed = self.ledger.handed
                     for batch in self.batcher.batches(rows):
                         while len(in_flight) >= concurrency:
                             self._collect(in_flight)
@@ -121,7 +125,7 @@ class Deliverer:
                             break
                         # The copied context carries the run id into the worker's logs.
                         context = contextvars.copy_context()
-                        in_flight.add(pool.submit(context.run, self._deliver_batch, batch))
+                        in_flight.add(pool.submit(context.run, self._deliver_batch, batch, handed))
                     if self.lease is not None:
                         self.lease.ensure_held()
                     if self._should_stop():
@@ -185,12 +189,14 @@ class Deliverer:
 
     # --- worker threads -------------------------------------------------------------------
 
-    def _deliver_batch(self, units: list[Unit]) -> None:
-        """Send and record one batch. Workers do their own state DB writes, so that
-        they overlap the main thread's reading and encoding (drivers release the GIL)."""
+    def _deliver_batch(self, units: list[Unit], handed: list[Any]) -> None:
+        """Send and record one batch (of the page handed over at ``handed``). Workers do their
+        own state DB writes, so that they overlap the main thread's reading and encoding
+        (drivers release the GIL)."""
         if self._abort.is_set():
             return
         result = self.sender.send(units)
+        result.handed = handed
         if result.fatal is not None:
             self._abort.set()
             logger.error("%s", result.fatal)

@@ -169,17 +169,6 @@ def _message_type(message: str) -> str:
     return "track" if message.startswith('{"type":"track"') else "identify"
 
 
-def _key(unit: Unit) -> tuple[str, str, int]:
-    """What ``Ledger.pages`` keeps a row's read values by."""
-    return (unit.id_kind, unit.member_id, unit.version)
-
-
-def _units(result: BatchResult) -> Iterator[Unit]:
-    yield from result.delivered
-    yield from (unit for unit, _reason in result.rejected)
-    yield from result.left
-
-
 def _by_version(units: list[Unit]) -> dict[tuple[str, int], list[Unit]]:
     """Units by (id kind, version): one compare-and-set statement per group."""
     groups: dict[tuple[str, int], list[Unit]] = {}
@@ -269,10 +258,9 @@ class Ledger:
         self._queue: list[list[Any]] = []  # outcomes waiting for the write mutex
         self._local = threading.local()
         self._connections: list[Connection] = []
-        # What each row read for sending carried: (value, traits, its page's hand-over time),
-        # by (id kind, member, version), until its batch's outcome puts it in the ledger.
-        self._sent: dict[tuple[str, str, int], tuple[Any, Any, list[Any]]] = {}
-        self._handed: list[Any] = [None, None]
+        # The current page's hand-over time: [time, the driver's form of it]. A new list per
+        # page; each batch's outcome carries its page's (``BatchResult.handed``).
+        self.handed: list[Any] = [None, None]
         # A time as the driver takes it (SQLite: text), converted once per page or batch.
         self._time: Callable[[datetime], Any] = L.c.sent_at.type.bind_processor(engine.dialect) or (
             lambda moment: moment
@@ -447,10 +435,7 @@ class Ledger:
                     rows = list(connection.execute(query).cursor.fetchall())
                 if not rows:
                     break
-                # The ledger records what was read, even if the row changes meanwhile.
-                handed = self._handed = [now, self._time(now)]
-                if self.log:
-                    self._sent.update({(r[0], r[1], r[5]): (r[3], r[7], handed) for r in rows})
+                self.handed = [now, self._time(now)]
                 yield rows
                 after = (rows[-1][0], rows[-1][1])
                 if len(rows) < page:
@@ -489,7 +474,7 @@ class Ledger:
         """Commit, before a page's batches are sent, that rows up to its last key may soon be
         at the destination (one small write per page; pages come in key order)."""
         now = self.now()
-        self._handed[:] = [now, self._time(now)]
+        self.handed[:] = [now, self._time(now)]
         with self._writing() as connection:
             connection.execute(
                 self._advance,
@@ -531,14 +516,15 @@ class Ledger:
         # writers queue on one mutex, and only the statements need to be inside it.
         batch = uuid.uuid4().hex
         acked = _by_version(result.delivered)
-        read: dict[tuple[str, str, int], Any] = {}
+        # What each unit carries was read for sending it: the ledger records that, even if its
+        # row has changed meanwhile. Not read from a page (cannot happen): sent when recorded.
+        handed = result.handed or [now, self._time(now)]
         log: list[tuple[Any, ...]] = []
         by_sql = self.log and self._log_acked is not None  # else row by row, or not at all
         if self.log:
-            read = {key: self._sent.pop(key, None) for key in map(_key, _units(result))}
-            log = self._log_rows(result, read, batch, now, delivered=not by_sql)
+            log = self._log_rows(result, handed, batch, now, delivered=not by_sql)
         sql_logs = {
-            group: self._acked_params(group, units, read, batch, now)
+            group: self._acked_params(group, units, handed, batch, now)
             for group, units in (acked.items() if by_sql else ())
         }
 
@@ -555,7 +541,7 @@ class Ledger:
                     self._log_group(connection, params)
                 elif by_sql:  # the rows changed meanwhile: log what was read (not what is now)
                     at = self._time(now)
-                    log.extend(self._rows_of(units, "acknowledged", None, at, read, batch, at))
+                    log.extend(self._rows_of(units, "acknowledged", None, at, handed, batch))
             retry_at = now + timedelta(seconds=result.retry_delay)
             for (kind, version, in_doubt), members in _groups(result.left, doubt).items():
                 connection.execute(
@@ -582,33 +568,31 @@ class Ledger:
         self,
         group: tuple[str, int],
         units: list[Unit],
-        read: dict[tuple[str, str, int], Any],
+        handed: list[Any],
         batch: str,
         now: datetime,
     ) -> list[tuple[tuple[Any, ...], int]] | None:
         """The parameters of ``_log_acked``, and the rows each must append, for one acknowledged
-        group: one statement per message type (and page, for its hand-over time), usually one.
-        ``None`` when a member repeats (it would be one key twice): such a group is logged row
-        by row."""
+        group: one statement per message type, usually one. ``None`` when a member repeats
+        (it would be one key twice): such a group is logged row by row."""
         kind, version = group
-        split: dict[tuple[str, datetime], tuple[list[str], list[str]]] = {}
+        by_type: dict[str, dict[str, str]] = {}
+        counts: dict[str, int] = {}
         for unit in units:
-            entry = read[_key(unit)]
-            sent_at = entry[2][0] if entry is not None else now
             for message in unit.messages:
-                members, ids = split.setdefault((_message_type(message), sent_at), ([], []))
-                members.append(unit.member_id)
-                ids.append(_message_id(message, version))
+                message_type = _message_type(message)
+                ids = by_type.get(message_type)
+                if ids is None:
+                    ids = by_type[message_type] = {}
+                ids[unit.member_id] = _message_id(message, version)
+                counts[message_type] = counts.get(message_type, 0) + 1
         statements: list[tuple[tuple[Any, ...], int]] = []
-        recorded = self._time(now)
         where = (self.audience_id, self.destination, kind, version)
-        for (message_type, sent_at), (members, ids) in split.items():
-            by_member = dict(zip(members, ids, strict=True))
-            if len(by_member) < len(members):
+        for message_type, ids in by_type.items():
+            if len(ids) < counts[message_type]:
                 return None
-            source = json.dumps(by_member)
-            head = (message_type, batch, self._time(sent_at), recorded)
-            statements.append(((*head, source, *where), len(members)))
+            head = (message_type, batch, handed[1], self._time(now))
+            statements.append(((*head, json.dumps(ids), *where), len(ids)))
         return statements
 
     def _log_group(
@@ -630,7 +614,7 @@ class Ledger:
     def _log_rows(
         self,
         result: BatchResult,
-        read: dict[tuple[str, str, int], Any],
+        handed: list[Any],
         batch: str,
         now: datetime,
         *,
@@ -643,16 +627,16 @@ class Ledger:
         rows: list[tuple[Any, ...]] = []
         if delivered:
             rows += self._rows_of(
-                result.delivered, "acknowledged", None, recorded, read, batch, recorded
+                result.delivered, "acknowledged", None, recorded, handed, batch
             )
         for unit, reason in result.rejected:
             rows += self._rows_of(
-                [unit], "rejected", redactor().redact(reason), None, read, batch, recorded
+                [unit], "rejected", redactor().redact(reason), None, handed, batch
             )
         if result.left:
             outcome: DeliveryOutcome = "unknown" if result.uncertain else "refused"
             left_reason = redactor().redact(result.left_reason) if result.left_reason else None
-            rows += self._rows_of(result.left, outcome, left_reason, None, read, batch, recorded)
+            rows += self._rows_of(result.left, outcome, left_reason, None, handed, batch)
         return rows
 
     def _rows_of(
@@ -661,9 +645,8 @@ class Ledger:
         outcome: DeliveryOutcome,
         reason: str | None,
         at: Any,
-        read: dict[tuple[str, str, int], Any],
+        handed: list[Any],
         batch: str,
-        recorded: Any,
     ) -> list[tuple[Any, ...]]:
         """``deliveries`` tuples (``LOG_COLUMNS``) of these units' messages, with what was
         read for sending them."""
@@ -671,9 +654,7 @@ class Ledger:
         status = _http_status(reason)
         rows: list[tuple[Any, ...]] = []
         for unit in units:
-            # Not read from a page (cannot happen): logged as sent when recorded.
-            value, traits, handed = read.get(_key(unit)) or (None, None, [None, recorded])
-            who = (unit.id_kind, unit.member_id, value, traits)
+            who = (unit.id_kind, unit.member_id, unit.value, unit.traits)
             tail = (unit.version, outcome, reason, status, handed[1], at)
             for message in unit.messages:
                 mid = _message_id(message, unit.version)
