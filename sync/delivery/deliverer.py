@@ -98,6 +98,7 @@ class Deliverer:
         # Outcomes a worker may hand over before it waits for the recorders (memory bound).
         self._slots = threading.Semaphore(2 * max(1, destination.concurrency))
         self._abandoned = False
+        self._record_failed = threading.Event()
 
     # --- main thread ---------------------------------------------------------------------
 
@@ -221,10 +222,14 @@ class Deliverer:
 
     def _record_handed(self, result: BatchResult) -> None:
         """A recorder thread: record an outcome a worker handed over. A failure stops the
-        delivery (as a worker's would) and is raised in the main thread."""
+        delivery (as a worker's would) and is raised in the main thread; the outcomes still
+        waiting are then not written (each could wait out the busy timeout of a locked state
+        DB): the progress row covers their rows, which the next run resends in doubt."""
         try:
-            self._record(result)
+            if not self._record_failed.is_set():
+                self._record(result)
         except BaseException:
+            self._record_failed.set()
             self._abort.set()
             raise
         finally:
