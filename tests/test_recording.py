@@ -4,6 +4,7 @@ row it left is recovered by the next run."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -84,3 +85,34 @@ def test_a_failure_to_record_stops_the_delivery_and_the_next_run_recovers(
     outcomes = ledger_outcomes(harness)
     assert set(outcomes) == set(members)
     assert all(o[-1] == "acknowledged" for o in outcomes.values())
+
+
+@pytest.mark.parametrize("state_url", ["postgresql", "mariadb"], indirect=True)
+def test_twenty_workers_each_record_on_a_server_state_db(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """`concurrency = 20`: twenty batches in flight at once, each worker recording on a
+    connection of its own — more than SQLAlchemy's default pool of 15 (which timed the run
+    out waiting for a connection)."""
+    members = [f"m{i:02d}" for i in range(40)]
+    harness.set_members(members)
+    harness.destinations["segment"].update(batch_size=1, concurrency=20)
+    gate = threading.Event()
+    receiver.gate = gate
+
+    def open_gate_at_twenty() -> None:
+        deadline = time.monotonic() + 30
+        while receiver.arrivals < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+
+    opener = threading.Thread(target=open_gate_at_twenty)
+    opener.start()
+    try:
+        report = harness.sync()
+    finally:
+        gate.set()
+        opener.join()
+    assert report.status == "succeeded", report.error
+    assert {row.status for row in harness.memberships().values()} == {"in_sync"}
+    assert ledger_outcomes(harness) == {m: ["acknowledged"] for m in members}

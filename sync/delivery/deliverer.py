@@ -110,7 +110,7 @@ class Deliverer:
         page = max(PAGE_ROWS, self.destination.max_batch_messages * concurrency)
         in_flight: set[Future[None]] = set()
         pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="deliver")
-        abandoned = False
+        abandoned = failed = False
         try:
             try:
                 self.ledger.start()
@@ -131,9 +131,7 @@ class Deliverer:
                         self.lease.ensure_held()
                     if self._should_stop():
                         break
-                while in_flight:
-                    self._collect(in_flight)
-                self._wait_recorded()
+                self._drain(in_flight, quiet=False)
                 # Not on an exception: a batch's fate may be unknown, the next run recovers.
                 self.ledger.done()
             except KeyboardInterrupt:
@@ -142,12 +140,13 @@ class Deliverer:
                 # in doubt before planning.
                 abandoned = self._abandoned = True
                 raise
+            except BaseException:
+                failed = True
+                raise
             finally:
                 self._abort.set()
-                while in_flight and not abandoned:
-                    self._collect(in_flight)
                 if not abandoned:
-                    self._wait_recorded()
+                    self._drain(in_flight, quiet=failed)
         finally:
             pool.shutdown(wait=not abandoned, cancel_futures=True)
             if self._recorder is not None:
@@ -179,6 +178,23 @@ class Deliverer:
         for future in recorded:
             future.result()
 
+    def _drain(self, in_flight: set[Future[None]], *, quiet: bool) -> None:
+        """Wait for the batches in flight, then for every outcome handed to the recorders,
+        and raise the first error — unless ``quiet``: an error is already being raised, and
+        the first cause is the one the run reports."""
+        first: Exception | None = None
+        while in_flight:
+            try:
+                self._collect(in_flight)
+            except Exception as error:
+                first = first or error
+        try:
+            self._wait_recorded()
+        except Exception as error:
+            first = first or error
+        if first is not None and not quiet:
+            raise first
+
     def _wait_recorded(self) -> None:
         """Wait until every outcome handed to the recorders is committed (or has failed: the
         first error is raised). Called once no worker is sending any more."""
@@ -191,9 +207,9 @@ class Deliverer:
     # --- worker threads -------------------------------------------------------------------
 
     def _deliver_batch(self, units: list[Unit], handed: list[Any]) -> None:
-        """Send and record one batch (of the page handed over at ``handed``). Workers do their
-        own state DB writes, so that they overlap the main thread's reading and encoding
-        (drivers release the GIL)."""
+        """Send one batch (of the page handed over at ``handed``) and record its outcome, or on
+        SQLite hand it to a recorder. The state DB writes happen off the main thread, so that
+        they overlap its reading and encoding (drivers release the GIL)."""
         if self._abort.is_set():
             return
         result = self.sender.send(units)

@@ -65,6 +65,13 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# Each delivery worker holds a connection for its whole delivery (``concurrency`` up to 64 per
+# destination, times the daemon's ``workers``): the pool keeps 5 and opens the rest on demand,
+# bounded by the server's own connection limit, not by QueuePool's default overflow of 10 (a
+# run with concurrency 15 on PostgreSQL timed out waiting for a connection).
+UNCAPPED_OVERFLOW = -1
+
+
 def make_state_engine(url: str, *, must_exist: bool = False, read_only: bool = False) -> Engine:
     """Create the engine for the state database, configured for concurrent use.
 
@@ -94,7 +101,7 @@ def make_state_engine(url: str, *, must_exist: bool = False, read_only: bool = F
     try:
         if parsed.get_backend_name() in MYSQL_DIALECTS:
             return _make_mysql_engine(url, read_only=read_only)
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url, pool_pre_ping=True, max_overflow=UNCAPPED_OVERFLOW)
     except ImportError as exc:
         raise StateError(f"state database: {missing_driver(exc, parsed.drivername)}") from None
     if read_only:
@@ -119,7 +126,12 @@ def _make_mysql_engine(url: str, *, read_only: bool) -> Engine:
     # READ COMMITTED, as on PostgreSQL: each statement sees what others committed before it.
     # Under InnoDB's default REPEATABLE READ, a transaction keeps reading its first snapshot,
     # so e.g. the loser of two concurrent audience creations would not see the winner's row.
-    engine = create_engine(url, pool_pre_ping=True, isolation_level="READ COMMITTED")
+    engine = create_engine(
+        url,
+        pool_pre_ping=True,
+        isolation_level="READ COMMITTED",
+        max_overflow=UNCAPPED_OVERFLOW,
+    )
     event.listen(engine, "connect", _configure_mysql)
     if read_only:
         event.listen(engine, "begin", read_only_transaction)
