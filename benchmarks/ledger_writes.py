@@ -8,8 +8,10 @@ A state DB is planned once (every row pending), then copied for each variant, wh
 acknowledgements of all its rows in batches of 500, four batches per transaction (as grouped
 commits do), with the statements ``sync/delivery/ledger.py`` issues:
 
-- ``ack``: the compare-and-set UPDATE of each batch (the ledger off);
-- ``ack + ledger``: that and the batch's ``INSERT … SELECT`` of ledger rows (the ledger on);
+- ``ack``: the compare-and-set UPDATE of each batch (the ledger off; ``Ledger._ack`` as it
+  compiles on SQLite, with its constants inlined);
+- ``ack + ledger``: that and the batch's ``INSERT … SELECT`` of ledger rows (the ledger on:
+  ``Ledger``'s own statement);
 - ``ledger, folded per page``: only the ``INSERT … SELECT`` per batch, then once per 10,000
   rows one set-based UPDATE of ``memberships`` from the ledger rows appended since (version
   compare-and-set, as the per-batch UPDATE does).
@@ -36,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.run import Env
+from sync.delivery.ledger import Ledger
 from sync.reports import RunOptions
 
 BATCH = 500
@@ -47,15 +50,6 @@ ACK = (
     "UPDATE memberships SET synced_value = value, in_doubt = 0, status = 'in_sync', "
     "attempts = 0, next_attempt_at = NULL, last_error = NULL, delivered_at = ? "
     f"WHERE {WHERE} AND member_id IN (SELECT value FROM json_each(?)) AND version = 1"
-)
-LOG = (
-    "INSERT INTO deliveries (message_id, message_type, batch_id, audience_id, destination, "
-    "id_kind, member_id, value, traits, version, outcome, sent_at, acknowledged_at) "
-    "SELECT j.value, 'identify', ?, m.audience_id, m.destination, m.id_kind, m.member_id, "
-    "m.value, m.traits, m.version, 'acknowledged', ?, ? "
-    "FROM json_each(?) AS j CROSS JOIN memberships AS m ON m.audience_id = 1 "
-    "AND m.destination = 'segment' AND m.id_kind = 'user' AND m.member_id = j.key "
-    "AND m.version = 1"
 )
 FOLD = (
     "WITH d AS MATERIALIZED (SELECT id_kind, member_id, version, value, acknowledged_at "
@@ -69,13 +63,16 @@ FOLD = (
 )
 
 
-def planned_state(folder: Path, members: int) -> Path:
-    """A state DB whose ``members`` rows are all pending (the benchmark's audience)."""
+def planned_state(folder: Path, members: int) -> tuple[Path, str]:
+    """A state DB whose ``members`` rows are all pending (the benchmark's audience), and the
+    ledger's own ``INSERT … SELECT`` of an acknowledged group's rows on it."""
     env = Env(folder, "sqlite", members, 0.0, "http://127.0.0.1:9")
     path = folder / "planned.db"
     with env.syncer(f"sqlite:///{path}", env.base) as (syncer, audience):
         syncer.sync(audience, RunOptions(deliver=False))
-    return path
+        log = Ledger(syncer.engine, 1, "segment", max_attempts=1)._log_acked
+    assert log is not None
+    return path, log
 
 
 def measure(
@@ -120,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     members = (args.members // BATCH) * BATCH
     with tempfile.TemporaryDirectory() as folder:
-        planned = planned_state(Path(folder), members)
+        planned, log_sql = planned_state(Path(folder), members)
         names = [f"user_{i:08d}" for i in range(members)]
         batches = []
         for first in range(0, members, BATCH):
@@ -133,7 +130,8 @@ def main() -> None:
             db.execute(ACK, (NOW, members))
 
         def log(db: sqlite3.Connection, members: str, ids: str) -> None:
-            db.execute(LOG, ("batch", NOW, NOW, ids))
+            where = (1, "segment", "user", 1)  # audience, destination, id kind, version
+            db.execute(log_sql, ("identify", "batch", NOW, NOW, ids, *where))
 
         def ack_and_log(db: sqlite3.Connection, members: str, ids: str) -> None:
             ack(db, members, ids)

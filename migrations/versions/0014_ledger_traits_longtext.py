@@ -25,22 +25,15 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name in MYSQL_DIALECTS:
-        op.alter_column(
-            "deliveries",
-            "traits",
-            existing_type=sa.Text(),
-            type_=mysql.LONGTEXT(),
-            existing_nullable=True,
-        )
+    _retype(sa.Text(), mysql.LONGTEXT())
 
 
 def downgrade() -> None:
+    _retype(mysql.LONGTEXT(), sa.Text())
+
+
+def _retype(existing: sa.types.TypeEngine[str], new: sa.types.TypeEngine[str]) -> None:
     if op.get_bind().dialect.name in MYSQL_DIALECTS:
         op.alter_column(
-            "deliveries",
-            "traits",
-            existing_type=mysql.LONGTEXT(),
-            type_=sa.Text(),
-            existing_nullable=True,
+            "deliveries", "traits", existing_type=existing, type_=new, existing_nullable=True
         )

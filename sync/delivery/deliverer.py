@@ -97,7 +97,7 @@ class Deliverer:
         self._recording: set[Future[None]] = set()  # outcomes handed over, not yet committed
         # Outcomes a worker may hand over before it waits for the recorders (memory bound).
         self._slots = threading.Semaphore(2 * max(1, destination.concurrency))
-        self._abandoned = False
+        self._abandoned = False  # a second Ctrl-C: the batches in flight are left
         self._record_failed = threading.Event()
 
     # --- main thread ---------------------------------------------------------------------
@@ -110,7 +110,7 @@ class Deliverer:
         page = max(PAGE_ROWS, self.destination.max_batch_messages * concurrency)
         in_flight: set[Future[None]] = set()
         pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="deliver")
-        abandoned = failed = False
+        failed = False
         try:
             try:
                 self.ledger.start()
@@ -138,20 +138,20 @@ class Deliverer:
                 # A second Ctrl-C: abandon the batches in flight instead of waiting for their
                 # answers. delivery_progress still covers their rows: the next run marks them
                 # in doubt before planning.
-                abandoned = self._abandoned = True
+                self._abandoned = True
                 raise
             except BaseException:
                 failed = True
                 raise
             finally:
                 self._abort.set()
-                if not abandoned:
+                if not self._abandoned:
                     self._drain(in_flight, quiet=failed)
         finally:
-            pool.shutdown(wait=not abandoned, cancel_futures=True)
+            pool.shutdown(wait=not self._abandoned, cancel_futures=True)
             if self._recorder is not None:
-                self._recorder.shutdown(wait=not abandoned, cancel_futures=True)
-            if not abandoned:
+                self._recorder.shutdown(wait=not self._abandoned, cancel_futures=True)
+            if not self._abandoned:
                 # After the pool has joined its workers: no connection is still in use.
                 self.ledger.close()
         if self.sender.gave_up is not None:
