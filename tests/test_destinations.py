@@ -66,6 +66,18 @@ def test_integrations_and_personas_settings(harness: Harness, receiver: Receiver
     assert message["context"]["personas"]["space_id"] == "spa_1"
 
 
+def test_an_endpoint_with_a_path_and_query_keeps_them(
+    harness: Harness, receiver: Receiver
+) -> None:
+    # A proxy in front of Segment: /v1/batch goes after the path, the query stays a query
+    # (it used to be sent to "/relay?tenant=acme/v1/batch").
+    harness.destinations["segment"]["endpoint"] = receiver.url + "/relay/?tenant=acme"
+    harness.set_members(["a"])
+    harness.sync()
+    assert [r.path for r in receiver.requests] == ["/relay/v1/batch?tenant=acme"]
+    assert len(receiver.messages()) == 1
+
+
 def test_gzip_bodies(harness: Harness, receiver: Receiver) -> None:
     harness.destinations["segment"]["gzip"] = True
     harness.set_members(["a", "b"])

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from pydantic import Field
@@ -76,6 +76,14 @@ def check_http_url(value: str) -> str:
         raise ValueError("not an http:// or https:// URL with a host")
     del port
     return value
+
+
+def api_url(base: str, path: str) -> str:
+    """``path`` (``/v1/batch``) appended to the path of ``base``, whose query string (a
+    proxy's, say) stays the query: pasted after it, the path would be sent as part of the
+    query."""
+    parts = urlsplit(base.strip())
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path, fragment=""))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import httpx
 from sync.destinations import build_destination
 from sync.destinations.base import BaseDestinationSettings
 from sync.destinations.file import FileSettings
-from sync.destinations.http import MAX_ERROR_TEXT
+from sync.destinations.http import MAX_ERROR_TEXT, api_url
 from sync.destinations.segment import SegmentApiSettings
 from sync.destinations.webhook import WebhookSettings
 from sync.errors import CredentialsRejectedError, RejectedBatchError
@@ -54,7 +54,7 @@ def probe_destination(name: str, settings: BaseDestinationSettings) -> ProbeResu
     if isinstance(settings, FileSettings):
         return _probe_file(name, settings)
     if isinstance(settings, SegmentApiSettings):
-        url = settings.endpoint.rstrip("/") + "/v1/batch"
+        url = api_url(settings.endpoint, "/v1/batch")
     elif isinstance(settings, WebhookSettings):
         url = settings.url
     else:

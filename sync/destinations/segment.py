@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import SecretStr, field_validator
 
-from sync.destinations.http import HttpSender, HttpSettings, check_http_url
+from sync.destinations.http import HttpSender, HttpSettings, api_url, check_http_url
 
 # Segment HTTP Tracking API limit (segment.com/docs/connections/sources/catalog/libraries/
 # server/http-api/#max-request-size): 32 KB per message. The per-batch limits are in http.py.
@@ -52,7 +52,7 @@ class SegmentDestination:
         self.integrations: dict[str, Any] | None = settings.routing()
         self._sender = HttpSender(
             name,
-            settings.endpoint.rstrip("/") + "/v1/batch",
+            api_url(settings.endpoint, "/v1/batch"),
             timeout=settings.timeout,
             concurrency=settings.concurrency,
             use_gzip=settings.gzip,
