@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
+from sync.state import resumable
 from sync.state.db import compare_column_type
 from sync.state.tables import Base
 
@@ -16,6 +17,7 @@ def run_migrations_online() -> None:
     if connection is None:
         raise RuntimeError("run migrations through `audience-sync db upgrade`")
     sqlite = connection.dialect.name == "sqlite"
+    resumable.install()  # MariaDB/MySQL: a killed upgrade's rerun completes its revision
     context.configure(
         connection=connection,
         target_metadata=target_metadata,

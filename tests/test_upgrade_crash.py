@@ -75,6 +75,21 @@ def _members(engine: Engine) -> int:
         return int(connection.execute(select(func.count()).select_from(MEMBERSHIPS)).scalar_one())
 
 
+def _upgrade_completes(victim: subprocess.Popen[bytes], config: Path, engine: Engine) -> None:
+    """A plain `db upgrade` (the killed one's command line) reaches head with the schema the
+    tables describe."""
+    rerun = subprocess.run(
+        [*victim.args[:3], "--config", str(config), "db", "upgrade"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert current_revision(engine) == head_revision()
+    assert schema_diff(engine) == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("database", "start", "statement"), KILL_POINTS)
 def test_killed_upgrade_leaves_the_previous_revision(
@@ -112,17 +127,61 @@ def test_killed_upgrade_leaves_the_previous_revision(
         if start:
             assert _members(engine) == MEMBERS
 
-        rerun = subprocess.run(
-            [*victim.args[:3], "--config", str(config), "db", "upgrade"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-        assert current_revision(engine) == head_revision()
-        assert schema_diff(engine) == []
+        _upgrade_completes(victim, config, engine)
         if start:
             assert _members(engine) == MEMBERS
+    finally:
+        engine.dispose()
+
+
+# MariaDB/MySQL commit each DDL statement at once, so a killed upgrade leaves its revision
+# half applied. Killed before each of these statements in turn (each after some DDL of its
+# revision has committed), every next `db upgrade` resumes where the last one stopped.
+MARIADB_KILL_POINTS = [
+    "CREATE TABLE memberships",  # 0001: audiences and installation exist
+    "CREATE TABLE runs",  # 0001: memberships and its indexes exist
+    "CREATE TABLE staged_members",  # 0002: run_deliveries exists
+    "UPDATE alembic_version SET version_num='0003'",  # 0003: in_doubt added
+    "UPDATE alembic_version SET version_num='0006'",  # 0006: the foreign key is gone
+    "CREATE TABLE destination_endpoints",  # 0008: audiences.destinations_hash added
+    "CREATE TABLE daemon_schedules",  # 0011: daemons exists
+    "CREATE VIEW sent_messages",  # 0012: deliveries and its index exist
+    "UPDATE alembic_version SET version_num='0013'",  # 0013: alerts_sent exists
+]
+
+
+@pytest.mark.slow
+def test_a_mariadb_upgrade_killed_between_ddl_statements_resumes(
+    mysql_database_url: str, tmp_path: Path
+) -> None:
+    engine = make_state_engine(mysql_database_url)
+    config = tmp_path / "audience-sync.toml"
+    config.write_text(f'[state]\nurl = "{mysql_database_url}"\n')
+    try:
+        for number, statement in enumerate(MARIADB_KILL_POINTS):
+            ready = tmp_path / f"paused-{number}"
+            log = tmp_path / f"killed-{number}.log"
+            victim = spawn(
+                config,
+                "db",
+                "upgrade",
+                "--test-pause-before",
+                statement,
+                "--test-ready-file",
+                str(ready),
+                log=log,
+            )
+            try:
+                # The upgrade first completes what the last kill left half applied.
+                wait_for(
+                    lambda r=ready, v=victim: r.exists() or v.poll() is not None,
+                    60,
+                    f"the upgrade to reach {statement!r}",
+                )
+                assert ready.exists(), f"before {statement!r}: {log.read_text()}"
+            finally:
+                victim.send_signal(signal.SIGKILL)
+                victim.wait(timeout=10)
+        _upgrade_completes(victim, config, engine)
     finally:
         engine.dispose()

@@ -55,6 +55,8 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_deliveries")),
     )
     op.create_index(op.f("ix_deliveries_member_id"), "deliveries", ["member_id"], unique=False)
+    # MariaDB/MySQL: a killed upgrade may have made it already (each DDL commits at once).
+    op.execute("DROP VIEW IF EXISTS sent_messages")
     op.execute(SENT_MESSAGES)
 
 
