@@ -1,9 +1,10 @@
+import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, Text, cast, insert, inspect, select, text
 from sqlalchemy.orm import Session
 
 from sync.errors import SchemaOutOfDateError, SchemaTooNewError, StateDatabaseMissingError
@@ -18,7 +19,7 @@ from sync.state.db import (
     schema_status,
     upgrade,
 )
-from sync.state.tables import Audience, Base, Run
+from sync.state.tables import AUDIENCES, MEMBERSHIPS, Audience, Base, Run
 
 TABLES = {"installation", "audiences", "memberships", "runs"}
 
@@ -38,9 +39,7 @@ def test_upgrade_downgrade_upgrade(bare_engine: Engine) -> None:
 def schema_diff(engine: Engine) -> list[object]:
     """What Alembic's autogenerate finds between the models and the database."""
     with engine.connect() as connection:
-        context = MigrationContext.configure(
-            connection, opts={"compare_type": compare_column_type}
-        )
+        context = MigrationContext.configure(connection, opts={"compare_type": compare_column_type})
         return list(compare_metadata(context, Base.metadata))
 
 
@@ -168,3 +167,43 @@ def test_0009_completes_over_a_half_done_upgrade(state_engine: Engine) -> None:
     assert current_revision(state_engine) == head_revision()
     columns = {c["name"] for c in inspect(state_engine).get_columns("memberships")}
     assert {"value", "synced_value"} <= columns and "synced" not in columns
+
+
+def test_0015_turns_stored_null_traits_into_sql_null(state_engine: Engine) -> None:
+    """No extra traits is SQL NULL on every state DB: 0015 converts the JSON text ``null``
+    that MariaDB/MySQL state DBs stored before (other DBs never held it, and keep their rows)."""
+    downgrade(state_engine, "0014")
+    now = datetime(2026, 11, 30, tzinfo=UTC)
+    with state_engine.begin() as connection:
+        connection.execute(
+            insert(AUDIENCES).values(id=1, key="k", name="K", definition_hash="h", created_at=now)
+        )
+        connection.execute(  # the stored texts as they are, not as a JSON column binds them
+            text(
+                "INSERT INTO memberships (audience_id, destination, id_kind, member_id, desired,"
+                " value, version, changed_at, traits, status, attempts) VALUES (1, 'segment',"
+                " 'user', :member, true, 'true', 1, :now, :traits, 'pending', 0)"
+            ),
+            [
+                {"member": "none", "now": now, "traits": "null"},
+                {"member": "some", "now": now, "traits": '{"plan": "pro"}'},
+            ],
+        )
+        connection.execute(
+            text(
+                "INSERT INTO deliveries (message_id, message_type, batch_id, audience_id,"
+                " destination, id_kind, member_id, value, traits, version, outcome, sent_at)"
+                " VALUES ('m', 'identify', 'b', 1, 'segment', 'user', 'none', 'true', 'null', 1,"
+                " 'acknowledged', :now)"
+            ),
+            {"now": now},
+        )
+    upgrade(state_engine)
+    mysql = state_engine.dialect.name in ("mysql", "mariadb")
+    with state_engine.connect() as connection:
+        query = select(MEMBERSHIPS.c.member_id, cast(MEMBERSHIPS.c.traits, Text))
+        traits = dict(connection.execute(query).tuples().all())
+        logged = connection.execute(text("SELECT traits FROM deliveries")).scalar()
+    assert traits["none"] is None if mysql else traits["none"] == "null"
+    assert json.loads(traits["some"]) == {"plan": "pro"}
+    assert logged is None if mysql else logged == "null"

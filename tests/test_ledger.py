@@ -204,9 +204,9 @@ def test_user_and_members_show_the_last_sent_value(harness: Harness, receiver: R
     assert row["last_sent"] is False and row["last_outcome"] == "acknowledged"
     with harness.engine.connect() as connection:
         sent_at = connection.execute(
-            select(DELIVERIES.c.sent_at).where(DELIVERIES.c.member_id == "b").order_by(
-                DELIVERIES.c.id.desc()
-            )
+            select(DELIVERIES.c.sent_at)
+            .where(DELIVERIES.c.member_id == "b")
+            .order_by(DELIVERIES.c.id.desc())
         ).scalar()
     assert row["last_sent_at"] == sent_at.isoformat(timespec="seconds")
     exited = invoke("members", KEY, "--exited")
@@ -236,3 +236,27 @@ def test_rows_older_than_keep_deliveries_are_pruned(harness: Harness, receiver: 
     harness.config_extra = ""
     assert prune_deliveries(harness.engine, keep_seconds=86_400) == 2
     assert prune_deliveries(harness.engine, keep_seconds=86_400) == 0
+
+
+def test_a_message_without_extra_traits_logs_sql_null(harness: Harness, receiver: Receiver) -> None:
+    """No traits sent reads the same on every state DB: ``traits IS NULL``, not the text
+    ``null``; acknowledged, rejected and leaving rows alike."""
+    harness.audience["traits"] = []
+    harness.set_members(["a", "b"])
+    receiver.poison = {"b"}
+    harness.sync()
+    receiver.poison = set()
+    harness.set_members(["b"])
+    harness.sync()
+    assert all(set(m["traits"]) == {KEY} for m in receiver.messages())  # no extra traits
+    with harness.engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT member_id, outcome, traits FROM sent_messages ORDER BY id")
+        ).all()
+    assert sorted((r.member_id, r.outcome) for r in rows) == [
+        ("a", "acknowledged"),
+        ("a", "acknowledged"),
+        ("b", "acknowledged"),
+        ("b", "rejected"),
+    ]
+    assert [r.traits for r in rows] == [None] * 4

@@ -267,7 +267,9 @@ class Membership(Base):
     in_doubt: Mapped[bool] = mapped_column(Boolean, default=False)
     version: Mapped[int] = mapped_column(Integer)
     changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    traits: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # No extra traits is SQL NULL on every state DB (SQLAlchemy binds None as the JSON text
+    # 'null' unless told: MariaDB's rows, read back as text, took the encoder's slow path).
+    traits: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     status: Mapped[MembershipStatus] = mapped_column(
         _enum(MEMBERSHIP_STATUSES, "membership_status")
     )
@@ -359,7 +361,9 @@ class StagedMember(Base):
     id_kind: Mapped[IdKind] = mapped_column(_enum(ID_KINDS, "staged_id_kind"), primary_key=True)
     member_id: Mapped[str] = mapped_column(Key(MAX_MEMBER_ID_LENGTH), primary_key=True)
     anonymous_id: Mapped[str | None] = mapped_column(Key(MAX_MEMBER_ID_LENGTH), nullable=True)
-    traits: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # No extra traits is SQL NULL on every state DB (SQLAlchemy binds None as the JSON text
+    # 'null' unless told: MariaDB's rows, read back as text, took the encoder's slow path).
+    traits: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     # A trait group's row values (canonical JSON text); NULL for an audience.
     value: Mapped[str | None] = mapped_column(ValueText, nullable=True)
 
