@@ -177,3 +177,38 @@ def test_probe_reports_auth_tls_dns_and_refused_per_destination(tmp_path: Path) 
     assert all(not d["ok"] for d in found.values())
     assert WRITE_KEY not in human.output and "hook_secret_77" not in human.output
     assert human.exit_code == 1 and "auth: " in human.output
+
+
+def test_check_warns_when_the_daemon_could_exhaust_the_servers_connections(
+    tmp_path: Path, state_url: str
+) -> None:
+    """Each delivery worker holds a state DB connection: 64 daemon workers of concurrency 64
+    need more than a server allows (4,291 connections), and `check` says so before runs fail
+    on "too many clients"; the defaults fit (and SQLite has no such limit)."""
+    destinations = (
+        f'[destinations.segment]\ntype = "segment"\nwrite_key = "{WRITE_KEY}"\n'
+        'endpoint = "http://127.0.0.1:9"\nspace_id = "spa_1"\n'
+    )
+    audiences = "".join(
+        _audience(f"A{i}", "SELECT user_id FROM users", destination="segment") for i in range(64)
+    )
+    config = _config(tmp_path, state_url, audiences=audiences, destinations=destinations)
+    CliRunner().invoke(cli, ["--config", str(config), "db", "upgrade"], catch_exceptions=False)
+
+    def connection_warnings() -> list[str]:
+        _, report = _check(config)
+        return [w for w in report["warnings"] if "connections at once" in w]
+
+    assert connection_warnings() == []
+    text = config.read_text().replace(
+        'space_id = "spa_1"\n', 'space_id = "spa_1"\nconcurrency = 64\n'
+    )
+    config.write_text(text + "\n[daemon]\nworkers = 64\n")
+    warnings = connection_warnings()
+    if state_url.startswith("sqlite"):
+        assert warnings == []
+        return
+    (warning,) = warnings
+    # 64 computations side by side, each with 64 delivery workers and 3 others; + 3.
+    assert "the daemon may open 4291 connections at once" in warning
+    assert "[daemon] workers = 64" in warning and "max_connections" in warning

@@ -27,7 +27,7 @@ from sync.run.drift import drift_report
 from sync.run.preview import column_problems
 from sync.run.sources import check_source, demo_warehouse_exists
 from sync.state.daemons import DaemonView, daemon_views
-from sync.state.db import make_state_engine, schema_status
+from sync.state.db import connection_room, make_state_engine, schema_status
 from sync.state.inspection import (
     MemberFilter,
     count_member_rows,
@@ -278,7 +278,7 @@ def check(app: AppContext, probe: bool, as_json: bool) -> None:
     ]
     problems, warnings = _check_drift(config)
     problems = [*column_problems(config), *problems]
-    warnings = [*_payload_warnings(config), *warnings]
+    warnings = [*_payload_warnings(config), *_connection_warnings(config), *warnings]
     probed = _probe(config) if probe else None
     ok = all(c["ok"] for c in connections) and not problems
     if probed is not None:
@@ -364,6 +364,52 @@ def _payload_warnings(config: Config) -> list[str]:
         f'space_id = "spa_…" under [destinations.{name}]'
         for name, settings in config.destinations.items()
         if settings.type == "segment" and not settings.space_id
+    ]
+
+
+# Connections a running computation holds besides one per delivery worker: its main thread
+# (pages, hand-over), lease renewal, and a spare for progress and run records.
+CONNECTIONS_PER_RUN = 3
+# The daemon's own: heartbeat, scheduler sweeps, the status page and metrics.
+DAEMON_CONNECTIONS = 3
+
+
+def _connection_warnings(config: Config) -> list[str]:
+    """A server state DB's connection limit against what the daemon may open at once: each
+    delivery worker holds a connection for its whole delivery, and ``[daemon] workers``
+    computations run side by side (README "The daemon"). Over the limit, runs fail
+    with the server's "too many clients"; said here first."""
+    needs = sorted(
+        (
+            max(
+                (getattr(config.destinations[d], "concurrency", 1) for d in c.destinations),
+                default=1,
+            )
+            + CONNECTIONS_PER_RUN,
+            c.name,
+        )
+        for c in config.computations
+        if c.enabled
+    )
+    busiest = needs[-config.daemon.workers :]
+    peak = sum(need for need, _ in busiest) + DAEMON_CONNECTIONS
+    try:
+        engine = make_state_engine(config.state.url, must_exist=True, read_only=True)
+        with disposing(engine), engine.connect() as connection:
+            room = connection_room(connection)
+    except StateError:
+        return []
+    if room is None or not busiest:
+        return []
+    free = room.allowed - room.in_use + 1  # this check's own connection goes away
+    if peak <= free:
+        return []
+    return [
+        f"state DB: the daemon may open {peak} connections at once ([daemon] workers = "
+        f"{config.daemon.workers}; each running computation holds one per delivery worker "
+        f"(its destinations' largest concurrency) plus {CONNECTIONS_PER_RUN}), but the server "
+        f"allows {room.allowed} and {room.in_use} are open: lower [daemon] workers or a "
+        "destination's concurrency, or raise the server's max_connections"
     ]
 
 

@@ -316,6 +316,32 @@ def downgrade(engine: Engine, revision: str) -> None:
         command.downgrade(alembic_config(connection), revision)
 
 
+@dataclass(frozen=True)
+class ConnectionRoom:
+    """How many connections a server state DB accepts from us, and how many are open now."""
+
+    allowed: int
+    in_use: int
+
+
+def connection_room(connection: Connection) -> ConnectionRoom | None:
+    """The server's connection limit (less PostgreSQL's superuser reserve) and the
+    connections open now; None on SQLite, which has no such limit."""
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        limit = int(connection.exec_driver_sql("SHOW max_connections").scalar_one())
+        reserved = int(
+            connection.exec_driver_sql("SHOW superuser_reserved_connections").scalar_one()
+        )
+        used = connection.exec_driver_sql("SELECT count(*) FROM pg_stat_activity").scalar_one()
+        return ConnectionRoom(limit - reserved, int(used))
+    if dialect in MYSQL_DIALECTS:
+        limit = connection.exec_driver_sql("SELECT @@max_connections").scalar_one()
+        used = connection.exec_driver_sql("SHOW STATUS LIKE 'Threads_connected'").one()[1]
+        return ConnectionRoom(int(limit), int(used))
+    return None
+
+
 def installation_id(connection: Connection) -> str:
     """This state database's installation id, created on first use."""
     found = connection.execute(select(INSTALLATION.c.installation_id)).scalar()
