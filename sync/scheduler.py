@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import FrameType, TracebackType
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -47,7 +47,36 @@ def schedule_trigger(config: Config, audience: ComputationConfig) -> Any:
     if schedule.interval_seconds is not None:
         return IntervalTrigger(seconds=schedule.interval_seconds, timezone=UTC, jitter=jitter)
     zone = ZoneInfo(config.defaults.timezone)
-    return CronTrigger.from_crontab(schedule.cron, timezone=zone)
+    return WallClockCronTrigger.from_crontab(schedule.cron, timezone=zone)
+
+
+class WallClockCronTrigger(CronTrigger):  # type: ignore[misc]
+    """A cron trigger that, like cron, runs a job at a fixed hour once when the clock falls
+    back: 01:30 happens twice in New York on the first Sunday of November, and APScheduler's
+    trigger fired at both. A job whose hour field is a wildcard still runs every real hour."""
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> Any:
+        fire = super().get_next_fire_time(previous_fire_time, now)
+        if fire is None or not self._repeated_wall_time(fire) or self._every_hour():
+            return fire
+        # Skip the repeated wall-clock times: look again from the first minute after them,
+        # stepping in UTC (APScheduler steps in wall-clock time, which lands back in the
+        # first pass and finds the repeat again).
+        after = fire.astimezone(UTC)
+        for _ in range(24 * 60):
+            after += timedelta(minutes=1)
+            if not self._repeated_wall_time(after.astimezone(fire.tzinfo)):
+                break
+        return super().get_next_fire_time(None, after)
+
+    @staticmethod
+    def _repeated_wall_time(moment: datetime) -> bool:
+        """Whether ``moment`` is the second time its zone's clocks showed its wall time."""
+        return moment.fold == 1 and moment.replace(fold=0).utcoffset() != moment.utcoffset()
+
+    def _every_hour(self) -> bool:
+        hour = next(field for field in self.fields if field.name == "hour")
+        return str(hour).startswith("*")
 
 
 class Daemon:

@@ -157,6 +157,47 @@ def test_cron_schedules_follow_the_configured_timezone(tmp_path: Path) -> None:
     assert "defaults.timezone" in output
 
 
+def _fires(path: Path, schedule: str, start: datetime, count: int) -> list[datetime]:
+    """The first ``count`` fire times (UTC) of ``schedule`` in New York time from ``start``,
+    as the daemon's scheduler asks for them (each after the last)."""
+    from sync.config import load_config
+    from sync.scheduler import schedule_trigger
+
+    state = f"sqlite:///{path.parent / 's.db'}"
+    path = write_config(path.parent, state, f'schedule = "{schedule}"')
+    path.write_text(path.read_text() + '\n[defaults]\ntimezone = "America/New_York"\n')
+    config = load_config(path)
+    trigger = schedule_trigger(config, config.audiences[0])
+    fires: list[datetime] = []
+    previous = None
+    for _ in range(count):
+        previous = trigger.get_next_fire_time(previous, previous or start)
+        fires.append(previous.astimezone(UTC))
+    return fires
+
+
+def test_a_fixed_time_cron_runs_once_when_the_clock_falls_back(tmp_path: Path) -> None:
+    """01:30 happens twice in New York on 2026-11-01: a daily 01:30 job runs at the first (as
+    cron does; it ran at both); an hourly one still runs every real hour."""
+    path = tmp_path / "audience-sync.toml"
+    evening = datetime(2026, 10, 31, 22, 0, tzinfo=UTC)
+    assert _fires(path, "30 1 * * *", evening, 3) == [
+        datetime(2026, 11, 1, 5, 30, tzinfo=UTC),  # 01:30 EDT
+        datetime(2026, 11, 2, 6, 30, tzinfo=UTC),  # 01:30 EST, the next day
+        datetime(2026, 11, 3, 6, 30, tzinfo=UTC),
+    ]
+    night = datetime(2026, 11, 1, 4, 30, tzinfo=UTC)
+    assert _fires(path, "0 * * * *", night, 3) == [
+        datetime(2026, 11, 1, 5, 0, tzinfo=UTC),  # 01:00 EDT
+        datetime(2026, 11, 1, 6, 0, tzinfo=UTC),  # 01:00 EST: another real hour
+        datetime(2026, 11, 1, 7, 0, tzinfo=UTC),
+    ]
+    assert _fires(path, "30 2 * * *", datetime(2026, 3, 7, 12, 0, tzinfo=UTC), 2) == [
+        datetime(2026, 3, 8, 7, 30, tzinfo=UTC),  # 02:30 does not exist: 03:30 EDT
+        datetime(2026, 3, 9, 6, 30, tzinfo=UTC),
+    ]
+
+
 def _in_a_terminal(args: list[str], columns: int) -> str:
     """Run the CLI with stdout on a pseudo-terminal ``columns`` wide; return what it showed."""
     leader, follower = pty.openpty()
