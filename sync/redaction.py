@@ -15,7 +15,7 @@ import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from pydantic import SecretStr
 
@@ -27,6 +27,11 @@ _SECRET_KEY = re.compile(r"(?i)secret|token|passw|pwd|credential|write_key|api_?
 # Header names that carry credentials; other headers (`X-Team = "growth"`) are not hidden
 # unless their value came from the environment.
 _SECRET_HEADER = re.compile(r"(?i)auth|token|key|secret|signature|passw|cookie|session|credential")
+# Query parameters of a URL that carry credentials (`?access_token=…`, a SAS `sig=`); other
+# parameters (`?tenant=acme`) are shown unless the whole URL came from the environment.
+_SECRET_PARAM = re.compile(
+    r"(?i)auth|token|key|secret|signature|^sig$|passw|pwd|session|credential"
+)
 # Values that are credentials whole by where they sit: an alert's URL (a Slack incoming
 # webhook's token is its path).
 _SECRET_PATH = re.compile(r"^alerts\..+\.url$")
@@ -142,7 +147,20 @@ def url_secrets(url: str) -> list[str]:
         # echoes this form.
         basic = f"{unquote(user or '')}:{unquote(password or '')}"
         found.append(base64.b64encode(basic.encode()).decode())
+    found += [value for name, value in parse_qsl(parts.query) if _SECRET_PARAM.search(name)]
     return [s for s in found if len(s) >= MIN_SECRET_LENGTH]
+
+
+def url_pieces(url: str) -> list[str]:
+    """A URL that is a secret whole, in the pieces a request URL built from it still shows:
+    everything before its query (without trailing slashes) and the query itself — a
+    destination sends ``/v1/batch`` between the two."""
+    base, mark, query = url.strip().partition("?")
+    pieces = [base.split("#", 1)[0].rstrip("/")]
+    if mark:
+        pieces.append(query.split("#", 1)[0])
+    # A piece as short as "a=b" would mangle unrelated output and protect little.
+    return [p for p in pieces if len(p) >= 8]
 
 
 def _token_like(user: str) -> bool:
@@ -161,6 +179,8 @@ def collect_secrets(tree: Any, interpolated: Iterable[tuple[str, str]] = ()) -> 
         last = path.rsplit(".", 1)[-1]
         if _SECRET_KEY.search(last) or last in _URL_KEYS or ".headers." in f".{path}":
             found.append(value)
+        if last in _URL_KEYS and "://" in value:
+            found.extend(url_pieces(value))
     return found
 
 

@@ -83,9 +83,7 @@ def echo_body() -> str:
 def leaky_config(harness: Harness, receiver: Receiver) -> Path:
     host = receiver.url.removeprefix("http://")
     harness.destinations["segment"]["write_key"] = "${TEST_WRITE_KEY}"
-    harness.destinations["segment"]["endpoint"] = (
-        f"http://{SEGMENT_USER}:{SEGMENT_PASSWORD}@{host}"
-    )
+    harness.destinations["segment"]["endpoint"] = f"http://{SEGMENT_USER}:{SEGMENT_PASSWORD}@{host}"
     harness.destinations["hook"] = {
         "type": "webhook",
         "url": f"http://{HOOK_USER}:{HOOK_PASSWORD}@{host}/hook/${{TEST_HOOK_PATH}}",
@@ -236,3 +234,34 @@ def test_a_plain_user_name_beside_a_password_is_not_hidden() -> None:
     assert "user" not in found
     shown = redactor.redact("member user_00003 via http://user:pw_SECRET_1@h")
     assert shown.startswith("member user_00003 via http://") and "pw_SECRET_1" not in shown
+
+
+QUERY_TOKEN = "qtok_SECRET_44"
+
+
+@pytest.mark.parametrize("from_env", [True, False], ids=["endpoint_from_env", "literal_endpoint"])
+def test_a_token_in_an_endpoints_query_string_never_shows(
+    harness: Harness, receiver: Receiver, from_env: bool
+) -> None:
+    """The URL sent is the endpoint with `/v1/batch` put before its query: an endpoint read
+    from the environment (a secret whole) must stay hidden in that form too, and a
+    credential-like query parameter typed into the config is hidden like a password."""
+    endpoint = f"{receiver.url}/relay/?tenant=acme&access_token={QUERY_TOKEN}"
+    env = {"TEST_ENDPOINT": endpoint} if from_env else {}
+    harness.destinations["segment"]["endpoint"] = "${TEST_ENDPOINT}" if from_env else endpoint
+    path = harness.write_config()
+    harness.set_members(["a"])
+    receiver.script = [Scripted(404, "no such page")] * 4
+    runner = CliRunner(env=env)
+    hidden = [QUERY_TOKEN, "tenant=acme"] if from_env else [QUERY_TOKEN]
+    outputs: dict[str, str] = {}
+    for command in (["check", "--probe"], ["check", "--probe", "--json"], ["sync"], ["runs"]):
+        result = runner.invoke(cli, ["--config", str(path), *command])
+        assert "Traceback" not in result.output, result.output
+        outputs[" ".join(command)] = result.output
+    assert receiver.requests[-1].path.startswith("/relay/v1/batch?tenant=acme&")
+    outputs["the state database"] = dump_state(harness.engine)
+    assert "404" in outputs["sync"] and "404" in outputs["the state database"], outputs
+    for where, output in outputs.items():
+        for secret in hidden:
+            assert secret not in output, f"{secret!r} leaked into {where}:\n{output}"
