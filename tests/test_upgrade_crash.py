@@ -75,6 +75,15 @@ def _members(engine: Engine) -> int:
         return int(connection.execute(select(func.count()).select_from(MEMBERSHIPS)).scalar_one())
 
 
+def _paused_upgrade(
+    config: Path, statement: str, ready: Path, log: Path
+) -> subprocess.Popen[bytes]:
+    """`db upgrade` that stops before ``statement`` and creates ``ready`` (the test seam);
+    deleting ``ready`` lets it go on."""
+    args = ["--test-pause-before", statement, "--test-ready-file", str(ready)]
+    return spawn(config, "db", "upgrade", *args, log=log)
+
+
 def _upgrade_completes(victim: subprocess.Popen[bytes], config: Path, engine: Engine) -> None:
     """A plain `db upgrade` (the killed one's command line) reaches head with the schema the
     tables describe."""
@@ -108,16 +117,7 @@ def test_killed_upgrade_leaves_the_previous_revision(
         config = tmp_path / "audience-sync.toml"
         config.write_text(f'[state]\nurl = "{url}"\n')
         ready = tmp_path / "paused"
-        victim = spawn(
-            config,
-            "db",
-            "upgrade",
-            "--test-pause-before",
-            statement,
-            "--test-ready-file",
-            str(ready),
-            log=tmp_path / "killed.log",
-        )
+        victim = _paused_upgrade(config, statement, ready, tmp_path / "killed.log")
         try:
             wait_for(ready.exists, 60, f"the upgrade to reach {statement!r}")
         finally:
@@ -161,16 +161,7 @@ def test_a_mariadb_upgrade_killed_between_ddl_statements_resumes(
         for number, statement in enumerate(MARIADB_KILL_POINTS):
             ready = tmp_path / f"paused-{number}"
             log = tmp_path / f"killed-{number}.log"
-            victim = spawn(
-                config,
-                "db",
-                "upgrade",
-                "--test-pause-before",
-                statement,
-                "--test-ready-file",
-                str(ready),
-                log=log,
-            )
+            victim = _paused_upgrade(config, statement, ready, log)
             try:
                 # The upgrade first completes what the last kill left half applied.
                 wait_for(
@@ -183,5 +174,52 @@ def test_a_mariadb_upgrade_killed_between_ddl_statements_resumes(
                 victim.send_signal(signal.SIGKILL)
                 victim.wait(timeout=10)
         _upgrade_completes(victim, config, engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("database", ["postgresql", "mariadb"])
+def test_two_upgrades_at_once_take_turns(
+    database: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A daemon and a cron `sync` with auto_upgrade (or two replicas) upgrading one new state
+    DB together: the second waits for the first, then finds the schema current. On MariaDB
+    both used to run every revision, each inserting its version row: two heads, and every
+    later command refused (hostile review)."""
+    url = str(
+        request.getfixturevalue(
+            "postgres_schema_url" if database == "postgresql" else "mysql_database_url"
+        )
+    )
+    engine = make_state_engine(url)
+    config = tmp_path / "audience-sync.toml"
+    config.write_text(f'[state]\nurl = "{url}"\n')
+    ready = tmp_path / "paused"
+    first = _paused_upgrade(config, "INSERT INTO alembic_version", ready, tmp_path / "first.log")
+    second_log = tmp_path / "second.log"
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for(ready.exists, 60, "the first upgrade to pause")
+        second = spawn(config, "db", "upgrade", log=second_log)
+        wait_for(
+            lambda: "waiting for it" in second_log.read_text() or second.poll() is not None,
+            60,
+            "the second upgrade to wait or finish",
+        )
+        assert second.poll() is None, second_log.read_text()  # it waits, holding nothing
+        ready.unlink()  # the first goes on
+        assert first.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()
+        assert second.wait(timeout=120) == 0, second_log.read_text()
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+    try:
+        with engine.connect() as connection:
+            versions = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+        assert [v for (v,) in versions] == [head_revision()]
+        assert schema_diff(engine) == []
     finally:
         engine.dispose()

@@ -5,8 +5,10 @@ Engines are made here and passed down; nothing opens a connection at import time
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import secrets
-import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -178,7 +180,8 @@ def alembic_config(connection: Connection) -> AlembicConfig:
 @dataclass(frozen=True)
 class MigrationPause:
     """Test seam (``db upgrade --test-pause-before TEXT --test-ready-file PATH``): before the
-    first SQL statement containing ``statement``, create ``ready`` and wait until killed."""
+    first SQL statement containing ``statement``, create ``ready`` and wait until killed, or
+    until the test deletes ``ready`` (then go on)."""
 
     statement: str
     ready: Path
@@ -189,9 +192,65 @@ class MigrationPause:
         def pause(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
             if self.statement in statement:
                 self.ready.touch()
-                threading.Event().wait()  # until the test kills this process
+                while self.ready.exists():  # until the test kills this process or lets it go
+                    time.sleep(0.05)
 
         event.listen(connection, "before_cursor_execute", pause)
+
+
+logger = logging.getLogger("sync.state")
+
+# How long a `db upgrade` waits for another one migrating the same state DB.
+MIGRATION_LOCK_SECONDS = 3600
+_PG_MIGRATION_LOCK = int.from_bytes(b"audsyncm", "big") >> 1  # an advisory lock key (bigint)
+
+
+@contextmanager
+def migration_lock(connection: Connection) -> Iterator[None]:
+    """Hold the state DB's migration lock: two `db upgrade`s (a daemon and a cron `sync` with
+    ``auto_upgrade``, two replicas) starting together on a server DB take turns, and the
+    second finds the schema current. Without it, on MariaDB (each DDL commits at once, and a
+    rerun skips what is done) both ran every revision and each inserted its version row: two
+    heads, and every later command refused. A session lock, so a killed upgrade releases it.
+    SQLite needs none: its migration holds the one write lock from its first statement."""
+    dialect = connection.dialect.name
+    if dialect not in ("postgresql", *MYSQL_DIALECTS):
+        yield
+        return
+    if dialect == "postgresql":
+        acquire = f"SELECT pg_try_advisory_lock({_PG_MIGRATION_LOCK})"
+        wait = f"SELECT pg_advisory_lock({_PG_MIGRATION_LOCK})"
+        release = f"SELECT pg_advisory_unlock({_PG_MIGRATION_LOCK})"
+    else:
+        # Named locks are server-wide: one per database.
+        database = connection.exec_driver_sql("SELECT DATABASE()").scalar() or ""
+        name = "audience-sync:" + hashlib.sha1(str(database).encode()).hexdigest()[:40]
+        acquire = f"SELECT GET_LOCK('{name}', 0)"
+        wait = f"SELECT GET_LOCK('{name}', {MIGRATION_LOCK_SECONDS})"
+        release = f"SELECT RELEASE_LOCK('{name}')"
+    if connection.exec_driver_sql(acquire).scalar() not in (1, True):
+        logger.warning(
+            "another `db upgrade` is migrating this state database; waiting for it to finish"
+        )
+        too_long = StateError(
+            f"another `db upgrade` held this state database's migration lock for "
+            f"{MIGRATION_LOCK_SECONDS} s; try again once it has finished"
+        )
+        if dialect == "postgresql":
+            connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{MIGRATION_LOCK_SECONDS}s'")
+            try:
+                connection.exec_driver_sql(wait)
+            except OperationalError:
+                raise too_long from None
+        elif connection.exec_driver_sql(wait).scalar() != 1:
+            raise too_long
+    connection.commit()  # the lock outlives this transaction; the migration starts afresh
+    try:
+        yield
+    finally:
+        connection.rollback()
+        connection.exec_driver_sql(release)
+        connection.commit()
 
 
 def _configure_sqlite_migration(dbapi_connection: Any, _record: Any) -> None:
@@ -225,7 +284,7 @@ def _migration_connection(engine: Engine, pause: MigrationPause | None) -> Itera
         event.listen(migrating, "connect", _configure_sqlite_migration)
         event.listen(migrating, "begin", _begin_sqlite_migration)
     try:
-        with migrating.connect() as connection:
+        with migrating.connect() as connection, migration_lock(connection):
             if pause is not None:
                 pause.install(connection)
             yield connection
