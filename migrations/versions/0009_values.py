@@ -31,7 +31,11 @@ def _columns(table: str) -> set[str]:
 
 
 def upgrade() -> None:
-    if "kind" not in _columns("audiences"):
+    # On MariaDB/MySQL not skipped when `kind` exists: a killed upgrade may have added the
+    # column but not its CHECK constraint, which sync.state.resumable then adds. (SQLite's
+    # downgrade leaves the column: there it is skipped.)
+    mysql = op.get_bind().dialect.name in ("mysql", "mariadb")
+    if mysql or "kind" not in _columns("audiences"):
         with op.batch_alter_table("audiences", schema=None) as batch_op:
             batch_op.add_column(
                 sa.Column(

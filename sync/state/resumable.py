@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from alembic.operations import Operations, ops, toimpl
-from sqlalchemy import inspect
+from sqlalchemy import PrimaryKeyConstraint, Table, inspect
 
 MYSQL_DIALECTS = ("mysql", "mariadb")
 
@@ -122,13 +122,39 @@ _CHECKS: list[tuple[type[Any], Callable[..., Any], Callable[[Operations, Any], b
 ]
 
 
+def _complete(operations: Operations, table: Table) -> None:
+    """Add what a done ``add_column``/``create_table`` issues as statements of their own and
+    a kill may have cut off: ``table``'s named constraints (a Boolean's or an Enum's CHECK)
+    and indexes that the live table lacks."""
+    name = table.name
+    constraints = _constraints(operations, name, None)
+    for constraint in table.constraints:
+        if isinstance(constraint, PrimaryKeyConstraint) or not isinstance(constraint.name, str):
+            continue
+        if constraint.name not in constraints:
+            operations.impl.add_constraint(constraint)
+    indexes = _indexes(operations, name)
+    for index in table.indexes:
+        if isinstance(index.name, str) and index.name not in indexes:
+            operations.impl.create_index(index)
+
+
 def _resumable(
     implementation: Callable[..., Any], done: Callable[[Operations, Any], bool]
 ) -> Callable[[Operations, Any], Any]:
     def run(operations: Operations, operation: Any) -> Any:
         if _on_mysql(operations) and done(operations, operation):
             if isinstance(operation, ops.CreateTableOp):  # op.create_table returns the table
-                return operation.to_table(operations.migration_context)
+                table = operation.to_table(operations.migration_context)
+                _complete(operations, table)
+                return table
+            if isinstance(operation, ops.AddColumnOp):
+                column = operation.column
+                column = column._copy() if column.table is not None else column
+                table = operations.schema_obj.table(
+                    operation.table_name, column, schema=operation.schema
+                )
+                _complete(operations, table)
             return None
         return implementation(operations, operation)
 
