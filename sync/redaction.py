@@ -147,8 +147,13 @@ def url_secrets(url: str) -> list[str]:
         # echoes this form.
         basic = f"{unquote(user or '')}:{unquote(password or '')}"
         found.append(base64.b64encode(basic.encode()).decode())
-    found += [value for name, value in parse_qsl(parts.query) if _SECRET_PARAM.search(name)]
+    found += [value for name, value in parse_qsl(parts.query) if is_secret_param(name)]
     return [s for s in found if len(s) >= MIN_SECRET_LENGTH]
+
+
+def is_secret_param(name: str) -> bool:
+    """Whether a URL query parameter of this name carries a credential."""
+    return bool(_SECRET_PARAM.search(name))
 
 
 def url_pieces(url: str) -> list[str]:

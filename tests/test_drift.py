@@ -6,6 +6,7 @@ silently. Everything goes through the CLI, as a user would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -308,7 +309,52 @@ def test_an_endpoint_change_is_refused_until_a_full_sync(
     assert "127.0.0.1" not in str(stored) and WRITE_KEY not in str(stored)
 
 
-def test_the_endpoint_fingerprint_ignores_credentials_and_queries() -> None:
+def test_a_new_tenant_in_the_endpoints_query_is_a_moved_endpoint(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """A proxy that routes by query parameter (`?tenant=acme`): another tenant is another
+    place, refused until a full sync, as a new host is (it got only the later changes)."""
+    harness.destinations["segment"]["endpoint"] = f"{receiver.url}/relay/?tenant=acme"
+    harness.set_members(["a", "b"])
+    config = harness.write_config()
+    assert invoke(config, "sync")[0] == 0
+    harness.destinations["segment"]["endpoint"] = f"{receiver.url}/relay/?tenant=globex"
+    config = harness.write_config()
+    harness.set_members(["a", "b", "c"])
+    code, output = invoke(config, "sync")
+    assert code == 1 and lines_with(output, '"segment"', f"audience-sync sync {KEY} --full")
+    assert invoke(config, "sync", KEY, "--full")[0] == 0
+    tenants = [r.path.rpartition("tenant=")[2] for r in receiver.requests]
+    assert tenants[0] == "acme" and set(tenants[1:]) == {"globex"}
+    assert {m["userId"] for m in receiver.batches()[-1].body["batch"]} == {"a", "b", "c"}
+
+
+def test_an_endpoint_recorded_before_queries_counted_is_not_moved(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """Fingerprints recorded before the query counted (scheme, host, port and path only)
+    still match the same endpoint after an upgrade: no refusal, and the next plan records
+    the fingerprint with its query."""
+    from sync.run.drift import endpoint_fingerprint, endpoint_text
+
+    harness.destinations["segment"]["endpoint"] = f"{receiver.url}/relay/?tenant=acme"
+    harness.set_members(["a"])
+    config = harness.write_config()
+    assert invoke(config, "sync")[0] == 0
+    settings = harness.config().destinations["segment"]
+    legacy = hashlib.sha256(endpoint_text(settings, query=False).encode()).hexdigest()
+    assert legacy != endpoint_fingerprint(settings)
+    with harness.engine.begin() as connection:
+        connection.execute(text("UPDATE destination_endpoints SET fingerprint = :f"), {"f": legacy})
+    harness.set_members(["a", "b"])
+    code, output = invoke(config, "sync")
+    assert code == 0, output
+    with harness.engine.connect() as connection:
+        stored = connection.execute(text("SELECT fingerprint FROM destination_endpoints")).scalar()
+    assert stored == endpoint_fingerprint(settings)
+
+
+def test_the_endpoint_fingerprint_ignores_credentials() -> None:
     """Only scheme, host, port and path define an endpoint: a new password or write key is
     the same destination, and no secret ever reaches the fingerprinted text."""
     from sync.run.drift import endpoint_text
@@ -318,6 +364,11 @@ def test_the_endpoint_fingerprint_ignores_credentials_and_queries() -> None:
 
     base = endpoint_text(hook("https://hooks.example.com/in/"))
     assert base == endpoint_text(hook("HTTPS://user:pw@Hooks.Example.com:443/in?token=t0k"))
+    # Other query parameters name the place (a tenant, a channel), in any order.
+    acme = endpoint_text(hook("https://hooks.example.com/in?tenant=acme&access_token=t0k&b=2"))
+    assert acme == endpoint_text(hook("https://hooks.example.com/in?b=2&tenant=acme&sig=x1"))
+    assert acme != endpoint_text(hook("https://hooks.example.com/in?tenant=globex&b=2"))
+    assert acme != base and "t0k" not in acme
     assert base != endpoint_text(hook("https://hooks.example.com:8443/in"))
     assert base != endpoint_text(hook("https://hooks.example.com/other"))
     leaky = endpoint_text(hook("https://user:p@ss@hooks.example.com/in?token=t0k#frag"))

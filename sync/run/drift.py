@@ -17,12 +17,13 @@ import os
 import shlex
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from sync.config import ComputationConfig, Config
 from sync.destinations import DestinationSettings, FileSettings, WebhookSettings
+from sync.redaction import is_secret_param
 from sync.state.audiences import definition_hash, destinations_hash
 from sync.state.tables import AUDIENCES as A
 from sync.state.tables import DESTINATION_ENDPOINTS as E
@@ -41,11 +42,15 @@ def _quoted(name: str) -> str:
 # --- endpoints -------------------------------------------------------------------------------
 
 
-def endpoint_text(settings: DestinationSettings) -> str:
-    """What identifies where a destination delivers: its type, scheme, host, port and path.
+def endpoint_text(settings: DestinationSettings, *, query: bool = True) -> str:
+    """What identifies where a destination delivers: its type, scheme, host, port and path,
+    and the query parameters that are not credentials (a proxy's `?tenant=acme` is a place),
+    sorted.
 
-    Never credentials: URL userinfo, the query string, write keys and secrets are left out, so
-    rotating a key is not an endpoint change (and only a hash of this text is stored).
+    Never credentials: URL userinfo, credential-like query parameters (``access_token``,
+    ``sig``, …), write keys and secrets are left out, so rotating a key is not an endpoint
+    change (and only a hash of this text is stored). ``query=False``: the text fingerprints
+    were made of before query parameters counted.
     """
     if isinstance(settings, FileSettings):
         return f"file {os.path.normpath(settings.path)}"
@@ -53,11 +58,14 @@ def endpoint_text(settings: DestinationSettings) -> str:
     try:
         parts = urlsplit(url.strip())
         scheme, netloc, path = parts.scheme.lower(), parts.netloc, parts.path
+        params = sorted(p for p in parse_qsl(parts.query) if not is_secret_param(p[0]))
     except ValueError:  # e.g. an unbalanced "[": keep what follows the last "@", minus the query
         scheme, netloc, path = "", url.rpartition("@")[2].split("?")[0].split("#")[0], ""
+        params = []
     host, port = _host_and_port(netloc.rpartition("@")[2].lower())
     port = port or _DEFAULT_PORTS.get(scheme, "")
-    return f"{settings.type} {scheme}://{host}:{port}{path.rstrip('/')}"
+    text = f"{settings.type} {scheme}://{host}:{port}{path.rstrip('/')}"
+    return f"{text}?{urlencode(params)}" if query and params else text
 
 
 def _host_and_port(host_port: str) -> tuple[str, str]:
@@ -68,9 +76,15 @@ def _host_and_port(host_port: str) -> tuple[str, str]:
     return host, port
 
 
-def endpoint_fingerprint(settings: DestinationSettings) -> str:
+def endpoint_fingerprint(settings: DestinationSettings, *, query: bool = True) -> str:
     """sha256 hex of ``endpoint_text``: what the state DB keeps per audience and destination."""
-    return hashlib.sha256(endpoint_text(settings).encode("utf-8")).hexdigest()
+    return hashlib.sha256(endpoint_text(settings, query=query).encode("utf-8")).hexdigest()
+
+
+def _same_endpoint(stored: str, settings: DestinationSettings) -> bool:
+    """Whether a stored fingerprint is this endpoint's, or its fingerprint from before query
+    parameters counted (an upgraded state DB; the next plan records the new one)."""
+    return stored in (endpoint_fingerprint(settings), endpoint_fingerprint(settings, query=False))
 
 
 def endpoint_problems(
@@ -110,7 +124,7 @@ def moved_endpoints(
         for name in names
         if name in stored
         and name in config.destinations
-        and stored[name] != endpoint_fingerprint(config.destinations[name])
+        and not _same_endpoint(stored[name], config.destinations[name])
     ]
 
 
