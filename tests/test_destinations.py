@@ -76,6 +76,11 @@ def test_an_endpoint_with_a_path_and_query_keeps_them(
     harness.sync()
     assert [r.path for r in receiver.requests] == ["/relay/v1/batch?tenant=acme"]
     assert len(receiver.messages()) == 1
+    # The batch URL pasted whole is taken as it is, not doubled ("/v1/batch/v1/batch").
+    harness.destinations["segment"]["endpoint"] = receiver.url + "/v1/batch/"
+    harness.set_members(["a", "b"])
+    harness.sync(full=True)
+    assert receiver.requests[-1].path == "/v1/batch"
 
 
 def test_gzip_bodies(harness: Harness, receiver: Receiver) -> None:

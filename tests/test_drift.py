@@ -376,4 +376,6 @@ def test_the_endpoint_fingerprint_ignores_credentials() -> None:
     segment = SegmentSettings(type="segment", write_key="wk_1", endpoint="https://api.x.io")
     rotated = SegmentSettings(type="segment", write_key="wk_2", endpoint="https://api.x.io")
     assert endpoint_text(segment) == endpoint_text(rotated)
+    pasted = SegmentSettings(type="segment", write_key="wk_1", endpoint="https://api.x.io/v1/batch")
+    assert endpoint_text(segment) == endpoint_text(pasted)  # the URL sent is the same
     assert "wk_" not in endpoint_text(segment)

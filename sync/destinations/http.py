@@ -81,9 +81,10 @@ def check_http_url(value: str) -> str:
 def api_url(base: str, path: str) -> str:
     """``path`` (``/v1/batch``) appended to the path of ``base``, whose query string (a
     proxy's, say) stays the query: pasted after it, the path would be sent as part of the
-    query."""
+    query. A ``base`` that already ends with ``path`` (the batch URL pasted whole) is kept."""
     parts = urlsplit(base.strip())
-    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path, fragment=""))
+    stem = parts.path.rstrip("/")
+    return urlunsplit(parts._replace(path=stem.removesuffix(path) + path, fragment=""))
 
 
 @dataclass(frozen=True)

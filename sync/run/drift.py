@@ -64,7 +64,10 @@ def endpoint_text(settings: DestinationSettings, *, query: bool = True) -> str:
         params = []
     host, port = _host_and_port(netloc.rpartition("@")[2].lower())
     port = port or _DEFAULT_PORTS.get(scheme, "")
-    text = f"{settings.type} {scheme}://{host}:{port}{path.rstrip('/')}"
+    path = path.rstrip("/")
+    if settings.type == "segment":  # the batch URL pasted whole is the same place
+        path = path.removesuffix("/v1/batch")
+    text = f"{settings.type} {scheme}://{host}:{port}{path}"
     return f"{text}?{urlencode(params)}" if query and params else text
 
 
