@@ -10,12 +10,13 @@ userinfo of any URL it sees, so a secret it was never told about still does not 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import SecretStr
 
@@ -29,9 +30,14 @@ _SECRET_KEY = re.compile(r"(?i)secret|token|passw|pwd|credential|write_key|api_?
 _SECRET_HEADER = re.compile(r"(?i)auth|token|key|secret|signature|passw|cookie|session|credential")
 # Query parameters of a URL that carry credentials (`?access_token=…`, a SAS `sig=`); other
 # parameters (`?tenant=acme`) are shown unless the whole URL came from the environment.
+# Matched against the name's words (`X-Amz-Signature`, `api_key`, `accessToken`), so that
+# `keyword` or `monkey` are not credentials.
 _SECRET_PARAM = re.compile(
-    r"(?i)auth|token|key|secret|signature|^sig$|passw|pwd|session|credential"
+    r"(?i)^(auth|authorization|token|key|apikey|secret|signature|sig|password|passwd|pwd|"
+    r"session|credential|credentials|code)$"
 )
+# A query value shorter than this is no credential worth hiding everywhere (`auth=none`).
+MIN_PARAM_SECRET_LENGTH = 6
 # Values that are credentials whole by where they sit: an alert's URL (a Slack incoming
 # webhook's token is its path).
 _SECRET_PATH = re.compile(r"^alerts\..+\.url$")
@@ -147,13 +153,32 @@ def url_secrets(url: str) -> list[str]:
         # echoes this form.
         basic = f"{unquote(user or '')}:{unquote(password or '')}"
         found.append(base64.b64encode(basic.encode()).decode())
-    found += [value for name, value in parse_qsl(parts.query) if is_secret_param(name)]
+    found += _param_secrets(parts.query) + _param_secrets(parts.fragment)
     return [s for s in found if len(s) >= MIN_SECRET_LENGTH]
 
 
+def _param_secrets(text: str) -> list[str]:
+    """The values of credential-like parameters in a query string (or a fragment: OAuth puts
+    tokens there), as written (``ab+cd``, ``%2f``) and decoded; ``&`` or ``;`` separated."""
+    found: list[str] = []
+    for pair in re.split(r"[&;]", text):
+        name, equals, raw = pair.partition("=")
+        if equals and is_secret_param(unquote(name)):
+            found += [
+                v
+                for v in (raw, unquote(raw.replace("+", " ")))
+                if len(v) >= MIN_PARAM_SECRET_LENGTH
+            ]
+    return found
+
+
 def is_secret_param(name: str) -> bool:
-    """Whether a URL query parameter of this name carries a credential."""
-    return bool(_SECRET_PARAM.search(name))
+    """Whether a URL query parameter of this name carries a credential: one of its words
+    (split at ``_``, ``-``, ``.`` and lower-to-upper case changes) names one."""
+    words = re.split(r"[_\-.\s]+|(?<=[a-z0-9])(?=[A-Z])", name)
+    return any(_SECRET_PARAM.match(word) for word in words if word) or bool(
+        _SECRET_PARAM.match(re.sub(r"[_\-.\s]", "", name))
+    )
 
 
 def url_pieces(url: str) -> list[str]:
@@ -161,7 +186,10 @@ def url_pieces(url: str) -> list[str]:
     everything before its query (without trailing slashes) and the query itself — a
     destination sends ``/v1/batch`` between the two."""
     base, mark, query = url.strip().partition("?")
-    pieces = [base.split("#", 1)[0].rstrip("/")]
+    base = base.split("#", 1)[0].rstrip("/")
+    pieces = [base]
+    with contextlib.suppress(ValueError):  # a destination echoing the path it was sent to
+        pieces.append(urlsplit(base).path)
     if mark:
         pieces.append(query.split("#", 1)[0])
     # A piece as short as "a=b" would mangle unrelated output and protect little.

@@ -335,15 +335,18 @@ def test_an_endpoint_recorded_before_queries_counted_is_not_moved(
     """Fingerprints recorded before the query counted (scheme, host, port and path only)
     still match the same endpoint after an upgrade: no refusal, and the next plan records
     the fingerprint with its query."""
-    from sync.run.drift import endpoint_fingerprint, endpoint_text
+    from sync.run.drift import endpoint_fingerprint
 
     harness.destinations["segment"]["endpoint"] = f"{receiver.url}/relay/?tenant=acme"
     harness.set_members(["a"])
     config = harness.write_config()
     assert invoke(config, "sync")[0] == 0
     settings = harness.config().destinations["segment"]
-    legacy = hashlib.sha256(endpoint_text(settings, query=False).encode()).hexdigest()
-    assert legacy != endpoint_fingerprint(settings)
+    # What the code before recorded: sha256 of "segment http://host:port/relay".
+    host_port = receiver.url.removeprefix("http://")
+    old_text = f"segment http://{host_port}/relay"
+    legacy = hashlib.sha256(old_text.encode()).hexdigest()
+    assert legacy == endpoint_fingerprint(settings, legacy=True) != endpoint_fingerprint(settings)
     with harness.engine.begin() as connection:
         connection.execute(text("UPDATE destination_endpoints SET fingerprint = :f"), {"f": legacy})
     harness.set_members(["a", "b"])
@@ -352,6 +355,14 @@ def test_an_endpoint_recorded_before_queries_counted_is_not_moved(
     with harness.engine.connect() as connection:
         stored = connection.execute(text("SELECT fingerprint FROM destination_endpoints")).scalar()
     assert stored == endpoint_fingerprint(settings)
+    # Today's fingerprint is never taken for a legacy one: a parameter added to a URL that had
+    # none is a move.
+    harness.destinations["segment"]["endpoint"] = f"{receiver.url}/plain"
+    config = harness.write_config()
+    assert invoke(config, "sync", KEY, "--full")[0] == 0
+    harness.destinations["segment"]["endpoint"] = f"{receiver.url}/plain?tenant=globex"
+    code, output = invoke(harness.write_config(), "sync")
+    assert code == 1 and lines_with(output, '"segment"', f"audience-sync sync {KEY} --full")
 
 
 def test_the_endpoint_fingerprint_ignores_credentials() -> None:

@@ -265,3 +265,29 @@ def test_a_token_in_an_endpoints_query_string_never_shows(
     for where, output in outputs.items():
         for secret in hidden:
             assert secret not in output, f"{secret!r} leaked into {where}:\n{output}"
+
+
+def test_credential_query_parameters_are_hidden_as_written_and_nothing_else() -> None:
+    """Tokens in a URL's query or fragment are hidden however they are written (``+``,
+    lower-case percent escapes, ``;`` separators); ordinary parameters whose names merely
+    contain a credential word (``keyword``, ``monkey``) and short values (``auth=none``) are
+    not, so they do not mangle unrelated output; an environment URL's path is hidden too
+    (a destination echoes the path it was sent to)."""
+    from sync.redaction import Redactor, collect_secrets
+
+    url = (
+        "http://h.example/p?tenant=acme&access_token=ab+cdTOKPLUS&X-Amz-Signature=ab%2fsiglower"
+        ";sessionToken=SEMITOK999&keyword=default&auth=none&monkey=destination"
+        "#access_token=FRAGTOK77"
+    )
+    tree = {"destinations": {"hook": {"type": "webhook", "url": url}}}
+    env_url = "http://h.example/hooks/SECRETPATHTOKEN123"
+    redactor = Redactor(collect_secrets(tree, [("destinations.seg.url", env_url)]))
+    shown = redactor.redact(
+        f"POST {url} failed; POST /hooks/SECRETPATHTOKEN123 answered 404 for this destination"
+    )
+    for secret in ("ab+cdTOKPLUS", "ab%2fsiglower", "SEMITOK999", "FRAGTOK77", "SECRETPATHTOKEN"):
+        assert secret not in shown, shown
+    for ordinary in ("tenant=acme", "keyword=default", "auth=none", "monkey=destination"):
+        assert ordinary in shown, shown
+    assert shown.endswith("answered 404 for this destination")

@@ -42,15 +42,16 @@ def _quoted(name: str) -> str:
 # --- endpoints -------------------------------------------------------------------------------
 
 
-def endpoint_text(settings: DestinationSettings, *, query: bool = True) -> str:
+def endpoint_text(settings: DestinationSettings, *, legacy: bool = False) -> str:
     """What identifies where a destination delivers: its type, scheme, host, port and path,
     and the query parameters that are not credentials (a proxy's `?tenant=acme` is a place),
     sorted.
 
     Never credentials: URL userinfo, credential-like query parameters (``access_token``,
     ``sig``, …), write keys and secrets are left out, so rotating a key is not an endpoint
-    change (and only a hash of this text is stored). ``query=False``: the text fingerprints
-    were made of before query parameters counted.
+    change (and only a hash of this text is stored). ``legacy``: the text fingerprints were
+    made of before query parameters counted (and before a Segment path ending in
+    ``/v1/batch`` was the same place as its base).
     """
     if isinstance(settings, FileSettings):
         return f"file {os.path.normpath(settings.path)}"
@@ -65,10 +66,10 @@ def endpoint_text(settings: DestinationSettings, *, query: bool = True) -> str:
     host, port = _host_and_port(netloc.rpartition("@")[2].lower())
     port = port or _DEFAULT_PORTS.get(scheme, "")
     path = path.rstrip("/")
-    if settings.type == "segment":  # the batch URL pasted whole is the same place
+    if settings.type == "segment" and not legacy:  # the batch URL pasted whole: one place
         path = path.removesuffix("/v1/batch")
     text = f"{settings.type} {scheme}://{host}:{port}{path}"
-    return f"{text}?{urlencode(params)}" if query and params else text
+    return f"{text}?{urlencode(params)}" if params and not legacy else text
 
 
 def _host_and_port(host_port: str) -> tuple[str, str]:
@@ -79,15 +80,18 @@ def _host_and_port(host_port: str) -> tuple[str, str]:
     return host, port
 
 
-def endpoint_fingerprint(settings: DestinationSettings, *, query: bool = True) -> str:
-    """sha256 hex of ``endpoint_text``: what the state DB keeps per audience and destination."""
-    return hashlib.sha256(endpoint_text(settings, query=query).encode("utf-8")).hexdigest()
+def endpoint_fingerprint(settings: DestinationSettings, *, legacy: bool = False) -> str:
+    """sha256 hex of ``endpoint_text``: what the state DB keeps per audience and destination.
+    Today's are marked ("v2 "), so that one never equals a legacy fingerprint: adding a
+    parameter to a URL recorded without any is a move, not a legacy match."""
+    text = endpoint_text(settings, legacy=legacy)
+    return hashlib.sha256((text if legacy else f"v2 {text}").encode("utf-8")).hexdigest()
 
 
 def _same_endpoint(stored: str, settings: DestinationSettings) -> bool:
-    """Whether a stored fingerprint is this endpoint's, or its fingerprint from before query
-    parameters counted (an upgraded state DB; the next plan records the new one)."""
-    return stored in (endpoint_fingerprint(settings), endpoint_fingerprint(settings, query=False))
+    """Whether a stored fingerprint is this endpoint's, or its legacy fingerprint (recorded
+    before query parameters counted: an upgraded state DB; the next plan records today's)."""
+    return stored in (endpoint_fingerprint(settings), endpoint_fingerprint(settings, legacy=True))
 
 
 def endpoint_problems(

@@ -230,7 +230,8 @@ def migration_lock(connection: Connection) -> Iterator[None]:
         release = f"SELECT RELEASE_LOCK('{name}')"
     if connection.exec_driver_sql(acquire).scalar() not in (1, True):
         logger.warning(
-            "another `db upgrade` is migrating this state database; waiting for it to finish"
+            "another process is migrating this state database (`db upgrade`, or a command "
+            "with auto_upgrade); waiting for it to finish"
         )
         too_long = StateError(
             f"another `db upgrade` held this state database's migration lock for "
