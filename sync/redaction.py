@@ -183,12 +183,13 @@ def is_secret_param(name: str) -> bool:
 
 def url_pieces(url: str) -> list[str]:
     """A URL that is a secret whole, in the pieces a request URL built from it still shows:
-    everything before its query (without trailing slashes) and the query itself — a
-    destination sends ``/v1/batch`` between the two."""
+    everything before its query (without trailing slashes), its path alone (a destination
+    echoing the path it was sent to) and its query — a destination sends ``/v1/batch``
+    between the first and the last."""
     base, mark, query = url.strip().partition("?")
     base = base.split("#", 1)[0].rstrip("/")
     pieces = [base]
-    with contextlib.suppress(ValueError):  # a destination echoing the path it was sent to
+    with contextlib.suppress(ValueError):
         pieces.append(urlsplit(base).path)
     if mark:
         pieces.append(query.split("#", 1)[0])
