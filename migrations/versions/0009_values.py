@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from sync.state.tables import ValueText
+from sync.state.tables import MYSQL_DIALECTS, ValueText
 
 revision: str = "0009"
 down_revision: str | None = "0008"
@@ -34,7 +34,7 @@ def upgrade() -> None:
     # On MariaDB/MySQL not skipped when `kind` exists: a killed upgrade may have added the
     # column but not its CHECK constraint, which sync.state.resumable then adds. (SQLite's
     # downgrade leaves the column: there it is skipped.)
-    mysql = op.get_bind().dialect.name in ("mysql", "mariadb")
+    mysql = op.get_bind().dialect.name in MYSQL_DIALECTS
     if mysql or "kind" not in _columns("audiences"):
         with op.batch_alter_table("audiences", schema=None) as batch_op:
             batch_op.add_column(

@@ -20,7 +20,7 @@ from typing import Any
 from alembic.operations import Operations, ops, toimpl
 from sqlalchemy import PrimaryKeyConstraint, Table, inspect
 
-MYSQL_DIALECTS = ("mysql", "mariadb")
+from sync.state.tables import MYSQL_DIALECTS
 
 
 def _live(operations: Operations) -> Any:
@@ -61,8 +61,10 @@ def _constraints(operations: Operations, table: str, kind: str | None) -> set[st
     if kind in (None, "check"):
         found += live.get_check_constraints(table)
     names = {str(item["name"]) for item in found if item.get("name")}
-    if kind in (None, "primary") and live.get_pk_constraint(table).get("constrained_columns"):
-        names.add(str(live.get_pk_constraint(table).get("name") or "PRIMARY"))
+    if kind in (None, "primary"):
+        primary = live.get_pk_constraint(table)
+        if primary.get("constrained_columns"):
+            names.add(str(primary.get("name") or "PRIMARY"))
     return names
 
 
@@ -77,12 +79,12 @@ def _constraint_done(operations: Operations, operation: ops.AddConstraintOp) -> 
 
 
 def _constraint_kind(operation: ops.AddConstraintOp) -> str | None:
-    return {
-        "foreignkey": "foreignkey",
-        "unique": "unique",
-        "check": "check",
-        "primarykey": "primary",
-    }.get(str(operation.constraint_type))
+    """The kind ``_constraints`` reads (an added primary key is ``primarykey`` in Alembic, a
+    dropped one ``primary``)."""
+    kind = str(operation.constraint_type)
+    if kind == "primarykey":
+        return "primary"
+    return kind if kind in ("foreignkey", "unique", "check") else None  # None: any kind
 
 
 # Each: the operation, Alembic's own implementation, and whether it is done already.
