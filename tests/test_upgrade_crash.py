@@ -189,7 +189,8 @@ def test_two_upgrades_at_once_take_turns(
     database: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """A daemon and a cron `sync` with auto_upgrade (or two replicas) upgrading one new state
-    DB together: the second waits for the first, then finds the schema current. On MariaDB
+    DB together: the second waits for the first, then finds the schema current (and says so,
+    not "upgraded from" the revision it saw before waiting). On MariaDB
     both used to run every revision, each inserting its version row: two heads, and every
     later command refused (hostile review)."""
     url = str(
@@ -216,6 +217,9 @@ def test_two_upgrades_at_once_take_turns(
         ready.unlink()  # the first goes on
         assert first.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()
         assert second.wait(timeout=120) == 0, second_log.read_text()
+        # What the second says is what it found once its turn came, not before it waited.
+        assert "already at schema" in second_log.read_text(), second_log.read_text()
+        assert "upgraded from" not in second_log.read_text(), second_log.read_text()
     finally:
         for process in (first, second):
             if process is not None and process.poll() is None:

@@ -53,25 +53,23 @@ def db_upgrade(
     if test_pause_before and test_ready_file:
         pause = MigrationPause(test_pause_before, test_ready_file)
     with disposing(make_state_engine(config.state.url)) as engine:
-        before = schema_status(engine)
-        upgrade(engine, revision, pause=pause)
+        # Read under the migration lock: another upgrade may have run while this one waited.
+        before = upgrade(engine, revision, pause=pause)
         after = schema_status(engine)
     where = redact_url(config.state.url)
     if as_json:
         echo_json(
             {
                 "state": where,
-                "from": before.current,
+                "from": before,
                 "to": after.current,
-                "upgraded": before.current != after.current,
+                "upgraded": before != after.current,
             }
         )
-    elif before.current == after.current:
+    elif before == after.current:
         click.echo(f"state database {where} already at schema {after.current}")
     else:
-        click.echo(
-            f"state database {where} upgraded from {before.current or 'empty'} to {after.current}"
-        )
+        click.echo(f"state database {where} upgraded from {before or 'empty'} to {after.current}")
 
 
 @db.command("current")

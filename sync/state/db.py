@@ -361,13 +361,19 @@ def require_current_schema(engine: Engine) -> None:
         )
 
 
-def upgrade(engine: Engine, revision: str = "head", *, pause: MigrationPause | None = None) -> None:
-    """Migrate the state database up to ``revision``."""
+def upgrade(
+    engine: Engine, revision: str = "head", *, pause: MigrationPause | None = None
+) -> str | None:
+    """Migrate the state database up to ``revision``; return the revision it was at when the
+    migration lock was ours (None: no schema), which is what this call upgraded from: another
+    process may have upgraded it while this one waited."""
     status = schema_status(engine)
     if status.state == "ahead":
         require_current_schema(engine)
     with _migration_connection(engine, pause) as connection:
+        found = MigrationContext.configure(connection).get_current_revision()
         command.upgrade(alembic_config(connection), revision)
+    return found
 
 
 def downgrade(engine: Engine, revision: str) -> None:
