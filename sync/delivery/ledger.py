@@ -295,6 +295,7 @@ class Ledger:
             )
         )
         self._log_acked = self._acked_insert()
+        self._ack_and_log = self._acked_statement()
         self._progress_row = and_(
             P.c.audience_id == self.audience_id, P.c.destination == self.destination
         )
@@ -348,6 +349,54 @@ class Ledger:
             f"FROM {ids} {M.name} AS m ON m.audience_id = {mark} AND m.destination = {mark} "
             f"AND m.id_kind = {mark} AND m.member_id = {member} AND m.version = {mark}"
         )
+
+    def _acked_statement(self) -> str | None:
+        """On PostgreSQL, with the ledger on: an acknowledged group's compare-and-set and its
+        ``deliveries`` rows as one statement (positional parameters: ``_ack_and_log_params``).
+        The ``UPDATE … RETURNING`` hands the rows it matched, at the version sent, to the
+        ``INSERT``: no second lookup of each row (that join was ~45% of the ``INSERT … SELECT``
+        on PostgreSQL), one round trip per group. Messages are bound as one JSON array of
+        ``{"m": member, "t": message type, "i": messageId}`` (a member in ``mode = "both"`` has
+        two). The result: the rows appended, and the members the compare-and-set missed (a JSON
+        array, or NULL). ``None`` elsewhere: SQLite has no data-modifying CTE, MariaDB no
+        ``RETURNING`` on ``UPDATE``."""
+        if self.engine.dialect.name != "postgresql":
+            return None
+        columns = ", ".join(c for c in LOG_COLUMNS if c not in ("reason", "http_status"))
+        return (
+            "WITH ids AS MATERIALIZED (SELECT j.m, j.t, j.i "
+            "FROM json_to_recordset(%s::json) AS j (m text, t text, i text)), "
+            f"acked AS (UPDATE {M.name} SET synced_value = value, in_doubt = false, "
+            "status = 'in_sync', attempts = 0, last_error = NULL, next_attempt_at = NULL, "
+            "delivered_at = %s WHERE audience_id = %s AND destination = %s AND id_kind = %s "
+            "AND version = %s AND member_id IN (SELECT m FROM ids) "
+            "RETURNING member_id, value, traits), "
+            f"logged AS (INSERT INTO {L.name} ({columns}) "
+            "SELECT ids.i, ids.t, %s, %s, %s, %s, acked.member_id, acked.value, "
+            "CAST(acked.traits AS TEXT), %s, 'acknowledged', %s, %s "
+            "FROM acked JOIN ids ON ids.m = acked.member_id RETURNING 1) "
+            "SELECT (SELECT count(*) FROM logged), (SELECT json_agg(DISTINCT ids.m) FROM ids "
+            "WHERE ids.m NOT IN (SELECT member_id FROM acked))"
+        )
+
+    def _ack_and_log_params(
+        self,
+        group: tuple[str, int],
+        units: list[Unit],
+        handed: list[Any],
+        batch: str,
+        now: datetime,
+    ) -> tuple[Any, ...]:
+        """The parameters of ``_ack_and_log`` for one acknowledged group."""
+        kind, version = group
+        messages = [
+            {"m": unit.member_id, "t": _message_type(message), "i": _message_id(message, version)}
+            for unit in units
+            for message in unit.messages
+        ]
+        where = (self.audience_id, self.destination, kind, version)
+        head = (batch, self.audience_id, self.destination, kind, version, handed[1], now)
+        return (json.dumps(messages), now, *where, *head)
 
     def _group_commit(self, write: Callable[[Connection], None]) -> None:
         """Run ``write`` in a write transaction and return once it is committed.
@@ -520,17 +569,28 @@ class Ledger:
         # row has changed meanwhile. Not read from a page (cannot happen): sent when recorded.
         handed = result.handed or [now, self._time(now)]
         log: list[tuple[Any, ...]] = []
-        by_sql = self.log and self._log_acked is not None  # else row by row, or not at all
+        together = self.log and self._ack_and_log is not None  # PostgreSQL: one statement
+        by_sql = self.log and (together or self._log_acked is not None)  # else row by row
         if self.log:
             log = self._log_rows(result, handed, batch, now, delivered=not by_sql)
         sql_logs = {
             group: self._acked_params(group, units, handed, batch, now)
-            for group, units in (acked.items() if by_sql else ())
+            for group, units in (acked.items() if by_sql and not together else ())
+        }
+        joint = {
+            group: self._ack_and_log_params(group, units, handed, batch, now)
+            for group, units in (acked.items() if together else ())
         }
 
         def write(connection: Connection) -> None:
             for (kind, version), units in acked.items():
                 members = [unit.member_id for unit in units]
+                if together:
+                    missed = self._ack_and_log_group(connection, joint[(kind, version)], units)
+                    if missed:  # the rows changed meanwhile: log what was read (not what is now)
+                        at = self._time(now)
+                        log.extend(self._rows_of(missed, "acknowledged", None, at, handed, batch))
+                    continue
                 matched = connection.execute(
                     self._ack, {**self._params(kind, members, version), "b_now": now}
                 ).rowcount
@@ -594,6 +654,26 @@ class Ledger:
             head = (message_type, batch, handed[1], self._time(now))
             statements.append(((*head, json.dumps(ids), *where), len(ids)))
         return statements
+
+    def _ack_and_log_group(
+        self, connection: Connection, params: tuple[Any, ...], units: list[Unit]
+    ) -> list[Unit]:
+        """Acknowledge one group and append its ``deliveries`` rows in one statement
+        (``_ack_and_log``); return the units the compare-and-set missed (changed while in
+        flight: marked in doubt here, their ledger rows still to append). A row count that
+        disagrees with the messages of the rows matched is a defect, as in ``_log_group``."""
+        logged, missed_ids = connection.exec_driver_sql(self._ack_and_log or "", params).one()
+        missed = set(missed_ids or ())
+        expected = sum(len(unit.messages) for unit in units if unit.member_id not in missed)
+        if logged != expected:
+            raise RuntimeError(
+                f'delivery ledger of "{self.destination}": {logged} row(s) for '
+                f"{expected} acknowledged message(s)"
+            )
+        if not missed:
+            return []
+        self._doubt_changed(connection, units[0].id_kind, units[0].version, sorted(missed))
+        return [unit for unit in units if unit.member_id in missed]
 
     def _log_group(
         self, connection: Connection, statements: list[tuple[tuple[Any, ...], int]]
