@@ -304,3 +304,29 @@ def test_relative_paths_resolve_against_config_folder(tmp_path: Path) -> None:
     path.write_text(VALID)
     config = load_config(path, environ={})
     assert config.sources["warehouse"].url == f"sqlite:///{tmp_path / 'conf' / 'warehouse.db'}"
+
+
+def test_an_audience_s_extra_trait_named_like_another_audience_s_key_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Audience "Plan" sends `plan: true`; audience "B" carries the column `plan` as a trait
+    to the same destination: the destination would hold one value for both (hostile review:
+    it flipped between true and "pro")."""
+    text = (
+        '[sources.wh]\nurl = "sqlite:///wh.db"\n'
+        '[destinations.f]\ntype = "file"\npath = "out.jsonl"\n'
+        '[[audiences]]\nname = "Plan"\nsource = "wh"\nquery = "select user_id from t"\n'
+        'destinations = ["f"]\n'
+        '[[audiences]]\nname = "B"\nsource = "wh"\nquery = "select user_id, plan from t"\n'
+        'traits = ["plan"]\ndestinations = ["f"]\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "x.toml", tmp_path, {})
+    message = str(caught.value)
+    assert 'audiences[1].traits: "plan" is also the key of audience "Plan"' in message
+    assert 'at destination "f"' in message and "x.toml" in message
+    # At different destinations the two never meet.
+    parse_config(text.replace('traits = ["plan"]\ndestinations = ["f"]', 'traits = ["plan"]\n'
+                 'destinations = ["g"]').replace(
+        '[[audiences]]', '[destinations.g]\ntype = "file"\npath = "g.jsonl"\n[[audiences]]', 1
+    ), "x.toml", tmp_path, {})

@@ -371,3 +371,74 @@ def test_a_key_of_another_table_is_refused_without_suggesting_itself(harness: Ha
     harness.config_extra += "[traits.destination_settings.segment]\nexternal_audience_id = 'x'\n"
     with pytest.raises(ConfigError, match=r"unknown key here \(another table takes it\)"):
         harness.config()
+
+
+def test_an_audience_added_later_cannot_take_a_trait_a_group_already_sends(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """One namespace of keys per destination: a trait group sends `vip`; an audience named
+    "VIP" added afterwards is refused before it sends (naming the group), and the group, which
+    held the name first, goes on. The audience used to overwrite the trait at the destination
+    and the group failed on every later run (hostile review)."""
+    _group(harness, query="SELECT user_id, plan, 1 AS vip FROM summary")
+    _rows(harness, [("u1", 2, "pro", None), ("u2", 0, "free", None)])
+    harness.set_members(["u1"])
+    assert harness.sync_named(GROUP).status == "succeeded"
+    receiver.reset()
+    harness.config_extra += (
+        '[[audiences]]\nname = "VIP"\nsource = "warehouse"\n'
+        'query = "SELECT user_id FROM members"\ndestinations = ["segment"]\n'
+    )
+    refused = harness.sync_named("VIP")
+    assert refused.status == "failed"
+    assert 'its key "vip" is a trait that trait group "Support Traits" already sends' in str(
+        refused.error
+    )
+    assert 'destination "segment"' in str(refused.error)
+    assert receiver.messages() == []
+    from click.testing import CliRunner
+
+    from sync.cli import cli as main
+
+    probe = CliRunner().invoke(main, ["--config", str(harness.write_config()), "check", "--probe"])
+    assert probe.exit_code == 1, probe.output
+    assert 'its key "vip" is a trait that trait group "Support Traits"' in probe.output
+    _rows(harness, [("u1", 2, "team", None), ("u2", 0, "free", None)])
+    again = harness.sync_named(GROUP)
+    assert again.status == "succeeded", again.error
+    assert _sent(receiver) == {"u1": {"plan": "team", "vip": 1}}
+
+
+def test_an_audience_whose_key_a_group_sent_only_before_it_keeps_its_key(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """The audience that holds its key at the destination (it has sent there) is not refused
+    because a trait group later recorded that name: the group is the one that fails."""
+    harness.set_members(["u1"])
+    assert harness.sync().status == "succeeded"
+    _group(harness, query="SELECT user_id, 1 AS high_value_users FROM summary")
+    _rows(harness, [("u1", 2, "pro", None)])
+    assert harness.sync_named(GROUP).status == "failed"
+    harness.set_members(["u1", "u2"])
+    report = harness.sync()
+    assert report.status == "succeeded", report.error
+
+
+def test_a_dry_run_of_an_audience_that_would_take_a_group_s_trait_says_so(
+    harness: Harness, receiver: Receiver
+) -> None:
+    _group(harness, query="SELECT user_id, 1 AS vip FROM summary")
+    _rows(harness, [("u1", 2, "pro", None)])
+    assert harness.sync_named(GROUP).status == "succeeded"
+    harness.config_extra += (
+        '[[audiences]]\nname = "VIP"\nsource = "warehouse"\n'
+        'query = "SELECT user_id FROM members"\ndestinations = ["segment"]\n'
+    )
+    from click.testing import CliRunner
+
+    from sync.cli import cli as main
+
+    config = str(harness.write_config())
+    dry = CliRunner().invoke(main, ["--config", config, "sync", "VIP", "--dry-run"])
+    assert dry.exit_code == 1, dry.output
+    assert 'its key "vip" is a trait that trait group "Support Traits"' in dry.output

@@ -311,8 +311,48 @@ def _cross_reference_problems(raw: dict[str, Any]) -> list[str]:
             where = f"{section}[{index}]"
             problems.extend(_reference_problems(where, audience, sources, destinations))
             problems.extend(_identity_problems(where, audience, names, keys))
+    problems.extend(_carried_trait_problems(raw, keys))
     problems.extend(_alert_problems(raw.get("alerts"), names, keys))
     return problems
+
+
+def _carried_trait_problems(raw: dict[str, Any], keys: Mapping[str, tuple[str, str]]) -> list[str]:
+    """An audience's extra ``traits`` may not be another computation's key at a destination
+    both send to: the destination would hold one value for two things (it flipped between
+    ``true`` and the column's value as each ran)."""
+    entries = {
+        where: entry
+        for section in COMPUTATION_SECTIONS
+        if isinstance(raw.get(section), list)
+        for index, entry in enumerate(raw[section])
+        if isinstance(entry, dict) and (where := f"{section}[{index}]")
+    }
+    problems: list[str] = []
+    for where, audience in entries.items():
+        traits = audience.get("traits")
+        if where.startswith("traits") or not isinstance(traits, list):
+            continue
+        for trait in traits:
+            if not isinstance(trait, str) or trait not in keys or keys[trait][0] == where:
+                continue
+            other_where, other_name = keys[trait]
+            shared = _shared_destination(audience, entries[other_where])
+            if shared is not None:
+                label = "trait group" if other_where.startswith("traits") else "audience"
+                problems.append(
+                    f'{where}.traits: "{trait}" is also the key of {label} "{other_name}" '
+                    f'({other_where}) at destination "{shared}"; remove it from traits or set '
+                    "key = \"...\" on one of them"
+                )
+    return problems
+
+
+def _shared_destination(one: dict[str, Any], other: dict[str, Any]) -> str | None:
+    """A destination both computations list, if any."""
+    mine, theirs = one.get("destinations"), other.get("destinations")
+    if not isinstance(mine, list) or not isinstance(theirs, list):
+        return None
+    return next((d for d in mine if isinstance(d, str) and d in theirs), None)
 
 
 def _alert_problems(

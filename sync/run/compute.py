@@ -29,7 +29,7 @@ from sync.run.staging import SnapshotStats, stage_from_source
 from sync.run.trait_values import TraitColumns, exit_value
 from sync.state.audiences import store_exit_value
 from sync.state.leases import Lease
-from sync.state.tables import AUDIENCES
+from sync.state.tables import AUDIENCES, MEMBERSHIPS
 
 # Called after each chunk of a source query is staged; raises to stop the run.
 AfterChunk = Callable[[], None]
@@ -60,6 +60,8 @@ def compute_snapshot(
     changed) and is raised."""
     drop_staging(connection, audience_id)
     fenced_commit(connection, lease)
+    if problem := audience_clash(connection, config, audience):
+        raise SourceError(problem)
     try:
         stats = _stage(connection, config, audience, run_id, after_chunk)
         if audience.is_trait_group:
@@ -104,6 +106,8 @@ def compute_dry_snapshot(
 ) -> SnapshotStats:
     """Stage a dry run's snapshot into its scratch copy, uncommitted. It always streams (the
     same-database path would write the state DB); both paths stage the same rows."""
+    if problem := audience_clash(scratch, config, audience):
+        raise SourceError(problem)
     return _stream(scratch, config, audience, DRY_RUN_ID, after_chunk, commit_each_chunk=False)
 
 
@@ -161,28 +165,85 @@ def _reserved_names(
 ) -> dict[str, str]:
     """Trait names other computations send to one of ``group``'s destinations -> who: an
     audience's key and the extra traits it carries; another trait group's traits, as its last
-    run (or its run now, see ``claim_trait_names``) stored them."""
+    run (or its run now, see ``claim_trait_names``) stored them.
+
+    A name this group recorded (sent) before an audience that wants it has sent anything to
+    that destination stays this group's: the audience is the one refused (``audience_clash``)."""
     reserved: dict[str, str] = {}
+    own = _recorded_names(connection, group.trait_key) if connection is not None else set()
     for other in config.computations:
         shared = [d for d in other.destinations if d in group.destinations]
         if other.trait_key == group.trait_key or not shared:
             continue
         holder = f'{other.label} "{other.name}" at destination "{shared[0]}"'
         if not other.is_trait_group:
-            reserved[other.trait_key] = holder
+            names = {other.trait_key, *other.extra_traits}
+            if connection is not None and own & names and not _holds(connection, other, shared):
+                names -= own  # held by this group first
+            if other.trait_key in names:
+                reserved[other.trait_key] = holder
             for name in other.extra_traits:
-                reserved.setdefault(name, f"a trait sent with {holder}")
-            continue
-        if connection is None:
+                if name in names:
+                    reserved.setdefault(name, f"a trait sent with {holder}")
             continue
         if connection is None:  # no state DB (yet): nothing recorded
             continue
-        stored = connection.execute(
-            select(AUDIENCES.c.exit_value).where(AUDIENCES.c.key == other.trait_key)
-        ).scalar()
-        for name in json.loads(stored) if stored else {}:
+        for name in _recorded_names(connection, other.trait_key):
             reserved.setdefault(name, holder)
     return reserved
+
+
+def audience_clash(
+    connection: Connection, config: Config, audience: ComputationConfig
+) -> str | None:
+    """Why an audience may not send its key or the extra traits it carries: a trait group
+    recorded that name as one of its traits at a destination they share before the audience
+    sent anything there (one namespace of keys per destination). None for a trait group (its
+    columns are checked as they are staged, ``TraitColumns``)."""
+    if audience.is_trait_group:
+        return None
+    names = [audience.trait_key, *audience.extra_traits]
+    for other in config.computations:
+        shared = [d for d in other.destinations if d in audience.destinations]
+        if not other.is_trait_group or not shared:
+            continue
+        recorded = _recorded_names(connection, other.trait_key)
+        taken = [name for name in names if name in recorded]
+        if not taken or _holds(connection, audience, shared):
+            continue
+        name = taken[0]
+        where = f'trait group "{other.name}" already sends to destination "{shared[0]}"'
+        if name == audience.trait_key:
+            return (
+                f'audience "{audience.name}": its key "{name}" is a trait that {where}; '
+                'set key = "..." on the audience'
+            )
+        return (
+            f'audience "{audience.name}": the trait "{name}" it carries is a trait that '
+            f"{where}; remove it from traits"
+        )
+    return None
+
+
+def _recorded_names(connection: Connection | None, key: str) -> set[str]:
+    """The trait names a trait group recorded at its last run (its exit value's keys)."""
+    if connection is None:
+        return set()
+    stored = connection.execute(
+        select(AUDIENCES.c.exit_value).where(AUDIENCES.c.key == key)
+    ).scalar()
+    return set(json.loads(stored)) if stored else set()
+
+
+def _holds(connection: Connection, audience: ComputationConfig, destinations: list[str]) -> bool:
+    """Whether ``audience`` has memberships at one of ``destinations``: it has planned (and
+    so sent, or is sending) its key there."""
+    audience_id = select(AUDIENCES.c.id).where(AUDIENCES.c.key == audience.trait_key)
+    query = select(MEMBERSHIPS.c.member_id).where(
+        MEMBERSHIPS.c.audience_id == audience_id.scalar_subquery(),
+        MEMBERSHIPS.c.destination.in_(destinations),
+    )
+    return connection.execute(query.limit(1)).first() is not None
 
 
 def claim_trait_names(

@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sync.config import ComputationConfig, Config
 from sync.errors import SourceError
-from sync.run.compute import source_statement, trait_columns
+from sync.run.compute import audience_clash, source_statement, trait_columns
 from sync.run.sources import demo_warehouse_exists, make_source_engine
 from sync.run.staging import query_problem, source_error
 from sync.state.audiences import key_refusal
@@ -86,7 +86,9 @@ def _probe_one(
     def refused(detail: str, columns: tuple[str, ...] = ()) -> QueryProbe:
         return QueryProbe(computation.name, key, computation.kind, False, detail, columns)
 
-    if state is not None and (problem := key_refusal(state, computation)):
+    if state is not None and (
+        problem := key_refusal(state, computation) or audience_clash(state, config, computation)
+    ):
         return refused(problem)
     engine = engines[computation.source]
     if isinstance(engine, str):
