@@ -44,6 +44,9 @@ _SECRET_PATH = re.compile(r"^alerts\..+\.url$")
 # Keys whose value is a URL: a value read into one from the environment is a secret whole
 # (webhook URLs often carry their token in the path).
 _URL_KEYS = frozenset({"url", "endpoint"})
+# Config keys holding SQL a source runs: a value read into one from the environment (a
+# pgcrypto key, a tenant token) is a secret, since a source's error may quote the SQL.
+_SQL_KEYS = frozenset({"query", "now_query"})
 # scheme://userinfo@ where the userinfo runs to the LAST "@" before the authority ends: a
 # password with an unencoded "@" must not leak its tail.
 _URL_USERINFO = re.compile(
@@ -206,16 +209,22 @@ def collect_secrets(tree: Any, interpolated: Iterable[tuple[str, str]] = ()) -> 
     """Every secret in a config tree (the raw TOML dict or a model dump): values of secret
     keys and credential headers, URL userinfo, and values read from the environment
     (``interpolated``: (TOML path, resolved text or one variable's value) pairs) into secret
-    keys, headers or URLs."""
+    keys, headers, URLs or SQL (the loader passes only a query's variables' values)."""
     found: list[str] = []
     _walk(tree, "", found)
     for path, value in interpolated:
         last = path.rsplit(".", 1)[-1]
-        if _SECRET_KEY.search(last) or last in _URL_KEYS or ".headers." in f".{path}":
+        secret_key = _SECRET_KEY.search(last) or last in _URL_KEYS or last in _SQL_KEYS
+        if secret_key or ".headers." in f".{path}":
             found.append(value)
         if last in _URL_KEYS and "://" in value:
             found.extend(url_pieces(value))
     return found
+
+
+def is_sql_path(path: str) -> bool:
+    """Whether the config value at this TOML path is SQL a source runs."""
+    return path.rsplit(".", 1)[-1] in _SQL_KEYS
 
 
 def is_secret_path(path: str) -> bool:

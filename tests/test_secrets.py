@@ -291,3 +291,23 @@ def test_credential_query_parameters_are_hidden_as_written_and_nothing_else() ->
     for ordinary in ("tenant=acme", "keyword=default", "auth=none", "monkey=destination"):
         assert ordinary in shown, shown
     assert shown.endswith("answered 404 for this destination")
+
+
+def test_a_variable_read_into_a_query_never_shows(harness: Harness, receiver: Receiver) -> None:
+    """A `${VAR}` in an audience's query (a pgcrypto key, a tenant token) reached the run's
+    error, the log and `runs` when the source's error quoted the SQL (MariaDB does; SQLite
+    names the unknown column). Its value is a secret like a URL's; the rest of the query is
+    not hidden."""
+    harness.audience["query"] = "SELECT user_id, email FROM members WHERE ${QUERY_TOKEN} = 1"
+    path = harness.write_config()
+    token = "qTokenHunter2xyz"
+    runner = CliRunner(env={"QUERY_TOKEN": token})
+    sync = runner.invoke(cli, ["--config", str(path), "sync"])
+    assert sync.exit_code == 1, sync.output
+    assert "no such column" in sync.output and token not in sync.output, sync.output
+    runs = runner.invoke(cli, ["--config", str(path), "runs", "--json"])
+    assert "no such column" in runs.output and token not in runs.output, runs.output
+    # `show-sql` prints the query with the variable's value hidden, the rest as written.
+    shown = runner.invoke(cli, ["--config", str(path), "show-sql", "High Value Users"]).output
+    assert "FROM members WHERE *** = 1" in shown, shown
+    assert token not in dump_state(harness.engine)

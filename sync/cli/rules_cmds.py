@@ -8,6 +8,7 @@ import json
 import click
 
 from sync.cli.app import AppContext, echo_json, json_option, pass_app, print_table
+from sync.redaction import redact
 from sync.run.preview import (
     DEFAULT_SAMPLE_SIZE,
     compiled_sql,
@@ -31,15 +32,16 @@ def show_sql(app: AppContext, audience: str, bound: bool) -> None:
     source's dialect; bound values listed after it)."""
     config = app.config()
     computation = find_computation(config, audience)
+    # Redacted as all output is: a `${VAR}` read into the query prints as ***.
     if not bound and (runnable := runnable_sql(config, computation)) is not None:
-        click.echo(runnable)  # values quoted by the dialect: paste it into the database client
+        click.echo(redact(runnable))  # values quoted by the dialect: paste it into the client
         return
     sql, params = compiled_sql(config, computation)
-    click.echo(sql)
+    click.echo(redact(sql))
     if params:
         click.echo("-- parameters (bound, never part of the SQL text):")
         for name, value in params.items():
-            click.echo(f"--   {name} = {json.dumps(value, default=str)}")
+            click.echo(redact(f"--   {name} = {json.dumps(value, default=str)}"))
 
 
 @click.command("preview")

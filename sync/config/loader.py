@@ -35,7 +35,7 @@ from sync.config.rules import rule_problems
 from sync.destinations import DESTINATION_TYPES, SETTINGS_TYPES
 from sync.errors import ConfigError
 from sync.keys import derive_key, name_key_problem
-from sync.redaction import Redactor, collect_secrets, is_secret_path
+from sync.redaction import Redactor, collect_secrets, is_secret_path, is_sql_path
 from sync.rules import SchemaMapping
 
 __all__ = ["load_config", "parse_config"]
@@ -87,7 +87,8 @@ def parse_config(
     from_env = [
         (path, piece)
         for path, (written, resolved) in interpolated.items()
-        for piece in (resolved, *_variable_values(written, env))
+        # SQL: each variable's value, not the whole query (which errors may show).
+        for piece in ((() if is_sql_path(path) else (resolved,)) + _variable_values(written, env))
     ]
     config: Config | None = None
     try:
@@ -149,7 +150,7 @@ def _interpolate(
     return resolved
 
 
-def _variable_values(written: str, environ: Mapping[str, str]) -> list[str]:
+def _variable_values(written: str, environ: Mapping[str, str]) -> tuple[str, ...]:
     """The values each ``${VAR}`` of a text was replaced with: a token read into a URL's
     path is a secret on its own, wherever the URL is shown in pieces."""
     values = []
@@ -159,7 +160,7 @@ def _variable_values(written: str, environ: Mapping[str, str]) -> list[str]:
             value = environ.get(name, default)
             if value:
                 values.append(value)
-    return values
+    return tuple(values)
 
 
 def _resolve_sqlite_url(url: Any, base_dir: Path) -> Any:
