@@ -390,3 +390,46 @@ def test_the_endpoint_fingerprint_ignores_credentials() -> None:
     pasted = SegmentSettings(type="segment", write_key="wk_1", endpoint="https://api.x.io/v1/batch")
     assert endpoint_text(segment) == endpoint_text(pasted)  # the URL sent is the same
     assert "wk_" not in endpoint_text(segment)
+
+
+def test_a_renamed_destination_is_not_sent_false_through_its_old_name(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A destination renamed in the config (same file, new name): the drift warning used to
+    advise `retire --destination OLD --send-false`, which sent `false` to every current member
+    through the file the new name still writes (hostile review). Both now say it is the same
+    place, and retiring without --send-false forgets the old name's rows. Two Segment
+    destinations differing only by write key are two places and are not refused."""
+    out = tmp_path / "out.jsonl"
+    harness.destinations["old"] = {"type": "file", "path": str(out)}
+    harness.audience["destinations"] = ["old"]
+    harness.set_members(["a", "b"])
+    assert invoke(harness.write_config(), "sync")[0] == 0
+    harness.destinations["new"] = {"type": "file", "path": str(out)}
+    harness.audience["destinations"] = ["new"]
+    config = harness.write_config()
+    code, output = invoke(config, "sync")
+    assert code == 0, output
+    (warning,) = lines_with(output, f'"{KEY}"', '"old"')
+    assert 'delivers where "new" does' in warning and "--send-false" not in warning, warning
+    before = out.read_text()
+    code, output = invoke(config, "retire", KEY, "--destination", "old", "--send-false")
+    assert code == 1, output
+    assert lines_with(output, '"old"', 'where "new"', "without --send-false"), output
+    assert out.read_text() == before  # nothing sent
+    code, output = invoke(config, "retire", KEY, "--destination", "old")
+    assert code == 0, output
+    assert (KEY, "old") not in states(config) and states(config)[(KEY, "new")]["members"] == 2
+
+
+def test_segment_destinations_with_different_write_keys_are_two_places() -> None:
+    from sync.config import parse_config
+    from sync.run.drift import same_place
+
+    base = '[destinations.{name}]\ntype = "segment"\nwrite_key = "{key}"\n'
+    text = "".join(
+        base.format(name=n, key=k) for n, k in (("a", "k1"), ("b", "k2"), ("c", "k1"))
+    )
+    destinations = parse_config(text, "x.toml", Path("."), {}).destinations
+    assert not same_place(destinations["a"], destinations["b"])
+    assert same_place(destinations["a"], destinations["c"])

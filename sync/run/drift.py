@@ -17,8 +17,10 @@ import os
 import shlex
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from pydantic import SecretStr
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from sync.config import ComputationConfig, Config
@@ -86,6 +88,43 @@ def endpoint_fingerprint(settings: DestinationSettings, *, legacy: bool = False)
     parameter to a URL recorded without any is a move, not a legacy match."""
     text = endpoint_text(settings, legacy=legacy)
     return hashlib.sha256((text if legacy else f"v2 {text}").encode("utf-8")).hexdigest()
+
+
+# What besides the endpoint says who a destination delivers to: two Segment destinations at
+# api.segment.io with different write keys are two sources.
+_IDENTITY_FIELDS = ("write_key", "secret", "headers", "merchant_id", "tracking_key")
+
+
+def same_place(one: DestinationSettings, other: DestinationSettings) -> bool:
+    """Whether two configured destinations deliver to the same place: the same endpoint (a
+    file's path) and the same credentials and headers."""
+    if endpoint_text(one) != endpoint_text(other):
+        return False
+
+    def identity(settings: DestinationSettings) -> list[Any]:
+        values = [getattr(settings, name, None) for name in _IDENTITY_FIELDS]
+        return [v.get_secret_value() if isinstance(v, SecretStr) else v for v in values]
+
+    return identity(one) == identity(other)
+
+
+def twin_destination(config: Config, key: str, dropped: str) -> str | None:
+    """A destination the computation ``key`` still lists that delivers where ``dropped`` (a
+    destination it no longer lists, still configured) does: the destination was renamed."""
+    computation = next((c for c in config.computations if c.trait_key == key), None)
+    settings = config.destinations.get(dropped)
+    if computation is None or settings is None:
+        return None
+    return next(
+        (
+            name
+            for name in computation.destinations
+            if name != dropped
+            and name in config.destinations
+            and same_place(config.destinations[name], settings)
+        ),
+        None,
+    )
 
 
 def _same_endpoint(stored: str, settings: DestinationSettings) -> bool:
@@ -300,6 +339,13 @@ def drift_warnings(connection: Connection, config: Config, *, warn_orphans: bool
     for key, name in dropped_destinations(connection, config):
         group = configured[key].is_trait_group
         label, flag = ("trait group", "--send-null") if group else ("audience", "--send-false")
+        if twin := twin_destination(config, key, name):
+            lines.append(
+                f'{label} "{key}" no longer lists destination "{name}", which delivers where '
+                f'"{twin}" does (a renamed destination?); run `audience-sync retire '
+                f"{_quoted(key)} --destination {_quoted(name)}` to forget its rows there"
+            )
+            continue
         lines.append(
             f'{label} "{key}" no longer lists destination "{name}", which still holds its '
             f"values; run `audience-sync retire {_quoted(key)} --destination {_quoted(name)} "

@@ -9,7 +9,7 @@ from sync.delivery import recover_in_flight
 from sync.errors import AudienceSyncError, LeaseHeldError
 from sync.reports import DestinationReport, RunReport
 from sync.run.context import RunContext
-from sync.run.drift import moved_endpoints, orphans, recorded_destinations
+from sync.run.drift import moved_endpoints, orphans, recorded_destinations, twin_destination
 from sync.run.plan import retirement_problem
 from sync.state.audiences import (
     audience_leaving_destination,
@@ -76,6 +76,13 @@ def _send_false(
             raise AudienceSyncError(
                 f'audience "{key}" was sent to {", ".join(missing)}, which the config no '
                 f"longer defines; add them back to send {what}, or retire without {flag}"
+            )
+        twin = twin_destination(context.config, key, destination) if destination else None
+        if twin is not None:
+            raise AudienceSyncError(
+                f'audience "{key}": destination "{destination}" delivers where "{twin}", which '
+                f"it still lists, does: {what} there would undo what \"{twin}\" holds; retire "
+                f"without {flag} to forget its rows at \"{destination}\""
             )
         moved = moved_endpoints(connection, context.config, audience_id, names)
         if moved:
