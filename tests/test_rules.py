@@ -637,3 +637,49 @@ def test_member_of_a_sql_audience_with_integer_ids(warehouse: Engine) -> None:
         members = {row.user_id for row in connection.execute(statement)}
         everyone = {r[0] for r in connection.execute(text("SELECT id FROM users"))}
     assert members == everyone
+
+
+def _warehouse_file(tmp_path: Path) -> Path:
+    path = tmp_path / "w.db"
+    engine = create_engine(f"sqlite:///{path}")
+    load(engine, WAREHOUSE)
+    engine.dispose()
+    return path
+
+
+def _cli(config: Path, *args: str) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from sync.cli import cli
+
+    result = CliRunner().invoke(cli, ["--config", str(config), *args], terminal_width=250)
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("name", ["Revenue", "_x", "9lives"])
+def test_a_rules_trait_name_that_is_no_trait_key_is_a_config_error(
+    tmp_path: Path, name: str
+) -> None:
+    """``Revenue`` passed check (it is a valid column name), then every run failed telling the
+    user to alias a query column — a rules group has no query."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f"""
+[sources.wh]
+url = "sqlite:///{_warehouse_file(tmp_path)}"
+[destinations.f]
+type = "file"
+path = "out.jsonl"
+[[traits]]
+name = "TR"
+source = "wh"
+destinations = ["f"]
+[traits.rules]
+{name} = {{ sum = {{ event = "Order Completed", property = "revenue" }} }}
+"""
+    )
+    for command in (["check"], ["sync"], ["show-sql", "TR"]):
+        code, output = _cli(config, *command)
+        assert code == 2, (command, output)
+        assert f"c.toml: traits[0].rules.{name}: not a valid key: '{name}'" in output, output
+        assert "alias" not in output and len(output.strip().splitlines()) == 1, output

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from sync.keys import key_problem
+
 # Comparison operators of counts ("count = '>= 2'").
 COUNT_OPERATORS = ("=", "!=", ">=", "<=", ">", "<")
 # Operators of property filters, trait and computed-trait conditions.
@@ -416,6 +418,10 @@ def parse_trait_rules(value: Any, path: str) -> dict[str, TraitComputation]:
         p.raise_any()
     for name, spec in value.items():
         where = f"{path}.{name}"
+        # The name is the trait's key at every destination, not only a column label.
+        if problem := key_problem(name):
+            p.add(where, problem)
+            continue
         if not isinstance(spec, dict) or len(spec) != 1:
             p.add(
                 where,
