@@ -683,3 +683,134 @@ destinations = ["f"]
         assert code == 2, (command, output)
         assert f"c.toml: traits[0].rules.{name}: not a valid key: '{name}'" in output, output
         assert "alias" not in output and len(output.strip().splitlines()) == 1, output
+
+
+# Category → the user viewing it: backslashes, quotes and LIKE wildcards as data.
+_TRICKY_CATEGORIES = {
+    "bo\\oks": "u1",
+    "bo\\\\oks": "u2",
+    "books": "u3",
+    "100%": "u4",
+    "100x": "u5",
+    "it's": "u6",
+}
+# (operator, value, the users it selects)
+_TRICKY_FILTERS = [
+    ("=", "bo\\oks", {"u1"}),
+    ("starts_with", "bo\\", {"u1", "u2"}),
+    ("contains", "\\oks", {"u1", "u2"}),
+    ("contains", "\\\\", {"u2"}),
+    ("in", ["bo\\oks", "it's"], {"u1", "u6"}),
+    ("=", "100%", {"u4"}),
+    ("starts_with", "100%", {"u4"}),
+    ("contains", "0%", {"u4"}),
+]
+
+
+def _tricky_warehouse(url: str) -> None:
+    from datetime import datetime
+
+    from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, insert
+
+    metadata = MetaData()
+    binary = {"mysql_collate": "utf8mb4_bin", "mysql_charset": "utf8mb4"}
+    users = Table("users", metadata, Column("id", String(8), primary_key=True), **binary)
+    viewed = Table(
+        "product_viewed",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("user_id", String(8)),
+        Column("anonymous_id", String(8)),
+        Column("timestamp", DateTime),
+        Column("category", String(32)),
+        **binary,
+    )
+    engine = create_engine(url)
+    metadata.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(insert(users), [{"id": u} for u in _TRICKY_CATEGORIES.values()])
+        connection.execute(
+            insert(viewed),
+            [
+                {"id": i, "user_id": u, "timestamp": datetime(2020, 1, 1), "category": category}
+                for i, (category, u) in enumerate(_TRICKY_CATEGORIES.items())
+            ],
+        )
+    engine.dispose()
+
+
+def _pasted(url: str, sql: str) -> set[Any]:
+    """The user ids ``sql`` selects when pasted into the database's client: sent as written,
+    with no parameters (so the driver changes nothing)."""
+    engine = create_engine(url)
+    connection = engine.raw_connection()
+    try:
+        cursor = connection.cursor()
+        cursor.execute(sql)
+        found = {row[0] for row in cursor.fetchall()}
+    finally:
+        connection.close()
+        engine.dispose()
+    return found
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql", "mariadb"])
+def test_show_sql_pasted_into_the_client_selects_what_preview_selects(
+    request: pytest.FixtureRequest, tmp_path: Path, database: str
+) -> None:
+    """PostgreSQL's dialect, never connected, doubled backslashes ('bo\\\\oks'), though the server
+    (standard_conforming_strings on) reads them literally; psycopg's and PyMySQL's dialects
+    doubled every % ('100%%'), which only a driver filling in parameters un-doubles: the
+    pasted SQL found other users than preview and runs did."""
+    if database == "sqlite":
+        url = f"sqlite:///{tmp_path / 'w.db'}"
+    elif database == "postgresql":
+        url = str(request.getfixturevalue("postgres_schema_url"))
+    else:
+        url = str(request.getfixturevalue("mysql_database_url"))
+    _tricky_warehouse(url)
+    config = tmp_path / "c.toml"
+    audiences = "".join(
+        f"""
+[[audiences]]
+name = "A{index}"
+source = "wh"
+destinations = ["f"]
+[audiences.rules]
+event = "Product Viewed"
+where = [ {{ property = "category", op = "{op}", value = {json.dumps(value)} }} ]
+"""
+        for index, (op, value, _) in enumerate(_TRICKY_FILTERS)
+    )
+    config.write_text(
+        f'[sources.wh]\nurl = {json.dumps(url)}\n[destinations.f]\ntype = "file"\n'
+        f'path = "out.jsonl"\n{audiences}'
+    )
+    for index, (op, value, expected) in enumerate(_TRICKY_FILTERS):
+        code, shown = _cli(config, "show-sql", f"A{index}")
+        assert code == 0, shown
+        code, previewed = _cli(config, "preview", f"A{index}", "--json", "--limit", "100")
+        assert code == 0, previewed
+        members = {row["user_id"] for row in json.loads(previewed)["sample"]}
+        assert members == expected, (op, value)
+        assert _pasted(url, shown) == expected, (op, value, shown)
+
+
+def test_show_sql_of_an_unreachable_source_lists_the_values_bound(tmp_path: Path) -> None:
+    """How a server reads a literal's backslashes is its setting: without a connection the
+    values are not written in, but listed as a run binds them."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        _CONFIG.replace(
+            'url = "sqlite:///w.db"', 'url = "postgresql+psycopg://u@127.0.0.1:1/db"'
+        ).format(a='trait = "plan"\nop = "="\nvalue = "bo\\\\oks"', b='event = "X"')
+    )
+    from click.testing import CliRunner
+
+    from sync.cli import cli
+
+    result = CliRunner().invoke(cli, ["--config", str(config), "show-sql", "A"])
+    assert result.exit_code == 0, result.output
+    assert 'source "w": cannot learn how it reads SQL literals' in result.stderr
+    assert "bo\\\\oks" not in result.stdout.split("-- parameters")[0]
+    assert '"bo\\\\oks"' in result.stdout  # JSON: the one backslash, bound

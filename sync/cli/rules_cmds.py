@@ -8,6 +8,7 @@ import json
 import click
 
 from sync.cli.app import AppContext, echo_json, json_option, pass_app, print_table
+from sync.errors import SourceError
 from sync.redaction import redact
 from sync.run.preview import (
     DEFAULT_SAMPLE_SIZE,
@@ -32,10 +33,16 @@ def show_sql(app: AppContext, audience: str, bound: bool) -> None:
     source's dialect; bound values listed after it)."""
     config = app.config()
     computation = find_computation(config, audience)
-    # Redacted as all output is: a `${VAR}` read into the query prints as ***.
-    if not bound and (runnable := runnable_sql(config, computation)) is not None:
-        click.echo(redact(runnable))  # values quoted by the dialect: paste it into the client
-        return
+    if not bound:
+        try:
+            runnable = runnable_sql(config, computation)
+        except SourceError as exc:  # how the server reads literals is unknown: bind them
+            click.echo(redact(f"-- {exc}; showing the placeholders and the bound values"), err=True)
+            runnable = None
+        if runnable is not None:
+            # Redacted as all output is: a `${VAR}` read into the query prints as ***.
+            click.echo(redact(runnable))  # values quoted as the server reads them: paste it
+            return
     sql, params = compiled_sql(config, computation)
     click.echo(redact(sql))
     if params:

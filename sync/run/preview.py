@@ -4,16 +4,18 @@ dialect (``show-sql``) and a read-only count and sample (``preview``). Nothing i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
+from typing import Any, cast
 
 from sqlalchemy import Select, TableClause, func, inspect, select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy.exc import CompileError, SQLAlchemyError
 from sqlalchemy.sql.selectable import Alias
 from sqlalchemy.sql.visitors import iterate
 
 from sync.config import ComputationConfig, Config
-from sync.errors import SourceError, UnknownAudienceError
+from sync.errors import SourceError, UnknownAudienceError, driver_reason
 from sync.run.compute import open_source_engine, source_statement
 from sync.run.sources import demo_warehouse_exists, make_source_engine
 from sync.run.staging import json_value, source_error
@@ -49,14 +51,42 @@ def compiled_sql(config: Config, computation: ComputationConfig) -> tuple[str, d
     return str(compiled), dict(compiled.params)
 
 
+def _server_dialect(config: Config, computation: ComputationConfig) -> DefaultDialect:
+    """The source's dialect as its server reads SQL text; raises ``SourceError``.
+
+    How a quoted literal's backslashes are read is a server setting (PostgreSQL's
+    ``standard_conforming_strings``, MySQL's ``NO_BACKSLASH_ESCAPES``) that a dialect learns
+    only in ``initialize`` on a connection: a fresh PostgreSQL dialect doubles them, which the
+    server (on by default) reads as two. Named placeholders, because a ``format``/``pyformat``
+    dialect (psycopg, PyMySQL) doubles every ``%`` for its driver, which un-doubles them only
+    when it fills in parameters — and pasted SQL has none."""
+    engine = open_source_engine(config, computation)
+    try:
+        server = engine.dialect
+        assert isinstance(server, DefaultDialect)  # every SQLAlchemy dialect is one
+        # SQLAlchemy types the attribute as its DBAPI protocol, the argument as a module.
+        dialect = type(server)(paramstyle="named", dbapi=cast(ModuleType, server.dbapi))
+        with engine.connect() as connection:
+            dialect.initialize(connection)
+    except SQLAlchemyError as exc:
+        raise SourceError(
+            f'source "{computation.source}": cannot learn how it reads SQL literals: '
+            f"{driver_reason(exc)}"
+        ) from None
+    finally:
+        engine.dispose()
+    return dialect
+
+
 def runnable_sql(config: Config, computation: ComputationConfig) -> str | None:
-    """The SQL with its values written in (quoted by the dialect), to paste into the
-    database's own client — for reading only: runs bind the values. None when a value has no
-    literal form in that dialect."""
+    """The SQL with its values written in (quoted as the source's server reads them), to paste
+    into the database's own client — for reading only: runs bind the values. None when a value
+    has no literal form in that dialect; raises ``SourceError`` when the source cannot be
+    reached (how it reads literals is the server's setting)."""
     statement = source_statement(config, computation)
     if isinstance(statement, str):
         return statement.strip()
-    dialect = make_url(config.sources[computation.source].url).get_dialect()()
+    dialect = _server_dialect(config, computation)
     try:
         return str(
             statement.compile(
