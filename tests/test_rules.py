@@ -762,6 +762,22 @@ def test_show_sql_pasted_into_the_client_selects_what_preview_selects(
     (standard_conforming_strings on) reads them literally; psycopg's and PyMySQL's dialects
     doubled every % ('100%%'), which only a driver filling in parameters un-doubles: the
     pasted SQL found other users than preview and runs did."""
+    url, config = _tricky_config(request, tmp_path, database)
+    for index, (op, value, expected) in enumerate(_TRICKY_FILTERS):
+        code, shown = _cli(config, "show-sql", f"A{index}")
+        assert code == 0, shown
+        code, previewed = _cli(config, "preview", f"A{index}", "--json", "--limit", "100")
+        assert code == 0, previewed
+        members = {row["user_id"] for row in json.loads(previewed)["sample"]}
+        assert members == expected, (op, value)
+        assert _pasted(url, shown) == expected, (op, value, shown)
+
+
+def _tricky_config(
+    request: pytest.FixtureRequest, tmp_path: Path, database: str
+) -> tuple[str, Path]:
+    """A warehouse of ``_TRICKY_CATEGORIES`` on ``database`` and a config with one audience
+    per filter of ``_TRICKY_FILTERS`` (``A0``, ``A1``, …)."""
     if database == "sqlite":
         url = f"sqlite:///{tmp_path / 'w.db'}"
     elif database == "postgresql":
@@ -786,14 +802,33 @@ where = [ {{ property = "category", op = "{op}", value = {json.dumps(value)} }} 
         f'[sources.wh]\nurl = {json.dumps(url)}\n[destinations.f]\ntype = "file"\n'
         f'path = "out.jsonl"\n{audiences}'
     )
+    return url, config
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql", "mariadb"])
+def test_show_sql_bound_runs_with_the_values_it_lists(
+    request: pytest.FixtureRequest, tmp_path: Path, database: str
+) -> None:
+    """``--bound`` printed SQLAlchemy's internal ``IN (__[POSTCOMPILE_param_1])`` for ``in``,
+    a placeholder no driver knows, and listed the array as one value."""
+    url, config = _tricky_config(request, tmp_path, database)
     for index, (op, value, expected) in enumerate(_TRICKY_FILTERS):
-        code, shown = _cli(config, "show-sql", f"A{index}")
+        code, shown = _cli(config, "show-sql", f"A{index}", "--bound")
         assert code == 0, shown
-        code, previewed = _cli(config, "preview", f"A{index}", "--json", "--limit", "100")
-        assert code == 0, previewed
-        members = {row["user_id"] for row in json.loads(previewed)["sample"]}
-        assert members == expected, (op, value)
-        assert _pasted(url, shown) == expected, (op, value, shown)
+        sql, _, listed = shown.partition("-- parameters (bound, never part of the SQL text):\n")
+        params = dict(line.removeprefix("--   ").split(" = ", 1) for line in listed.splitlines())
+        values = {name: json.loads(text) for name, text in params.items()}
+        engine = create_engine(url)
+        connection = engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            positional = "?" in sql or "%s" in sql  # qmark (SQLite), format (PyMySQL)
+            cursor.execute(sql, tuple(values.values()) if positional else values)
+            found = {row[0] for row in cursor.fetchall()}
+        finally:
+            connection.close()
+            engine.dispose()
+        assert found == expected, (op, value, shown)
 
 
 def test_show_sql_of_an_unreachable_source_lists_the_values_bound(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def show_sql(app: AppContext, audience: str, bound: bool) -> None:
     click.echo(redact(sql))
     if params:
         click.echo("-- parameters (bound, never part of the SQL text):")
-        for name, value in params.items():
+        for name, value in params:
             click.echo(redact(f"--   {name} = {json.dumps(value, default=str)}"))
 
 

@@ -40,15 +40,22 @@ def _as_select(config: Config, computation: ComputationConfig) -> Select[Any]:
     return statement
 
 
-def compiled_sql(config: Config, computation: ComputationConfig) -> tuple[str, dict[str, Any]]:
-    """The SQL the computation runs on its source, in that source's dialect, and its bound
-    parameters (a rule's values are never part of the SQL text)."""
+def compiled_sql(
+    config: Config, computation: ComputationConfig
+) -> tuple[str, list[tuple[str, Any]]]:
+    """The SQL the computation runs on its source, in that source's dialect and placeholder
+    style, and its bound parameters in the order the placeholders take them (a rule's values
+    are never part of the SQL text). An ``in`` array is one placeholder per value, as a run
+    expands it."""
     statement = source_statement(config, computation)
     if isinstance(statement, str):
-        return statement.strip(), {}
+        return statement.strip(), []
     dialect = make_url(config.sources[computation.source].url).get_dialect()()
-    compiled = statement.compile(dialect=dialect)
-    return str(compiled), dict(compiled.params)
+    compiled = statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
+    params = compiled.params
+    # Positional placeholders take their values in this order, a name repeated per use.
+    order = compiled.positiontup if compiled.positiontup is not None else list(params)
+    return str(compiled), [(name, params[name]) for name in order]
 
 
 def _server_dialect(config: Config, computation: ComputationConfig) -> DefaultDialect:
