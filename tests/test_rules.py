@@ -849,3 +849,83 @@ def test_show_sql_of_an_unreachable_source_lists_the_values_bound(tmp_path: Path
     assert 'source "w": cannot learn how it reads SQL literals' in result.stderr
     assert "bo\\\\oks" not in result.stdout.split("-- parameters")[0]
     assert '"bo\\\\oks"' in result.stdout  # JSON: the one backslash, bound
+
+
+@pytest.mark.parametrize(
+    ("rules", "path", "shown"),
+    [
+        ('trait = "n"\nop = "<"\nvalue = nan', "audiences[0].rules.value", "nan"),
+        ('trait = "n"\nop = ">"\nvalue = 1e400', "audiences[0].rules.value", "inf"),
+        ('trait = "n"\nop = "="\nvalue = -inf', "audiences[0].rules.value", "-inf"),
+        (
+            'computed_trait = "n"\nop = "="\nvalue = 99999999999999999999',
+            "audiences[0].rules.value",
+            "99999999999999999999",
+        ),
+        (
+            'trait = "n"\nop = "!="\nvalue = -9223372036854775809',
+            "audiences[0].rules.value",
+            "-9223372036854775809",
+        ),
+        (
+            'all = [ { trait = "n", op = "in", value = [1, nan] } ]',
+            "audiences[0].rules.all[0].value[1]",
+            "nan",
+        ),
+        (
+            'event = "X"\nwhere = [ { property = "p", op = ">=", value = inf } ]',
+            "audiences[0].rules.where[0].value",
+            "inf",
+        ),
+        (
+            'event = "X"\nfollowed_by = { event = "Y", where = [ { property = "p", op = "in", '
+            "value = [9223372036854775808] } ] }",
+            "audiences[0].rules.followed_by.where[0].value[0]",
+            "9223372036854775808",
+        ),
+    ],
+)
+def test_a_rule_number_no_database_can_compare_is_a_config_error(
+    tmp_path: Path, rules: str, path: str, shown: str
+) -> None:
+    """NaN passed check, then selected nobody on SQLite, everyone on PostgreSQL and failed on
+    MariaDB; 1e400 (inf) made show-sql print ``r1.n > inf``; 99999999999999999999 failed the
+    run with an OverflowError from the SQLite driver."""
+    config = tmp_path / "c.toml"
+    config.write_text(_CONFIG.format(a=rules, b='event = "X"'))
+    code, output = _cli(config, "check")
+    assert code == 2, output
+    assert f"c.toml: {path}: " in output and shown in output, output
+    assert len(output.strip().splitlines()) == 1, output
+
+
+def test_rule_numbers_at_the_ends_of_the_64_bit_range_are_taken(tmp_path: Path) -> None:
+    rules = (
+        'any = [ { trait = "n", op = "=", value = 9223372036854775807 },\n'
+        '  { trait = "n", op = "in", value = [-9223372036854775808, 1.5e308] } ]'
+    )
+    config = parse_config(_CONFIG.format(a=rules, b='event = "X"'), "t.toml", tmp_path, {})
+    assert config.audiences[0].rules is not None
+
+
+def test_trait_rules_numbers_no_database_can_compare_are_config_errors(tmp_path: Path) -> None:
+    from sync.errors import ConfigError
+
+    toml = """
+[sources.w]
+url = "sqlite:///w.db"
+[destinations.out]
+type = "file"
+path = "out.jsonl"
+[[traits]]
+name = "T"
+source = "w"
+destinations = ["out"]
+[traits.rules]
+big = { max = { event = "X", property = "p", where = [ { property = "q", op = "<", value = nan } ] } }
+"""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(toml, "t.toml", tmp_path, {})
+    assert any(
+        p.startswith("traits[0].rules.big.max.where[0].value: ") for p in raised.value.problems
+    ), raised.value.problems

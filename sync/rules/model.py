@@ -9,6 +9,7 @@ Parsing is pure (no database): ``parse_condition`` for an audience's ``rules``,
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -53,6 +54,9 @@ _WINDOW = re.compile(r"^\s*(\d{1,6})\s*([mhdw])\s*$")
 _COUNT = re.compile(r"^\s*(>=|<=|!=|=|>|<)\s*(\d{1,9})\s*$")
 # Rule sets nest; a deeper one is surely a mistake (and would exhaust the SQL parser first).
 MAX_DEPTH = 32
+# Integers a rule compares with: the signed 64-bit range, BIGINT on every source database and
+# what the drivers bind (SQLite's raises OverflowError beyond it). TOML says as much.
+MIN_INTEGER, MAX_INTEGER = -(2**63), 2**63 - 1
 
 Scalar = str | int | float | bool
 
@@ -233,6 +237,22 @@ def _scalar(value: Any) -> bool:
     return isinstance(value, str | int | float | bool)
 
 
+def _number_problem(value: Any) -> str | None:
+    """Why ``value``, a number, is one the source databases cannot compare alike, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        # NaN matched nobody on SQLite, everyone on PostgreSQL, failed on MariaDB.
+        return (
+            f"not a finite number: {value!r}; NaN and infinities compare differently on each "
+            "database (a float beyond 1.8e308 is infinite)"
+        )
+    if isinstance(value, int) and not MIN_INTEGER <= value <= MAX_INTEGER:  # bools are 0, 1
+        return (
+            f"integer out of range: {value}; rules compare signed 64-bit integers "
+            f"({MIN_INTEGER} to {MAX_INTEGER})"
+        )
+    return None
+
+
 def _filter(table: Any, name_key: str, path: str, p: _Problems) -> Filter | None:
     """``{ <name_key> = NAME, op = OP, value = V }``; problems are added to ``p``."""
     if not isinstance(table, dict):
@@ -260,6 +280,11 @@ def _filter(table: Any, name_key: str, path: str, p: _Problems) -> Filter | None
         if not isinstance(value, list) or not value or not all(map(_scalar, value)):
             p.add(f"{path}.value", "in takes a non-empty array of text, numbers or booleans")
             return None
+        problems = [(i, problem) for i, v in enumerate(value) if (problem := _number_problem(v))]
+        for i, problem in problems:
+            p.add(f"{path}.value[{i}]", problem)
+        if problems:
+            return None
         value = tuple(value)
     elif op == "exists":
         if not isinstance(value, bool):
@@ -271,6 +296,9 @@ def _filter(table: Any, name_key: str, path: str, p: _Problems) -> Filter | None
             return None
     elif not _scalar(value):
         p.add(f"{path}.value", f"{op} takes a text, a number or a boolean")
+        return None
+    elif problem := _number_problem(value):
+        p.add(f"{path}.value", problem)
         return None
     if not ok or not isinstance(name, str):
         return None
