@@ -929,3 +929,49 @@ big = { max = { event = "X", property = "p", where = [ { property = "q", op = "<
     assert any(
         p.startswith("traits[0].rules.big.max.where[0].value: ") for p in raised.value.problems
     ), raised.value.problems
+
+
+def test_a_rules_trait_named_like_an_audience_key_at_its_destination_is_a_config_error(
+    tmp_path: Path,
+) -> None:
+    """A rules trait group's trait names are in the config: one that is an audience's key (or
+    a trait an audience carries) at a shared destination is refused by `check`, at its path;
+    it passed, then every run failed telling the user to alias a query column it has none of."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f"""
+[sources.wh]
+url = "sqlite:///{_warehouse_file(tmp_path)}"
+[destinations.f]
+type = "file"
+path = "out.jsonl"
+[[audiences]]
+name = "Big Spender"
+source = "wh"
+query = "SELECT user_id, plan FROM users"
+traits = ["plan"]
+destinations = ["f"]
+[[traits]]
+name = "TR"
+source = "wh"
+destinations = ["f"]
+[traits.rules]
+big_spender = {{ sum = {{ event = "Order Completed", property = "revenue" }} }}
+plan = {{ count = {{ event = "Order Completed" }} }}
+"""
+    )
+    code, output = _cli(config, "check")
+    assert code == 2, output
+    assert 'traits[0].rules.big_spender: "big_spender" is also the key of audience "Big Spender"' in output
+    assert 'traits[0].rules.plan: "plan" is also a trait audience "Big Spender"' in output
+
+
+def test_a_rules_trait_taken_at_run_time_is_told_to_rename_the_rule() -> None:
+    from sync.errors import SourceError
+    from sync.run.trait_values import TraitColumns
+
+    held = {"plan": 'trait group "Other" at destination "f"'}
+    with pytest.raises(SourceError, match=r"rename it in \[traits.rules\]"):
+        TraitColumns("TR", held, rules=True).indexes(["user_id", "plan"])
+    with pytest.raises(SourceError, match="alias it in the query"):
+        TraitColumns("TR", held).indexes(["user_id", "plan"])

@@ -329,6 +329,9 @@ def _carried_trait_problems(raw: dict[str, Any], keys: Mapping[str, tuple[str, s
         if isinstance(entry, dict) and (where := f"{section}[{index}]")
     }
     problems: list[str] = []
+    for where, group in entries.items():
+        if where.startswith("traits") and isinstance(group.get("rules"), dict):
+            problems.extend(_rules_trait_problems(where, group, entries, keys))
     for where, audience in entries.items():
         traits = audience.get("traits")
         if where.startswith("traits") or not isinstance(traits, list):
@@ -345,6 +348,41 @@ def _carried_trait_problems(raw: dict[str, Any], keys: Mapping[str, tuple[str, s
                     f'({other_where}) at destination "{shared}"; remove it from traits or set '
                     "key = \"...\" on one of them"
                 )
+    return problems
+
+
+def _rules_trait_problems(
+    where: str,
+    group: dict[str, Any],
+    entries: Mapping[str, dict[str, Any]],
+    keys: Mapping[str, tuple[str, str]],
+) -> list[str]:
+    """A rules trait group's traits are its rules' names, known from the config: none may be
+    an audience's key, or a trait an audience carries, at a destination both send to."""
+    problems: list[str] = []
+    for trait in group["rules"]:
+        if not isinstance(trait, str):
+            continue
+        if trait in keys and keys[trait][0] != where:
+            other_where, other_name = keys[trait]
+            if (shared := _shared_destination(group, entries[other_where])) is not None:
+                label = "trait group" if other_where.startswith("traits") else "audience"
+                problems.append(
+                    f'{where}.rules.{trait}: "{trait}" is also the key of {label} '
+                    f'"{other_name}" ({other_where}) at destination "{shared}"; rename the rule'
+                )
+                continue
+        for other_where, other in entries.items():
+            carried = other.get("traits")
+            if other_where.startswith("traits") or not isinstance(carried, list):
+                continue
+            if trait in carried and (shared := _shared_destination(group, other)) is not None:
+                problems.append(
+                    f'{where}.rules.{trait}: "{trait}" is also a trait audience '
+                    f'"{other.get("name")}" ({other_where}) carries to destination "{shared}"; '
+                    "rename the rule"
+                )
+                break
     return problems
 
 

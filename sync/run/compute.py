@@ -157,7 +157,8 @@ def trait_columns(
     run, when there is a state DB ``connection``). None for an audience."""
     if not group.is_trait_group:
         return None
-    return TraitColumns(group.name, _reserved_names(connection, config, group))
+    rules = group.query is None
+    return TraitColumns(group.name, _reserved_names(connection, config, group), rules=rules)
 
 
 def _reserved_names(
@@ -260,12 +261,13 @@ def claim_trait_names(
     before anything is planned or sent (``SourceError``)."""
     store_exit_value(connection, group_id, exit_value(stats.trait_names))
     fenced_commit(connection, lease)
-    reserved = _reserved_names(connection, config, group)
+    rules = group.query is None
+    rule = TraitColumns(group.name, _reserved_names(connection, config, group), rules=rules)
     for name in stats.trait_names:
-        if name in reserved:
+        if name in rule.reserved:
             raise SourceError(
                 f'trait group "{group.name}": column "{name}" is also the key of '
-                f"{reserved[name]}; alias it in the query"
+                f"{rule.reserved[name]}; {rule.rename}"
             )
 
 

@@ -138,6 +138,12 @@ class TraitColumns:
 
     group: str
     reserved: Mapping[str, str] = field(default_factory=dict)
+    rules: bool = False  # a rules group: its columns are its rules' names, not query aliases
+
+    @property
+    def rename(self) -> str:
+        """How to give a column another name."""
+        return "rename it in [traits.rules]" if self.rules else "alias it in the query"
 
     def indexes(self, columns: Sequence[str]) -> list[tuple[str, int]]:
         """``(trait, column index)`` of every column but the ids, sorted by name; raises a
@@ -152,12 +158,13 @@ class TraitColumns:
                     alias = f"trait_{alias}"
                 raise SourceError(
                     f'trait group "{self.group}": column "{column}" cannot be a trait key '
-                    f"({problem}); alias it in the query, e.g. AS {alias}"
+                    f"({problem}); {self.rename}, e.g. "
+                    + (alias if self.rules else f"AS {alias}")
                 )
             if column in self.reserved:
                 raise SourceError(
                     f'trait group "{self.group}": column "{column}" is also the key of '
-                    f"{self.reserved[column]}; alias it in the query"
+                    f"{self.reserved[column]}; {self.rename}"
                 )
             if any(name == column for name, _ in found):
                 raise SourceError(
