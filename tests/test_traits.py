@@ -442,3 +442,27 @@ def test_a_dry_run_of_an_audience_that_would_take_a_group_s_trait_says_so(
     dry = CliRunner().invoke(main, ["--config", config, "sync", "VIP", "--dry-run"])
     assert dry.exit_code == 1, dry.output
     assert 'its key "vip" is a trait that trait group "Support Traits"' in dry.output
+
+
+def test_retire_send_null_also_nulls_what_a_keep_group_s_leavers_hold(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """With on_exit = "keep" a leaver keeps its values at the destination; retiring the group
+    with --send-null nulled current members only, so past leavers kept the group's values
+    while `status` said retired (hostile review). A leaver never sent anything gets nothing."""
+    from click.testing import CliRunner
+
+    from sync.cli import cli
+
+    _group(harness, on_exit="keep")
+    _rows(harness, [("u1", 2, "pro", None), ("u2", 1, "free", None)])
+    harness.sync_named(GROUP)
+    _rows(harness, [("u1", 2, "pro", None)])  # u2 leaves and keeps its values
+    harness.sync_named(GROUP)
+    harness.config_extra = ""
+    config = harness.write_config()
+    receiver.reset()
+    done = CliRunner().invoke(cli, ["--config", str(config), "retire", KEY, "--send-null"])
+    assert done.exit_code == 0, done.output
+    nulls = {"open_tickets": None, "plan": None, "last_ticket_at": None}
+    assert _sent(receiver) == {"u1": nulls, "u2": nulls}

@@ -163,14 +163,17 @@ def mark_all_exited(
     value: str = FALSE_VALUE,
 ) -> list[str]:
     """Plan ``value`` (an audience's ``false``, a trait group's nulls) for every current member
-    (before retiring), at every destination or one; return the destinations."""
+    (before retiring), and for every past member whose row still aims at something else that
+    the destination acknowledged (a trait group's leaver kept its values with ``on_exit =
+    "keep"``), at every destination or one; return the destinations."""
     now = state_now(connection)  # changed_at: one clock for every host
     scope = [M.c.audience_id == audience_id]
     if destination is not None:
         scope.append(M.c.destination == destination)
+    holds = and_(M.c.synced_value.is_not(None), M.c.value != value)
     connection.execute(
         update(M)
-        .where(*scope, M.c.desired == true())
+        .where(*scope, or_(M.c.desired == true(), holds))
         .values(
             desired=False,
             value=value,
