@@ -42,7 +42,7 @@ def _both_paths(
     """Stage ``query`` as a same-database source (falling back to streaming as the runner
     does) and as a streamed source; return both results and whether SQL staged it."""
     url = engine.url.render_as_string(hide_password=False)
-    names = {"audience": "A", "source_name": "w", "query": query, "traits": traits}
+    names = {"audience": 'audience "A"', "source_name": "w", "query": query, "traits": traits}
     with engine.connect() as connection:
         same = stage_in_database(connection, SAME_DB_RUN, **names)
         in_sql = same is not None
@@ -214,7 +214,7 @@ def _both_trait_paths(engine: Engine, query: str) -> tuple[Any, Any, bool]:
     from sync.run.trait_values import TraitColumns
 
     url = engine.url.render_as_string(hide_password=False)
-    names = {"audience": "G", "source_name": "w", "query": query, "traits": []}
+    names = {"audience": 'trait group "G"', "source_name": "w", "query": query, "traits": []}
     columns = TraitColumns("G")
     with engine.connect() as connection:
         same = stage_in_database(connection, SAME_DB_RUN, trait_columns=columns, **names)

@@ -466,3 +466,17 @@ def test_retire_send_null_also_nulls_what_a_keep_group_s_leavers_hold(
     assert done.exit_code == 0, done.output
     nulls = {"open_tickets": None, "plan": None, "last_ticket_at": None}
     assert _sent(receiver) == {"u1": nulls, "u2": nulls}
+
+
+def test_a_trait_group_s_query_error_calls_it_a_trait_group(
+    harness: Harness, receiver: Receiver
+) -> None:
+    _group(harness, query="SELECT user_id, nope FROM summary")
+    report = harness.sync_named(GROUP)
+    assert report.status == "failed"
+    assert str(report.error).startswith(f'trait group "{GROUP}": query failed on source'), (
+        report.error
+    )
+    _group(harness, query="SELECT plan FROM summary")
+    report = harness.sync_named(GROUP)
+    assert str(report.error).startswith(f'trait group "{GROUP}": the query'), report.error

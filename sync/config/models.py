@@ -247,6 +247,11 @@ class ComputationConfig(_Model):
     enabled: bool = True
     allow_key_reuse: bool = False
 
+    @property
+    def title(self) -> str:
+        """How messages name it: ``audience "High Value Users"``, ``trait group "Plans"``."""
+        return f'{self.label} "{self.name}"'
+
     @field_validator("query")
     @classmethod
     def _check_query(cls, value: str | None) -> str | None:

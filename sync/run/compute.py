@@ -90,7 +90,7 @@ def _stage(
         stats = stage_in_database(
             connection,
             run_id,
-            audience=audience.name,
+            audience=audience.title,
             source_name=audience.source,
             query=audience.query,
             traits=audience.extra_traits,
@@ -126,7 +126,7 @@ def _stream(
             engine,
             connection,
             run_id,
-            audience=audience.name,
+            audience=audience.title,
             source_name=audience.source,
             query=source_statement(config, audience),
             traits=audience.extra_traits,

@@ -130,7 +130,7 @@ def preview(
                 for row in result
             ]
     except SQLAlchemyError as exc:
-        raise source_error(computation.name, computation.source, exc) from None
+        raise source_error(computation.title, computation.source, exc) from None
     except SourceError:
         raise
     finally:

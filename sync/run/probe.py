@@ -106,7 +106,7 @@ def _probe_one(
             result.close()
             connection.rollback()
     except SQLAlchemyError as exc:
-        return refused(str(source_error(computation.name, computation.source, exc)))
+        return refused(str(source_error(computation.title, computation.source, exc)))
     if problem := query_problem(columns, computation.extra_traits):
         return refused(f'{label} "{computation.name}": the query {problem}', columns)
     rule = trait_columns(state, config, computation)

@@ -198,6 +198,7 @@ def stage_in_database(
 ) -> SnapshotStats | None:
     """Stage with one ``INSERT … SELECT`` when the source is the state database itself; None
     when the query holds values only the streaming path renders (the caller streams it).
+    ``audience``: how errors name the computation (``ComputationConfig.title``).
     ``trait_columns``: the query is a trait group's; its rows are staged as values."""
     # A little over 60 lines: probe, count and insert share one error boundary (every
     # failure here is the query's, reported as a source error).
@@ -211,7 +212,7 @@ def stage_in_database(
         types = {c: d[1] for c, d in zip(columns, probe.cursor.description or [], strict=False)}
         probe.close()
         if problem := query_problem(columns, traits):
-            raise SourceError(f'audience "{audience}": the query {problem}')
+            raise SourceError(f"{audience}: the query {problem}")
         names: list[str] = []
         if trait_columns is not None:
             names = [name for name, _ in trait_columns.indexes(columns)]  # raises if unusable

@@ -263,8 +263,9 @@ class StateWriteFailed(Exception):
 
 
 def source_error(audience: str, source: str, exc: SQLAlchemyError) -> SourceError:
+    """``audience``: how messages name the computation (``ComputationConfig.title``)."""
     reason = driver_reason(exc)
-    return SourceError(f'audience "{audience}": query failed on source "{source}": {reason}')
+    return SourceError(f'{audience}: query failed on source "{source}": {reason}')
 
 
 def stage_from_source(
@@ -288,6 +289,7 @@ def stage_from_source(
     that reads such values as markers, and their rows are invalid: the common case pays
     nothing for it.
 
+    ``audience``: how errors name the computation (``ComputationConfig.title``).
     ``query``: SQL text, or a statement (rules compiled by ``sync.rules``).
     ``trait_columns``: the query is a trait group's; its rows are staged as values.
     """
@@ -349,7 +351,7 @@ def _stream(
         )
         columns = list(result.keys())
         if problem := query_problem(columns, traits):
-            raise SourceError(f'audience "{audience}": the query {problem}')
+            raise SourceError(f"{audience}: the query {problem}")
         user_index = columns.index("user_id") if "user_id" in columns else None
         anon_index = columns.index("anonymous_id") if "anonymous_id" in columns else None
         trait_indexes = [(name, columns.index(name)) for name in dict.fromkeys(traits)]
