@@ -330,3 +330,23 @@ def test_an_audience_s_extra_trait_named_like_another_audience_s_key_is_refused(
                  'destinations = ["g"]').replace(
         '[[audiences]]', '[destinations.g]\ntype = "file"\npath = "g.jsonl"\n[[audiences]]', 1
     ), "x.toml", tmp_path, {})
+
+
+def test_a_carried_trait_named_like_a_trait_group_s_key_is_no_clash(tmp_path: Path) -> None:
+    """A trait group's key is never sent as a trait (it names the group in
+    context.personas.computation_key): only audiences' keys clash (second review)."""
+    text = (
+        '[sources.wh]\nurl = "sqlite:///wh.db"\n'
+        '[destinations.f]\ntype = "file"\npath = "out.jsonl"\n'
+        '[[audiences]]\nname = "A2"\nsource = "wh"\nquery = "select user_id, support_traits from t"\n'
+        'traits = ["support_traits"]\ndestinations = ["f"]\n'
+        '[[traits]]\nname = "Support Traits"\nsource = "wh"\nquery = "select user_id, n from t"\n'
+        'destinations = ["f"]\n'
+    )
+    parse_config(text, "x.toml", tmp_path, {})
+    rules = (  # a rules group's trait named like another group's key: no clash either
+        text.replace('traits = ["support_traits"]', "traits = []")
+        + '[[traits]]\nname = "Other"\nsource = "wh"\ndestinations = ["f"]\n'
+        '[traits.rules]\nsupport_traits = { count = { event = "Order Completed" } }\n'
+    )
+    parse_config(rules, "x.toml", tmp_path, {})

@@ -480,3 +480,31 @@ def test_a_trait_group_s_query_error_calls_it_a_trait_group(
     _group(harness, query="SELECT plan FROM summary")
     report = harness.sync_named(GROUP)
     assert str(report.error).startswith(f'trait group "{GROUP}": the query'), report.error
+
+
+def test_an_audience_that_starts_carrying_a_group_s_trait_is_refused(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """An audience that has sent its key may not start carrying a trait a group already
+    sends: having sent its key says nothing about a trait it never carried (second review:
+    it overwrote the group's `email`, and the group failed every run after)."""
+    harness.audience["traits"] = []
+    harness.audience["query"] = "SELECT user_id FROM members"
+    harness.set_members(["u1"])
+    assert harness.sync().status == "succeeded"
+    _group(harness, query="SELECT user_id, plan, plan || '@g.example' AS email FROM summary")
+    _rows(harness, [("u1", 2, "pro", None)])
+    assert harness.sync_named(GROUP).status == "succeeded"
+    receiver.reset()
+    harness.audience["traits"] = ["email"]
+    harness.audience["query"] = "SELECT user_id, email FROM members"
+    harness.set_members(["u1", "u2"])
+    refused = harness.sync()
+    assert refused.status == "failed"
+    assert 'the trait "email" it carries is a trait that trait group "Support Traits"' in str(
+        refused.error
+    )
+    assert receiver.messages() == []
+    _rows(harness, [("u1", 2, "team", None)])
+    group = harness.sync_named(GROUP)
+    assert group.status == "succeeded", group.error

@@ -337,14 +337,13 @@ def _carried_trait_problems(raw: dict[str, Any], keys: Mapping[str, tuple[str, s
         if where.startswith("traits") or not isinstance(traits, list):
             continue
         for trait in traits:
-            if not isinstance(trait, str) or trait not in keys or keys[trait][0] == where:
+            other_where, other_name = _audience_key(keys, trait, where)
+            if other_where is None:
                 continue
-            other_where, other_name = keys[trait]
             shared = _shared_destination(audience, entries[other_where])
             if shared is not None:
-                label = "trait group" if other_where.startswith("traits") else "audience"
                 problems.append(
-                    f'{where}.traits: "{trait}" is also the key of {label} "{other_name}" '
+                    f'{where}.traits: "{trait}" is also the key of audience "{other_name}" '
                     f'({other_where}) at destination "{shared}"; remove it from traits or set '
                     "key = \"...\" on one of them"
                 )
@@ -363,15 +362,14 @@ def _rules_trait_problems(
     for trait in group["rules"]:
         if not isinstance(trait, str):
             continue
-        if trait in keys and keys[trait][0] != where:
-            other_where, other_name = keys[trait]
-            if (shared := _shared_destination(group, entries[other_where])) is not None:
-                label = "trait group" if other_where.startswith("traits") else "audience"
-                problems.append(
-                    f'{where}.rules.{trait}: "{trait}" is also the key of {label} '
-                    f'"{other_name}" ({other_where}) at destination "{shared}"; rename the rule'
-                )
-                continue
+        other_where, other_name = _audience_key(keys, trait, where)
+        shared = _shared_destination(group, entries[other_where]) if other_where else None
+        if shared is not None:
+            problems.append(
+                f'{where}.rules.{trait}: "{trait}" is also the key of audience '
+                f'"{other_name}" ({other_where}) at destination "{shared}"; rename the rule'
+            )
+            continue
         for other_where, other in entries.items():
             carried = other.get("traits")
             if other_where.startswith("traits") or not isinstance(carried, list):
@@ -384,6 +382,19 @@ def _rules_trait_problems(
                 )
                 break
     return problems
+
+
+def _audience_key(
+    keys: Mapping[str, tuple[str, str]], trait: Any, where: str
+) -> tuple[str | None, str]:
+    """(where, name) of the audience other than ``where`` whose key is ``trait``; a trait
+    group's key is no trait (it names the group in ``context.personas``)."""
+    if not isinstance(trait, str) or trait not in keys:
+        return None, ""
+    other_where, other_name = keys[trait]
+    if other_where == where or not other_where.startswith("audiences"):
+        return None, ""
+    return other_where, other_name
 
 
 def _shared_destination(one: dict[str, Any], other: dict[str, Any]) -> str | None:

@@ -29,7 +29,7 @@ from sync.run.staging import SnapshotStats, stage_from_source
 from sync.run.trait_values import TraitColumns, exit_value
 from sync.state.audiences import store_exit_value
 from sync.state.leases import Lease
-from sync.state.tables import AUDIENCES, MEMBERSHIPS
+from sync.state.tables import AUDIENCES
 
 # Called after each chunk of a source query is staged; raises to stop the run.
 AfterChunk = Callable[[], None]
@@ -168,19 +168,19 @@ def _reserved_names(
     audience's key and the extra traits it carries; another trait group's traits, as its last
     run (or its run now, see ``claim_trait_names``) stored them.
 
-    A name this group recorded (sent) before an audience that wants it has sent anything to
-    that destination stays this group's: the audience is the one refused (``audience_clash``)."""
+    A name this group recorded stays this group's: it could record it only while no
+    configured audience sending to its destinations claimed it (its columns are checked
+    against them first), so the audience came later and is the one refused
+    (``audience_clash``)."""
     reserved: dict[str, str] = {}
-    own = _recorded_names(connection, group.trait_key) if connection is not None else set()
+    own = _recorded_names(connection, group.trait_key)
     for other in config.computations:
         shared = [d for d in other.destinations if d in group.destinations]
         if other.trait_key == group.trait_key or not shared:
             continue
         holder = f'{other.label} "{other.name}" at destination "{shared[0]}"'
         if not other.is_trait_group:
-            names = {other.trait_key, *other.extra_traits}
-            if connection is not None and own & names and not _holds(connection, other, shared):
-                names -= own  # held by this group first
+            names = {other.trait_key, *other.extra_traits} - own  # own: held first
             if other.trait_key in names:
                 reserved[other.trait_key] = holder
             for name in other.extra_traits:
@@ -198,9 +198,11 @@ def audience_clash(
     connection: Connection, config: Config, audience: ComputationConfig
 ) -> str | None:
     """Why an audience may not send its key or the extra traits it carries: a trait group
-    recorded that name as one of its traits at a destination they share before the audience
-    sent anything there (one namespace of keys per destination). None for a trait group (its
-    columns are checked as they are staged, ``TraitColumns``)."""
+    that sends to a destination they share recorded that name as one of its traits, which it
+    could do only before the audience claimed it (one namespace of keys per destination;
+    whether the audience has sent its key says nothing about a trait it just started to
+    carry). None for a trait group (its columns are checked as they are staged,
+    ``TraitColumns``)."""
     if audience.is_trait_group:
         return None
     names = [audience.trait_key, *audience.extra_traits]
@@ -210,7 +212,7 @@ def audience_clash(
             continue
         recorded = _recorded_names(connection, other.trait_key)
         taken = [name for name in names if name in recorded]
-        if not taken or _holds(connection, audience, shared):
+        if not taken:
             continue
         name = taken[0]
         where = f'trait group "{other.name}" already sends to destination "{shared[0]}"'
@@ -234,17 +236,6 @@ def _recorded_names(connection: Connection | None, key: str) -> set[str]:
         select(AUDIENCES.c.exit_value).where(AUDIENCES.c.key == key)
     ).scalar()
     return set(json.loads(stored)) if stored else set()
-
-
-def _holds(connection: Connection, audience: ComputationConfig, destinations: list[str]) -> bool:
-    """Whether ``audience`` has memberships at one of ``destinations``: it has planned (and
-    so sent, or is sending) its key there."""
-    audience_id = select(AUDIENCES.c.id).where(AUDIENCES.c.key == audience.trait_key)
-    query = select(MEMBERSHIPS.c.member_id).where(
-        MEMBERSHIPS.c.audience_id == audience_id.scalar_subquery(),
-        MEMBERSHIPS.c.destination.in_(destinations),
-    )
-    return connection.execute(query.limit(1)).first() is not None
 
 
 def claim_trait_names(
