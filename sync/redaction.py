@@ -44,9 +44,15 @@ _SECRET_PATH = re.compile(r"^alerts\..+\.url$")
 # Keys whose value is a URL: a value read into one from the environment is a secret whole
 # (webhook URLs often carry their token in the path).
 _URL_KEYS = frozenset({"url", "endpoint"})
-# Config keys holding SQL a source runs: a value read into one from the environment (a
-# pgcrypto key, a tenant token) is a secret, since a source's error may quote the SQL.
+# Config keys holding SQL a source runs: a value read into one from a variable named like a
+# credential (a pgcrypto key, a tenant token) is a secret, since a source's error may quote
+# the SQL; `${SCHEMA}` or `${TABLE}` are not (their values are ordinary words everywhere).
 _SQL_KEYS = frozenset({"query", "now_query"})
+_SECRET_VARIABLE = re.compile(r"(?i)secret|token|passw|pwd|credential|key|private|auth|salt")
+# A text cut short (MariaDB quotes 80 characters near a syntax error) ends with one of these.
+_CUT = re.compile(r"\.\.\.|…")
+# The shortest start of a secret hidden where a cut ends it.
+MIN_CUT_PREFIX = 4
 # scheme://userinfo@ where the userinfo runs to the LAST "@" before the authority ends: a
 # password with an unencoded "@" must not leak its tail.
 _URL_USERINFO = re.compile(
@@ -72,6 +78,17 @@ def _forms(secret: str) -> Iterator[str]:
     yield unquote(secret)
 
 
+def _shared_start(text: str, secret: str) -> int:
+    """The length of the longest start of ``secret`` (shorter than all of it) that ``text``
+    ends with."""
+    if secret[:MIN_CUT_PREFIX] not in text[-len(secret) :]:
+        return 0  # the common case, at the cost of one search
+    for length in range(min(len(text), len(secret) - 1), 0, -1):
+        if text.endswith(secret[:length]):
+            return length
+    return 0
+
+
 class Redactor:
     """Replaces known secrets, and any URL userinfo, with ``***``. Immutable, thread-safe."""
 
@@ -81,12 +98,31 @@ class Redactor:
         # Longest first, so a secret containing another is replaced whole.
         ordered = sorted(known, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        self._cuttable = [f for f in ordered if len(f) > MIN_CUT_PREFIX]
 
     def redact(self, text: str) -> str:
         """``text`` with every secret and URL userinfo replaced."""
         if self._pattern is not None:
             text = self._pattern.sub(REDACTED, text)
+        if self._cuttable and ("..." in text or "…" in text):
+            text = self._hide_cut(text)
         return _URL_USERINFO.sub(_hide_userinfo, text)
+
+    def _hide_cut(self, text: str) -> str:
+        """``text`` with the start of a secret hidden where a cut mark ends it: MariaDB quotes
+        80 characters of SQL and marks the cut ("…, 'Kq7xZp2m..."), so the secret there is only
+        its first part."""
+        pieces: list[str] = []
+        done = 0
+        for mark in _CUT.finditer(text):
+            before = text[done : mark.start()]
+            longest = max((_shared_start(before, form) for form in self._cuttable), default=0)
+            if longest >= MIN_CUT_PREFIX:
+                before = before[:-longest] + REDACTED
+            pieces.append(before + mark.group(0))
+            done = mark.end()
+        pieces.append(text[done:])
+        return "".join(pieces)
 
     def redact_tree(self, value: Any) -> Any:
         """A copy of a JSON-like value (dicts, lists, strings) with every string redacted."""
@@ -225,6 +261,12 @@ def collect_secrets(tree: Any, interpolated: Iterable[tuple[str, str]] = ()) -> 
 def is_sql_path(path: str) -> bool:
     """Whether the config value at this TOML path is SQL a source runs."""
     return path.rsplit(".", 1)[-1] in _SQL_KEYS
+
+
+def is_secret_variable(name: str) -> bool:
+    """Whether an environment variable's name says it holds a credential (``PGKEY``,
+    ``TENANT_TOKEN``)."""
+    return bool(_SECRET_VARIABLE.search(name))
 
 
 def is_secret_path(path: str) -> bool:

@@ -311,3 +311,33 @@ def test_a_variable_read_into_a_query_never_shows(harness: Harness, receiver: Re
     shown = runner.invoke(cli, ["--config", str(path), "show-sql", "High Value Users"]).output
     assert "FROM members WHERE *** = 1" in shown, shown
     assert token not in dump_state(harness.engine)
+
+
+def test_only_credential_like_variables_in_a_query_are_hidden(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """`${TABLE}` = members in a query hid "members" in every output (`pro_***` for a key
+    containing it, `1 ***` in the log, show-sql of other audiences): a variable in SQL is a
+    secret when its name says so (KEY, TOKEN, SECRET, PASSWORD…), as header names do (second
+    review)."""
+    harness.audience["query"] = "SELECT user_id, email FROM ${TABLE} WHERE ${QUERY_KEY} = 1"
+    path = harness.write_config()
+    runner = CliRunner(env={"TABLE": "members", "QUERY_KEY": "keyHunter2xyz"})
+    sync = runner.invoke(cli, ["--config", str(path), "sync"])
+    assert "no such column: ***" in sync.output and "keyHunter2xyz" not in sync.output
+    shown = runner.invoke(cli, ["--config", str(path), "show-sql", "High Value Users"]).output
+    assert "FROM members WHERE *** = 1" in shown, shown
+
+
+def test_a_secret_cut_short_in_an_excerpt_is_hidden() -> None:
+    """MariaDB quotes 80 characters of the SQL near a syntax error and marks the cut with
+    "...": a secret cut there no longer matched whole, and its first part showed (second
+    review)."""
+    from sync.redaction import Redactor
+
+    secret = "Kq7xZp2mWv9sLr4tYb8nHc3dFg6jQw1eRt5yUi0oPa"
+    hide = Redactor([secret])
+    excerpt = f"near 'SELEC user_id, AES_DECRYPT(email, '{secret[:18]}...' at line 1"
+    assert hide.redact(excerpt) == "near 'SELEC user_id, AES_DECRYPT(email, '***...' at line 1"
+    assert hide.redact(f"{secret[:18]}…") == "***…"
+    assert hide.redact("Kq7x and more...") == "Kq7x and more..."  # not a cut secret

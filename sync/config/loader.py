@@ -35,7 +35,13 @@ from sync.config.rules import rule_problems
 from sync.destinations import DESTINATION_TYPES, SETTINGS_TYPES
 from sync.errors import ConfigError
 from sync.keys import derive_key, name_key_problem
-from sync.redaction import Redactor, collect_secrets, is_secret_path, is_sql_path
+from sync.redaction import (
+    Redactor,
+    collect_secrets,
+    is_secret_path,
+    is_secret_variable,
+    is_sql_path,
+)
 from sync.rules import SchemaMapping
 
 __all__ = ["load_config", "parse_config"]
@@ -87,8 +93,12 @@ def parse_config(
     from_env = [
         (path, piece)
         for path, (written, resolved) in interpolated.items()
-        # SQL: each variable's value, not the whole query (which errors may show).
-        for piece in ((() if is_sql_path(path) else (resolved,)) + _variable_values(written, env))
+        # SQL: the values of variables named like credentials, not the whole query.
+        for piece in (
+            _variable_values(written, env, credentials_only=True)
+            if is_sql_path(path)
+            else (resolved, *_variable_values(written, env))
+        )
     ]
     config: Config | None = None
     try:
@@ -150,13 +160,16 @@ def _interpolate(
     return resolved
 
 
-def _variable_values(written: str, environ: Mapping[str, str]) -> tuple[str, ...]:
+def _variable_values(
+    written: str, environ: Mapping[str, str], *, credentials_only: bool = False
+) -> tuple[str, ...]:
     """The values each ``${VAR}`` of a text was replaced with: a token read into a URL's
-    path is a secret on its own, wherever the URL is shown in pieces."""
+    path is a secret on its own, wherever the URL is shown in pieces. ``credentials_only``:
+    only variables named like credentials (``is_secret_variable``)."""
     values = []
     for match in _ENV_REFERENCE.finditer(written):
         name, default = match.group(1), match.group(2)
-        if name is not None:
+        if name is not None and (is_secret_variable(name) or not credentials_only):
             value = environ.get(name, default)
             if value:
                 values.append(value)
