@@ -433,3 +433,28 @@ def test_segment_destinations_with_different_write_keys_are_two_places() -> None
     destinations = parse_config(text, "x.toml", Path("."), {}).destinations
     assert not same_place(destinations["a"], destinations["b"])
     assert same_place(destinations["a"], destinations["c"])
+
+
+def test_destinations_differing_by_a_credential_in_the_url_or_by_mode_are_two_places() -> None:
+    """`?access_token=A` and `?access_token=B` at one URL are two tenants, as are two user
+    names in a URL, and a track-only destination holds nothing an identify would undo
+    (second review: retiring the old one with --send-false was refused as a rename)."""
+    from sync.config import parse_config
+    from sync.run.drift import same_place
+
+    hook = '[destinations.{name}]\ntype = "webhook"\nurl = "{url}"\n'
+    urls = {
+        "a": "http://127.0.0.1:19210/ingest?access_token=tenantAAAAAAAA",
+        "b": "http://127.0.0.1:19210/ingest?access_token=tenantBBBBBBBB",
+        "c": "http://127.0.0.1:19210/ingest?access_token=tenantAAAAAAAA",
+        "d": "https://alice:pw1@h.example/x",
+        "e": "https://bob:pw2@h.example/x",
+    }
+    text = "".join(hook.format(name=n, url=u) for n, u in urls.items())
+    text += '[destinations.s1]\ntype = "segment"\nwrite_key = "k1"\n'
+    text += '[destinations.s2]\ntype = "segment"\nwrite_key = "k1"\nmode = "track"\n'
+    destinations = parse_config(text, "x.toml", Path("."), {}).destinations
+    assert not same_place(destinations["a"], destinations["b"])
+    assert same_place(destinations["a"], destinations["c"])
+    assert not same_place(destinations["d"], destinations["e"])
+    assert not same_place(destinations["s1"], destinations["s2"])

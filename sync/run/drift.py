@@ -90,19 +90,31 @@ def endpoint_fingerprint(settings: DestinationSettings, *, legacy: bool = False)
     return hashlib.sha256((text if legacy else f"v2 {text}").encode("utf-8")).hexdigest()
 
 
-# What besides the endpoint says who a destination delivers to: two Segment destinations at
-# api.segment.io with different write keys are two sources.
-_IDENTITY_FIELDS = ("write_key", "secret", "headers", "merchant_id", "tracking_key")
+# What besides the endpoint says who a destination delivers to and what it holds: two Segment
+# destinations at api.segment.io with different write keys are two sources, two URLs that
+# differ by a credential (`?access_token=…`, a user name) two tenants, and a track-only
+# destination holds nothing an identify would undo.
+_IDENTITY_FIELDS = (
+    "url",
+    "endpoint",
+    "write_key",
+    "secret",
+    "headers",
+    "merchant_id",
+    "tracking_key",
+    "mode",
+)
 
 
 def same_place(one: DestinationSettings, other: DestinationSettings) -> bool:
     """Whether two configured destinations deliver to the same place: the same endpoint (a
-    file's path) and the same credentials and headers."""
+    file's path) and URL as written, credentials, headers and mode."""
     if endpoint_text(one) != endpoint_text(other):
         return False
 
     def identity(settings: DestinationSettings) -> list[Any]:
         values = [getattr(settings, name, None) for name in _IDENTITY_FIELDS]
+        values = [v.strip() if isinstance(v, str) else v for v in values]
         return [v.get_secret_value() if isinstance(v, SecretStr) else v for v in values]
 
     return identity(one) == identity(other)
