@@ -289,3 +289,41 @@ def test_a_run_refused_before_it_starts_counts_as_failed(
         for s in family.samples
     }
     assert found[("audience_sync_runs_total", (("computation", KEY), ("status", "failed")))] == 1
+
+
+def test_the_pages_and_retire_call_a_trait_group_a_trait_group(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """The status page said "audience" for every computation (hostile review)."""
+    harness.warehouse_sql(
+        "CREATE TABLE t (user_id TEXT, plan TEXT)", "INSERT INTO t VALUES ('u1', 'pro')"
+    )
+    harness.config_extra = (
+        '[[traits]]\nname = "Plans"\nsource = "warehouse"\nquery = "SELECT * FROM t"\n'
+        'destinations = ["segment"]\n'
+    )
+    assert harness.sync_named("Plans").status == "succeeded"
+    server = MonitorServer(
+        parse_listen_address("127.0.0.1:0"),
+        config=harness.config(),
+        engine=harness.engine,
+        metrics=Metrics(),
+        readiness=Readiness(lambda: True),
+        daemon_id="test",
+    )
+    server.start()
+    try:
+        overview = httpx.get(server.url, timeout=10).text
+        row = re.search(r'data-key="plans".*?</tr>', overview, re.S)
+        assert row is not None and "<td>trait group</td>" in row.group(0), overview
+        page = httpx.get(server.url + "computations/plans", timeout=10).text
+        assert "<p>trait group Plans" in page, page
+    finally:
+        server.stop()
+    config = harness.write_config()
+    rows = json.loads(status(config, "--json"))
+    assert {r["key"]: r["kind"] for r in rows}["plans"] == "trait"
+    harness.config_extra = ""
+    retired = CliRunner().invoke(cli, ["--config", str(harness.write_config()), "retire", "plans"])
+    assert retired.exit_code == 0, retired.output
+    assert retired.output.startswith("trait group plans retired"), retired.output

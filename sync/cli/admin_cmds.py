@@ -17,6 +17,7 @@ from sync.cli.app import (
 )
 from sync.engine import Syncer
 from sync.redaction import redact_url
+from sync.state.audiences import exit_value_of, stored_audience
 from sync.state.db import MigrationPause, make_state_engine, schema_status, upgrade
 
 
@@ -130,6 +131,13 @@ def retire(
     if send_false and send_null:
         raise click.UsageError("--send-false is for audiences, --send-null for trait groups")
     with Syncer(app.config(), create_state=False) as syncer:
+        with syncer.engine.connect() as connection:
+            audience_id = stored_audience(connection, app.config(), audience)
+            label = (
+                "trait group"
+                if exit_value_of(connection, audience_id)[0] == "trait"
+                else "audience"
+            )
         entries = syncer.retire(
             audience,
             destination=destination,
@@ -152,6 +160,6 @@ def retire(
     what = "false" if send_false else "null"
     extra = f" after sending {sent} {what} value(s)" if send_false or send_null else ""
     if destination is None:
-        click.echo(f"audience {audience} retired{extra}; its key stays reserved")
+        click.echo(f"{label} {audience} retired{extra}; its key stays reserved")
     else:
-        click.echo(f"audience {audience} left destination {destination}{extra}")
+        click.echo(f"{label} {audience} left destination {destination}{extra}")

@@ -1,5 +1,5 @@
 """The status page: server-rendered HTML, read-only, no JavaScript. ``/`` lists every
-computation (audiences now, trait groups later) with members, pending rows, its last and next
+computation (audiences and trait groups) with members, pending rows, its last and next
 run and a chart of recent runs; ``/computations/KEY`` shows one computation's destinations,
 runs and recent deliveries. Every text passes through the redactor and ``html.escape``."""
 
@@ -94,6 +94,11 @@ def _legend() -> str:
     )
 
 
+def _label(kind: str) -> str:
+    """How a page names a computation of ``kind``."""
+    return "trait group" if kind == "trait" else "audience"
+
+
 def overview_page(connection: Connection, config: Config, this_daemon: str) -> str:
     """``/``: one row per computation."""
     by_key: dict[str, list[dict[str, Any]]] = {}
@@ -109,7 +114,7 @@ def overview_page(connection: Connection, config: Config, this_daemon: str) -> s
             f'<tr class="computation" data-key="{escape(key)}">'
             f'<td><a href="computations/{quote(key)}">{escape(key)}</a>'
             f'<div class="muted">{_text(first["name"])}</div></td>'
-            f"<td>audience</td><td>{_text(first['state'])}</td>"
+            f"<td>{_label(first['kind'])}</td><td>{_text(first['state'])}</td>"
             f"<td>{_text(', '.join(destinations))}</td>"
             f'<td class="num members">{max(e["members"] for e in entries)}</td>'
             f'<td class="num pending">{sum(e["pending"] for e in entries)}</td>'
@@ -173,10 +178,11 @@ def computation_page(connection: Connection, config: Config, key: str) -> str:
     ]
     name = entries[0]["name"] if entries else key
     state = entries[0]["state"] if entries else "-"
+    label = _label(entries[0]["kind"]) if entries else "computation"
     chart = runs_chart(recent_runs(connection, CHART_RUNS, key).get(key, []))
     body = (
         '<p><a href="../">← all computations</a></p>'
-        f"<h1>{escape(key)}</h1><p>audience {_text(name)} · {_text(state)}</p>"
+        f"<h1>{escape(key)}</h1><p>{label} {_text(name)} · {_text(state)}</p>"
         f"{chart}{_legend()}"
         "<h2>Destinations</h2>"
         + _table(

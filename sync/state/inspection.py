@@ -71,6 +71,7 @@ def status_rows(connection: Connection, config: Config) -> list[dict[str, Any]]:
                 {
                     "key": audience.key,
                     "name": audience.name,
+                    "kind": audience.kind,
                     "state": _row_state(state, configured.get(audience.key), entry),
                     "destination": entry.destination if entry else None,
                     "members": int(entry.members or 0) if entry else 0,
@@ -87,6 +88,7 @@ def status_rows(connection: Connection, config: Config) -> list[dict[str, Any]]:
                 {
                     "key": key,
                     "name": audience_config.name,
+                    "kind": audience_config.kind,
                     "state": "never synced" if audience_config.enabled else "disabled",
                     "destination": None,
                     "members": 0,
