@@ -8,6 +8,8 @@ import re
 import signal
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -33,6 +35,24 @@ def status(config: Path, *args: str) -> str:
     result = CliRunner().invoke(cli, ["--config", str(config), "status", *args])
     assert result.exit_code == 0, result.output
     return result.output
+
+
+@contextmanager
+def serving(harness: Harness) -> Iterator[str]:
+    """The daemon's HTTP server on the harness's state DB, on a free port: its base URL."""
+    server = MonitorServer(
+        parse_listen_address("127.0.0.1:0"),
+        config=harness.config(),
+        engine=harness.engine,
+        metrics=Metrics(),
+        readiness=Readiness(lambda: True),
+        daemon_id="test",
+    )
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 def monitor_url(log: Path) -> str:
@@ -253,22 +273,11 @@ def test_recent_runs_and_the_pages_on_every_state_db(
         ]
         assert [p.run_id for p in recent_runs(connection, 5, KEY)[KEY]] == [1, 2, 3]
         assert recent_runs(connection, 5, "nobody") == {}
-    server = MonitorServer(
-        parse_listen_address("127.0.0.1:0"),
-        config=harness.config(),
-        engine=harness.engine,
-        metrics=Metrics(),
-        readiness=Readiness(lambda: True),
-        daemon_id="test",
-    )
-    server.start()
-    try:
+    with serving(harness) as url:
         for path, expected in [("", 200), (f"computations/{KEY}", 200), ("computations/x", 404)]:
-            response = httpx.get(server.url + path, timeout=10)
+            response = httpx.get(url + path, timeout=10)
             assert response.status_code == expected, response.text
             assert "wrong" not in response.text
-    finally:
-        server.stop()
 
 
 def test_a_run_refused_before_it_starts_counts_as_failed(
@@ -303,23 +312,12 @@ def test_the_pages_and_retire_call_a_trait_group_a_trait_group(
         'destinations = ["segment"]\n'
     )
     assert harness.sync_named("Plans").status == "succeeded"
-    server = MonitorServer(
-        parse_listen_address("127.0.0.1:0"),
-        config=harness.config(),
-        engine=harness.engine,
-        metrics=Metrics(),
-        readiness=Readiness(lambda: True),
-        daemon_id="test",
-    )
-    server.start()
-    try:
-        overview = httpx.get(server.url, timeout=10).text
+    with serving(harness) as url:
+        overview = httpx.get(url, timeout=10).text
         row = re.search(r'data-key="plans".*?</tr>', overview, re.S)
         assert row is not None and "<td>trait group</td>" in row.group(0), overview
-        page = httpx.get(server.url + "computations/plans", timeout=10).text
+        page = httpx.get(url + "computations/plans", timeout=10).text
         assert "<p>trait group Plans" in page, page
-    finally:
-        server.stop()
     config = harness.write_config()
     rows = json.loads(status(config, "--json"))
     assert {r["key"]: r["kind"] for r in rows}["plans"] == "trait"
