@@ -508,3 +508,17 @@ def test_an_audience_that_starts_carrying_a_group_s_trait_is_refused(
     _rows(harness, [("u1", 2, "team", None)])
     group = harness.sync_named(GROUP)
     assert group.status == "succeeded", group.error
+
+
+def test_a_trait_group_s_moved_endpoint_is_refused_as_a_trait_group_s(
+    harness: Harness, receiver: Receiver
+) -> None:
+    _group(harness)
+    _rows(harness, [("u1", 2, "pro", None)])
+    assert harness.sync_named(GROUP).status == "succeeded"
+    from sync.errors import ConfigDriftError
+
+    harness.destinations["segment"]["endpoint"] = receiver.url + "/elsewhere"
+    with pytest.raises(ConfigDriftError) as refused:
+        harness.sync_named(GROUP)
+    assert str(refused.value).startswith(f'trait group "{KEY}": destination "segment" now points')

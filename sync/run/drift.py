@@ -155,8 +155,8 @@ def endpoint_problems(
     if audience_id is None:
         return []
     return [
-        f'audience "{key}": destination "{name}" now points at another endpoint than the one '
-        "its members were sent to, which would get only later changes; run "
+        f'{audience.label} "{key}": destination "{name}" now points at another endpoint than '
+        "the one its members were sent to, which would get only later changes; run "
         f"`audience-sync sync {_quoted(key)} --full` to resend everything there, or give the "
         "new endpoint a new destination name"
         for name in moved_endpoints(connection, config, audience_id, audience.destinations)

@@ -70,17 +70,18 @@ def _send_false(
         recover_in_flight(connection, audience_id)
         kind, value = exit_value_of(connection, audience_id)
         what, flag = ("false", "--send-false") if kind == "audience" else ("nulls", "--send-null")
+        label = "audience" if kind == "audience" else "trait group"
         names = mark_all_exited(connection, audience_id, destination, value=value)
         missing = [d for d in names if d not in context.config.destinations]
         if missing:
             raise AudienceSyncError(
-                f'audience "{key}" was sent to {", ".join(missing)}, which the config no '
+                f'{label} "{key}" was sent to {", ".join(missing)}, which the config no '
                 f"longer defines; add them back to send {what}, or retire without {flag}"
             )
         twin = twin_destination(context.config, key, destination) if destination else None
         if twin is not None:
             raise AudienceSyncError(
-                f'audience "{key}": destination "{destination}" delivers where "{twin}", which '
+                f'{label} "{key}": destination "{destination}" delivers where "{twin}", which '
                 f"it still lists, does: {what} there would undo what \"{twin}\" holds; retire "
                 f"without {flag} to forget its rows at \"{destination}\""
             )
@@ -90,7 +91,7 @@ def _send_false(
             # would forget that it does.
             shown = ", ".join(f'"{name}"' for name in moved)
             raise AudienceSyncError(
-                f'audience "{key}": destination {shown} now points at another endpoint than '
+                f'{label} "{key}": destination {shown} now points at another endpoint than '
                 "the one its members were sent to; point it back at that endpoint to send "
                 f"{what} there, or retire without {flag}"
             )
@@ -103,7 +104,7 @@ def _send_false(
     left = sum(e.left_pending for e in entries)
     if error or left:
         reason = error or f"{left} {what} are not delivered yet"
-        raise AudienceSyncError(f'audience "{key}" not retired: {reason}; run the command again')
+        raise AudienceSyncError(f'{label} "{key}" not retired: {reason}; run the command again')
     return entries
 
 
