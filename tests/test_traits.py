@@ -340,6 +340,12 @@ def test_two_groups_first_synced_at_once_never_both_send_one_trait(
     assert first.status == "failed"
     assert 'column "plan" is also the key of trait group "Group B"' in str(first.error)
     assert [m["traits"] for m in receiver.messages()] == [{"plan": "team"}]
+    # The loser's refused claim is not left recorded: B, which holds "plan", goes on.
+    harness.hooks = RunHooks()
+    harness.warehouse_sql("UPDATE b SET plan = 'free'")
+    again = harness.sync_named("Group B")
+    assert again.status == "succeeded", again.error
+    assert harness.sync_named("Group A").status == "failed"
 
 
 def test_a_trait_named_like_an_audience_s_extra_trait_fails(

@@ -249,13 +249,20 @@ def claim_trait_names(
     """Record the group's trait names (its exit value) and commit, then look again at the
     names other groups recorded: of two groups whose first runs ran at once, each checked
     before the other recorded anything, so at least the later one finds the clash here,
-    before anything is planned or sent (``SourceError``)."""
+    before anything is planned or sent (``SourceError``). The refused claim is taken back
+    (the names recorded before are restored): left recorded, it made the other group, which
+    holds the name, fail every later run as well."""
+    before = connection.execute(
+        select(AUDIENCES.c.exit_value).where(AUDIENCES.c.id == group_id)
+    ).scalar()
     store_exit_value(connection, group_id, exit_value(stats.trait_names))
     fenced_commit(connection, lease)
     rules = group.query is None
     rule = TraitColumns(group.name, _reserved_names(connection, config, group), rules=rules)
     for name in stats.trait_names:
         if name in rule.reserved:
+            store_exit_value(connection, group_id, before)
+            fenced_commit(connection, lease)
             raise SourceError(
                 f'trait group "{group.name}": column "{name}" is also the key of '
                 f"{rule.reserved[name]}; {rule.rename}"

@@ -100,8 +100,9 @@ def live_audience_of(connection: Connection, audience: ComputationConfig) -> int
     return None if audience_id is None else int(audience_id)
 
 
-def store_exit_value(connection: Connection, audience_id: int, value: str) -> None:
-    """Remember a trait group's leaver value (its traits all null) for `retire --send-null`."""
+def store_exit_value(connection: Connection, audience_id: int, value: str | None) -> None:
+    """Remember a trait group's leaver value (its traits all null) for `retire --send-null`
+    (None: nothing recorded)."""
     connection.execute(update(A).where(A.c.id == audience_id).values(exit_value=value))
 
 
