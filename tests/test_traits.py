@@ -528,3 +528,34 @@ def test_a_trait_group_s_moved_endpoint_is_refused_as_a_trait_group_s(
     with pytest.raises(ConfigDriftError) as refused:
         harness.sync_named(GROUP)
     assert str(refused.value).startswith(f'trait group "{KEY}": destination "segment" now points')
+
+
+def test_a_group_that_adds_a_destination_cannot_take_an_audience_s_key_there(
+    harness: Harness, receiver: Receiver, tmp_path: Any
+) -> None:
+    """Who was first is judged per destination: a group that sent `vip` to one destination
+    and adds another where audience "VIP" has sent its key is refused there, and the audience
+    goes on (third review: the group overwrote the audience's key, and the audience was
+    refused forever)."""
+    harness.destinations["f"] = {"type": "file", "path": str(tmp_path / "f.jsonl")}
+    harness.warehouse_sql("CREATE TABLE tiers (user_id TEXT, vip TEXT)")
+    harness.warehouse_sql("INSERT INTO tiers VALUES ('u1', 'gold')")
+    group = '[[traits]]\nname = "Tiers"\nsource = "warehouse"\nquery = "SELECT * FROM tiers"\n'
+    audience = (
+        '[[audiences]]\nname = "VIP"\nsource = "warehouse"\n'
+        'query = "SELECT user_id FROM members"\ndestinations = ["segment"]\n'
+    )
+    harness.set_members(["u1", "u2"])
+    harness.config_extra = audience + group + 'destinations = ["f"]\n'
+    assert harness.sync_named("VIP").status == "succeeded"
+    assert harness.sync_named("Tiers").status == "succeeded"
+    receiver.reset()
+    harness.config_extra = audience + group + 'destinations = ["f", "segment"]\n'
+    refused = harness.sync_named("Tiers")
+    assert refused.status == "failed"
+    assert 'column "vip" is also the key of audience "VIP" at destination "segment"' in str(
+        refused.error
+    )
+    assert receiver.messages() == []
+    harness.set_members(["u1", "u2", "u3"])
+    assert harness.sync_named("VIP").status == "succeeded"

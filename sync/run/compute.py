@@ -29,7 +29,7 @@ from sync.run.staging import SnapshotStats, stage_from_source
 from sync.run.trait_values import TraitColumns, exit_value
 from sync.state.audiences import store_exit_value
 from sync.state.leases import Lease
-from sync.state.tables import AUDIENCES
+from sync.state.tables import AUDIENCES, MEMBERSHIPS
 
 # Called after each chunk of a source query is staged; raises to stop the run.
 AfterChunk = Callable[[], None]
@@ -106,8 +106,6 @@ def compute_dry_snapshot(
 ) -> SnapshotStats:
     """Stage a dry run's snapshot into its scratch copy, uncommitted. It always streams (the
     same-database path would write the state DB); both paths stage the same rows."""
-    if problem := audience_clash(scratch, config, audience):
-        raise SourceError(problem)
     return _stream(scratch, config, audience, DRY_RUN_ID, after_chunk, commit_each_chunk=False)
 
 
@@ -168,19 +166,22 @@ def _reserved_names(
     audience's key and the extra traits it carries; another trait group's traits, as its last
     run (or its run now, see ``claim_trait_names``) stored them.
 
-    A name this group recorded stays this group's: it could record it only while no
-    configured audience sending to its destinations claimed it (its columns are checked
-    against them first), so the audience came later and is the one refused
-    (``audience_clash``)."""
+    Who was first is judged per destination: a name this group recorded and has sent to every
+    destination it shares with an audience stays this group's (the audience, which came
+    later, is refused: ``audience_clash``), unless it is the audience's key and the audience
+    has sent to one of them too (its key was there)."""
     reserved: dict[str, str] = {}
-    own = _recorded_names(connection, group.trait_key)
     for other in config.computations:
         shared = [d for d in other.destinations if d in group.destinations]
         if other.trait_key == group.trait_key or not shared:
             continue
         holder = f'{other.label} "{other.name}" at destination "{shared[0]}"'
         if not other.is_trait_group:
-            names = {other.trait_key, *other.extra_traits} - own  # own: held first
+            names = {other.trait_key, *other.extra_traits}
+            if connection is not None:
+                names -= _held(connection, group, shared)
+                if _sent_to(connection, other, shared):
+                    names.add(other.trait_key)
             if other.trait_key in names:
                 reserved[other.trait_key] = holder
             for name in other.extra_traits:
@@ -198,34 +199,53 @@ def audience_clash(
     connection: Connection, config: Config, audience: ComputationConfig
 ) -> str | None:
     """Why an audience may not send its key or the extra traits it carries: a trait group
-    that sends to a destination they share recorded that name as one of its traits, which it
-    could do only before the audience claimed it (one namespace of keys per destination;
-    whether the audience has sent its key says nothing about a trait it just started to
-    carry). None for a trait group (its columns are checked as they are staged,
-    ``TraitColumns``)."""
+    holds that name at a destination they share (it recorded it as one of its traits and has
+    sent there: it was first). The audience's key is still its own where the audience has
+    sent too; a trait it carries it never holds (it may have just started to carry it). None
+    for a trait group (its columns are checked as they are staged, ``TraitColumns``)."""
     if audience.is_trait_group:
         return None
-    names = [audience.trait_key, *audience.extra_traits]
     for other in config.computations:
         shared = [d for d in other.destinations if d in audience.destinations]
         if not other.is_trait_group or not shared:
             continue
-        recorded = _recorded_names(connection, other.trait_key)
-        taken = [name for name in names if name in recorded]
-        if not taken:
-            continue
-        name = taken[0]
-        where = f'trait group "{other.name}" already sends to destination "{shared[0]}"'
-        if name == audience.trait_key:
-            return (
-                f'audience "{audience.name}": its key "{name}" is a trait that {where}; '
-                'set key = "..." on the audience'
-            )
-        return (
-            f'audience "{audience.name}": the trait "{name}" it carries is a trait that '
-            f"{where}; remove it from traits"
-        )
+        for destination in shared:
+            held = _held(connection, other, [destination])
+            if not held:
+                continue
+            where = f'trait group "{other.name}" already sends to destination "{destination}"'
+            key = audience.trait_key
+            if key in held and not _sent_to(connection, audience, [destination]):
+                return (
+                    f'audience "{audience.name}": its key "{key}" is a trait that {where}; '
+                    'set key = "..." on the audience'
+                )
+            if taken := [name for name in audience.extra_traits if name in held]:
+                return (
+                    f'audience "{audience.name}": the trait "{taken[0]}" it carries is a '
+                    f"trait that {where}; remove it from traits"
+                )
     return None
+
+
+def _held(connection: Connection, group: ComputationConfig, destinations: list[str]) -> set[str]:
+    """The trait names ``group`` recorded, if it has sent to every one of ``destinations``."""
+    if not all(_sent_to(connection, group, [d]) for d in destinations):
+        return set()
+    return _recorded_names(connection, group.trait_key)
+
+
+def _sent_to(
+    connection: Connection, computation: ComputationConfig, destinations: list[str]
+) -> bool:
+    """Whether ``computation`` has memberships at one of ``destinations``: it has planned
+    (and so sent, or is sending) there."""
+    computation_id = select(AUDIENCES.c.id).where(AUDIENCES.c.key == computation.trait_key)
+    query = select(MEMBERSHIPS.c.member_id).where(
+        MEMBERSHIPS.c.audience_id == computation_id.scalar_subquery(),
+        MEMBERSHIPS.c.destination.in_(destinations),
+    )
+    return connection.execute(query.limit(1)).first() is not None
 
 
 def _recorded_names(connection: Connection | None, key: str) -> set[str]:
