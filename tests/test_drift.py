@@ -458,3 +458,26 @@ def test_destinations_differing_by_a_credential_in_the_url_or_by_mode_are_two_pl
     assert same_place(destinations["a"], destinations["c"])
     assert not same_place(destinations["d"], destinations["e"])
     assert not same_place(destinations["s1"], destinations["s2"])
+
+
+def test_a_rename_is_seen_through_a_trailing_slash_or_the_batch_path() -> None:
+    """The URL as written differed by a trailing slash or Segment's `/v1/batch`, which name
+    the same place, so retiring the old name with --send-false sent false through the new
+    one's endpoint (third review)."""
+    from sync.config import parse_config
+    from sync.run.drift import same_place
+
+    text = (
+        '[destinations.a]\ntype = "webhook"\nurl = "http://127.0.0.1:19301/hook"\n'
+        '[destinations.b]\ntype = "webhook"\nurl = "http://127.0.0.1:19301/hook/"\n'
+        '[destinations.c]\ntype = "webhook"\nurl = "HTTP://127.0.0.1:19301/hook?access_token=x1234567"\n'
+        '[destinations.d]\ntype = "webhook"\nurl = "http://127.0.0.1:19301/hook/?access_token=x1234567"\n'
+        '[destinations.s1]\ntype = "segment"\nwrite_key = "k1"\n'
+        '[destinations.s2]\ntype = "segment"\nwrite_key = "k1"\n'
+        'endpoint = "https://api.segment.io/v1/batch"\n'
+    )
+    destinations = parse_config(text, "x.toml", Path("."), {}).destinations
+    assert same_place(destinations["a"], destinations["b"])
+    assert same_place(destinations["c"], destinations["d"])
+    assert not same_place(destinations["a"], destinations["c"])
+    assert same_place(destinations["s1"], destinations["s2"])

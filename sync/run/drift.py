@@ -95,8 +95,6 @@ def endpoint_fingerprint(settings: DestinationSettings, *, legacy: bool = False)
 # differ by a credential (`?access_token=…`, a user name) two tenants, and a track-only
 # destination holds nothing an identify would undo.
 _IDENTITY_FIELDS = (
-    "url",
-    "endpoint",
     "write_key",
     "secret",
     "headers",
@@ -108,16 +106,32 @@ _IDENTITY_FIELDS = (
 
 def same_place(one: DestinationSettings, other: DestinationSettings) -> bool:
     """Whether two configured destinations deliver to the same place: the same endpoint (a
-    file's path) and URL as written, credentials, headers and mode."""
+    file's path; ``endpoint_text``, which leaves credentials out), the same credentials in the
+    URL (user info, credential query parameters), write key, secret, headers and mode."""
     if endpoint_text(one) != endpoint_text(other):
         return False
 
     def identity(settings: DestinationSettings) -> list[Any]:
         values = [getattr(settings, name, None) for name in _IDENTITY_FIELDS]
-        values = [v.strip() if isinstance(v, str) else v for v in values]
-        return [v.get_secret_value() if isinstance(v, SecretStr) else v for v in values]
+        values = [v.get_secret_value() if isinstance(v, SecretStr) else v for v in values]
+        return [*values, _url_credentials(settings)]
 
     return identity(one) == identity(other)
+
+
+def _url_credentials(settings: DestinationSettings) -> tuple[str, list[tuple[str, str]]]:
+    """The credentials a destination's URL carries: its user info and its credential query
+    parameters (``endpoint_text`` leaves both out)."""
+    if isinstance(settings, FileSettings):
+        return "", []
+    url = settings.url if isinstance(settings, WebhookSettings) else settings.endpoint
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return url, []
+    userinfo = parts.netloc.rpartition("@")[0]
+    params = sorted(p for p in parse_qsl(parts.query) if is_secret_param(p[0]))
+    return userinfo, params
 
 
 def twin_destination(config: Config, key: str, dropped: str) -> str | None:
