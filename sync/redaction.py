@@ -48,7 +48,43 @@ _URL_KEYS = frozenset({"url", "endpoint"})
 # credential (a pgcrypto key, a tenant token) is a secret, since a source's error may quote
 # the SQL; `${SCHEMA}` or `${TABLE}` are not (their values are ordinary words everywhere).
 _SQL_KEYS = frozenset({"query", "now_query"})
-_SECRET_VARIABLE = re.compile(r"(?i)secret|token|passw|pwd|credential|key|private|auth|salt")
+# Words of a variable's name (split at anything but letters and digits) that make it a
+# credential; a word ending in one of _SECRET_ENDINGS too (PGKEY, APITOKEN), but not these
+# ordinary words, and not a key that a word of _KEY_CONTEXTS says is a column (SORT_KEY).
+_SECRET_WORDS = frozenset(
+    [
+        "secret",
+        "secrets",
+        "token",
+        "tokens",
+        "pass",
+        "passwd",
+        "password",
+        "passphrase",
+        "pw",
+        "pwd",
+        "credential",
+        "credentials",
+        "private",
+        "auth",
+        "salt",
+        "pepper",
+        "jwt",
+        "bearer",
+        "sig",
+        "signature",
+        "signing",
+        "hmac",
+        "cert",
+        "key",
+        "apikey",
+    ]
+)
+_SECRET_ENDINGS = ("key", "token", "secret", "password", "passphrase", "pwd")
+_ORDINARY_WORDS = frozenset(["monkey", "turkey", "hockey", "donkey", "jockey", "whiskey"])
+_KEY_CONTEXTS = frozenset(
+    ["sort", "partition", "primary", "foreign", "id", "join", "group", "dist", "shard", "cluster"]
+)
 # A text cut short (MariaDB quotes 80 characters near a syntax error) ends with one of these.
 _CUT = re.compile(r"\.\.\.|…")
 # The shortest start of a secret hidden where a cut ends it.
@@ -265,8 +301,15 @@ def is_sql_path(path: str) -> bool:
 
 def is_secret_variable(name: str) -> bool:
     """Whether an environment variable's name says it holds a credential (``PGKEY``,
-    ``TENANT_TOKEN``)."""
-    return bool(_SECRET_VARIABLE.search(name))
+    ``TENANT_TOKEN``, ``PGP_PASSPHRASE``, ``DB_PW``), by its words: ``SORT_KEY``,
+    ``MONKEY_SCHEMA`` and ``AUTHOR_TABLE`` do not."""
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+    if _KEY_CONTEXTS.intersection(words):
+        words = [w for w in words if w != "key"]
+    return any(
+        w in _SECRET_WORDS or (w.endswith(_SECRET_ENDINGS) and w not in _ORDINARY_WORDS)
+        for w in words
+    )
 
 
 def is_secret_path(path: str) -> bool:

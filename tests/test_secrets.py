@@ -341,3 +341,28 @@ def test_a_secret_cut_short_in_an_excerpt_is_hidden() -> None:
     assert hide.redact(excerpt) == "near 'SELEC user_id, AES_DECRYPT(email, '***...' at line 1"
     assert hide.redact(f"{secret[:18]}…") == "***…"
     assert hide.redact("Kq7x and more...") == "Kq7x and more..."  # not a cut secret
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["PGKEY", "AES_KEY", "API_KEY", "QUERY_TOKEN", "DB_PASS", "PGP_PASSPHRASE", "DB_PW",
+     "HMAC_SIGNING", "PEPPER", "JWT", "BEARER", "SIG", "CERT", "DB_PASSWORD", "AUTH", "SALT"],
+)
+def test_credential_variable_names(name: str) -> None:
+    """Names like credentials, as words (third review: PASS, PASSPHRASE, PW, JWT… were missed)."""
+    from sync.redaction import is_secret_variable
+
+    assert is_secret_variable(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["TABLE", "SCHEMA", "SORT_KEY", "PARTITION_KEY", "ID_KEY", "KEYSPACE", "MONKEY_SCHEMA",
+     "AUTHOR_TABLE", "TURKEY", "PASSENGERS"],
+)
+def test_ordinary_variable_names(name: str) -> None:
+    """…and ordinary names are not (SORT_KEY, MONKEY_SCHEMA, AUTHOR_TABLE hid their values in
+    every output)."""
+    from sync.redaction import is_secret_variable
+
+    assert not is_secret_variable(name)
