@@ -87,8 +87,12 @@ _KEY_CONTEXTS = frozenset(
 )
 # A text cut short (MariaDB quotes 80 characters near a syntax error) ends with one of these.
 _CUT = re.compile(r"\.\.\.|…")
-# The shortest start of a secret hidden where a cut ends it.
-MIN_CUT_PREFIX = 4
+# The shortest part of a secret hidden where an excerpt cuts it (shorter parts are too common
+# in ordinary text: "https..." before a cut, with a URL as a secret).
+MIN_CUT_PREFIX = 6
+# Where MySQL/MariaDB quote the SQL after the token they could not parse: the quote may start
+# inside a secret (after a quote character in it).
+_QUOTED = re.compile(r"near '")
 # scheme://userinfo@ where the userinfo runs to the LAST "@" before the authority ends: a
 # password with an unencoded "@" must not leak its tail.
 _URL_USERINFO = re.compile(
@@ -115,13 +119,29 @@ def _forms(secret: str) -> Iterator[str]:
 
 
 def _shared_start(text: str, secret: str) -> int:
-    """The length of the longest start of ``secret`` (shorter than all of it) that ``text``
-    ends with."""
-    if secret[:MIN_CUT_PREFIX] not in text[-len(secret) :]:
-        return 0  # the common case, at the cost of one search
-    for length in range(min(len(text), len(secret) - 1), 0, -1):
-        if text.endswith(secret[:length]):
-            return length
+    """The length of the longest start of ``secret`` (at least ``MIN_CUT_PREFIX``
+    characters, shorter than all of it) that ``text`` ends with; 0 if none."""
+    window = text[-(len(secret) - 1) :]
+    head = secret[:MIN_CUT_PREFIX]
+    at = window.find(head)
+    while at >= 0:
+        if secret.startswith(window[at:]):
+            return len(window) - at
+        at = window.find(head, at + 1)
+    return 0
+
+
+def _shared_end(text: str, secret: str) -> int:
+    """The length of the longest end of ``secret`` (at least ``MIN_CUT_PREFIX`` characters,
+    shorter than all of it) that ``text`` starts with; 0 if none."""
+    head = text[:MIN_CUT_PREFIX]
+    if len(head) < MIN_CUT_PREFIX:
+        return 0
+    at = secret.find(head, 1)
+    while at >= 0:
+        if text.startswith(secret[at:]):
+            return len(secret) - at
+        at = secret.find(head, at + 1)
     return 0
 
 
@@ -134,14 +154,24 @@ class Redactor:
         # Longest first, so a secret containing another is replaced whole.
         ordered = sorted(known, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
-        self._cuttable = [f for f in ordered if len(f) > MIN_CUT_PREFIX]
+        # Every part of MIN_CUT_PREFIX characters of a secret an excerpt may cut -> the
+        # secrets holding it: where a cut ends (or a quote starts) inside a secret, the
+        # characters next to it are such a part, so one lookup finds the candidates.
+        self._parts: dict[str, list[str]] = {}
+        for form in ordered:
+            for i in range(len(form) - MIN_CUT_PREFIX + 1 if len(form) > MIN_CUT_PREFIX else 0):
+                holders = self._parts.setdefault(form[i : i + MIN_CUT_PREFIX], [])
+                if form not in holders:
+                    holders.append(form)
 
     def redact(self, text: str) -> str:
         """``text`` with every secret and URL userinfo replaced."""
         if self._pattern is not None:
             text = self._pattern.sub(REDACTED, text)
-        if self._cuttable and ("..." in text or "…" in text):
+        if self._parts and ("..." in text or "…" in text):
             text = self._hide_cut(text)
+        if self._parts and "near '" in text:
+            text = self._hide_quoted(text)
         return _URL_USERINFO.sub(_hide_userinfo, text)
 
     def _hide_cut(self, text: str) -> str:
@@ -152,11 +182,27 @@ class Redactor:
         done = 0
         for mark in _CUT.finditer(text):
             before = text[done : mark.start()]
-            longest = max((_shared_start(before, form) for form in self._cuttable), default=0)
-            if longest >= MIN_CUT_PREFIX:
+            candidates = self._parts.get(before[-MIN_CUT_PREFIX:], ())
+            longest = max((_shared_start(before, form) for form in candidates), default=0)
+            if longest:
                 before = before[:-longest] + REDACTED
             pieces.append(before + mark.group(0))
             done = mark.end()
+        pieces.append(text[done:])
+        return "".join(pieces)
+
+    def _hide_quoted(self, text: str) -> str:
+        """``text`` with the end of a secret hidden where MySQL's ``near '`` quote starts
+        inside it (after a quote character the secret holds)."""
+        pieces: list[str] = []
+        done = 0
+        for near in _QUOTED.finditer(text):
+            pieces.append(text[done : near.end()])
+            after = text[near.end() :]
+            candidates = self._parts.get(after[:MIN_CUT_PREFIX], ())
+            longest = max((_shared_end(after, form) for form in candidates), default=0)
+            pieces.append(REDACTED if longest else "")
+            done = near.end() + longest
         pieces.append(text[done:])
         return "".join(pieces)
 

@@ -366,3 +366,16 @@ def test_ordinary_variable_names(name: str) -> None:
     from sync.redaction import is_secret_variable
 
     assert not is_secret_variable(name)
+
+
+def test_a_secret_quoted_from_its_middle_or_a_short_start_before_a_cut() -> None:
+    """MariaDB's excerpt starts after the token it could not parse: a quote inside the secret
+    showed its tail (third review). A cut mark after a few ordinary characters that happen to
+    start a secret (a URL's "https") hides nothing."""
+    from sync.redaction import Redactor
+
+    hide = Redactor(["Zx'9q-RandomTailSecret77", "https://hooks.slack.com/services/T0/B0/XXSECRET"])
+    quoted = "You have an error near '-RandomTailSecret77') IS NOT NULL' at line 1"
+    assert hide.redact(quoted) == "You have an error near '***') IS NOT NULL' at line 1"
+    assert hide.redact("retrying https... later") == "retrying https... later"
+    assert hide.redact("near 'SELECT 1' at line 1") == "near 'SELECT 1' at line 1"
