@@ -559,3 +559,23 @@ def test_a_group_that_adds_a_destination_cannot_take_an_audience_s_key_there(
     assert receiver.messages() == []
     harness.set_members(["u1", "u2", "u3"])
     assert harness.sync_named("VIP").status == "succeeded"
+
+
+def test_a_group_cannot_take_the_key_of_an_audience_removed_but_not_retired(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """An audience removed from the config still holds its key where it sent it until it is
+    retired: a group's column of that name is refused (third review: the group took it, then
+    `retire KEY --send-false`, as the drift warning advises, overwrote the group's values)."""
+    harness.set_members(["u1"])
+    assert harness.sync().status == "succeeded"
+    harness.audience["name"] = "Someone Else"
+    harness.audience["destinations"] = ["segment"]
+    _group(harness, query="SELECT user_id, plan AS high_value_users FROM summary")
+    _rows(harness, [("u1", 2, "pro", None)])
+    refused = harness.sync_named(GROUP)
+    assert refused.status == "failed"
+    assert 'column "high_value_users" is also the key of audience "High Value Users"' in str(
+        refused.error
+    )
+    assert "removed from the config" in str(refused.error)

@@ -192,7 +192,34 @@ def _reserved_names(
             continue
         for name in _recorded_names(connection, other.trait_key):
             reserved.setdefault(name, holder)
+    if connection is not None:
+        reserved.update(_removed_keys(connection, config, group, reserved))
     return reserved
+
+
+def _removed_keys(
+    connection: Connection, config: Config, group: ComputationConfig, reserved: dict[str, str]
+) -> dict[str, str]:
+    """Keys of audiences removed from the config but not retired that still have members at
+    one of ``group``'s destinations: the destination holds their values until `retire` (whose
+    ``--send-false`` would overwrite a trait of that name)."""
+    configured = {c.trait_key for c in config.computations}
+    rows = connection.execute(
+        select(AUDIENCES.c.key, AUDIENCES.c.name).where(
+            AUDIENCES.c.retired_at.is_(None), AUDIENCES.c.kind == "audience"
+        )
+    ).all()
+    found: dict[str, str] = {}
+    for key, name in rows:
+        if key in configured or key in reserved:
+            continue
+        held = [d for d in group.destinations if _sent_to_key(connection, key, [d])]
+        if held:
+            found[key] = (
+                f'audience "{name}" at destination "{held[0]}" (removed from the config; '
+                f"retire it first: `audience-sync retire {key}`)"
+            )
+    return found
 
 
 def audience_clash(
@@ -240,7 +267,12 @@ def _sent_to(
 ) -> bool:
     """Whether ``computation`` has memberships at one of ``destinations``: it has planned
     (and so sent, or is sending) there."""
-    computation_id = select(AUDIENCES.c.id).where(AUDIENCES.c.key == computation.trait_key)
+    return _sent_to_key(connection, computation.trait_key, destinations)
+
+
+def _sent_to_key(connection: Connection, key: str, destinations: list[str]) -> bool:
+    """``_sent_to`` of the computation with ``key``."""
+    computation_id = select(AUDIENCES.c.id).where(AUDIENCES.c.key == key)
     query = select(MEMBERSHIPS.c.member_id).where(
         MEMBERSHIPS.c.audience_id == computation_id.scalar_subquery(),
         MEMBERSHIPS.c.destination.in_(destinations),
