@@ -579,3 +579,27 @@ def test_a_group_cannot_take_the_key_of_an_audience_removed_but_not_retired(
         refused.error
     )
     assert "removed from the config" in str(refused.error)
+
+
+def test_retire_refusals_name_a_trait_group_a_trait_group(
+    harness: Harness, receiver: Receiver
+) -> None:
+    from click.testing import CliRunner
+
+    from sync.cli import cli
+
+    _group(harness)
+    _rows(harness, [("u1", 2, "pro", None)])
+    assert harness.sync_named(GROUP).status == "succeeded"
+    runner = CliRunner()
+    still = runner.invoke(cli, ["--config", str(harness.write_config()), "retire", KEY])
+    assert f'trait group "{KEY}" is still in the config' in still.output, still.output
+    lists = runner.invoke(
+        cli, ["--config", str(harness.write_config()), "retire", KEY, "--destination", "segment"]
+    )
+    assert f'trait group "{KEY}" still lists destination "segment"' in lists.output, lists.output
+    harness.config_extra = ""
+    config = str(harness.write_config())
+    assert runner.invoke(cli, ["--config", config, "retire", KEY]).exit_code == 0
+    again = runner.invoke(cli, ["--config", config, "retire", KEY])
+    assert f'trait group "{KEY}" is already retired' in again.output, again.output

@@ -124,20 +124,25 @@ def audience_title(connection: Connection, audience_id: int) -> str:
 
 def orphaned_audience(connection: Connection, config: Config, key: str) -> int:
     """The id of an audience that is in the state DB but no longer in the config."""
-    if any(a.trait_key == key for a in config.computations):
+    configured = next((a for a in config.computations if a.trait_key == key), None)
+    if configured is not None:
         raise AudienceSyncError(
-            f'audience "{key}" is still in the config; remove it from the config before retiring it'
+            f'{configured.label} "{key}" is still in the config; remove it from the config '
+            "before retiring it"
         )
     return live_audience(connection, key)
 
 
 def live_audience(connection: Connection, key: str) -> int:
     """The id of the non-retired audience with ``key``."""
-    row = connection.execute(select(A.c.id, A.c.retired_at).where(A.c.key == key)).first()
+    row = connection.execute(
+        select(A.c.id, A.c.retired_at, A.c.kind).where(A.c.key == key)
+    ).first()
     if row is None:
         raise UnknownAudienceError(f'no audience with the key "{key}" in the state database')
     if row.retired_at is not None:
-        raise AudienceSyncError(f'audience "{key}" is already retired')
+        label = "trait group" if row.kind == "trait" else "audience"
+        raise AudienceSyncError(f'{label} "{key}" is already retired')
     return int(row.id)
 
 
@@ -150,8 +155,8 @@ def audience_leaving_destination(
     key = configured.trait_key if configured else name
     if configured and destination in configured.destinations:
         raise AudienceSyncError(
-            f'audience "{key}" still lists destination "{destination}" in its destinations; '
-            "remove it from there first, then retire it"
+            f'{configured.label} "{key}" still lists destination "{destination}" in its '
+            "destinations; remove it from there first, then retire it"
         )
     audience_id = live_audience(connection, key)
     of = (M.c.audience_id == audience_id, M.c.destination == destination)
