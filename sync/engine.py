@@ -30,12 +30,7 @@ from sync.errors import (
     error_line,
 )
 from sync.reports import DestinationReport, RunOptions, RunReport
-from sync.run.compute import (
-    AfterChunk,
-    audience_clash,
-    compute_dry_snapshot,
-    compute_snapshot,
-)
+from sync.run.compute import AfterChunk, compute_dry_snapshot, compute_snapshot
 from sync.run.context import RunContext, RunHooks, Targets
 from sync.run.drift import drift_problem
 from sync.run.dry_run import DRY_RUN_ID, copy_audience_state, copy_audiences, scratch_state
@@ -335,13 +330,11 @@ class Syncer:
             copy_audiences(self.engine, scratch)
             audience_id = ensure_audience(scratch, audience)
             try:
-                # Who holds a trait name is read from the state DB (the scratch has no rows of
-                # other computations).
-                with self.engine.connect() as state:
-                    if problem := audience_clash(state, self.config, audience):
-                        raise SourceError(problem)
                 after_chunk = self._after_chunk(None)
-                stats = compute_dry_snapshot(scratch, self.config, audience, after_chunk)
+                with self.engine.connect() as state:
+                    stats = compute_dry_snapshot(
+                        scratch, state, self.config, audience, after_chunk
+                    )
             except SourceError as exc:
                 report.status, report.error = "failed", str(exc)
                 return

@@ -603,3 +603,83 @@ def test_retire_refusals_name_a_trait_group_a_trait_group(
     assert runner.invoke(cli, ["--config", config, "retire", KEY]).exit_code == 0
     again = runner.invoke(cli, ["--config", config, "retire", KEY])
     assert f'trait group "{KEY}" is already retired' in again.output, again.output
+
+
+def test_a_group_cannot_take_a_key_an_audience_still_holds_where_it_dropped_it(
+    harness: Harness, receiver: Receiver, tmp_path: Any
+) -> None:
+    """An audience that no longer lists a destination still holds its key there until it is
+    retired there (fourth review: a group took `vip` there, then `retire vip --destination b
+    --send-false` overwrote the group's values)."""
+    harness.destinations["b"] = {"type": "file", "path": str(tmp_path / "b.jsonl")}
+    harness.warehouse_sql("CREATE TABLE tiers (user_id TEXT, vip TEXT)")
+    harness.warehouse_sql("INSERT INTO tiers VALUES ('u1', 'gold')")
+    audience = (
+        '[[audiences]]\nname = "VIP"\nsource = "warehouse"\n'
+        'query = "SELECT user_id FROM members"\n'
+    )
+    group = (
+        '[[traits]]\nname = "Tiers"\nsource = "warehouse"\nquery = "SELECT * FROM tiers"\n'
+        'destinations = ["b"]\n'
+    )
+    harness.set_members(["u1"])
+    harness.config_extra = audience + 'destinations = ["segment", "b"]\n'
+    assert harness.sync_named("VIP").status == "succeeded"
+    harness.config_extra = audience + 'destinations = ["segment"]\n' + group
+    refused = harness.sync_named("Tiers")
+    assert refused.status == "failed"
+    assert 'also the key of audience "VIP" at destination "b"' in str(refused.error)
+    assert "retire vip --destination b --send-false" in str(refused.error)
+
+
+def test_a_removed_group_s_traits_stay_its_own_until_it_is_retired(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """A group removed from the config but not retired still holds its traits where it sent
+    them: another group's column or an audience's key of that name is refused until it is
+    retired (fourth review: on_removed = "retire" then nulled the new group's values)."""
+    harness.warehouse_sql("CREATE TABLE t (user_id TEXT, plan TEXT)")
+    harness.warehouse_sql("INSERT INTO t VALUES ('u1', 'pro')")
+    old = '[[traits]]\nname = "G1"\nsource = "warehouse"\nquery = "SELECT * FROM t"\n'
+    new = (
+        '[[traits]]\nname = "G2"\nsource = "warehouse"\n'
+        'query = "SELECT * FROM t WHERE plan IS NOT NULL"\n'
+    )
+    harness.config_extra = old + 'destinations = ["segment"]\n'
+    assert harness.sync_named("G1").status == "succeeded"
+    harness.config_extra = new + 'destinations = ["segment"]\n'
+    refused = harness.sync_named("G2")
+    assert refused.status == "failed"
+    assert 'also the key of trait group "G1"' in str(refused.error)
+    assert "removed from the config" in str(refused.error)
+    harness.config_extra = (
+        '[[audiences]]\nname = "Plan"\nsource = "warehouse"\n'
+        'query = "SELECT user_id FROM members"\ndestinations = ["segment"]\n'
+    )
+    audience = harness.sync_named("Plan")
+    assert audience.status == "failed"
+    assert 'is a trait of trait group "g1"' in str(audience.error).lower()
+    assert "retire g1 --send-null" in str(audience.error)
+
+
+def test_a_group_s_dry_run_reads_who_holds_a_name_from_the_state_db(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """The dry run judged a group's columns on its scratch copy, which has no memberships: a
+    group holding `vip` failed its dry run naming the audience it had refused, while its real
+    run succeeded (fourth review)."""
+    from click.testing import CliRunner
+
+    from sync.cli import cli
+
+    _group(harness, query="SELECT user_id, plan, 1 AS vip FROM summary")
+    _rows(harness, [("u1", 2, "pro", None)])
+    assert harness.sync_named(GROUP).status == "succeeded"
+    harness.config_extra += (
+        '[[audiences]]\nname = "VIP"\nsource = "warehouse"\n'
+        'query = "SELECT user_id FROM members"\ndestinations = ["segment"]\n'
+    )
+    config = str(harness.write_config())
+    dry = CliRunner().invoke(cli, ["--config", config, "sync", GROUP, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "planned" in dry.output

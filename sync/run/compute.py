@@ -102,11 +102,23 @@ def _stage(
 
 
 def compute_dry_snapshot(
-    scratch: Connection, config: Config, audience: ComputationConfig, after_chunk: AfterChunk
+    scratch: Connection,
+    state: Connection,
+    config: Config,
+    audience: ComputationConfig,
+    after_chunk: AfterChunk,
 ) -> SnapshotStats:
     """Stage a dry run's snapshot into its scratch copy, uncommitted. It always streams (the
-    same-database path would write the state DB); both paths stage the same rows."""
-    return _stream(scratch, config, audience, DRY_RUN_ID, after_chunk, commit_each_chunk=False)
+    same-database path would write the state DB); both paths stage the same rows. Who holds
+    which trait name is read from the ``state`` DB (the scratch has no other computation's
+    rows), as a run reads it."""
+    if problem := audience_clash(state, config, audience):
+        raise SourceError(problem)
+    columns = trait_columns(state, config, audience)
+    state.rollback()  # read only; no transaction held while the source streams
+    return _stream(
+        scratch, config, audience, DRY_RUN_ID, after_chunk, commit_each_chunk=False, rule=columns
+    )
 
 
 def _stream(
@@ -117,7 +129,10 @@ def _stream(
     after_chunk: AfterChunk,
     *,
     commit_each_chunk: bool,
+    rule: TraitColumns | None = None,
 ) -> SnapshotStats:
+    """Stream the source into the staging table; a trait group's columns are checked by
+    ``rule`` (default: read on ``connection``)."""
     engine = open_source_engine(config, audience)
     try:
         return stage_from_source(
@@ -131,7 +146,7 @@ def _stream(
             chunk_size=config.sources[audience.source].chunk_size,
             commit_each_chunk=commit_each_chunk,
             after_chunk=after_chunk,
-            trait_columns=trait_columns(connection, config, audience),
+            trait_columns=rule or trait_columns(connection, config, audience),
         )
     finally:
         engine.dispose()
@@ -200,25 +215,40 @@ def _reserved_names(
 def _removed_keys(
     connection: Connection, config: Config, group: ComputationConfig, reserved: dict[str, str]
 ) -> dict[str, str]:
-    """Keys of audiences removed from the config but not retired that still have members at
-    one of ``group``'s destinations: the destination holds their values until `retire` (whose
-    ``--send-false`` would overwrite a trait of that name)."""
-    configured = {c.trait_key for c in config.computations}
+    """Names held at one of ``group``'s destinations by a computation that no longer sends
+    there but has not been retired there: an audience removed from the config (its key), one
+    that no longer lists that destination (its key), a trait group removed from the config
+    (its recorded traits). The destination holds their values until `retire`, whose
+    ``--send-false``/``--send-null`` would overwrite a trait of that name."""
+    configured = {c.trait_key: c for c in config.computations}
     rows = connection.execute(
-        select(AUDIENCES.c.key, AUDIENCES.c.name).where(
-            AUDIENCES.c.retired_at.is_(None), AUDIENCES.c.kind == "audience"
+        select(AUDIENCES.c.key, AUDIENCES.c.name, AUDIENCES.c.kind).where(
+            AUDIENCES.c.retired_at.is_(None), AUDIENCES.c.key != group.trait_key
         )
     ).all()
     found: dict[str, str] = {}
-    for key, name in rows:
-        if key in configured or key in reserved:
+    for key, name, kind in rows:
+        current = configured.get(key)
+        if current is not None and kind != "audience":
+            continue  # a configured group's traits: ``_reserved_names``
+        left = [d for d in group.destinations if current is None or d not in current.destinations]
+        held = [d for d in left if _sent_to_key(connection, key, [d])]
+        if not held:
             continue
-        held = [d for d in group.destinations if _sent_to_key(connection, key, [d])]
-        if held:
-            found[key] = (
-                f'audience "{name}" at destination "{held[0]}" (removed from the config; '
-                f"retire it first: `audience-sync retire {key}`)"
+        label = "audience" if kind == "audience" else "trait group"
+        if current is None:
+            flag = "--send-false" if kind == "audience" else "--send-null"
+            why = f"removed from the config; retire it first: `audience-sync retire {key} {flag}`"
+        else:
+            why = (
+                f'it no longer lists "{held[0]}"; retire it there first: '
+                f"`audience-sync retire {key} --destination {held[0]} --send-false`"
             )
+        holder = f'{label} "{name}" at destination "{held[0]}" ({why})'
+        names = [key] if kind == "audience" else sorted(_recorded_names(connection, key))
+        for held_name in names:
+            if held_name not in reserved:
+                found.setdefault(held_name, holder)
     return found
 
 
@@ -251,6 +281,35 @@ def audience_clash(
                 return (
                     f'audience "{audience.name}": the trait "{taken[0]}" it carries is a '
                     f"trait that {where}; remove it from traits"
+                )
+    return _removed_group_clash(connection, config, audience)
+
+
+def _removed_group_clash(
+    connection: Connection, config: Config, audience: ComputationConfig
+) -> str | None:
+    """An audience's key or carried trait that a trait group removed from the config but not
+    retired still holds at one of its destinations (its `retire --send-null` would overwrite
+    it)."""
+    configured = {c.trait_key for c in config.computations}
+    rows = connection.execute(
+        select(AUDIENCES.c.key, AUDIENCES.c.name).where(
+            AUDIENCES.c.retired_at.is_(None), AUDIENCES.c.kind == "trait"
+        )
+    ).all()
+    for key, name in rows:
+        if key in configured:
+            continue
+        held = [d for d in audience.destinations if _sent_to_key(connection, key, [d])]
+        recorded = _recorded_names(connection, key) if held else set()
+        for wanted in (audience.trait_key, *audience.extra_traits):
+            if wanted in recorded and not (
+                wanted == audience.trait_key and _sent_to(connection, audience, held)
+            ):
+                return (
+                    f'audience "{audience.name}": "{wanted}" is a trait of trait group '
+                    f'"{name}" at destination "{held[0]}", removed from the config but not '
+                    f"retired; retire it first: `audience-sync retire {key} --send-null`"
                 )
     return None
 
