@@ -80,10 +80,12 @@ _SECRET_WORDS = frozenset(
         "apikey",
     ]
 )
-_SECRET_ENDINGS = ("key", "token", "secret", "password", "passphrase", "pwd")
-_ORDINARY_WORDS = frozenset(["monkey", "turkey", "hockey", "donkey", "jockey", "whiskey"])
+_SECRET_ENDINGS = ("key", "token", "secret", "password", "passphrase", "pwd", "pass", "pw")
+_ORDINARY_WORDS = frozenset(
+    ["monkey", "turkey", "hockey", "donkey", "jockey", "whiskey", "bypass", "compass"]
+)
 _KEY_CONTEXTS = frozenset(
-    ["sort", "partition", "primary", "foreign", "id", "join", "group", "dist", "shard", "cluster"]
+    ["sort", "partition", "primary", "foreign", "id", "join", "group", "shard", "trait"]
 )
 # A text cut short (MariaDB quotes 80 characters near a syntax error) ends with one of these.
 _CUT = re.compile(r"\.\.\.|…")
@@ -158,6 +160,7 @@ class Redactor:
         # secrets holding it: where a cut ends (or a quote starts) inside a secret, the
         # characters next to it are such a part, so one lookup finds the candidates.
         self._parts: dict[str, list[str]] = {}
+        self._longest = max((len(f) for f in ordered), default=0)
         for form in ordered:
             for i in range(len(form) - MIN_CUT_PREFIX + 1 if len(form) > MIN_CUT_PREFIX else 0):
                 holders = self._parts.setdefault(form[i : i + MIN_CUT_PREFIX], [])
@@ -168,41 +171,38 @@ class Redactor:
         """``text`` with every secret and URL userinfo replaced."""
         if self._pattern is not None:
             text = self._pattern.sub(REDACTED, text)
-        if self._parts and ("..." in text or "…" in text):
-            text = self._hide_cut(text)
-        if self._parts and "near '" in text:
-            text = self._hide_quoted(text)
+        if self._parts and ("..." in text or "…" in text or "near '" in text):
+            text = self._hide_parts(text)
         return _URL_USERINFO.sub(_hide_userinfo, text)
 
-    def _hide_cut(self, text: str) -> str:
-        """``text`` with the start of a secret hidden where a cut mark ends it: MariaDB quotes
-        80 characters of SQL and marks the cut ("…, 'Kq7xZp2m..."), so the secret there is only
-        its first part."""
-        pieces: list[str] = []
-        done = 0
+    def _hide_parts(self, text: str) -> str:
+        """``text`` with the parts of secrets an excerpt cut hidden: the start of one where a
+        cut mark ends it (MariaDB quotes 80 characters of SQL and marks the cut: "…,
+        'Kq7xZp2m...") and the end of one where MySQL's ``near '`` quote starts inside it
+        (after a quote character the secret holds). Each looks at most a secret's length
+        around its mark (so a secret holding "..." is seen whole)."""
+        spans: list[tuple[int, int]] = []
         for mark in _CUT.finditer(text):
-            before = text[done : mark.start()]
+            before = text[max(0, mark.start() - self._longest) : mark.start()]
             candidates = self._parts.get(before[-MIN_CUT_PREFIX:], ())
             longest = max((_shared_start(before, form) for form in candidates), default=0)
             if longest:
-                before = before[:-longest] + REDACTED
-            pieces.append(before + mark.group(0))
-            done = mark.end()
-        pieces.append(text[done:])
-        return "".join(pieces)
-
-    def _hide_quoted(self, text: str) -> str:
-        """``text`` with the end of a secret hidden where MySQL's ``near '`` quote starts
-        inside it (after a quote character the secret holds)."""
-        pieces: list[str] = []
-        done = 0
+                spans.append((mark.start() - longest, mark.start()))
         for near in _QUOTED.finditer(text):
-            pieces.append(text[done : near.end()])
-            after = text[near.end() :]
+            after = text[near.end() : near.end() + self._longest]
             candidates = self._parts.get(after[:MIN_CUT_PREFIX], ())
             longest = max((_shared_end(after, form) for form in candidates), default=0)
-            pieces.append(REDACTED if longest else "")
-            done = near.end() + longest
+            if longest:
+                spans.append((near.end(), near.end() + longest))
+        if not spans:
+            return text
+        pieces: list[str] = []
+        done = 0
+        for start, end in sorted(spans):
+            if end <= done:
+                continue
+            pieces.append(text[done : max(start, done)] + REDACTED)
+            done = end
         pieces.append(text[done:])
         return "".join(pieces)
 
@@ -350,12 +350,23 @@ def is_secret_variable(name: str) -> bool:
     ``TENANT_TOKEN``, ``PGP_PASSPHRASE``, ``DB_PW``), by its words: ``SORT_KEY``,
     ``MONKEY_SCHEMA`` and ``AUTHOR_TABLE`` do not."""
     words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
-    if _KEY_CONTEXTS.intersection(words):
-        words = [w for w in words if w != "key"]
-    return any(
-        w in _SECRET_WORDS or (w.endswith(_SECRET_ENDINGS) and w not in _ORDINARY_WORDS)
-        for w in words
-    )
+    # Plurals and short forms (API_KEYS, PASSWORDS, DB_CREDS) are the word.
+    words = ["credentials" if w == "creds" else _singular(w) for w in words]
+    for i, word in enumerate(words):
+        if word in _ORDINARY_WORDS or (word == "key" and i and words[i - 1] in _KEY_CONTEXTS):
+            continue  # SORT_KEY, ID_KEY: a column
+        if word == "pass" and i + 1 < len(words):
+            continue  # PASS_THROUGH
+        if word in _SECRET_WORDS or word.endswith(_SECRET_ENDINGS):
+            return True
+    return False
+
+
+def _singular(word: str) -> str:
+    """A credential word's plural as the word (KEYS, PASSWORDS); other words as they are."""
+    if word.endswith("s") and (word[:-1] in _SECRET_WORDS or word[:-1].endswith(_SECRET_ENDINGS)):
+        return word[:-1]
+    return word
 
 
 def is_secret_path(path: str) -> bool:

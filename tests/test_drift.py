@@ -481,3 +481,22 @@ def test_a_rename_is_seen_through_a_trailing_slash_or_the_batch_path() -> None:
     assert same_place(destinations["c"], destinations["d"])
     assert not same_place(destinations["a"], destinations["c"])
     assert same_place(destinations["s1"], destinations["s2"])
+
+
+def test_a_rename_is_seen_through_header_case_and_spaces() -> None:
+    """Header names are case-insensitive and a write key's surrounding spaces are not part of
+    it (fourth review)."""
+    from sync.config import parse_config
+    from sync.run.drift import same_place
+
+    text = (
+        '[destinations.a]\ntype = "webhook"\nurl = "http://h.example/x"\n'
+        '[destinations.a.headers]\nAuthorization = "Bearer abcdefgh"\n'
+        '[destinations.b]\ntype = "webhook"\nurl = "http://h.example/x"\n'
+        '[destinations.b.headers]\nauthorization = "Bearer abcdefgh"\n'
+        '[destinations.s1]\ntype = "segment"\nwrite_key = "k1"\n'
+        '[destinations.s2]\ntype = "segment"\nwrite_key = " k1 "\n'
+    )
+    destinations = parse_config(text, "x.toml", Path("."), {}).destinations
+    assert same_place(destinations["a"], destinations["b"])
+    assert same_place(destinations["s1"], destinations["s2"])

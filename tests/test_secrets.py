@@ -379,3 +379,31 @@ def test_a_secret_quoted_from_its_middle_or_a_short_start_before_a_cut() -> None
     assert hide.redact(quoted) == "You have an error near '***') IS NOT NULL' at line 1"
     assert hide.redact("retrying https... later") == "retrying https... later"
     assert hide.redact("near 'SELECT 1' at line 1") == "near 'SELECT 1' at line 1"
+
+
+def test_cut_and_quoted_secrets_across_marks_and_their_cost() -> None:
+    """A secret holding "..." cut after it showed (only the text since the previous mark was
+    looked at); the text after each `near '` was copied whole, quadratic in the marks (fourth
+    review)."""
+    from sync.redaction import Redactor
+
+    secret = "p4ss...w0rdXYZ12345"
+    hide = Redactor([secret])
+    assert hide.redact("near 'p4ss...w0rdXY...' at line 1") == "near '***...' at line 1"
+    many = "near 'x' " * 20_000
+    assert hide.redact(many) == many
+
+
+@pytest.mark.parametrize("name", ["API_KEYS", "PASSWORDS", "DB_CREDS", "PGPASS", "DBPW",
+                                  "USER_ID_HASH_KEY", "GROUP_ENCRYPTION_KEY"])
+def test_more_credential_variable_names(name: str) -> None:
+    from sync.redaction import is_secret_variable
+
+    assert is_secret_variable(name)
+
+
+@pytest.mark.parametrize("name", ["TRAIT_KEY", "PASS_THROUGH_SCHEMA", "BYPASS_TABLE"])
+def test_more_ordinary_variable_names(name: str) -> None:
+    from sync.redaction import is_secret_variable
+
+    assert not is_secret_variable(name)

@@ -114,9 +114,20 @@ def same_place(one: DestinationSettings, other: DestinationSettings) -> bool:
     def identity(settings: DestinationSettings) -> list[Any]:
         values = [getattr(settings, name, None) for name in _IDENTITY_FIELDS]
         values = [v.get_secret_value() if isinstance(v, SecretStr) else v for v in values]
+        values = [_normalized(v) for v in values]
         return [*values, _url_credentials(settings)]
 
     return identity(one) == identity(other)
+
+
+def _normalized(value: Any) -> Any:
+    """A setting as it identifies a place: text without surrounding spaces, header names in
+    lower case (HTTP's are case-insensitive)."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, dict):
+        return {str(k).lower(): _normalized(v) for k, v in value.items()}
+    return value
 
 
 def _url_credentials(settings: DestinationSettings) -> tuple[str, list[tuple[str, str]]]:
