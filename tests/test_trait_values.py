@@ -120,7 +120,9 @@ def test_values_round_trip_from_postgresql_into_messages(
 
 
 def _sync(source_url: str, table: str, tmp_path: Path, receiver: Receiver) -> None:
-    state = tmp_path / "state.db"
+    # A state DB per example: each example's group is new, and the ones before it (removed
+    # from the config, not retired) would still hold these trait names at the destination.
+    state = tmp_path / f"state-{table}.db"
     config = parse_config(
         f"""
 [state]
