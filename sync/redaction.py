@@ -156,22 +156,30 @@ class Redactor:
         # Longest first, so a secret containing another is replaced whole.
         ordered = sorted(known, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
-        # Every part of MIN_CUT_PREFIX characters of a secret an excerpt may cut -> the
-        # secrets holding it: where a cut ends (or a quote starts) inside a secret, the
-        # characters next to it are such a part, so one lookup finds the candidates.
-        self._parts: dict[str, list[str]] = {}
+        self._cuttable = [f for f in ordered if len(f) > MIN_CUT_PREFIX]
         self._longest = max((len(f) for f in ordered), default=0)
-        for form in ordered:
-            for i in range(len(form) - MIN_CUT_PREFIX + 1 if len(form) > MIN_CUT_PREFIX else 0):
-                holders = self._parts.setdefault(form[i : i + MIN_CUT_PREFIX], [])
-                if form not in holders:
-                    holders.append(form)
+        self._index: dict[str, set[str]] | None = None  # built when a text first needs it
+
+    @property
+    def _parts(self) -> dict[str, set[str]]:
+        """Every part of MIN_CUT_PREFIX characters of a secret an excerpt may cut -> the
+        secrets holding it: where a cut ends (or a quote starts) inside a secret, the
+        characters next to it are such a part, so one lookup finds the candidates. Built on
+        first use (most processes never redact a cut excerpt); two threads building it at once
+        build the same index."""
+        if self._index is None:
+            index: dict[str, set[str]] = {}
+            for form in self._cuttable:
+                for i in range(len(form) - MIN_CUT_PREFIX + 1):
+                    index.setdefault(form[i : i + MIN_CUT_PREFIX], set()).add(form)
+            self._index = index
+        return self._index
 
     def redact(self, text: str) -> str:
         """``text`` with every secret and URL userinfo replaced."""
         if self._pattern is not None:
             text = self._pattern.sub(REDACTED, text)
-        if self._parts and ("..." in text or "…" in text or "near '" in text):
+        if self._cuttable and ("..." in text or "…" in text or "near '" in text):
             text = self._hide_parts(text)
         return _URL_USERINFO.sub(_hide_userinfo, text)
 
