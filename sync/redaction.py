@@ -54,9 +54,7 @@ _SQL_KEYS = frozenset({"query", "now_query"})
 _SECRET_WORDS = frozenset(
     [
         "secret",
-        "secrets",
         "token",
-        "tokens",
         "pass",
         "passwd",
         "password",
@@ -64,7 +62,6 @@ _SECRET_WORDS = frozenset(
         "pw",
         "pwd",
         "credential",
-        "credentials",
         "private",
         "auth",
         "salt",
@@ -359,7 +356,7 @@ def is_secret_variable(name: str) -> bool:
     ``MONKEY_SCHEMA`` and ``AUTHOR_TABLE`` do not."""
     words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
     # Plurals and short forms (API_KEYS, PASSWORDS, DB_CREDS) are the word.
-    words = ["credentials" if w == "creds" else _singular(w) for w in words]
+    words = ["credential" if w == "creds" else _singular(w) for w in words]
     for i, word in enumerate(words):
         if word in _ORDINARY_WORDS or (word == "key" and i and words[i - 1] in _KEY_CONTEXTS):
             continue  # SORT_KEY, ID_KEY: a column

@@ -368,8 +368,8 @@ def claim_trait_names(
     ).scalar()
     store_exit_value(connection, group_id, exit_value(stats.trait_names))
     fenced_commit(connection, lease)
-    rules = group.query is None
-    rule = TraitColumns(group.name, _reserved_names(connection, config, group), rules=rules)
+    rule = trait_columns(connection, config, group)
+    assert rule is not None  # a trait group's
     for name in stats.trait_names:
         if name in rule.reserved:
             store_exit_value(connection, group_id, before)

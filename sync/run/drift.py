@@ -57,7 +57,7 @@ def endpoint_text(settings: DestinationSettings, *, legacy: bool = False) -> str
     """
     if isinstance(settings, FileSettings):
         return f"file {os.path.normpath(settings.path)}"
-    url = settings.url if isinstance(settings, WebhookSettings) else settings.endpoint
+    url = _url_of(settings)
     try:
         parts = urlsplit(url.strip())
         scheme, netloc, path = parts.scheme.lower(), parts.netloc, parts.path
@@ -72,6 +72,13 @@ def endpoint_text(settings: DestinationSettings, *, legacy: bool = False) -> str
         path = path.removesuffix("/v1/batch")
     text = f"{settings.type} {scheme}://{host}:{port}{path}"
     return f"{text}?{urlencode(params)}" if params and not legacy else text
+
+
+def _url_of(settings: DestinationSettings) -> str:
+    """Where an HTTP destination posts: a webhook's ``url``, an API's ``endpoint``."""
+    if isinstance(settings, FileSettings):
+        return ""
+    return settings.url if isinstance(settings, WebhookSettings) else settings.endpoint
 
 
 def _host_and_port(host_port: str) -> tuple[str, str]:
@@ -135,7 +142,7 @@ def _url_credentials(settings: DestinationSettings) -> tuple[str, list[tuple[str
     parameters (``endpoint_text`` leaves both out)."""
     if isinstance(settings, FileSettings):
         return "", []
-    url = settings.url if isinstance(settings, WebhookSettings) else settings.endpoint
+    url = _url_of(settings)
     try:
         parts = urlsplit(url.strip())
     except ValueError:
