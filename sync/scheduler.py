@@ -242,6 +242,8 @@ class Daemon:
         """Run every enabled audience once; the exit code of ``sync`` (README "Exit codes"):
         1 when any run failed, was guarded or busy, else 3 when any was partial, else 0."""
         self.warn_about_drift()
+        # Orphans first: their false or nulls go before a computation takes over their names.
+        self._retire_removed_safely()
         for audience in self.audiences:
             if self.stop.is_set():
                 self.partial += 1  # interrupted before every audience ran
@@ -249,7 +251,6 @@ class Daemon:
             report = self.run_audience(audience)
             if report is not None:
                 self.once_reports.append(report)
-        self._retire_removed_safely()
         if self.failures or self.busy:
             return EXIT_FAILED
         return EXIT_PARTIAL if self.partial else EXIT_OK

@@ -96,6 +96,33 @@ def test_a_rename_is_accepted_once_the_old_key_is_retired(
     }
 
 
+def test_on_removed_retire_does_not_retire_what_a_refused_rename_still_needs(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """With on_removed = "retire", a renamed small audience was refused as a rename ("set key =
+    old to keep it") and, in the same sync, its old key retired with false sent to everyone:
+    the way out the refusal named no longer worked, and every member had flickered to false."""
+    harness.defaults.update(on_removed="retire")
+    harness.set_members(["a", "b"])
+    config = harness.write_config()
+    assert invoke(config, "sync")[0] == 0
+    receiver.reset()
+    harness.audience["name"] = "Big Spenders"
+    config = harness.write_config()
+    for command in (["sync"], ["run", "--once"]):
+        code, output = invoke(config, *command)
+        assert code == 1, (command, output)
+        assert lines_with(output, '"big_spenders"', f'key = "{KEY}"'), (command, output)
+        assert receiver.messages() == [], command
+        assert lines_with(output, f'"{KEY}"', "not retired", '"big_spenders"'), (command, output)
+        assert states(config)[(KEY, "segment")]["state"] == "orphaned"
+    harness.audience["key"] = KEY
+    code, output = invoke(harness.write_config(), "sync")
+    assert code == 0, output
+    assert receiver.messages() == []
+    assert states(config)[(KEY, "segment")]["state"] == "active"
+
+
 def test_a_new_audience_unlike_any_removed_one_is_not_a_rename(
     harness: Harness, receiver: Receiver
 ) -> None:

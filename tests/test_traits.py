@@ -662,6 +662,36 @@ def test_a_removed_group_s_traits_stay_its_own_until_it_is_retired(
     assert "retire g1 --send-null" in str(audience.error)
 
 
+def test_on_removed_retire_frees_a_removed_group_s_traits_before_the_new_group_runs(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """With on_removed = "retire", a group replacing a removed one under the same trait names
+    failed in the sync that retired the old one (computations ran first, orphans after) and
+    worked only in the next; the nulls now go first, then the new group's values."""
+    from click.testing import CliRunner
+
+    from sync.cli import cli
+
+    harness.defaults.update(on_removed="retire")
+    harness.warehouse_sql("CREATE TABLE t (user_id TEXT, plan TEXT)")
+    harness.warehouse_sql("INSERT INTO t VALUES ('u1', 'pro')")
+    harness.config_extra = (
+        '[[traits]]\nname = "G1"\nsource = "warehouse"\nquery = "SELECT * FROM t"\n'
+        'destinations = ["segment"]\n'
+    )
+    assert harness.sync_named("G1").status == "succeeded"
+    harness.config_extra = (
+        '[[traits]]\nname = "G2"\nsource = "warehouse"\n'
+        "query = \"SELECT user_id, upper(plan) AS plan FROM t\"\ndestinations = [\"segment\"]\n"
+    )
+    receiver.reset()
+    result = CliRunner().invoke(cli, ["--config", str(harness.write_config()), "sync"])
+    assert result.exit_code == 0, result.output
+    plans = [m["traits"]["plan"] for m in receiver.messages() if "plan" in m["traits"]]
+    assert plans == [None, "PRO"]
+    assert receiver.state[("u1", "plan")] == "PRO"
+
+
 def test_a_group_s_dry_run_reads_who_holds_a_name_from_the_state_db(
     harness: Harness, receiver: Receiver
 ) -> None:

@@ -220,11 +220,15 @@ def run_audiences(
     """Run the named audiences (all when none), one report each; a busy or broken audience
     (missing driver, state DB error, full disk, a bug) does not stop the others, ``stop``
     does (the audiences not started are reported ``interrupted``). Audiences removed from the
-    config are warned about, or, with ``on_removed = "retire"`` and no names, retired."""
+    config are warned about, or, with ``on_removed = "retire"`` and no names, retired first
+    (their false or nulls go before a configured computation takes over their names)."""
     # Retiring other audiences is for a run of them all, never for a named or dry one.
     retire = config.defaults.on_removed == "retire" and not names and not options.dry_run
     with Syncer(config, stop=stop) as syncer:
         warn_about_drift(syncer.engine, config, warn_orphans=not retire)
+        retired = []
+        if retire and not syncer.stop.is_set():
+            retired = syncer.retire_orphans(force=options.force)
         with _progress_bars(bars) as progress:
             settle_heap()
             reports = []
@@ -233,9 +237,7 @@ def run_audiences(
                     reports.append(_not_started(audience))
                 else:
                     reports.append(_run_one(syncer, audience, options, progress))
-            if retire and not syncer.stop.is_set():
-                reports.extend(syncer.retire_orphans(force=options.force))
-            return reports
+            return reports + retired
 
 
 def _not_started(audience: ComputationConfig) -> RunReport:

@@ -256,21 +256,8 @@ def rename_problem(
     (``definition_hash``) and the same destinations (unknown for rows older than 0008).
     """
     key = audience.trait_key
-    if connection.execute(select(A.c.id).where(A.c.key == key)).first() is not None:
-        return None
-    configured = {a.trait_key for a in config.computations}
-    digest, destinations = definition_hash(audience), destinations_hash(audience)
-    rows = connection.execute(
-        select(A.c.key, A.c.definition_hash, A.c.destinations_hash)
-        .where(A.c.retired_at.is_(None))
-        .order_by(A.c.key)
-    ).all()
-    for row in rows:
-        if row.key in configured or row.definition_hash != digest:
-            continue
-        if row.destinations_hash not in (None, destinations):
-            continue
-        old = row.key
+    old = renamed_from(connection, config, audience)
+    if old is not None:
         if audience.is_trait_group:
             return (
                 f'trait group "{audience.name}" looks like "{old}" renamed (same source, query '
@@ -284,6 +271,26 @@ def rename_problem(
             f'true at its destinations; set key = "{old}" on it to keep the old key, or run '
             f"`audience-sync retire {_quoted(old)} --send-false` first"
         )
+    return None
+
+
+def renamed_from(connection: Connection, config: Config, audience: ComputationConfig) -> str | None:
+    """The key of the vanished audience ``audience`` looks like a rename of, or None (see
+    ``rename_problem``)."""
+    if connection.execute(select(A.c.id).where(A.c.key == audience.trait_key)).first():
+        return None
+    configured = {a.trait_key for a in config.computations}
+    digest, destinations = definition_hash(audience), destinations_hash(audience)
+    rows = connection.execute(
+        select(A.c.key, A.c.definition_hash, A.c.destinations_hash)
+        .where(A.c.retired_at.is_(None))
+        .order_by(A.c.key)
+    ).all()
+    for row in rows:
+        if row.key in configured or row.definition_hash != digest:
+            continue
+        if row.destinations_hash in (None, destinations):
+            return str(row.key)
     return None
 
 

@@ -9,7 +9,13 @@ from sync.delivery import recover_in_flight
 from sync.errors import AudienceSyncError, LeaseHeldError
 from sync.reports import DestinationReport, RunReport
 from sync.run.context import RunContext
-from sync.run.drift import moved_endpoints, orphans, recorded_destinations, twin_destination
+from sync.run.drift import (
+    moved_endpoints,
+    orphans,
+    recorded_destinations,
+    renamed_from,
+    twin_destination,
+)
 from sync.run.plan import retirement_problem
 from sync.state.audiences import (
     audience_leaving_destination,
@@ -113,6 +119,13 @@ def retire_orphans(context: RunContext, *, force: bool) -> list[RunReport]:
     defaults = context.config.defaults
     with context.engine.connect() as connection:
         found = orphans(connection, context.config)
+        # An orphan a configured computation looks renamed from stays: that run is refused,
+        # naming `key = "old"` as the way to keep the old key's members.
+        renamed = {
+            old: computation
+            for computation in context.config.computations
+            if (old := renamed_from(connection, context.config, computation)) is not None
+        }
         problems = {
             o.key: retirement_problem(
                 connection,
@@ -130,6 +143,18 @@ def retire_orphans(context: RunContext, *, force: bool) -> list[RunReport]:
     reports = []
     for orphan in found:
         problem = problems[orphan.key]
+        successor = renamed.get(orphan.key)
+        if successor is not None:
+            label = "audience" if orphan.kind == "audience" else "trait group"
+            flag = "--send-false" if orphan.kind == "audience" else "--send-null"
+            error = (
+                f'{label} "{orphan.key}" was removed from the config but not retired '
+                f'(on_removed = "retire"): "{successor.trait_key}" looks like it renamed; set '
+                f'key = "{orphan.key}" on "{successor.name}" to keep the key, or run '
+                f"`audience-sync retire {orphan.key} {flag}`"
+            )
+            reports.append(RunReport(orphan.name, orphan.key, "guarded", error=error))
+            continue
         if problem and not force:
             reports.append(RunReport(orphan.name, orphan.key, "guarded", error=problem))
             continue
