@@ -174,7 +174,7 @@ class Syncer:
         with self.engine.begin() as connection:
             audience_id = ensure_audience(connection, audience)
             install = installation_id(connection)
-        lease = self._context.take_lease(audience_id, audience.name, options.wait)
+        lease = self._context.take_lease(audience_id, audience.title, options.wait)
         trigger: RunTrigger = (
             "full" if options.full and options.trigger == "manual" else options.trigger
         )

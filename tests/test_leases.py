@@ -206,3 +206,23 @@ destinations = ["segment"]
         assert all(isinstance(o, RunReport) and o.status == "succeeded" for o in outcomes), [
             getattr(o, "error", o) for o in outcomes
         ]
+
+
+def test_a_busy_trait_group_is_named_a_trait_group(harness: Harness) -> None:
+    """The lease's messages said 'audience "Plans" is being synced by …' of a trait group."""
+    harness.warehouse_sql("CREATE TABLE t (user_id TEXT, plan TEXT)")
+    harness.config_extra = (
+        '[[traits]]\nname = "Plans"\nsource = "warehouse"\nquery = "SELECT * FROM t"\n'
+        'destinations = ["segment"]\n'
+    )
+    config = harness.config()
+    group = next(c for c in config.computations if c.name == "Plans")
+    with harness.engine.begin() as connection:
+        group_id = ensure_audience(connection, group)
+    held = Lease(harness.engine, group_id, group.title, "elsewhere:1:abc", 60.0)
+    held.acquire(0.0)
+    try:
+        with pytest.raises(LeaseHeldError, match=r'^trait group "Plans" is being synced by'):
+            harness.sync_named("Plans")
+    finally:
+        held.release()

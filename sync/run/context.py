@@ -76,15 +76,15 @@ class RunContext:
         )
 
     def take_lease(self, audience_id: int, title: str, wait: float) -> Lease:
-        """The audience's lease, waiting up to ``wait`` seconds (else ``LeaseHeldError``)."""
+        """The audience's lease, waiting up to ``wait`` seconds (else ``LeaseHeldError``);
+        ``title`` names it in messages (``ComputationConfig.title``: 'trait group "Plans"')."""
         lease = Lease(self.engine, audience_id, title, self.owner, self.lease_seconds)
         abandoned = lease.acquire(wait)
         if self.hooks.on_lease is not None:
             self.hooks.on_lease(lease)
         if abandoned:
             logger.warning(
-                'audience "%s": marked %d run(s) abandoned (their process crashed or lost its '
-                "lease)",
+                "%s: marked %d run(s) abandoned (their process crashed or lost its lease)",
                 title,
                 abandoned,
             )

@@ -53,7 +53,8 @@ def retire_audience(
         raise AudienceSyncError(f'"{key}" is a trait group: retire it with --send-null')
     if kind == "audience" and send_null:
         raise AudienceSyncError(f'"{key}" is an audience: retire it with --send-false')
-    lease = context.take_lease(audience_id, title, wait)
+    label = "audience" if kind == "audience" else "trait group"
+    lease = context.take_lease(audience_id, f'{label} "{title}"', wait)
     try:
         send = send_false or send_null
         entries = _send_false(context, lease, audience_id, key, destination) if send else []

@@ -28,7 +28,7 @@ def sweep_audience(context: RunContext, audience: ComputationConfig) -> RunRepor
             return None  # its scheduled run reports it
         install = installation_id(connection)
     try:
-        lease = context.take_lease(audience_id, audience.name, 0.0)
+        lease = context.take_lease(audience_id, audience.title, 0.0)
     except LeaseHeldError:
         return None
     started = time.monotonic()

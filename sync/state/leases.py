@@ -49,13 +49,14 @@ class Lease:
         self,
         engine: Engine,
         audience_id: int,
-        audience_name: str,
+        title: str,
         owner: str,
         seconds: float,
     ) -> None:
         self.engine = engine
         self.audience_id = audience_id
-        self.audience_name = audience_name
+        # How messages name the computation: 'audience "VIP"', 'trait group "Plans"'.
+        self.title = title
         self.seconds = seconds
         # The process id plus a token of this acquisition: a later run of the same process
         # holds a different lease, so this run's writes cannot pass its fence.
@@ -110,7 +111,7 @@ class Lease:
                 continue  # released between our attempt and our look (MariaDB): try again
             since = holder.lease_acquired_at.isoformat(timespec="seconds")
             busy = (
-                f'audience "{self.audience_name}" is being synced by '
+                f"{self.title} is being synced by "
                 f"{_process_of(holder.lease_owner)} since {since}"
             )
             if time.monotonic() >= deadline:
@@ -151,8 +152,8 @@ class Lease:
                 return
             except Exception as exc:  # the state DB may come back before the lease lapses
                 logger.warning(
-                    'audience "%s": could not renew the lease (%s); retrying',
-                    self.audience_name,
+                    '%s: could not renew the lease (%s); retrying',
+                    self.title,
                     " ".join(str(exc).split())[:200],
                 )
 
@@ -197,12 +198,12 @@ class Lease:
             holder = self.taken_over_by
             by = f" by {_process_of(holder)}" if holder else ""
             raise LeaseLostError(
-                f'lost the lease on audience "{self.audience_name}" (it expired and was taken '
+                f"lost the lease on {self.title} (it expired and was taken "
                 f"over{by}); this run stopped without writing or sending more"
             )
         if time.monotonic() + margin >= self._valid_until:
             raise LeaseLostError(
-                f'the lease on audience "{self.audience_name}" expired (its heartbeat could not '
+                f"the lease on {self.title} expired (its heartbeat could not "
                 "renew it in time); this run stopped without sending more"
             )
 
