@@ -62,6 +62,39 @@ def test_a_5xx_after_the_batch_was_applied_leaves_it_in_doubt(
     assert not any(r.in_doubt for r in harness.memberships().values())
 
 
+@pytest.mark.parametrize("then", [401, 404])
+def test_a_batch_that_may_have_been_applied_stays_in_doubt_when_its_retry_is_refused(
+    then: int, harness: Harness, receiver: Receiver
+) -> None:
+    """The gateway applied the batch and answered 502; the retry was refused for good (401,
+    404). The rows were left pending but no longer in doubt, logged `refused`: a member who
+    then left was sent nothing and kept `true` (hostile review)."""
+    members = [f"u{i}" for i in range(6)]
+    harness.set_members(members)
+    answered: list[int] = []
+
+    def gateway(request: Any) -> Scripted:
+        answered.append(1)
+        if len(answered) == 1:
+            receiver._apply(request.body["batch"])
+            return Scripted(502, body="bad gateway")
+        return Scripted(then, body='{"error": "no"}')
+
+    harness.defaults["retry_initial_delay"] = "0.01s"
+    receiver.on_request = gateway
+    assert harness.sync().status == "failed"
+    rows = harness.memberships()
+    assert {row.in_doubt for row in rows.values()} == {True}
+    with harness.engine.connect() as connection:
+        outcomes = connection.exec_driver_sql("SELECT DISTINCT outcome FROM deliveries").all()
+    assert [o for (o,) in outcomes] == ["unknown"]
+    receiver.on_request = None
+    harness.set_members(members[3:])
+    _retry_now(harness)
+    assert harness.sync().status == "succeeded"
+    assert receiver.values(KEY) == {m: m in members[3:] for m in members}
+
+
 @pytest.mark.parametrize(
     ("status", "unknown"),
     [

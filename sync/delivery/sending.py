@@ -127,6 +127,11 @@ class Sender:
                 result = self._splitting(units)
                 result.uncertain = result.uncertain or uncertain
                 return result
+            except PermanentDeliveryError as exc:
+                # Refused for good now (401, 404…), but an earlier attempt may have been
+                # applied (a 5xx, a timeout): the batch stays in doubt.
+                exc.outcome_unknown = exc.outcome_unknown or uncertain
+                raise
             except TransientDeliveryError as exc:
                 uncertain = uncertain or exc.outcome_unknown
                 delay = self.policy.backoff(attempt, exc.retry_after)
