@@ -92,6 +92,9 @@ MIN_CUT_PREFIX = 6
 # Where MySQL/MariaDB quote the SQL after the token they could not parse: the quote may start
 # inside a secret (after a quote character in it).
 _QUOTED = re.compile(r"near '")
+# Where PostgreSQL ("at or near") and SQLite quote the one token they could not parse: after
+# a quote character in a secret, that token is a part of it.
+_TOKEN = re.compile(r'near "([^"\n]+)"')
 # scheme://userinfo@ where the userinfo runs to the LAST "@" before the authority ends: a
 # password with an unencoded "@" must not leak its tail.
 _URL_USERINFO = re.compile(
@@ -176,7 +179,7 @@ class Redactor:
         """``text`` with every secret and URL userinfo replaced."""
         if self._pattern is not None:
             text = self._pattern.sub(REDACTED, text)
-        if self._cuttable and ("..." in text or "…" in text or "near '" in text):
+        if self._cuttable and any(mark in text for mark in ("...", "…", "near '", 'near "')):
             text = self._hide_parts(text)
         return _URL_USERINFO.sub(_hide_userinfo, text)
 
@@ -184,21 +187,30 @@ class Redactor:
         """``text`` with the parts of secrets an excerpt cut hidden: the start of one where a
         cut mark ends it (MariaDB quotes 80 characters of SQL and marks the cut: "…,
         'Kq7xZp2m...") and the end of one where MySQL's ``near '`` quote starts inside it
-        (after a quote character the secret holds). Each looks at most a secret's length
+        (after a quote character the secret holds), or where an excerpt starts with a cut
+        mark (PostgreSQL: "LINE 1: ...mRwLm9Tt' AND"); the token PostgreSQL and SQLite quote
+        as ``near "…"`` when it is a part of a secret. Each looks at most a secret's length
         around its mark (so a secret holding "..." is seen whole)."""
         spans: list[tuple[int, int]] = []
-        for mark in _CUT.finditer(text):
+        cuts = list(_CUT.finditer(text))
+        for mark in cuts:
             before = text[max(0, mark.start() - self._longest) : mark.start()]
             candidates = self._parts.get(before[-MIN_CUT_PREFIX:], ())
             longest = max((_shared_start(before, form) for form in candidates), default=0)
             if longest:
                 spans.append((mark.start() - longest, mark.start()))
-        for near in _QUOTED.finditer(text):
-            after = text[near.end() : near.end() + self._longest]
+        quotes = [m.end() for m in _QUOTED.finditer(text)]
+        for start in quotes + [m.end() for m in cuts]:
+            after = text[start : start + self._longest]
             candidates = self._parts.get(after[:MIN_CUT_PREFIX], ())
             longest = max((_shared_end(after, form) for form in candidates), default=0)
             if longest:
-                spans.append((near.end(), near.end() + longest))
+                spans.append((start, start + longest))
+        for token in _TOKEN.finditer(text):
+            part = token.group(1)
+            candidates = self._parts.get(part[:MIN_CUT_PREFIX], ())
+            if any(part in form for form in candidates):
+                spans.append((token.start(1), token.end(1)))
         if not spans:
             return text
         pieces: list[str] = []

@@ -407,3 +407,26 @@ def test_more_ordinary_variable_names(name: str) -> None:
     from sync.redaction import is_secret_variable
 
     assert not is_secret_variable(name)
+
+
+def test_a_secret_s_part_quoted_by_postgresql_or_sqlite_is_hidden() -> None:
+    """PostgreSQL (`at or near "…"`) and SQLite (`near "…"`) quote the token they could not
+    parse, and PostgreSQL's LINE excerpt may start with "..." inside a secret: after a quote
+    character in a `${…_TOKEN}` value, 11 of its 16 characters showed (hostile review)."""
+    from sync.redaction import Redactor
+
+    secret = "Kq7x'Zp2mRwLm9Tt"
+    hide = Redactor([secret])
+    postgres = (
+        'syntax error at or near "Zp2mRwLm9Tt"\n'
+        f"LINE 1: SELECT user_id FROM members WHERE org = '{secret}' A...\n"
+    )
+    assert hide.redact(postgres) == (
+        'syntax error at or near "***"\nLINE 1: SELECT user_id FROM members WHERE org = '
+        "'***' A...\n"
+    )
+    assert hide.redact('near "Zp2mRwLm9Tt": syntax error') == 'near "***": syntax error'
+    assert hide.redact("LINE 1: ...2mRwLm9Tt' AND x = 1") == "LINE 1: ...***' AND x = 1"
+    # Ordinary tokens and excerpts stay.
+    assert hide.redact('syntax error at or near "SELECT"') == 'syntax error at or near "SELECT"'
+    assert hide.redact("LINE 1: ...members WHERE") == "LINE 1: ...members WHERE"
