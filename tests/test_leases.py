@@ -226,3 +226,57 @@ def test_a_busy_trait_group_is_named_a_trait_group(harness: Harness) -> None:
             harness.sync_named("Plans")
     finally:
         held.release()
+
+
+def test_a_holder_stalled_in_an_acknowledgement_does_not_block_its_successor(
+    harness: Harness, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run freezes (a stopped process, a host cut off from the state DB) inside a batch's
+    acknowledgement transaction, after its UPDATE, before its fence and commit. Its lease
+    expires and a second run takes it over: that run waited on the frozen transaction's row
+    locks for as long as it stayed frozen (PostgreSQL: for ever; MariaDB: the lock wait
+    timeout, then `failed`). A delivery's write transaction may now stay idle no longer than
+    the lease lives: the server ends it and its locks go (hostile review)."""
+    if harness.engine.dialect.name == "sqlite":
+        pytest.skip("SQLite: a frozen writer holds the one write lock (README: Guarantees)")
+    harness.set_members(MEMBERS)
+    config = harness.config()
+    stalled: list[Lease] = []
+    frozen, freeze = threading.Event(), threading.Event()
+    fence = Lease.fence
+
+    def frozen_fence(self: Lease, connection: Any) -> None:
+        delivering = threading.current_thread().name.startswith(("deliver", "record"))
+        if stalled and self is stalled[0] and delivering and not frozen.is_set():
+            self.heartbeat_paused.set()
+            frozen.set()
+            freeze.wait(60)  # frozen with the acknowledgement's row locks held
+        fence(self, connection)
+
+    monkeypatch.setattr(Lease, "fence", frozen_fence)
+    first = Syncer(config, harness.engine, hooks=RunHooks(on_lease=stalled.append))
+    first.lease_seconds = 1.0
+    first_run, first_outcome = _start_in_thread(first, harness)
+    try:
+        wait_for(frozen.is_set, 20, "the first run frozen in an acknowledgement")
+        taken = _lease_expires_at(harness)
+        wait_for(
+            lambda: clock.local_now() > taken + timedelta(seconds=0.5), 10, "the lease's expiry"
+        )
+        second = Syncer(config, harness.engine)
+        second.lease_seconds = 1.0
+        second_run, second_outcome = _start_in_thread(second, harness)
+        second_run.join(20)  # the frozen run stays frozen for up to 60 s
+        finished = not second_run.is_alive()
+    finally:
+        freeze.set()
+        first_run.join(30)
+    assert finished, "the successor waited on the frozen run's transaction"
+    report = second_outcome[0]
+    assert isinstance(report, RunReport) and report.status == "succeeded", second_outcome
+    assert Counter(m["userId"] for m in receiver.messages()) >= Counter(MEMBERS)
+    assert all(row.status == "in_sync" for row in harness.memberships().values())
+    # The frozen run, thawed, could not commit its acknowledgement over the successor's.
+    assert first_outcome and not (
+        isinstance(first_outcome[0], RunReport) and first_outcome[0].status == "succeeded"
+    ), first_outcome

@@ -41,6 +41,7 @@ from sqlalchemy import (
 from sync.clock import StateClock, state_now
 from sync.delivery.batches import BatchResult, Unit
 from sync.redaction import redactor
+from sync.state.db import idle_transaction_limit
 from sync.state.leases import Lease
 from sync.state.memberships import pending_condition
 from sync.state.tables import DELIVERIES, DELIVERY_PROGRESS, MEMBERSHIPS, DeliveryOutcome
@@ -436,6 +437,9 @@ class Ledger:
             connection = self._local.connection = self.engine.connect()
             with self._lock:
                 self._connections.append(connection)
+            if self.lease is not None:
+                # A transaction left idle longer than the lease is a frozen process's.
+                idle_transaction_limit(connection, self.lease.seconds)
         mutex = None if locked else self._write_lock
         with mutex or contextlib.nullcontext(), connection.begin():
             yield connection
@@ -443,8 +447,15 @@ class Ledger:
                 self.lease.fence(connection)
 
     def close(self) -> None:
-        """Close the threads' connections; only once no thread uses them any more."""
+        """Close the threads' connections (back to the pool with the server's idle limit
+        again); only once no thread uses them any more."""
         for connection in self._connections:
+            if self.lease is not None and not connection.invalidated:
+                try:
+                    connection.rollback()
+                    idle_transaction_limit(connection, None)
+                except Exception:  # ended by the server (a frozen run's): never pooled again
+                    connection.invalidate()
             connection.close()
 
     def now(self) -> datetime:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import Iterator
@@ -442,3 +443,26 @@ def insert_ignoring_duplicates(connection: Connection, table: Table = STAGED) ->
     if dialect in ("mysql", "mariadb"):
         return insert(table).prefix_with("IGNORE")
     return insert(table).prefix_with("OR IGNORE")
+
+
+def idle_transaction_limit(connection: Connection, seconds: float | None) -> None:
+    """Let the server end this session's transactions once they stay idle longer than
+    ``seconds`` (None: the server's default again), committing the setting.
+
+    For the connections that write a delivery's outcomes, with the lease's life: a process
+    frozen (stopped, paged out, cut off from the server) inside such a transaction holds
+    row locks its successor, which took the expired lease over, would wait on for as long as
+    the freeze lasts (PostgreSQL: for ever; MariaDB: its lock wait timeout, then fail). The
+    frozen process cannot commit anyway (its fence fails). PostgreSQL's
+    ``idle_in_transaction_session_timeout``, MariaDB's ``idle_transaction_timeout``; MySQL
+    and SQLite have no such setting (a frozen SQLite writer holds the one write lock)."""
+    dialect = connection.dialect
+    if dialect.name == "postgresql":
+        value = "DEFAULT" if seconds is None else str(max(1, round(seconds * 1000)))
+        connection.exec_driver_sql(f"SET idle_in_transaction_session_timeout = {value}")
+    elif getattr(dialect, "is_mariadb", False):
+        value = "DEFAULT" if seconds is None else str(max(1, math.ceil(seconds)))
+        connection.exec_driver_sql(f"SET SESSION idle_transaction_timeout = {value}")
+    else:
+        return
+    connection.commit()
