@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
 
@@ -447,6 +448,49 @@ def test_a_renamed_destination_is_not_sent_false_through_its_old_name(
     code, output = invoke(config, "retire", KEY, "--destination", "old")
     assert code == 0, output
     assert (KEY, "old") not in states(config) and states(config)[(KEY, "new")]["members"] == 2
+
+
+def _last_values(out: Path) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+    for line in out.read_text().splitlines():
+        message = json.loads(line)
+        last[message["userId"]] = message["traits"][KEY]
+    return last
+
+
+@pytest.mark.parametrize("new_name_synced_first", [True, False])
+def test_retiring_a_renamed_destination_hands_what_it_delivered_to_the_new_name(
+    new_name_synced_first: bool, harness: Harness, tmp_path: Path
+) -> None:
+    """A member who left while its destination was renamed: the new name never had it, the
+    retire the warning advises forgot the old name's `true`, and `--send-false` is refused (it
+    would undo the new name's values): the member kept `true` at the destination for good
+    (hostile review). Retiring the old name of a renamed destination now hands what it
+    delivered to the new name: the leaver gets its `false`, and members the new name had not
+    sent anything yet are not sent their `true` again."""
+    out = tmp_path / "out.jsonl"
+    harness.destinations["old"] = {"type": "file", "path": str(out)}
+    harness.audience["destinations"] = ["old"]
+    harness.set_members(["a", "b", "gone"])
+    assert invoke(harness.write_config(), "sync")[0] == 0
+    harness.set_members(["a", "b"])  # "gone" leaves at the time of the rename
+    harness.destinations["new"] = {"type": "file", "path": str(out)}
+    harness.audience["destinations"] = ["new"]
+    config = harness.write_config()
+    if new_name_synced_first:
+        assert invoke(config, "sync")[0] == 0  # the new name sends a and b their true
+    code, output = invoke(config, "retire", KEY, "--destination", "old")
+    assert code == 0, output
+    handed = 1 if new_name_synced_first else 3
+    assert lines_with(output, '"old"', '"new"', f"{handed} member(s)"), output
+    before = len(out.read_text().splitlines())
+    code, output = invoke(config, "sync")
+    assert code == 0, output
+    sent = [json.loads(line) for line in out.read_text().splitlines()[before:]]
+    assert [(m["userId"], m["traits"][KEY]) for m in sent] == [("gone", False)]
+    assert _last_values(out) == {"a": True, "b": True, "gone": False}
+    assert (KEY, "old") not in states(config)
+    assert states(config)[(KEY, "new")]["pending"] == 0
 
 
 def test_segment_destinations_with_different_write_keys_are_two_places() -> None:

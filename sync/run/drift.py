@@ -394,7 +394,7 @@ def drift_warnings(connection: Connection, config: Config, *, warn_orphans: bool
             lines.append(
                 f'{label} "{key}" no longer lists destination "{name}", which delivers where '
                 f'"{twin}" does (a renamed destination?); run `audience-sync retire '
-                f"{_quoted(key)} --destination {_quoted(name)}` to forget its rows there"
+                f"{_quoted(key)} --destination {_quoted(name)}` to hand its rows to \"{twin}\""
             )
             continue
         lines.append(

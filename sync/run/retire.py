@@ -5,6 +5,8 @@ audience's lease, through the same delivery as a run."""
 
 from __future__ import annotations
 
+import logging
+
 from sync.delivery import recover_in_flight
 from sync.errors import AudienceSyncError, LeaseHeldError
 from sync.reports import DestinationReport, RunReport
@@ -28,6 +30,8 @@ from sync.state.audiences import (
 from sync.state.db import installation_id
 from sync.state.leases import Lease
 from sync.state.memberships import count_status, mark_all_exited, pending_in
+
+logger = logging.getLogger("sync.retire")
 
 
 def retire_audience(
@@ -54,6 +58,7 @@ def retire_audience(
     if kind == "audience" and send_null:
         raise AudienceSyncError(f'"{key}" is an audience: retire it with --send-false')
     label = "audience" if kind == "audience" else "trait group"
+    label_title = f'{label} "{key}"'
     lease = context.take_lease(audience_id, f'{label} "{title}"', wait)
     try:
         send = send_false or send_null
@@ -61,7 +66,20 @@ def retire_audience(
         if destination is None:
             mark_retired(context.engine, audience_id)
         else:
-            forget_destination(context.engine, audience_id, destination)
+            heir = twin_destination(context.config, key, destination)
+            handed = forget_destination(context.engine, audience_id, destination, heir)
+            if heir is not None:
+                logger.warning(
+                    '%s: destination "%s" delivers where "%s" does: %d member(s) recorded at '
+                    '"%s" are now recorded at "%s" (its next sync sends those who left %s)',
+                    label_title,
+                    destination,
+                    heir,
+                    handed,
+                    destination,
+                    heir,
+                    "their false" if kind == "audience" else "their nulls",
+                )
     finally:
         lease.release()
     return entries
@@ -90,7 +108,8 @@ def _send_false(
             raise AudienceSyncError(
                 f'{label} "{key}": destination "{destination}" delivers where "{twin}", which '
                 f"it still lists, does: {what} there would undo what \"{twin}\" holds; retire "
-                f"without {flag} to forget its rows at \"{destination}\""
+                f"without {flag}: its rows are handed to \"{twin}\", which sends those who "
+                f"left their {what}"
             )
         moved = moved_endpoints(connection, context.config, audience_id, names)
         if moved:

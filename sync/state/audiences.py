@@ -11,6 +11,7 @@ from sqlalchemy import Connection, Engine, Row, delete, select, update
 from sync.config import ComputationConfig, Config
 from sync.errors import AudienceSyncError, UnknownAudienceError
 from sync.state.db import insert_ignoring_duplicates
+from sync.state.memberships import adopt_destination
 from sync.state.tables import AUDIENCES as A
 from sync.state.tables import DELIVERY_PROGRESS as P
 from sync.state.tables import DESTINATION_ENDPOINTS as E
@@ -167,15 +168,21 @@ def audience_leaving_destination(
     return audience_id, key
 
 
-def forget_destination(engine: Engine, audience_id: int, destination: str) -> None:
-    """Delete what the state DB knows of an audience at a destination it left."""
+def forget_destination(
+    engine: Engine, audience_id: int, destination: str, heir: str | None = None
+) -> int:
+    """Delete what the state DB knows of an audience at a destination it left; with ``heir``
+    (the destination's new name: same place), first hand what it delivered there to the heir
+    (``adopt_destination``). Returns how many of the heir's rows that added or completed."""
     with engine.begin() as connection:
+        handed = adopt_destination(connection, audience_id, destination, heir) if heir else 0
         for table in (M, P, E):
             connection.execute(
                 delete(table).where(
                     table.c.audience_id == audience_id, table.c.destination == destination
                 )
             )
+    return handed
 
 
 def mark_retired(engine: Engine, audience_id: int) -> None:

@@ -185,3 +185,52 @@ def mark_all_exited(
     )
     rows = connection.execute(select(M.c.destination).where(*scope).distinct())
     return sorted(rows.scalars())
+
+
+def adopt_destination(connection: Connection, audience_id: int, old: str, new: str) -> int:
+    """Hand what an audience's rows at ``old`` know the destination holds to ``new``, which
+    delivers to the same place under another name (a renamed destination), before ``old``'s
+    rows are forgotten; return how many rows of ``new`` this added or completed.
+
+    A member ``new`` has no row for (one who left around the rename: ``new`` never planned
+    it) gets ``old``'s row as it stands, so ``new``'s next plan sends it its ``false`` as
+    ``old``'s would have; a row of ``new`` that never had anything acknowledged takes what
+    ``old`` had (the destination holds it; in doubt stays in doubt). Rows ``new`` delivered
+    itself keep theirs."""
+    o = M.alias("o")
+    at_old = and_(o.c.audience_id == audience_id, o.c.destination == old)
+    at_new = and_(M.c.audience_id == audience_id, M.c.destination == new)
+    same_member = and_(o.c.id_kind == M.c.id_kind, o.c.member_id == M.c.member_id)
+    # Rows of `new` that never got an acknowledgement: what `old` got there is there.
+    completed = connection.execute(
+        update(M)
+        .where(
+            at_new,
+            at_old,
+            same_member,
+            M.c.synced_value.is_(None),
+            or_(o.c.synced_value.is_not(None), o.c.in_doubt == true()),
+        )
+        .values(synced_value=o.c.synced_value, in_doubt=or_(M.c.in_doubt, o.c.in_doubt))
+    ).rowcount
+    if completed:
+        connection.execute(
+            update(M)
+            .where(at_new, M.c.status.in_(("pending", "in_sync")))
+            .values(status=status_after_change(None, differs(M.c.value, M.c.desired)))
+        )
+    # Members only `old` has: its rows, under the new name (a derived table: MariaDB reads the
+    # table it inserts into only so).
+    columns = [c.name for c in M.columns]
+    rows = (
+        select(*[literal(new).label(c) if c == "destination" else o.c[c] for c in columns])
+        .where(
+            at_old,
+            ~select(M.c.member_id).where(at_new, same_member).exists(),
+        )
+        .subquery("moving")
+    )
+    added = connection.execute(select(func.count()).select_from(rows)).scalar_one()
+    if added:  # (an INSERT … SELECT's row count is -1 on SQLite)
+        connection.execute(M.insert().from_select(columns, select(*[rows.c[c] for c in columns])))
+    return int(completed) + int(added)
