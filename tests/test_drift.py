@@ -270,6 +270,24 @@ def test_a_dropped_destination_is_warned_about_and_retired_with_send_false(
     assert receiver.state[("a", KEY)] is True  # the other destination is untouched
 
 
+def test_a_dropped_destination_at_a_listed_one_s_endpoint_warns_about_a_rotated_key(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """A destination replaced by one at the same endpoint with another write key is another
+    source or the same one with a rotated key: the warning advised --send-false, which through
+    a rotated key's old name sent every member false where the new name had sent true
+    (hostile review). The warning now says when not to."""
+    harness.destinations["fresh"] = {**harness.destinations["segment"], "write_key": "k2"}
+    harness.set_members(["a", "b"])
+    assert invoke(harness.write_config(), "sync")[0] == 0
+    harness.audience["destinations"] = ["fresh"]
+    code, output = invoke(harness.write_config(), "sync", "--dry-run")
+    assert code == 0, output
+    (warning,) = lines_with(output, f'"{KEY}"', '"segment"', "--send-false")
+    assert 'endpoint of "fresh"' in warning and "rotated key" in warning, warning
+    assert "without --send-false" in warning, warning
+
+
 def test_retiring_at_a_moved_endpoint_is_refused(harness: Harness, tmp_path: Path) -> None:
     """`false` sent to a destination's new endpoint would leave the old one holding `true`
     with nothing left to say so: both retire paths refuse, naming the destination."""

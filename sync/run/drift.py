@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -155,6 +156,17 @@ def _url_credentials(settings: DestinationSettings) -> tuple[str, list[tuple[str
 def twin_destination(config: Config, key: str, dropped: str) -> str | None:
     """A destination the computation ``key`` still lists that delivers where ``dropped`` (a
     destination it no longer lists, still configured) does: the destination was renamed."""
+    return _listed_like(config, key, dropped, same_place)
+
+
+def _listed_like(
+    config: Config,
+    key: str,
+    dropped: str,
+    alike: Callable[[DestinationSettings, DestinationSettings], bool],
+) -> str | None:
+    """The first destination the computation ``key`` still lists that is ``alike`` the
+    configured destination ``dropped``, which it no longer lists."""
     computation = next((c for c in config.computations if c.trait_key == key), None)
     settings = config.destinations.get(dropped)
     if computation is None or settings is None:
@@ -165,7 +177,7 @@ def twin_destination(config: Config, key: str, dropped: str) -> str | None:
             for name in computation.destinations
             if name != dropped
             and name in config.destinations
-            and same_place(config.destinations[name], settings)
+            and alike(config.destinations[name], settings)
         ),
         None,
     )
@@ -394,15 +406,32 @@ def drift_warnings(connection: Connection, config: Config, *, warn_orphans: bool
             lines.append(
                 f'{label} "{key}" no longer lists destination "{name}", which delivers where '
                 f'"{twin}" does (a renamed destination?); run `audience-sync retire '
-                f"{_quoted(key)} --destination {_quoted(name)}` to hand its rows to \"{twin}\""
+                f'{_quoted(key)} --destination {_quoted(name)}` to hand its rows to "{twin}"'
             )
             continue
-        lines.append(
+        line = (
             f'{label} "{key}" no longer lists destination "{name}", which still holds its '
             f"values; run `audience-sync retire {_quoted(key)} --destination {_quoted(name)} "
             f"{flag}`"
         )
+        if sibling := _sibling_destination(config, key, name):
+            # Another source or tenant at one endpoint, or the same one with a rotated key:
+            # only the operator knows, and the flag would undo the sibling's values if it is.
+            line += (
+                f'; but "{name}" has the endpoint of "{sibling}" with other credentials: if '
+                f'"{sibling}" is "{name}" with a rotated key, run it without {flag} ({flag} '
+                f'would reach the members "{sibling}" sent their values)'
+            )
+        lines.append(line)
     return lines
+
+
+def _sibling_destination(config: Config, key: str, dropped: str) -> str | None:
+    """A destination the computation ``key`` still lists at the endpoint of ``dropped`` (a
+    destination it no longer lists, still configured) with other credentials."""
+    return _listed_like(
+        config, key, dropped, lambda one, other: endpoint_text(one) == endpoint_text(other)
+    )
 
 
 def warn_about_drift(engine: Engine, config: Config, *, warn_orphans: bool) -> None:
