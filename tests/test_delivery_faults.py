@@ -95,6 +95,45 @@ def test_a_batch_that_may_have_been_applied_stays_in_doubt_when_its_retry_is_ref
     assert receiver.values(KEY) == {m: m in members[3:] for m in members}
 
 
+def test_a_split_half_applied_before_the_other_is_refused_for_good_is_acknowledged(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """A rejected batch is split; its first half is applied (200), the second refused for good
+    (401). The whole batch was left as not sent and not in doubt, logged `refused`: a member of
+    the applied half who then left was sent nothing and kept `true` (second hostile review)."""
+    members = ["u0", "u1", "u2", "u3"]
+    harness.set_members(members)
+    answered: list[int] = []
+
+    def script(request: Any) -> Scripted | None:
+        answered.append(1)
+        if len(answered) == 1:
+            return Scripted(400, body='{"error": "bad batch"}')
+        if [m["userId"] for m in request.body["batch"]] == ["u0", "u1"]:
+            return None  # applied, 200
+        return Scripted(401, body='{"error": "revoked"}')
+
+    receiver.on_request = script
+    assert harness.sync().status == "failed"
+    assert receiver.values(KEY) == {"u0": True, "u1": True}
+    rows = harness.memberships()
+    assert {m: rows[m].synced_value for m in members} == {
+        "u0": "true", "u1": "true", "u2": None, "u3": None
+    }
+    with harness.engine.connect() as connection:
+        outcomes = dict(
+            connection.exec_driver_sql("SELECT member_id, outcome FROM deliveries").all()
+        )
+    assert outcomes == {
+        "u0": "acknowledged", "u1": "acknowledged", "u2": "refused", "u3": "refused"
+    }
+    receiver.on_request = None
+    harness.set_members(["u1", "u2", "u3"])
+    _retry_now(harness)
+    assert harness.sync().status == "succeeded"
+    assert receiver.values(KEY) == {"u0": False, "u1": True, "u2": True, "u3": True}
+
+
 @pytest.mark.parametrize(
     ("status", "unknown"),
     [

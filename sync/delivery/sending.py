@@ -110,14 +110,8 @@ class Sender:
 
     def send(self, units: list[Unit]) -> BatchResult:
         """Send one batch; every unit ends delivered, rejected or left. A fatal error (bad
-        credentials, an unwritable file) leaves the whole batch, with ``fatal`` set."""
-        try:
-            return self._with_retries(units)
-        except PermanentDeliveryError as exc:
-            # Units an earlier split delivered are left too: resent with the same messageId.
-            return BatchResult(
-                left=units, left_reason=str(exc), uncertain=exc.outcome_unknown, fatal=str(exc)
-            )
+        credentials, an unwritable file) leaves what was not delivered, with ``fatal`` set."""
+        return self._or_fatal(units)
 
     def _with_retries(self, units: list[Unit]) -> BatchResult:
         attempt = 0
@@ -185,8 +179,11 @@ class Sender:
                 )
                 return BatchResult(rejected=[(units[0], str(exc))])
             middle = len(units) // 2
-            first = self._with_retries(units[:middle])
-            second = self._with_retries(units[middle:])
+            first = self._or_fatal(units[:middle])
+            if first.fatal:  # the second half is not sent
+                first.left += units[middle:]
+                return first
+            second = self._or_fatal(units[middle:])
             return BatchResult(
                 delivered=first.delivered + second.delivered,
                 rejected=first.rejected + second.rejected,
@@ -194,5 +191,17 @@ class Sender:
                 left_reason=first.left_reason or second.left_reason,
                 retry_delay=max(first.retry_delay, second.retry_delay),
                 uncertain=first.uncertain or second.uncertain,
+                fatal=second.fatal,
             )
         return BatchResult(delivered=list(units))
+
+    def _or_fatal(self, units: list[Unit]) -> BatchResult:
+        """``_with_retries``, with a fatal error (401/403, 404…) as a result that leaves these
+        units: in a split batch, what the other half delivered stays delivered (its members
+        hold the value; the acknowledgement records it)."""
+        try:
+            return self._with_retries(units)
+        except PermanentDeliveryError as exc:
+            return BatchResult(
+                left=units, left_reason=str(exc), uncertain=exc.outcome_unknown, fatal=str(exc)
+            )
