@@ -350,6 +350,9 @@ class Daemon:
         heartbeat.start()  # the daemon's row first: its runs may start at once
         self._heartbeat = heartbeat
         try:
+            # Orphans before the first runs: their false or nulls go before a computation
+            # takes over their names (then at every sweep).
+            self._retire_removed_safely()
             scheduler.start()
             heartbeat.wake()  # write the scheduler's next runs now
             self.monitor = self.start_monitor()

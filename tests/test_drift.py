@@ -124,6 +124,29 @@ def test_on_removed_retire_does_not_retire_what_a_refused_rename_still_needs(
     assert states(config)[(KEY, "segment")]["state"] == "active"
 
 
+def test_on_removed_retire_keeps_every_copy_renamed_at_once(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """Two audiences of one definition renamed in one edit: both new names matched the first
+    old key only, so the second old key was retired with false sent to every member (second
+    hostile review)."""
+    harness.defaults.update(on_removed="retire")
+    harness.set_members(["a", "b"])
+    copy = '[[audiences]]\nname = "{name}"\nsource = "warehouse"\nquery = "{query}"\n'
+    query = harness.audience["query"]
+    harness.config_extra = copy.format(name="Copy", query=query) + (
+        'traits = ["email"]\ndestinations = ["segment"]\n'
+    )
+    assert invoke(harness.write_config(), "sync")[0] == 0
+    receiver.reset()
+    harness.audience["name"] = "Renamed One"
+    harness.config_extra = harness.config_extra.replace('"Copy"', '"Renamed Copy"')
+    code, output = invoke(harness.write_config(), "sync")
+    assert code == 1, output
+    assert receiver.messages() == []
+    assert lines_with(output, '"copy"', "not retired"), output
+
+
 def test_a_new_audience_unlike_any_removed_one_is_not_a_rename(
     harness: Harness, receiver: Receiver
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -690,6 +691,40 @@ def test_on_removed_retire_frees_a_removed_group_s_traits_before_the_new_group_r
     plans = [m["traits"]["plan"] for m in receiver.messages() if "plan" in m["traits"]]
     assert plans == [None, "PRO"]
     assert receiver.state[("u1", "plan")] == "PRO"
+
+
+def test_the_daemon_retires_a_removed_group_before_its_successor_first_runs(
+    harness: Harness, receiver: Receiver, tmp_path: Path
+) -> None:
+    """The daemon ran every computation at start and retired orphans at its first sweep only:
+    the group taking over a removed group's trait names failed at start, the old group's nulls
+    went out at the sweep, and the new values waited for the next schedule (an hour here),
+    the destination holding null meanwhile (second hostile review)."""
+    import signal
+
+    from tests.processes import spawn, wait_for
+
+    harness.defaults.update(on_removed="retire", schedule="1h")
+    harness.warehouse_sql("CREATE TABLE t (user_id TEXT, plan TEXT)")
+    harness.warehouse_sql("INSERT INTO t VALUES ('u1', 'pro')")
+    harness.config_extra = (
+        '[[traits]]\nname = "G1"\nsource = "warehouse"\nquery = "SELECT * FROM t"\n'
+        'destinations = ["segment"]\n'
+    )
+    assert harness.sync_named("G1").status == "succeeded"
+    harness.config_extra = (
+        '[daemon]\nhttp = ""\n'
+        '[[traits]]\nname = "G2"\nsource = "warehouse"\n'
+        'query = "SELECT user_id, upper(plan) AS plan FROM t"\ndestinations = ["segment"]\n'
+    )
+    daemon = spawn(harness.write_config(), "run", log=tmp_path / "daemon.log")
+    try:
+        wait_for(lambda: receiver.state.get(("u1", "plan")) == "PRO", 30, "the new group's value")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=40)
+    plans = [m["traits"]["plan"] for m in receiver.messages() if "plan" in m["traits"]]
+    assert plans == ["pro", None, "PRO"], plans
 
 
 def test_a_group_s_dry_run_reads_who_holds_a_name_from_the_state_db(

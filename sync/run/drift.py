@@ -289,8 +289,16 @@ def rename_problem(
 def renamed_from(connection: Connection, config: Config, audience: ComputationConfig) -> str | None:
     """The key of the vanished audience ``audience`` looks like a rename of, or None (see
     ``rename_problem``)."""
+    return next(iter(rename_sources(connection, config, audience)), None)
+
+
+def rename_sources(
+    connection: Connection, config: Config, audience: ComputationConfig
+) -> list[str]:
+    """The keys of every vanished audience ``audience`` looks like a rename of, in key order
+    (two copies of one definition renamed in one edit both match each new name)."""
     if connection.execute(select(A.c.id).where(A.c.key == audience.trait_key)).first():
-        return None
+        return []
     configured = {a.trait_key for a in config.computations}
     digest, destinations = definition_hash(audience), destinations_hash(audience)
     rows = connection.execute(
@@ -298,12 +306,13 @@ def renamed_from(connection: Connection, config: Config, audience: ComputationCo
         .where(A.c.retired_at.is_(None))
         .order_by(A.c.key)
     ).all()
-    for row in rows:
-        if row.key in configured or row.definition_hash != digest:
-            continue
-        if row.destinations_hash in (None, destinations):
-            return str(row.key)
-    return None
+    return [
+        str(row.key)
+        for row in rows
+        if row.key not in configured
+        and row.definition_hash == digest
+        and row.destinations_hash in (None, destinations)
+    ]
 
 
 def drift_problem(

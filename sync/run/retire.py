@@ -15,7 +15,7 @@ from sync.run.drift import (
     moved_endpoints,
     orphans,
     recorded_destinations,
-    renamed_from,
+    rename_sources,
     twin_destination,
 )
 from sync.run.plan import retirement_problem
@@ -107,8 +107,8 @@ def _send_false(
         if twin is not None:
             raise AudienceSyncError(
                 f'{label} "{key}": destination "{destination}" delivers where "{twin}", which '
-                f"it still lists, does: {what} there would undo what \"{twin}\" holds; retire "
-                f"without {flag}: its rows are handed to \"{twin}\", which sends those who "
+                f'it still lists, does: {what} there would undo what "{twin}" holds; retire '
+                f'without {flag}: its rows are handed to "{twin}", which sends those who '
                 f"left their {what}"
             )
         moved = moved_endpoints(connection, context.config, audience_id, names)
@@ -144,7 +144,7 @@ def retire_orphans(context: RunContext, *, force: bool) -> list[RunReport]:
         renamed = {
             old: computation
             for computation in context.config.computations
-            if (old := renamed_from(connection, context.config, computation)) is not None
+            for old in rename_sources(connection, context.config, computation)
         }
         problems = {
             o.key: retirement_problem(
