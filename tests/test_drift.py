@@ -534,6 +534,40 @@ def test_retiring_a_renamed_destination_hands_what_it_delivered_to_the_new_name(
     assert states(config)[(KEY, "new")]["pending"] == 0
 
 
+def test_a_renamed_destination_s_unfinished_delivery_is_handed_over_in_doubt(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A delivery to the old name crashed after the destination took the batch (its progress
+    row says rows may be there); the destination was renamed and a member left: the retire
+    handed the rows over as settled and deleted the progress row, so the leaver never got its
+    `false` (second hostile review)."""
+    from sync.delivery.sending import DeliveryHooks
+    from sync.run.context import RunHooks
+
+    out = tmp_path / "out.jsonl"
+    harness.destinations["old"] = {"type": "file", "path": str(out)}
+    harness.audience["destinations"] = ["old"]
+    harness.set_members(["a", "gone"])
+
+    def crash() -> None:
+        raise RuntimeError("killed after the destination took the batch")
+
+    harness.hooks = RunHooks(delivery=DeliveryHooks(after_send=crash))
+    harness.sync()
+    harness.hooks = RunHooks()
+    assert _last_values(out) == {"a": True, "gone": True}
+    assert not any(row.synced_value for row in harness.memberships("old").values())
+    harness.set_members(["a"])
+    harness.destinations["new"] = {"type": "file", "path": str(out)}
+    harness.audience["destinations"] = ["new"]
+    config = harness.write_config()
+    code, output = invoke(config, "retire", KEY, "--destination", "old")
+    assert code == 0, output
+    code, output = invoke(config, "sync")
+    assert code == 0, output
+    assert _last_values(out) == {"a": True, "gone": False}
+
+
 def test_segment_destinations_with_different_write_keys_are_two_places() -> None:
     from sync.config import parse_config
     from sync.run.drift import same_place

@@ -67,6 +67,12 @@ def retire_audience(
             mark_retired(context.engine, audience_id)
         else:
             heir = twin_destination(context.config, key, destination)
+            if heir is not None:
+                # What an unfinished delivery there may have handed over is in doubt: handed
+                # over so, the heir resends it.
+                with context.engine.begin() as connection:
+                    lease.fence(connection)
+                    recover_in_flight(connection, audience_id, destination)
             handed = forget_destination(context.engine, audience_id, destination, heir)
             if heir is not None:
                 logger.warning(
