@@ -92,9 +92,11 @@ MIN_CUT_PREFIX = 6
 # Where MySQL/MariaDB quote the SQL after the token they could not parse: the quote may start
 # inside a secret (after a quote character in it).
 _QUOTED = re.compile(r"near '")
-# Where PostgreSQL ("at or near") and SQLite quote the one token they could not parse: after
-# a quote character in a secret, that token is a part of it.
-_TOKEN = re.compile(r'near "([^"\n]+)"')
+# Where PostgreSQL ("at or near") and SQLite ("near", "unrecognized token:") quote the one
+# token they could not parse: after a quote character in a secret, that token is a part of it.
+_TOKEN = re.compile(r'(?:near|token:) "([^"\n]+)"')
+# Texts holding none of these need no look for cut or quoted parts of secrets.
+_MARKS = ("...", "…", "near '", 'near "', 'token: "')
 # scheme://userinfo@ where the userinfo runs to the LAST "@" before the authority ends: a
 # password with an unencoded "@" must not leak its tail.
 _URL_USERINFO = re.compile(
@@ -134,17 +136,23 @@ def _shared_start(text: str, secret: str) -> int:
 
 
 def _shared_end(text: str, secret: str) -> int:
-    """The length of the longest end of ``secret`` (at least ``MIN_CUT_PREFIX`` characters,
-    shorter than all of it) that ``text`` starts with; 0 if none."""
+    """The length of the longest part of ``secret`` (at least ``MIN_CUT_PREFIX`` characters,
+    not its start) that ``text`` starts with and that runs to the secret's end or to a cut
+    mark in ``text`` (an excerpt cut on both sides inside it); 0 if none."""
     head = text[:MIN_CUT_PREFIX]
     if len(head) < MIN_CUT_PREFIX:
         return 0
+    best = 0
     at = secret.find(head, 1)
     while at >= 0:
-        if text.startswith(secret[at:]):
-            return len(secret) - at
+        run = MIN_CUT_PREFIX
+        limit = min(len(text), len(secret) - at)
+        while run < limit and text[run] == secret[at + run]:
+            run += 1
+        if at + run == len(secret) or _CUT.match(text, run):
+            best = max(best, run)
         at = secret.find(head, at + 1)
-    return 0
+    return best
 
 
 class Redactor:
@@ -179,7 +187,7 @@ class Redactor:
         """``text`` with every secret and URL userinfo replaced."""
         if self._pattern is not None:
             text = self._pattern.sub(REDACTED, text)
-        if self._cuttable and any(mark in text for mark in ("...", "…", "near '", 'near "')):
+        if self._cuttable and any(mark in text for mark in _MARKS):
             text = self._hide_parts(text)
         return _URL_USERINFO.sub(_hide_userinfo, text)
 

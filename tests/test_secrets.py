@@ -430,3 +430,23 @@ def test_a_secret_s_part_quoted_by_postgresql_or_sqlite_is_hidden() -> None:
     # Ordinary tokens and excerpts stay.
     assert hide.redact('syntax error at or near "SELECT"') == 'syntax error at or near "SELECT"'
     assert hide.redact("LINE 1: ...members WHERE") == "LINE 1: ...members WHERE"
+
+
+def test_a_secret_s_middle_quoted_by_sqlite_or_cut_on_both_sides_is_hidden() -> None:
+    """SQLite says `unrecognized token: "…"` when a digit follows the quote in a secret; MariaDB
+    quotes at most ~80 characters after the token it could not parse and marks the cut, so in
+    a long secret its quote starts and ends inside it (second hostile review: the rest of the
+    secret, or 77 characters of it, showed)."""
+    from sync.redaction import Redactor
+
+    secret = "Kq7x'9Zp2mRwLm9Tt"
+    text = 'query failed on source "wh": unrecognized token: "9Zp2mRwLm9Tt"'
+    assert Redactor([secret]).redact(text) == 'query failed on source "wh": unrecognized token: "***"'
+    tail = "Hq4Lx8Wn2Rt6Yb9Mc3Vd7Kf5Jg1Pz0Sa" * 3
+    long_secret = "Kq7xZp2mRw'" + tail
+    hide = Redactor([long_secret])
+    mariadb = f"to use near '{tail[:77]}...' at line 1"
+    assert hide.redact(mariadb) == "to use near '***...' at line 1"
+    postgres = f"LINE 1: ...{tail[5:60]}..."
+    assert hide.redact(postgres) == "LINE 1: ...***..."
+    assert hide.redact("near 'Hq4Lx8 and more' at line 1") == "near 'Hq4Lx8 and more' at line 1"
