@@ -455,12 +455,15 @@ def idle_transaction_limit(connection: Connection, seconds: float | None) -> Non
     the freeze lasts (PostgreSQL: for ever; MariaDB: its lock wait timeout, then fail). The
     frozen process cannot commit anyway (its fence fails). PostgreSQL's
     ``idle_in_transaction_session_timeout``, MariaDB's ``idle_transaction_timeout``; MySQL
-    and SQLite have no such setting (a frozen SQLite writer holds the one write lock)."""
+    before MariaDB 10.3 and SQLite have no such setting (a frozen SQLite writer holds the one
+    write lock)."""
     dialect = connection.dialect
     if dialect.name == "postgresql":
         value = "DEFAULT" if seconds is None else str(max(1, round(seconds * 1000)))
         connection.exec_driver_sql(f"SET idle_in_transaction_session_timeout = {value}")
     elif getattr(dialect, "is_mariadb", False):
+        if (dialect.server_version_info or (0,)) < (10, 3):
+            return  # MariaDB 10.2 has no such setting
         value = "DEFAULT" if seconds is None else str(max(1, math.ceil(seconds)))
         connection.exec_driver_sql(f"SET SESSION idle_transaction_timeout = {value}")
     else:
