@@ -454,8 +454,8 @@ def idle_transaction_limit(connection: Connection, seconds: float | None) -> Non
     row locks its successor, which took the expired lease over, would wait on for as long as
     the freeze lasts (PostgreSQL: for ever; MariaDB: its lock wait timeout, then fail). The
     frozen process cannot commit anyway (its fence fails). PostgreSQL's
-    ``idle_in_transaction_session_timeout``, MariaDB's ``idle_transaction_timeout``; MySQL
-    before MariaDB 10.3 and SQLite have no such setting (a frozen SQLite writer holds the one
+    ``idle_in_transaction_session_timeout``, MariaDB's ``idle_transaction_timeout``; MySQL,
+    MariaDB before 10.3 and SQLite have no such setting (a frozen SQLite writer holds the one
     write lock)."""
     dialect = connection.dialect
     if dialect.name == "postgresql":
