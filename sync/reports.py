@@ -83,6 +83,8 @@ class RunReport:
     error: str | None = None
     invalid_samples: list[str] = field(default_factory=list)
     dry_run: bool = False
+    # "audience" or "trait" (for messages that name it).
+    kind: str = "audience"
 
     @property
     def ok(self) -> bool:

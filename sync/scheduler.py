@@ -193,17 +193,22 @@ class Daemon:
         if self.config.defaults.on_removed != "retire" or self.stop.is_set():
             return
         for report in self.syncer.retire_orphans(force=False):
+            label, what = (
+                ("audience", "false") if report.kind == "audience" else ("trait group", "nulls")
+            )
             if report.status == "retired":
                 sent = sum(d.sent for d in report.destinations)
                 logger.warning(
-                    'audience "%s" removed from the config: retired after sending false to %d '
+                    '%s "%s" removed from the config: retired after sending %s to %d '
                     'member(s) (on_removed = "retire")',
+                    label,
                     report.key,
+                    what,
                     sent,
                 )
             elif report.status != "busy" and report.key not in self._guarded_orphans:
                 self._guarded_orphans.add(report.key)
-                logger.error('audience "%s": %s', report.key, report.error)
+                logger.error('%s "%s": %s', label, report.key, report.error)
                 self.failures += 1
 
     def sweep(self) -> None:

@@ -725,6 +725,8 @@ def test_the_daemon_retires_a_removed_group_before_its_successor_first_runs(
         daemon.wait(timeout=40)
     plans = [m["traits"]["plan"] for m in receiver.messages() if "plan" in m["traits"]]
     assert plans == ["pro", None, "PRO"], plans
+    log = (tmp_path / "daemon.log").read_text()
+    assert 'trait group "g1" removed from the config: retired after sending nulls' in log, log
 
 
 def test_a_group_s_dry_run_reads_who_holds_a_name_from_the_state_db(

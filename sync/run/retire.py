@@ -6,12 +6,14 @@ audience's lease, through the same delivery as a run."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from sync.delivery import recover_in_flight
 from sync.errors import AudienceSyncError, LeaseHeldError
 from sync.reports import DestinationReport, RunReport
 from sync.run.context import RunContext
 from sync.run.drift import (
+    Orphan,
     moved_endpoints,
     orphans,
     recorded_destinations,
@@ -179,10 +181,10 @@ def retire_orphans(context: RunContext, *, force: bool) -> list[RunReport]:
                 f'key = "{orphan.key}" on "{successor.name}" to keep the key, or run '
                 f"`audience-sync retire {orphan.key} {flag}`"
             )
-            reports.append(RunReport(orphan.name, orphan.key, "guarded", error=error))
+            reports.append(_report(orphan, "guarded", error=error))
             continue
         if problem and not force:
-            reports.append(RunReport(orphan.name, orphan.key, "guarded", error=problem))
+            reports.append(_report(orphan, "guarded", error=problem))
             continue
         try:
             entries = retire_audience(
@@ -194,9 +196,14 @@ def retire_orphans(context: RunContext, *, force: bool) -> list[RunReport]:
                 wait=0.0,
             )
         except LeaseHeldError as exc:
-            reports.append(RunReport(orphan.name, orphan.key, "busy", error=str(exc)))
+            reports.append(_report(orphan, "busy", error=str(exc)))
         except AudienceSyncError as exc:
-            reports.append(RunReport(orphan.name, orphan.key, "failed", error=str(exc)))
+            reports.append(_report(orphan, "failed", error=str(exc)))
         else:
-            reports.append(RunReport(orphan.name, orphan.key, "retired", destinations=entries))
+            reports.append(_report(orphan, "retired", destinations=entries))
     return reports
+
+
+def _report(orphan: Orphan, status: str, **fields: Any) -> RunReport:
+    """An orphan's report."""
+    return RunReport(orphan.name, orphan.key, status, kind=orphan.kind, **fields)
