@@ -117,7 +117,9 @@ def test_sigkill_mid_delivery_then_recovery(
     harness: Harness, receiver: Receiver, tmp_path: Path
 ) -> None:
     harness.destinations["segment"].update(batch_size=20, concurrency=1)
-    harness.config_extra = '\n[daemon]\nlease_seconds = "5s"\n'
+    # Long enough for the "busy" sync below to start (a CLI process) before it expires, on
+    # two loaded cores too: with 5 s it sometimes found the lease expired and took it over.
+    harness.config_extra = '\n[daemon]\nlease_seconds = "15s"\n'
     members = [f"u{i:03d}" for i in range(200)]
     harness.set_members(members)
     config = harness.write_config()
@@ -135,7 +137,7 @@ def test_sigkill_mid_delivery_then_recovery(
     )
     assert busy.returncode == 1 and "is being synced by" in busy.stdout
     after = subprocess.run(
-        [*victim.args[:-1], "sync", "--wait", "20"],
+        [*victim.args[:-1], "sync", "--wait", "40"],
         capture_output=True,
         text=True,
         timeout=60,
