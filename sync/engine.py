@@ -332,9 +332,7 @@ class Syncer:
             try:
                 after_chunk = self._after_chunk(None)
                 with self.engine.connect() as state:
-                    stats = compute_dry_snapshot(
-                        scratch, state, self.config, audience, after_chunk
-                    )
+                    stats = compute_dry_snapshot(scratch, state, self.config, audience, after_chunk)
             except SourceError as exc:
                 report.status, report.error = "failed", str(exc)
                 return
@@ -393,8 +391,12 @@ class Syncer:
             wait=wait,
         )
 
-    def retire_orphans(self, *, force: bool) -> list[RunReport]:
+    def retire_orphans(self, *, force: bool, time_budget: float | None = None) -> list[RunReport]:
         """``on_removed = "retire"``: send ``false`` to the members of every audience removed
         from the config and retire it, one report each; the removal guard applies as to any
-        run (``force`` passes it)."""
-        return retire_orphans(self._context, force=force)
+        run (``force`` passes it). ``time_budget`` caps each one's delivery (the daemon's
+        start-up retire: a failed one is left to the sweeps)."""
+        if time_budget is None:
+            return retire_orphans(self._context, force=force)
+        with self._context.time_budget(time_budget):
+            return retire_orphans(self._context, force=force)

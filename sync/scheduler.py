@@ -50,6 +50,12 @@ def schedule_trigger(config: Config, audience: ComputationConfig) -> Any:
     return WallClockCronTrigger.from_crontab(schedule.cron, timezone=zone)
 
 
+# How long the daemon's start-up retire of removed computations may deliver to each (their
+# false or nulls go before the first runs; a destination that is down would otherwise hold
+# every run back for the whole delivery budget).
+STARTUP_RETIRE_SECONDS = 30.0
+
+
 class WallClockCronTrigger(CronTrigger):  # type: ignore[misc]
     """A cron trigger that, like cron, runs a job at a fixed hour once when the clock falls
     back: 01:30 happens twice in New York on the first Sunday of November, and APScheduler's
@@ -99,6 +105,8 @@ class Daemon:
         self._active = 0
         self._idle = threading.Condition()
         self.failures = 0
+        # How long the start-up retire may deliver to each removed computation.
+        self.startup_retire_seconds = STARTUP_RETIRE_SECONDS
         self.once_reports: list[RunReport] = []  # what `run --once` ran, for its --json
         self.partial = 0  # runs that left changes unacknowledged (`run --once` exits 3)
         self.busy = 0  # runs skipped because another process held the audience
@@ -187,12 +195,19 @@ class Daemon:
         except Exception:
             logger.exception("could not check the config against the state database")
 
-    def retire_removed(self) -> None:
+    def retire_removed(self, time_budget: float | None = None) -> None:
         """``on_removed = "retire"``: send false to audiences removed from the config and retire
-        them, within the removal guard (a guarded one is logged once and left)."""
+        them, within the removal guard (a guarded one is logged once and left); ``time_budget``
+        caps each one's delivery."""
         if self.config.defaults.on_removed != "retire" or self.stop.is_set():
             return
-        for report in self.syncer.retire_orphans(force=False):
+        if time_budget is not None:
+            logger.info(
+                "retiring what was removed from the config before the first runs (at most "
+                "%gs each; the sweeps retry what is left)",
+                time_budget,
+            )
+        for report in self.syncer.retire_orphans(force=False, time_budget=time_budget):
             label, what = (
                 ("audience", "false") if report.kind == "audience" else ("trait group", "nulls")
             )
@@ -208,7 +223,7 @@ class Daemon:
                 )
             elif report.status != "busy" and report.key not in self._guarded_orphans:
                 self._guarded_orphans.add(report.key)
-                logger.error('%s "%s": %s', label, report.key, report.error)
+                logger.error("%s", report.error)  # it names the computation
                 self.failures += 1
 
     def sweep(self) -> None:
@@ -234,9 +249,9 @@ class Daemon:
 
             self._tracked(work)
 
-    def _retire_removed_safely(self) -> None:
+    def _retire_removed_safely(self, time_budget: float | None = None) -> None:
         try:
-            self.retire_removed()
+            self.retire_removed(time_budget)
         except Exception:
             logger.exception("retiring audiences removed from the config failed")
             self.failures += 1
@@ -355,12 +370,15 @@ class Daemon:
         heartbeat.start()  # the daemon's row first: its runs may start at once
         self._heartbeat = heartbeat
         try:
+            self.monitor = self.start_monitor()  # /healthz answers during the start-up retire
             # Orphans before the first runs: their false or nulls go before a computation
-            # takes over their names (then at every sweep).
-            self._retire_removed_safely()
+            # takes over their names. Each gets startup_retire_seconds at most (a destination
+            # down must not hold every run back for the delivery budget); the sweeps go on.
+            self._retire_removed_safely(time_budget=self.startup_retire_seconds)
+            if self.stop.is_set():
+                return 0  # stopped during the start-up retire: nothing else started
             scheduler.start()
             heartbeat.wake()  # write the scheduler's next runs now
-            self.monitor = self.start_monitor()
             logger.info(
                 "daemon started: %d audience(s), %d worker(s), sweep every %gs",
                 len(self.audiences),

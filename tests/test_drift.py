@@ -646,3 +646,46 @@ def test_a_rename_is_seen_through_header_case_and_spaces() -> None:
     destinations = parse_config(text, "x.toml", Path("."), {}).destinations
     assert same_place(destinations["a"], destinations["b"])
     assert same_place(destinations["s1"], destinations["s2"])
+
+
+def test_a_destination_down_at_daemon_start_does_not_hold_its_runs_back(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """The daemon retires removed computations before its first runs; with the orphan's
+    destination down that took the whole delivery budget (10 minutes by default) with no
+    run started and no /healthz (third hostile review). Each now gets a short budget at
+    start (the sweeps go on), and the health endpoint answers meanwhile."""
+    import threading
+
+    import httpx
+
+    from sync.scheduler import Daemon
+    from tests.processes import wait_for
+    from tests.receiver import Scripted
+
+    harness.set_members(["a", "c1"])
+    harness.config_extra = CHURNED
+    assert invoke(harness.write_config(), "sync")[0] == 0
+    harness.defaults.update(on_removed="retire", schedule="1h", guard_min_members=10)
+    harness.config_extra = '[daemon]\nhttp = "127.0.0.1:0"\n'
+    harness.set_members(["a", "c1", "new"])
+
+    def churned_down(request: Any) -> Scripted | None:
+        if any(OTHER in m.get("traits", {}) for m in request.body["batch"]):
+            return Scripted(503, body='{"error": "down"}')
+        return None
+
+    receiver.on_request = churned_down
+    daemon = Daemon(harness.config(), harness.engine)
+    daemon.startup_retire_seconds = 1.0
+    thread = threading.Thread(target=daemon.serve, kwargs={"install_signal_handlers": False})
+    thread.start()
+    try:
+        wait_for(lambda: daemon.monitor is not None, 20, "the monitor")
+        assert daemon.monitor is not None
+        assert httpx.get(f"{daemon.monitor.url}healthz", timeout=5).status_code == 200
+        wait_for(lambda: receiver.state.get(("new", KEY)) is True, 30, "the first run")
+    finally:
+        daemon.stop.set()
+        thread.join(60)
+    assert states(harness.write_config())[(OTHER, "segment")]["state"] == "orphaned"

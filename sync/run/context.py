@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy import Engine
 
@@ -74,6 +74,17 @@ class RunContext:
             max_attempts=defaults.max_attempts,
             max_connection_failures=defaults.max_connection_failures,
         )
+
+    @contextmanager
+    def time_budget(self, seconds: float) -> Iterator[None]:
+        """Deliveries started meanwhile end after at most ``seconds`` (their rows stay
+        pending). Not for concurrent use: the daemon's start-up, before its scheduler runs."""
+        policy = self.policy
+        self.policy = replace(policy, time_budget=min(policy.time_budget, seconds))
+        try:
+            yield
+        finally:
+            self.policy = policy
 
     def take_lease(self, audience_id: int, title: str, wait: float) -> Lease:
         """The audience's lease, waiting up to ``wait`` seconds (else ``LeaseHeldError``);

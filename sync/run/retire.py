@@ -138,7 +138,9 @@ def _send_false(
     left = sum(e.left_pending for e in entries)
     if error or left:
         reason = error or f"{left} {what} are not delivered yet"
-        raise AudienceSyncError(f'{label} "{key}" not retired: {reason}; run the command again')
+        raise AudienceSyncError(
+            f'{label} "{key}" not retired: {reason}; retiring again sends the rest'
+        )
     return entries
 
 
