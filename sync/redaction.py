@@ -94,7 +94,7 @@ MIN_CUT_PREFIX = 6
 _QUOTED = re.compile(r"near '")
 # Where PostgreSQL ("at or near") and SQLite ("near", "unrecognized token:") quote the one
 # token they could not parse: after a quote character in a secret, that token is a part of it.
-_TOKEN = re.compile(r'(?:near|token:) "([^"\n]+)"')
+_TOKEN = re.compile(r'(?:near|token:) "')
 # Texts holding none of these need no look for cut or quoted parts of secrets.
 _MARKS = ("...", "…", "near '", 'near "', 'token: "')
 # scheme://userinfo@ where the userinfo runs to the LAST "@" before the authority ends: a
@@ -214,11 +214,8 @@ class Redactor:
             longest = max((_shared_end(after, form) for form in candidates), default=0)
             if longest:
                 spans.append((start, start + longest))
-        for token in _TOKEN.finditer(text):
-            part = token.group(1)
-            candidates = self._parts.get(part[:MIN_CUT_PREFIX], ())
-            if any(part in form for form in candidates):
-                spans.append((token.start(1), token.end(1)))
+        for mark in _TOKEN.finditer(text):
+            spans.extend(self._token_part(text, mark.end()))
         if not spans:
             return text
         pieces: list[str] = []
@@ -230,6 +227,24 @@ class Redactor:
             done = end
         pieces.append(text[done:])
         return "".join(pieces)
+
+    def _token_part(self, text: str, start: int) -> list[tuple[int, int]]:
+        """The span of a secret's part in the token quoted at ``start`` (its quotes left out:
+        ``near ""cdEFGhij""`` quotes a quoted identifier): the whole token when it lies inside
+        a secret, or the end of a secret it starts with (an unterminated string runs on into
+        the SQL after the secret: ``at or near "'Zp2mRwLm9Tt AND …"``)."""
+        while start < len(text) and text[start] in "'\"":
+            start += 1
+        end = start
+        while end < len(text) and text[end] not in '"\n':
+            end += 1
+        token = text[start:end]
+        candidates = self._parts.get(token[:MIN_CUT_PREFIX], ())
+        if len(token) >= MIN_CUT_PREFIX and any(token in form for form in candidates):
+            return [(start, end)]
+        after = text[start : start + self._longest]
+        longest = max((_shared_end(after, form) for form in candidates), default=0)
+        return [(start, start + longest)] if longest else []
 
     def redact_tree(self, value: Any) -> Any:
         """A copy of a JSON-like value (dicts, lists, strings) with every string redacted."""

@@ -450,3 +450,26 @@ def test_a_secret_s_middle_quoted_by_sqlite_or_cut_on_both_sides_is_hidden() -> 
     postgres = f"LINE 1: ...{tail[5:60]}..."
     assert hide.redact(postgres) == "LINE 1: ...***..."
     assert hide.redact("near 'Hq4Lx8 and more' at line 1") == "near 'Hq4Lx8 and more' at line 1"
+
+
+def test_a_secret_s_tail_in_an_unterminated_string_or_a_quoted_identifier_is_hidden() -> None:
+    """A secret holding a quote, read into SQL unquoted: the string it starts runs on into the
+    SQL after it, and PostgreSQL and SQLite quote that whole rest as one token; a secret holding
+    double quotes is quoted as an identifier, `""…""` (third hostile review: both showed)."""
+    import sqlite3
+
+    from sync.redaction import Redactor
+
+    secret = "Kq7x'Zp2mRwLm9TtQv8s"
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE members (user_id TEXT, token TEXT)")
+    with pytest.raises(sqlite3.Error) as caught:
+        db.execute(f"SELECT user_id FROM members WHERE token = {secret} AND user_id IS NOT NULL")
+    hide = Redactor([secret])
+    assert "Zp2mRwLm9TtQv8s" not in hide.redact(str(caught.value)), str(caught.value)
+    postgres = "unterminated quoted string at or near \"'Zp2mRwLm9TtQv8s AND user_id IS NULL\""
+    assert hide.redact(postgres) == (
+        "unterminated quoted string at or near \"'*** AND user_id IS NULL\""
+    )
+    quoted = Redactor(['ab"cdEFGhij"KLMnopQRst'])
+    assert quoted.redact('near ""cdEFGhij"": syntax error') == 'near ""***"": syntax error'
