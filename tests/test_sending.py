@@ -216,3 +216,22 @@ def test_backoff_grows_with_jitter_up_to_the_cap_and_honours_retry_after() -> No
         assert all(base / 2 <= d <= base for d in delays)
     assert policy.backoff(0, retry_after=120.0) == 120.0
     assert policy.backoff(6, retry_after=0.5) >= 30.0  # the longer of the two
+
+
+def test_a_split_stops_once_another_batch_ended_the_destination_s_delivery() -> None:
+    """A worker went on splitting a rejected batch, sending its halves, after another worker's
+    batch had ended delivery to the destination (a 401) (third hostile review)."""
+    abort = threading.Event()
+
+    class Aborting(FakeDestination):
+        def send(self, messages: list[str]) -> None:
+            try:
+                super().send(messages)
+            finally:
+                abort.set()  # another worker's 401 lands while this batch is refused
+
+    destination = Aborting(poisoned=frozenset({"m0"}))
+    batch = units(4)
+    result = sender(destination, abort=abort).send(batch)
+    assert destination.calls == [["m0", "m1", "m2", "m3"]]
+    assert result.left == batch and result.delivered == [] and result.rejected == []

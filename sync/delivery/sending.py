@@ -160,7 +160,9 @@ class Sender:
             return self.gave_up
 
     def _splitting(self, units: list[Unit]) -> BatchResult:
-        """Send; on a rejected batch, split it in halves until the bad messages are alone."""
+        """Send; on a rejected batch, split it in halves until the bad messages are alone,
+        unless another batch ended delivery to the destination meanwhile (``abort``: the
+        units are left pending)."""
         if self.lease is not None:
             self.lease.ensure_sendable()  # after a long wait too: a run without it sends nothing
         self.hooks.before_send()
@@ -178,6 +180,8 @@ class Sender:
                     exc,
                 )
                 return BatchResult(rejected=[(units[0], str(exc))])
+            if self.abort.is_set():
+                return BatchResult(left=list(units), left_reason=str(exc))
             middle = len(units) // 2
             first = self._or_fatal(units[:middle])
             if first.fatal:  # the second half is not sent
