@@ -235,3 +235,22 @@ def test_a_split_stops_once_another_batch_ended_the_destination_s_delivery() -> 
     result = sender(destination, abort=abort).send(batch)
     assert destination.calls == [["m0", "m1", "m2", "m3"]]
     assert result.left == batch and result.delivered == [] and result.rejected == []
+
+
+def test_a_split_s_second_half_is_not_sent_once_another_batch_ended_delivery() -> None:
+    """The abort was checked before a split only: a second half went out after another
+    worker's 401 had landed while the first half was sent (fourth hostile review)."""
+    abort = threading.Event()
+
+    class AbortAfterFirstHalf(FakeDestination):
+        def send(self, messages: list[str]) -> None:
+            super().send(messages)
+            if len(self.calls) == 2:  # the first half was taken; another worker's 401 lands
+                abort.set()
+
+    destination = AbortAfterFirstHalf(poisoned=frozenset({"m3"}))
+    batch = units(4)
+    result = sender(destination, abort=abort).send(batch)
+    assert destination.calls == [["m0", "m1", "m2", "m3"], ["m0", "m1"]]
+    assert [u.member_id for u in result.delivered] == ["m0", "m1"]
+    assert [u.member_id for u in result.left] == ["m2", "m3"]

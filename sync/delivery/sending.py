@@ -184,8 +184,9 @@ class Sender:
                 return BatchResult(left=list(units), left_reason=str(exc))
             middle = len(units) // 2
             first = self._or_fatal(units[:middle])
-            if first.fatal:  # the second half is not sent
+            if first.fatal or self.abort.is_set():  # the second half is not sent
                 first.left += units[middle:]
+                first.left_reason = first.left_reason or str(exc)
                 return first
             second = self._or_fatal(units[middle:])
             return BatchResult(
