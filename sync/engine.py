@@ -394,9 +394,11 @@ class Syncer:
     def retire_orphans(self, *, force: bool, time_budget: float | None = None) -> list[RunReport]:
         """``on_removed = "retire"``: send ``false`` to the members of every audience removed
         from the config and retire it, one report each; the removal guard applies as to any
-        run (``force`` passes it). ``time_budget`` caps each one's delivery (the daemon's
-        start-up retire: a failed one is left to the sweeps)."""
+        run (``force`` passes it). ``time_budget`` caps each one's delivery, and none starts
+        after it (the daemon's start-up retire, at most twice it: the rest is left to the
+        sweeps)."""
         if time_budget is None:
             return retire_orphans(self._context, force=force)
+        until = time.monotonic() + time_budget
         with self._context.time_budget(time_budget):
-            return retire_orphans(self._context, force=force)
+            return retire_orphans(self._context, force=force, until=until)

@@ -203,8 +203,8 @@ class Daemon:
             return
         if time_budget is not None:
             logger.info(
-                "retiring what was removed from the config before the first runs (at most "
-                "%gs each; the sweeps retry what is left)",
+                "retiring what was removed from the config before the first runs (for %gs "
+                "at most; the sweeps retry what is left)",
                 time_budget,
             )
         for report in self.syncer.retire_orphans(force=False, time_budget=time_budget):
@@ -372,8 +372,8 @@ class Daemon:
         try:
             self.monitor = self.start_monitor()  # /healthz answers during the start-up retire
             # Orphans before the first runs: their false or nulls go before a computation
-            # takes over their names. Each gets startup_retire_seconds at most (a destination
-            # down must not hold every run back for the delivery budget); the sweeps go on.
+            # takes over their names, for startup_retire_seconds at most (a destination down
+            # must not hold every run back for the delivery budget); the sweeps go on.
             self._retire_removed_safely(time_budget=self.startup_retire_seconds)
             if self.stop.is_set():
                 return 0  # stopped during the start-up retire: nothing else started

@@ -689,3 +689,24 @@ def test_a_destination_down_at_daemon_start_does_not_hold_its_runs_back(
         daemon.stop.set()
         thread.join(60)
     assert states(harness.write_config())[(OTHER, "segment")]["state"] == "orphaned"
+
+
+def test_a_stopped_or_timed_out_start_up_retire_starts_no_more_orphans(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """With several orphans, the start-up retire took 30 s each, and a SIGTERM meanwhile went
+    on to log every remaining orphan as not retired (fourth hostile review)."""
+    from sync.engine import Syncer
+
+    harness.set_members(["a", "c1"])
+    harness.config_extra = CHURNED
+    assert invoke(harness.write_config(), "sync")[0] == 0
+    harness.defaults.update(on_removed="retire")
+    harness.config_extra = ""
+    receiver.reset()
+    syncer = Syncer(harness.config(), harness.engine)
+    assert syncer.retire_orphans(force=False, time_budget=-1.0) == []
+    syncer.stop.set()
+    assert syncer.retire_orphans(force=False) == []
+    assert receiver.messages() == []
+    assert states(harness.write_config())[(OTHER, "segment")]["state"] == "orphaned"

@@ -6,6 +6,7 @@ audience's lease, through the same delivery as a run."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from sync.delivery import recover_in_flight
@@ -144,8 +145,11 @@ def _send_false(
     return entries
 
 
-def retire_orphans(context: RunContext, *, force: bool) -> list[RunReport]:
-    """See ``Syncer.retire_orphans``."""
+def retire_orphans(
+    context: RunContext, *, force: bool, until: float | None = None
+) -> list[RunReport]:
+    """See ``Syncer.retire_orphans``; none is started once the process is asked to stop or
+    after ``until`` (``time.monotonic()``): they are left to a later retire."""
     defaults = context.config.defaults
     with context.engine.connect() as connection:
         found = orphans(connection, context.config)
@@ -172,6 +176,8 @@ def retire_orphans(context: RunContext, *, force: bool) -> list[RunReport]:
         }
     reports = []
     for orphan in found:
+        if context.stop.is_set() or (until is not None and time.monotonic() > until):
+            break
         problem = problems[orphan.key]
         successor = renamed.get(orphan.key)
         if successor is not None:
