@@ -663,6 +663,22 @@ def test_a_removed_group_s_traits_stay_its_own_until_it_is_retired(
     assert "retire g1 --send-null" in str(audience.error)
 
 
+def _replace_g1_by_g2(harness: Harness, before: str = "") -> None:
+    """Trait group G1 synced (u1's plan "pro"), then replaced in the config by G2, which sends
+    the same trait name (`plan`, upper case); ``before`` goes ahead of it in the config."""
+    harness.warehouse_sql("CREATE TABLE t (user_id TEXT, plan TEXT)")
+    harness.warehouse_sql("INSERT INTO t VALUES ('u1', 'pro')")
+    harness.config_extra = (
+        '[[traits]]\nname = "G1"\nsource = "warehouse"\nquery = "SELECT * FROM t"\n'
+        'destinations = ["segment"]\n'
+    )
+    assert harness.sync_named("G1").status == "succeeded"
+    harness.config_extra = before + (
+        '[[traits]]\nname = "G2"\nsource = "warehouse"\n'
+        'query = "SELECT user_id, upper(plan) AS plan FROM t"\ndestinations = ["segment"]\n'
+    )
+
+
 def test_on_removed_retire_frees_a_removed_group_s_traits_before_the_new_group_runs(
     harness: Harness, receiver: Receiver
 ) -> None:
@@ -674,17 +690,7 @@ def test_on_removed_retire_frees_a_removed_group_s_traits_before_the_new_group_r
     from sync.cli import cli
 
     harness.defaults.update(on_removed="retire")
-    harness.warehouse_sql("CREATE TABLE t (user_id TEXT, plan TEXT)")
-    harness.warehouse_sql("INSERT INTO t VALUES ('u1', 'pro')")
-    harness.config_extra = (
-        '[[traits]]\nname = "G1"\nsource = "warehouse"\nquery = "SELECT * FROM t"\n'
-        'destinations = ["segment"]\n'
-    )
-    assert harness.sync_named("G1").status == "succeeded"
-    harness.config_extra = (
-        '[[traits]]\nname = "G2"\nsource = "warehouse"\n'
-        "query = \"SELECT user_id, upper(plan) AS plan FROM t\"\ndestinations = [\"segment\"]\n"
-    )
+    _replace_g1_by_g2(harness)
     receiver.reset()
     result = CliRunner().invoke(cli, ["--config", str(harness.write_config()), "sync"])
     assert result.exit_code == 0, result.output
@@ -705,18 +711,7 @@ def test_the_daemon_retires_a_removed_group_before_its_successor_first_runs(
     from tests.processes import spawn, wait_for
 
     harness.defaults.update(on_removed="retire", schedule="1h")
-    harness.warehouse_sql("CREATE TABLE t (user_id TEXT, plan TEXT)")
-    harness.warehouse_sql("INSERT INTO t VALUES ('u1', 'pro')")
-    harness.config_extra = (
-        '[[traits]]\nname = "G1"\nsource = "warehouse"\nquery = "SELECT * FROM t"\n'
-        'destinations = ["segment"]\n'
-    )
-    assert harness.sync_named("G1").status == "succeeded"
-    harness.config_extra = (
-        '[daemon]\nhttp = ""\n'
-        '[[traits]]\nname = "G2"\nsource = "warehouse"\n'
-        'query = "SELECT user_id, upper(plan) AS plan FROM t"\ndestinations = ["segment"]\n'
-    )
+    _replace_g1_by_g2(harness, before='[daemon]\nhttp = ""\n')
     daemon = spawn(harness.write_config(), "run", log=tmp_path / "daemon.log")
     try:
         wait_for(lambda: receiver.state.get(("u1", "plan")) == "PRO", 30, "the new group's value")

@@ -268,8 +268,9 @@ def rename_problem(
     (``definition_hash``) and the same destinations (unknown for rows older than 0008).
     """
     key = audience.trait_key
-    old = renamed_from(connection, config, audience)
-    if old is not None:
+    sources = rename_sources(connection, config, audience)
+    if sources:
+        old = sources[0]
         if audience.is_trait_group:
             return (
                 f'trait group "{audience.name}" looks like "{old}" renamed (same source, query '
@@ -284,12 +285,6 @@ def rename_problem(
             f"`audience-sync retire {_quoted(old)} --send-false` first"
         )
     return None
-
-
-def renamed_from(connection: Connection, config: Config, audience: ComputationConfig) -> str | None:
-    """The key of the vanished audience ``audience`` looks like a rename of, or None (see
-    ``rename_problem``)."""
-    return next(iter(rename_sources(connection, config, audience)), None)
 
 
 def rename_sources(
