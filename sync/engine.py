@@ -397,8 +397,4 @@ class Syncer:
         run (``force`` passes it). ``time_budget`` caps each one's delivery, and none starts
         after it (the daemon's start-up retire, at most twice it: the rest is left to the
         sweeps)."""
-        if time_budget is None:
-            return retire_orphans(self._context, force=force)
-        until = time.monotonic() + time_budget
-        with self._context.time_budget(time_budget):
-            return retire_orphans(self._context, force=force, until=until)
+        return retire_orphans(self._context, force=force, time_budget=time_budget)

@@ -75,17 +75,6 @@ class RunContext:
             max_connection_failures=defaults.max_connection_failures,
         )
 
-    @contextmanager
-    def time_budget(self, seconds: float) -> Iterator[None]:
-        """Deliveries started meanwhile end after at most ``seconds`` (their rows stay
-        pending). Not for concurrent use: the daemon's start-up, before its scheduler runs."""
-        policy = self.policy
-        self.policy = replace(policy, time_budget=min(policy.time_budget, seconds))
-        try:
-            yield
-        finally:
-            self.policy = policy
-
     def take_lease(self, audience_id: int, title: str, wait: float) -> Lease:
         """The audience's lease, waiting up to ``wait`` seconds (else ``LeaseHeldError``);
         ``title`` names it in messages (``ComputationConfig.title``: 'trait group "Plans"')."""
@@ -158,13 +147,18 @@ class RunContext:
         progress: ProgressFactory | None = None,
         *,
         kind: ComputationKind = "audience",
+        time_budget: float | None = None,
     ) -> str | None:
         """Deliver the pending rows of the audience or trait group ``key`` under ``lease``,
-        filling ``entries``; return the error that stopped a destination, if any."""
+        filling ``entries``; return the error that stopped a destination, if any.
+        ``time_budget`` shortens ``delivery_time_budget`` (the rest stays pending)."""
+        policy = self.policy
+        if time_budget is not None:
+            policy = replace(policy, time_budget=min(policy.time_budget, time_budget))
         return deliver_destinations(
             self.engine,
             self.config,
-            self.policy,
+            policy,
             audience_id=audience_id,
             key=key,
             install=install,

@@ -45,8 +45,9 @@ def retire_audience(
     send_false: bool,
     wait: float,
     send_null: bool = False,
+    time_budget: float | None = None,
 ) -> list[DestinationReport]:
-    """See ``Syncer.retire``."""
+    """See ``Syncer.retire``; ``time_budget`` shortens the delivery of false or nulls."""
     with context.engine.begin() as connection:
         if destination is None:
             audience_id, key = orphaned_audience(connection, context.config, name), name
@@ -65,7 +66,9 @@ def retire_audience(
     lease = context.take_lease(audience_id, f'{label} "{title}"', wait)
     try:
         send = send_false or send_null
-        entries = _send_false(context, lease, audience_id, key, destination) if send else []
+        entries = (
+            _send_false(context, lease, audience_id, key, destination, time_budget) if send else []
+        )
         if destination is None:
             mark_retired(context.engine, audience_id)
         else:
@@ -95,7 +98,12 @@ def retire_audience(
 
 
 def _send_false(
-    context: RunContext, lease: Lease, audience_id: int, key: str, destination: str | None
+    context: RunContext,
+    lease: Lease,
+    audience_id: int,
+    key: str,
+    destination: str | None,
+    time_budget: float | None = None,
 ) -> list[DestinationReport]:
     """Plan and deliver ``false`` (a trait group's nulls) to every current member (at one
     destination, or all); raise unless every one was delivered."""
@@ -135,7 +143,9 @@ def _send_false(
             for n in names
         ]
     with context.open_destinations(names) as targets:
-        error = context.deliver(audience_id, key, install, targets, entries, lease, kind=kind)
+        error = context.deliver(
+            audience_id, key, install, targets, entries, lease, kind=kind, time_budget=time_budget
+        )
     left = sum(e.left_pending for e in entries)
     if error or left:
         reason = error or f"{left} {what} are not delivered yet"
@@ -146,10 +156,11 @@ def _send_false(
 
 
 def retire_orphans(
-    context: RunContext, *, force: bool, until: float | None = None
+    context: RunContext, *, force: bool, time_budget: float | None = None
 ) -> list[RunReport]:
     """See ``Syncer.retire_orphans``; none is started once the process is asked to stop or
-    after ``until`` (``time.monotonic()``): they are left to a later retire."""
+    ``time_budget`` has passed: they are left to a later retire."""
+    until = None if time_budget is None else time.monotonic() + time_budget
     defaults = context.config.defaults
     with context.engine.connect() as connection:
         found = orphans(connection, context.config)
@@ -202,6 +213,7 @@ def retire_orphans(
                 send_false=orphan.kind == "audience",
                 send_null=orphan.kind == "trait",
                 wait=0.0,
+                time_budget=time_budget,
             )
         except LeaseHeldError as exc:
             reports.append(_report(orphan, "busy", error=str(exc)))
