@@ -134,6 +134,51 @@ def test_a_split_half_applied_before_the_other_is_refused_for_good_is_acknowledg
     assert receiver.values(KEY) == {"u0": False, "u1": True, "u2": True, "u3": True}
 
 
+def test_each_half_of_a_split_batch_keeps_its_own_doubt(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """A rejected batch is split: one half is refused (429, not applied), one member of the
+    other half may have been applied (502), one was rejected alone (400). The split batch's
+    outcome carried one "maybe applied" flag, so the refused and the rejected rows were
+    recorded in doubt and `unknown` too: an unneeded `false` to a member who then left and was
+    never sent anything (hostile review)."""
+    members = ["u0", "u1", "u2", "u3"]
+    harness.set_members(members)
+    receiver.poison = {"u3"}
+    harness.defaults["retry_initial_delay"] = "0.01s"
+    harness.defaults["delivery_time_budget"] = "1s"
+
+    def script(request: Any) -> Scripted | None:
+        batch = [m["userId"] for m in request.body["batch"]]
+        if batch == ["u0", "u1"]:
+            return Scripted(429, body='{"error": "slow down"}')
+        if batch == ["u2"]:
+            return Scripted(502, body="bad gateway")
+        return None  # the receiver's own answer: 400 for a batch holding u3
+
+    receiver.on_request = script
+    assert harness.sync().status == "partial"
+    rows = harness.memberships()
+    assert {m: rows[m].in_doubt for m in members} == {
+        "u0": False, "u1": False, "u2": True, "u3": False
+    }
+    with harness.engine.connect() as connection:
+        outcomes = set(
+            connection.exec_driver_sql("SELECT member_id, outcome FROM deliveries").all()
+        )
+    assert {(m, o) for m, o in outcomes if m != "u2"} == {
+        ("u0", "refused"), ("u1", "refused"), ("u3", "rejected")
+    }
+    assert {o for m, o in outcomes if m == "u2"} == {"unknown"}
+    receiver.on_request = None
+    receiver.poison = set()
+    harness.set_members(["u2"])  # u0, u1, u3 leave: none of them was ever applied
+    _retry_now(harness)
+    receiver.reset()
+    assert harness.sync().status == "succeeded"
+    assert sorted(m["userId"] for m in receiver.messages()) == ["u2"]
+
+
 @pytest.mark.parametrize(
     ("status", "unknown"),
     [

@@ -42,12 +42,22 @@ class BatchResult:
     left: list[Unit] = field(default_factory=list)
     left_reason: str | None = None
     retry_delay: float = 0.0
-    # Some attempt ended without knowing whether the destination applied the batch.
-    uncertain: bool = False
+    # The units (id kind, member id) an attempt of which ended without knowing whether the
+    # destination applied it: per unit, since the halves of a split batch fare differently.
+    uncertain: set[tuple[str, str]] = field(default_factory=set)
     # The error that ends this destination's delivery (bad credentials, unwritable file).
     fatal: str | None = None
     # When its page was handed over: [time, the driver's form of it] (``Ledger.handed``).
     handed: list[Any] | None = None
+
+    def doubtful(self, unit: Unit) -> bool:
+        """Whether the destination may have applied ``unit`` in an attempt of this batch."""
+        return (unit.id_kind, unit.member_id) in self.uncertain
+
+
+def unit_keys(units: list[Unit]) -> set[tuple[str, str]]:
+    """``BatchResult.uncertain``'s keys of ``units``."""
+    return {(unit.id_kind, unit.member_id) for unit in units}
 
 
 def message_size(message: str) -> int:

@@ -569,8 +569,8 @@ class Ledger:
         now = self.now()
 
         def doubt(unit: Unit) -> bool:
-            # Still in doubt after a failed batch: it was before, or this batch's fate is unknown.
-            return unit.in_doubt or result.uncertain
+            # Still in doubt after a failed batch: it was before, or its attempt's fate is unknown.
+            return unit.in_doubt or result.doubtful(unit)
 
         # The ledger's rows and parameters are built before the write transaction: on SQLite
         # writers queue on one mutex, and only the statements need to be inside it.
@@ -725,9 +725,11 @@ class Ledger:
                 [unit], "rejected", redactor().redact(reason), None, handed, batch
             )
         if result.left:
-            outcome: DeliveryOutcome = "unknown" if result.uncertain else "refused"
             left_reason = redactor().redact(result.left_reason) if result.left_reason else None
-            rows += self._rows_of(result.left, outcome, left_reason, None, handed, batch)
+            unknown = [unit for unit in result.left if result.doubtful(unit)]
+            refused = [unit for unit in result.left if not result.doubtful(unit)]
+            rows += self._rows_of(unknown, "unknown", left_reason, None, handed, batch)
+            rows += self._rows_of(refused, "refused", left_reason, None, handed, batch)
         return rows
 
     def _rows_of(

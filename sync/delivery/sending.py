@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sync.delivery.batches import BatchResult, Unit
+from sync.delivery.batches import BatchResult, Unit, unit_keys
 from sync.destinations import Destination
 from sync.errors import PermanentDeliveryError, RejectedBatchError, TransientDeliveryError
 from sync.state.leases import Lease
@@ -119,7 +119,8 @@ class Sender:
         while True:
             try:
                 result = self._splitting(units)
-                result.uncertain = result.uncertain or uncertain
+                if uncertain:  # an earlier attempt held all of them
+                    result.uncertain |= unit_keys(units)
                 return result
             except PermanentDeliveryError as exc:
                 # Refused for good now (401, 404…), but an earlier attempt may have been
@@ -131,7 +132,10 @@ class Sender:
                 delay = self.policy.backoff(attempt, exc.retry_after)
                 attempt += 1
                 left = BatchResult(
-                    left=units, left_reason=str(exc), retry_delay=delay, uncertain=uncertain
+                    left=units,
+                    left_reason=str(exc),
+                    retry_delay=delay,
+                    uncertain=unit_keys(units) if uncertain else set(),
                 )
                 if exc.connection_failed and self.failures.failed():
                     left.left_reason = self._give_up(exc)
@@ -195,7 +199,7 @@ class Sender:
                 left=first.left + second.left,
                 left_reason=first.left_reason or second.left_reason,
                 retry_delay=max(first.retry_delay, second.retry_delay),
-                uncertain=first.uncertain or second.uncertain,
+                uncertain=first.uncertain | second.uncertain,
                 fatal=second.fatal,
             )
         return BatchResult(delivered=list(units))
@@ -208,5 +212,8 @@ class Sender:
             return self._with_retries(units)
         except PermanentDeliveryError as exc:
             return BatchResult(
-                left=units, left_reason=str(exc), uncertain=exc.outcome_unknown, fatal=str(exc)
+                left=units,
+                left_reason=str(exc),
+                uncertain=unit_keys(units) if exc.outcome_unknown else set(),
+                fatal=str(exc),
             )
