@@ -582,6 +582,40 @@ def test_a_group_cannot_take_the_key_of_an_audience_removed_but_not_retired(
     assert "removed from the config" in str(refused.error)
 
 
+def test_a_group_takes_a_retired_audience_s_key_only_when_allowed(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """A retired audience's key stays reserved (DESIGN: one namespace of keys per destination
+    across audiences and trait columns; a retired key is not reused unless allowed): a trait
+    column of that name took it without `allow_key_reuse`, so the destination's `true`/`false`
+    trait silently took another meaning."""
+    harness.set_members(["u1"])
+    assert harness.sync().status == "succeeded"
+    harness.audience["name"] = "Someone Else"
+    harness.audience["destinations"] = ["segment"]
+    from click.testing import CliRunner
+
+    from sync.cli import cli
+
+    config = harness.write_config()
+    retired = CliRunner().invoke(
+        cli, ["--config", str(config), "retire", "high_value_users", "--send-false"]
+    )
+    assert retired.exit_code == 0, retired.output
+    _group(harness, query="SELECT user_id, plan AS high_value_users FROM summary")
+    _rows(harness, [("u1", 2, "pro", None)])
+    receiver.reset()
+    refused = harness.sync_named(GROUP)
+    assert refused.status == "failed"
+    error = str(refused.error)
+    assert 'column "high_value_users" is also the key of the retired audience' in error, error
+    assert "allow_key_reuse = true" in error and "\n" not in error
+    assert receiver.messages() == []
+    harness.config_extra += "allow_key_reuse = true\n"
+    assert harness.sync_named(GROUP).status == "succeeded"
+    assert _sent(receiver) == {"u1": {"high_value_users": "pro"}}
+
+
 def test_retire_refusals_name_a_trait_group_a_trait_group(
     harness: Harness, receiver: Receiver
 ) -> None:

@@ -209,7 +209,36 @@ def _reserved_names(
             reserved.setdefault(name, holder)
     if connection is not None:
         reserved.update(_removed_keys(connection, config, group, reserved))
+        if not group.allow_key_reuse:
+            for name, holder in _retired_keys(connection, group).items():
+                reserved.setdefault(name, holder)
     return reserved
+
+
+def _retired_keys(connection: Connection, group: ComputationConfig) -> dict[str, str]:
+    """Keys of retired audiences that sent to one of ``group``'s destinations: reserved, as
+    they are for audiences, unless the group sets ``allow_key_reuse`` (a trait of that name
+    would give the destination's true/false trait another meaning). A name the group already
+    holds there stays its own. A retired trait group's traits are free (retiring it nulled
+    them: a group taking them over is how one replaces another)."""
+    rows = connection.execute(
+        select(AUDIENCES.c.key, AUDIENCES.c.name).where(
+            AUDIENCES.c.retired_at.is_not(None), AUDIENCES.c.kind == "audience"
+        )
+    ).all()
+    found: dict[str, str] = {}
+    for key, name in rows:
+        for destination in group.destinations:
+            if not _sent_to_key(connection, key, [destination]):
+                continue
+            if key in _held(connection, group, [destination]):
+                continue
+            found[key] = (
+                f'the retired audience "{name}" at destination "{destination}" (a retired key '
+                "is not reused: set allow_key_reuse = true on the trait group to reuse it)"
+            )
+            break
+    return found
 
 
 def _removed_keys(
