@@ -85,3 +85,50 @@ def test_a_sweep_records_the_audiences_member_count(harness: Harness, receiver: 
     rows, table = run_history(harness.write_config())
     assert rows[0]["trigger"] == "sweep" and rows[0]["members"] == 3
     assert "sweep" in table
+
+
+def test_an_abandoned_run_records_what_it_sent(
+    harness: Harness, receiver: Receiver, tmp_path: Path
+) -> None:
+    """A run killed mid-delivery is marked `abandoned` by its successor. It was recorded with
+    `sent 0` although it had acknowledged many messages (hostile review): `runs` now counts
+    them from the delivery ledger (its messages acknowledged, and rejected, after it started)."""
+    import signal
+
+    from sqlalchemy import select
+
+    from sync.state.tables import DELIVERIES, RUNS
+    from tests.processes import spawn
+
+    harness.destinations["segment"].update(batch_size=10, concurrency=1)
+    harness.config_extra = '\n[daemon]\nlease_seconds = "5s"\n'
+    receiver.poison = {"u005"}
+    harness.set_members([f"u{i:03d}" for i in range(200)])
+    config = harness.write_config()
+    receiver.delay = 0.1
+
+    def logged(outcome: str) -> int:
+        with harness.engine.connect() as connection:
+            rows = connection.execute(
+                select(DELIVERIES.c.id).where(DELIVERIES.c.outcome == outcome)
+            ).all()
+        return len(rows)
+
+    victim = spawn(config, "sync", log=tmp_path / "victim.log")
+    wait_for(lambda: logged("acknowledged") >= 40, 60, "acknowledged batches")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=10)
+    acknowledged, rejected = logged("acknowledged"), logged("rejected")
+    receiver.delay = 0
+    resync = CliRunner().invoke(cli, ["--config", str(config), "sync", "--wait", "30"])
+    assert resync.exit_code == 3, resync.output  # partial: u005 is rejected again
+    with harness.engine.connect() as connection:
+        runs = connection.execute(
+            select(RUNS.c.status, RUNS.c.sent, RUNS.c.rejected).order_by(RUNS.c.id)
+        ).all()
+    assert tuple(runs[0]) == ("abandoned", acknowledged, rejected)
+    assert runs[1].status in ("succeeded", "partial")
+    assert runs[0].sent + runs[1].sent == 199  # every member once, but the poisoned one
+    history, _ = run_history(config)
+    abandoned = [run for run in history if run["status"] == "abandoned"]
+    assert [run["sent"] for run in abandoned] == [acknowledged]

@@ -9,9 +9,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, insert, update
+from sqlalchemy import Connection, func, insert, select, update
 
 from sync.clock import state_now
+from sync.state.tables import DELIVERIES as L
 from sync.state.tables import RUN_DELIVERIES, RUNS, RunTrigger
 
 ABANDONED_ERROR = (
@@ -52,6 +53,7 @@ def start_run(connection: Connection, audience_id: int, *, owner: str, trigger: 
             status="running",
             owner=owner,
             started_at=state_now(connection),
+            ledger_from=select(func.coalesce(func.max(L.c.id), 0)).scalar_subquery(),
             **_row_values(RunCounts()),
         )
     )
@@ -103,12 +105,43 @@ def abandon_runs(connection: Connection, audience_id: int, now: datetime) -> int
     """Mark the audience's runs still ``running`` abandoned; return how many. Only the new
     holder of the audience's lease calls this: their processes crashed or lost the lease, and
     their own writes are fenced, so the mark stays."""
-    result = connection.execute(
-        update(RUNS)
+    running = connection.execute(
+        select(RUNS.c.id, RUNS.c.ledger_from)
         .where(RUNS.c.audience_id == audience_id, RUNS.c.status == "running")
-        .values(status="abandoned", finished_at=now, error=ABANDONED_ERROR)
-    )
-    return int(result.rowcount)
+        .order_by(RUNS.c.id)
+    ).all()
+    for at, (run_id, start) in enumerate(running):
+        counted = {}
+        if start is not None:
+            end = running[at + 1].ledger_from if at + 1 < len(running) else None
+            counted = _ledger_counts(connection, audience_id, start, end)
+        connection.execute(
+            update(RUNS)
+            .where(RUNS.c.id == run_id, RUNS.c.status == "running")
+            .values(status="abandoned", finished_at=now, error=ABANDONED_ERROR, **counted)
+        )
+    return len(running)
+
+
+def _ledger_counts(
+    connection: Connection, audience_id: int, start: int, end: int | None
+) -> dict[str, int]:
+    """What a run whose ledger rows are ids ``start`` < id <= ``end`` sent: members
+    acknowledged and rejected (per destination and member: a member in ``mode = "both"`` has
+    two rows). Empty when the ledger holds none (off, or pruned): the counts stay."""
+    counts: dict[str, int] = {}
+    for column, outcome in (("sent", "acknowledged"), ("rejected", "rejected")):
+        rows = (
+            select(L.c.destination, L.c.id_kind, L.c.member_id)
+            .where(L.c.id > start, L.c.audience_id == audience_id, L.c.outcome == outcome)
+            .distinct()
+        )
+        if end is not None:
+            rows = rows.where(L.c.id <= end)
+        found = connection.execute(select(func.count()).select_from(rows.subquery())).scalar()
+        if found:
+            counts[column] = int(found)
+    return counts
 
 
 def run_reason(error: str | None, deliveries: Sequence[Mapping[str, Any]]) -> str | None:

@@ -305,6 +305,9 @@ class Run(Base):
     deliver_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(RedactedText, nullable=True)
     invalid_samples: Mapped[list[str] | None] = mapped_column(RedactedJSON, nullable=True)
+    # The last ``deliveries`` id when the run started (0: none): its own ledger rows come
+    # after, which is how an abandoned run's sent count is found (``abandon_runs``).
+    ledger_from: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class RunDelivery(Base):
