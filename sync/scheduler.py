@@ -54,6 +54,13 @@ def schedule_trigger(config: Config, audience: ComputationConfig) -> Any:
 # false or nulls go before the first runs; a destination that is down would otherwise hold
 # every run back for the whole delivery budget).
 STARTUP_RETIRE_SECONDS = 30.0
+# Each sweep's retire of removed computations gets the same budget, or a quarter of
+# sweep_interval when that is shorter: it delivers to each for that long at most and starts
+# none after it, so it ends within about half the interval and the sweep's other work (every
+# audience's leftovers, pruning) runs at every sweep, where a destination that is down held
+# the sweep for the whole delivery budget and APScheduler skipped the sweeps meanwhile. What
+# is left stays pending for the next sweep.
+SWEEP_RETIRE_SECONDS = 30.0
 
 
 class WallClockCronTrigger(CronTrigger):  # type: ignore[misc]
@@ -105,8 +112,10 @@ class Daemon:
         self._active = 0
         self._idle = threading.Condition()
         self.failures = 0
-        # How long the start-up retire may deliver to each removed computation.
+        # How long the start-up retire, and each sweep's, may deliver to each removed
+        # computation.
         self.startup_retire_seconds = STARTUP_RETIRE_SECONDS
+        self.sweep_retire_seconds = min(SWEEP_RETIRE_SECONDS, config.daemon.sweep_interval / 4)
         self.once_reports: list[RunReport] = []  # what `run --once` ran, for its --json
         self.partial = 0  # runs that left changes unacknowledged (`run --once` exits 3)
         self.busy = 0  # runs skipped because another process held the audience
@@ -198,15 +207,9 @@ class Daemon:
     def retire_removed(self, time_budget: float | None = None) -> None:
         """``on_removed = "retire"``: send false to audiences removed from the config and retire
         them, within the removal guard (a guarded one is logged once and left); ``time_budget``
-        caps each one's delivery."""
+        caps each one's delivery, and none starts after it."""
         if self.config.defaults.on_removed != "retire" or self.stop.is_set():
             return
-        if time_budget is not None:
-            logger.info(
-                "retiring what was removed from the config before the first runs (for %gs "
-                "at most; the sweeps retry what is left)",
-                time_budget,
-            )
         for report in self.syncer.retire_orphans(force=False, time_budget=time_budget):
             label, what = (
                 ("audience", "false") if report.kind == "audience" else ("trait group", "nulls")
@@ -230,7 +233,7 @@ class Daemon:
         """Retry transient leftovers of every audience whose backoff has expired, and apply
         ``on_removed``; prune the delivery ledger."""
         self.syncer.prune_ledger()
-        self._tracked(self._retire_removed_safely)
+        self._tracked(lambda: self._retire_removed_safely(time_budget=self.sweep_retire_seconds))
         for audience in self.audiences:
             if self.stop.is_set():
                 return
@@ -374,6 +377,12 @@ class Daemon:
             # Orphans before the first runs: their false or nulls go before a computation
             # takes over their names, for startup_retire_seconds at most (a destination down
             # must not hold every run back for the delivery budget); the sweeps go on.
+            if self.config.defaults.on_removed == "retire":
+                logger.info(
+                    "retiring what was removed from the config before the first runs (for %gs "
+                    "at most; the sweeps retry what is left)",
+                    self.startup_retire_seconds,
+                )
             self._retire_removed_safely(time_budget=self.startup_retire_seconds)
             if self.stop.is_set():
                 return 0  # stopped during the start-up retire: nothing else started
