@@ -119,7 +119,9 @@ class Daemon:
         self.once_reports: list[RunReport] = []  # what `run --once` ran, for its --json
         self.partial = 0  # runs that left changes unacknowledged (`run --once` exits 3)
         self.busy = 0  # runs skipped because another process held the audience
-        self._guarded_orphans: set[str] = set()  # logged once, not on every sweep
+        # The reason last logged for each removed computation not retired (guarded, failed):
+        # logged when it changes, not on every sweep; forgotten once it is retired.
+        self._orphan_reasons: dict[str, str] = {}
         # Its row in `daemons` (sync.state.daemons) and what /metrics shows (sync.monitor).
         self.daemon_id = new_owner_id()
         self.metrics = Metrics()
@@ -206,8 +208,9 @@ class Daemon:
 
     def retire_removed(self, time_budget: float | None = None) -> None:
         """``on_removed = "retire"``: send false to audiences removed from the config and retire
-        them, within the removal guard (a guarded one is logged once and left); ``time_budget``
-        caps each one's delivery, and none starts after it."""
+        them, within the removal guard (one guarded or failed is logged once per reason and
+        left for the next sweep); ``time_budget`` caps each one's delivery, and none starts
+        after it."""
         if self.config.defaults.on_removed != "retire" or self.stop.is_set():
             return
         for report in self.syncer.retire_orphans(force=False, time_budget=time_budget):
@@ -215,6 +218,7 @@ class Daemon:
                 ("audience", "false") if report.kind == "audience" else ("trait group", "nulls")
             )
             if report.status == "retired":
+                self._orphan_reasons.pop(report.key, None)
                 sent = sum(d.sent for d in report.destinations)
                 logger.warning(
                     '%s "%s" removed from the config: retired after sending %s to %d '
@@ -224,10 +228,12 @@ class Daemon:
                     what,
                     sent,
                 )
-            elif report.status != "busy" and report.key not in self._guarded_orphans:
-                self._guarded_orphans.add(report.key)
-                logger.error("%s", report.error)  # it names the computation
-                self.failures += 1
+            elif report.status != "busy":
+                reason = report.error or report.status
+                if self._orphan_reasons.get(report.key) != reason:
+                    self._orphan_reasons[report.key] = reason
+                    logger.error("%s", reason)  # it names the computation
+                    self.failures += 1
 
     def sweep(self) -> None:
         """Retry transient leftovers of every audience whose backoff has expired, and apply

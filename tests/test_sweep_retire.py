@@ -151,6 +151,39 @@ def test_an_orphan_whose_destination_fails_does_not_hold_the_sweep_back(
     assert [r for r in records if "retired after sending false to 1 member" in r.getMessage()]
 
 
+def test_an_orphan_s_failure_is_logged_once_per_reason(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """An orphan's failure was logged the first time only, ever: a later, different failure
+    of it stayed silent (hostile review). Now each change of reason is logged once, and an
+    orphan retired is forgotten: if it comes back and fails, that is logged again."""
+    orphan(harness)
+    receiver.on_request = refuse_false(503)
+    with daemon_log() as records, running(daemon_of(harness)) as daemon:
+        wait_for(lambda: len(not_retired(records)) == 1, 30, "the first failure")
+        more_sweeps(daemon, 3)
+        receiver.on_request = refuse_false(401)
+        wait_for(lambda: len(not_retired(records)) == 2, 30, "the second reason")
+        more_sweeps(daemon, 3)
+        receiver.on_request = refuse_false(503)
+        wait_for(lambda: len(not_retired(records)) == 3, 30, "the first reason again")
+        more_sweeps(daemon, 3)
+        first, second, third = not_retired(records)
+        assert "not delivered yet" in first and "HTTP 401" in second and third == first
+        receiver.on_request = None
+        wait_for(lambda: retired(harness), 30, "a sweep to retire the orphan")
+        # Another config brings the key back (the daemon's own config still lacks it): the
+        # orphan fails again for its first reason, which is logged again.
+        receiver.on_request = refuse_false(503)
+        harness.config_extra = DAEMON + CHURNED + "allow_key_reuse = true\n"
+        assert harness.sync_named(OTHER, wait=30).status == "succeeded"
+        wait_for(lambda: len(not_retired(records)) == 4, 30, "the comeback's failure")
+        more_sweeps(daemon, 3)
+        assert not_retired(records)[3] == first
+        assert len(not_retired(records)) == 4, not_retired(records)
+        assert daemon.failures == 4
+
+
 def test_a_stop_during_the_sweep_s_retire_is_prompt(harness: Harness, receiver: Receiver) -> None:
     """SIGTERM (which sets the daemon's stop) while a sweep retires an orphan whose
     destination answers 503 ends the daemon at once, not at the end of the retire's budget."""
