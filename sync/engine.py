@@ -395,6 +395,6 @@ class Syncer:
         """``on_removed = "retire"``: send ``false`` to the members of every audience removed
         from the config and retire it, one report each; the removal guard applies as to any
         run (``force`` passes it). ``time_budget`` caps each one's delivery, and none starts
-        after it (the daemon's start-up retire, at most twice it: the rest is left to the
-        sweeps)."""
+        after it (the daemon's start-up and sweep retires, at most twice it: the rest is left
+        to the next sweep)."""
         return retire_orphans(self._context, force=force, time_budget=time_budget)
