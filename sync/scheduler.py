@@ -4,6 +4,7 @@ and a status page (sync.monitor), and a graceful stop."""
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 import time
@@ -230,8 +231,10 @@ class Daemon:
                 )
             elif report.status != "busy":
                 reason = report.error or report.status
-                if self._orphan_reasons.get(report.key) != reason:
-                    self._orphan_reasons[report.key] = reason
+                # Its count aside: an orphan drained over several sweeps is one reason.
+                kind = re.sub(r"not retired: [0-9]+ ", "not retired: # ", reason)
+                if self._orphan_reasons.get(report.key) != kind:
+                    self._orphan_reasons[report.key] = kind
                     logger.error("%s", reason)  # it names the computation
                     self.failures += 1
 

@@ -170,6 +170,7 @@ def test_an_orphan_s_failure_is_logged_once_per_reason(
         more_sweeps(daemon, 3)
         first, second, third = not_retired(records)
         assert "not delivered yet" in first and "HTTP 401" in second and third == first
+        assert "503" in first  # why they are not delivered yet
         receiver.on_request = None
         wait_for(lambda: retired(harness), 30, "a sweep to retire the orphan")
         # Another config brings the key back (the daemon's own config still lacks it): the

@@ -148,7 +148,8 @@ def _send_false(
         )
     left = sum(e.left_pending for e in entries)
     if error or left:
-        reason = error or f"{left} {what} are not delivered yet"
+        why = next((e.error for e in entries if e.error), None)
+        reason = error or f"{left} {what} are not delivered yet" + (f" ({why})" if why else "")
         raise AudienceSyncError(
             f'{label} "{key}" not retired: {reason}; retiring again sends the rest'
         )
