@@ -616,6 +616,26 @@ def test_a_group_takes_a_retired_audience_s_key_only_when_allowed(
     assert _sent(receiver) == {"u1": {"high_value_users": "pro"}}
 
 
+def test_a_column_dropped_from_a_group_s_query_is_warned_about_once(
+    harness: Harness, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A column removed from a trait group's query is not nulled at the destination (README);
+    the run that drops it said nothing, so members kept a stale trait unnoticed."""
+    import logging
+
+    _group(harness)
+    _rows(harness, [("u1", 2, "pro", None)])
+    assert harness.sync_named(GROUP).status == "succeeded"
+    _group(harness, query="SELECT user_id, open_tickets, last_ticket_at FROM summary")
+    with caplog.at_level(logging.WARNING, logger="sync"):
+        assert harness.sync_named(GROUP).status == "succeeded"
+        assert harness.sync_named(GROUP).status == "succeeded"
+    said = [r.getMessage() for r in caplog.records if "left its query" in r.getMessage()]
+    assert len(said) == 1, said
+    assert f'trait group "{GROUP}"' in said[0] and '"plan"' in said[0]
+    assert "NULL AS plan" in said[0]
+
+
 def test_retire_refusals_name_a_trait_group_a_trait_group(
     harness: Harness, receiver: Receiver
 ) -> None:

@@ -12,6 +12,7 @@ planner, by the fastest path that stages the same rows.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,8 @@ from sync.run.trait_values import TraitColumns, exit_value
 from sync.state.audiences import store_exit_value
 from sync.state.leases import Lease
 from sync.state.tables import AUDIENCES, MEMBERSHIPS
+
+logger = logging.getLogger("sync.runner")
 
 # Called after each chunk of a source query is staged; raises to stop the run.
 AfterChunk = Callable[[], None]
@@ -407,6 +410,19 @@ def claim_trait_names(
                 f'trait group "{group.name}": column "{name}" is also the key of '
                 f"{rule.reserved[name]}; {rule.rename}"
             )
+    dropped = sorted(set(json.loads(before)) - set(stats.trait_names)) if before else []
+    if dropped:
+        # Not nulled (README: Trait groups): said once, by the run that drops them.
+        clear = ", ".join(f"NULL AS {name}" for name in dropped)
+        logger.warning(
+            'trait group "%s": %s %s left its %s; the destination keeps what its members were '
+            "sent of them%s",
+            group.name,
+            "trait(s)" if group.query is None else "column(s)",
+            ", ".join(f'"{name}"' for name in dropped),
+            "rules" if group.query is None else "query",
+            "" if group.query is None else f" (return {clear} for one run to clear them)",
+        )
 
 
 def fenced_commit(connection: Connection, lease: Lease) -> None:
