@@ -89,14 +89,14 @@ _CUT = re.compile(r"\.\.\.|…")
 # The shortest part of a secret hidden where an excerpt cuts it (shorter parts are too common
 # in ordinary text: "https..." before a cut, with a URL as a secret).
 MIN_CUT_PREFIX = 6
-# Where MySQL/MariaDB quote the SQL after the token they could not parse: the quote may start
-# inside a secret (after a quote character in it).
-_QUOTED = re.compile(r"near '")
-# Where PostgreSQL ("at or near") and SQLite ("near", "unrecognized token:") quote the one
-# token they could not parse: after a quote character in a secret, that token is a part of it.
-_TOKEN = re.compile(r'(?:near|token:) "')
+# Quote characters: errors quote what they could not parse or convert (MariaDB's near '…',
+# PostgreSQL's at or near "…" and invalid input syntax …: "…", SQLite's unrecognized token:
+# "…", MySQL's `…`), and a quote character inside a secret splits it into such runs.
+_Q = ("'", '"', "`")
+# A quote or a cut mark: where a text may cut a secret short.
+_MARK = re.compile(r"['\"`]|\.\.\.|…")
 # Texts holding none of these need no look for cut or quoted parts of secrets.
-_MARKS = ("...", "…", "near '", 'near "', 'token: "')
+_MARKS = ("...", "…", *_Q)
 # scheme://userinfo@ where the userinfo runs to the LAST "@" before the authority ends: a
 # password with an unencoded "@" must not leak its tail.
 _URL_USERINFO = re.compile(
@@ -115,11 +115,15 @@ def _hide_userinfo(match: re.Match[str]) -> str:
 
 
 def _forms(secret: str) -> Iterator[str]:
-    """The secret as it may appear in a text: raw, JSON-escaped, percent-encoded or decoded."""
+    """The secret as it may appear in a text: raw, JSON-escaped, percent-encoded or decoded;
+    as a database quotes the value of a literal holding it (a doubled quote undoubled:
+    PostgreSQL's invalid input syntax for type integer: "Kq7x'Zp2m")."""
     yield secret
     yield json.dumps(secret)[1:-1]
     yield quote(secret, safe="")
     yield unquote(secret)
+    single, double = secret.replace("''", "'"), secret.replace('""', '"')
+    yield from {single, double, single.replace('""', '"')} - {secret}
 
 
 def _shared_start(text: str, secret: str) -> int:
@@ -135,24 +139,37 @@ def _shared_start(text: str, secret: str) -> int:
     return 0
 
 
-def _shared_end(text: str, secret: str) -> int:
-    """The length of the longest part of ``secret`` (at least ``MIN_CUT_PREFIX`` characters,
-    not its start) that ``text`` starts with and that runs to the secret's end or to a cut
-    mark in ``text`` (an excerpt cut on both sides inside it); 0 if none."""
+def _shared_part(text: str, secret: str) -> int:
+    """The length of the longest part of ``secret`` (at least ``MIN_CUT_PREFIX`` characters)
+    that ``text`` starts with and that runs to the secret's end (an excerpt starting inside
+    it) or to where ``text`` cuts or quotes it (``_ends_run``: an excerpt cut on both sides
+    inside it, a token a quote character in the secret ended); 0 if none."""
     head = text[:MIN_CUT_PREFIX]
     if len(head) < MIN_CUT_PREFIX:
         return 0
     best = 0
-    at = secret.find(head, 1)
+    at = secret.find(head)
     while at >= 0:
         run = MIN_CUT_PREFIX
         limit = min(len(text), len(secret) - at)
         while run < limit and text[run] == secret[at + run]:
             run += 1
-        if at + run == len(secret) or _CUT.match(text, run):
+        if at and at + run == len(secret):
             best = max(best, run)
+        while run >= MIN_CUT_PREFIX and not _ends_run(text, run):
+            run -= 1
+        best = max(best, run if run >= MIN_CUT_PREFIX else 0)
         at = secret.find(head, at + 1)
     return best
+
+
+def _ends_run(text: str, end: int) -> bool:
+    """Whether a quoted or cut run of ``text`` may end at ``end``: before its first closing
+    quote (not after a quote: a secret's quote characters show as the quotes they became),
+    a cut mark, the end of a line or of ``text``."""
+    if text[end - 1] in _Q:
+        return False
+    return end == len(text) or text[end] in _Q or text[end] == "\n" or bool(_CUT.match(text, end))
 
 
 class Redactor:
@@ -173,8 +190,8 @@ class Redactor:
         """Every part of MIN_CUT_PREFIX characters of a secret an excerpt may cut -> the
         secrets holding it: where a cut ends (or a quote starts) inside a secret, the
         characters next to it are such a part, so one lookup finds the candidates. Built on
-        first use (most processes never redact a cut excerpt); two threads building it at once
-        build the same index."""
+        first use (the first text with a quote or a cut mark), not with every redactor
+        ``install`` makes; two threads building it at once build the same index."""
         if self._index is None:
             index: dict[str, set[str]] = {}
             for form in self._cuttable:
@@ -188,63 +205,43 @@ class Redactor:
         if self._pattern is not None:
             text = self._pattern.sub(REDACTED, text)
         if self._cuttable and any(mark in text for mark in _MARKS):
-            text = self._hide_parts(text)
+            text = _replace(text, self._part_spans(text))
         return _URL_USERINFO.sub(_hide_userinfo, text)
 
-    def _hide_parts(self, text: str) -> str:
-        """``text`` with the parts of secrets an excerpt cut hidden: the start of one where a
-        cut mark ends it (MariaDB quotes 80 characters of SQL and marks the cut: "…,
-        'Kq7xZp2m...") and the end of one where MySQL's ``near '`` quote starts inside it
-        (after a quote character the secret holds), or where an excerpt starts with a cut
-        mark (PostgreSQL: "LINE 1: ...mRwLm9Tt' AND"); the token PostgreSQL and SQLite quote
-        as ``near "…"`` when it is a part of a secret. Each looks at most a secret's length
-        around its mark (so a secret holding "..." is seen whole)."""
+    def _part_spans(self, text: str) -> list[tuple[int, int]]:
+        """Where ``text`` shows parts of secrets that a cut or a quote split off: the start of
+        one where a cut mark or a quote ends it (MariaDB quotes 80 characters of SQL and marks
+        the cut: "…, 'Kq7xZp2m..."; PostgreSQL: invalid input syntax for type integer:
+        "Kq7xZp2m" of a secret holding "','"), the end of one where a quote or a cut mark
+        starts inside it (after a quote character the secret holds: MariaDB's ``near
+        '-Tail'``, PostgreSQL's "LINE 1: ...mRwLm9Tt' AND", an unterminated string running on
+        into the SQL: ``at or near "'Zp2mRwLm9Tt AND …"``), and a quoted run that is a part of
+        one (``near ""cdEFGhij""`` quotes a quoted identifier). Each looks at most a secret's
+        length around its mark (so a secret holding "..." is seen whole); a mark whose next or
+        previous characters are no part of a secret costs one lookup."""
         spans: list[tuple[int, int]] = []
-        cuts = list(_CUT.finditer(text))
-        for mark in cuts:
-            before = text[max(0, mark.start() - self._longest) : mark.start()]
-            candidates = self._parts.get(before[-MIN_CUT_PREFIX:], ())
-            longest = max((_shared_start(before, form) for form in candidates), default=0)
-            if longest:
-                spans.append((mark.start() - longest, mark.start()))
-        quotes = [m.end() for m in _QUOTED.finditer(text)]
-        for start in quotes + [m.end() for m in cuts]:
-            after = text[start : start + self._longest]
-            candidates = self._parts.get(after[:MIN_CUT_PREFIX], ())
-            longest = max((_shared_end(after, form) for form in candidates), default=0)
-            if longest:
-                spans.append((start, start + longest))
-        for mark in _TOKEN.finditer(text):
-            spans.extend(self._token_part(text, mark.end()))
-        if not spans:
-            return text
-        pieces: list[str] = []
-        done = 0
-        for start, end in sorted(spans):
-            if end <= done:
-                continue
-            pieces.append(text[done : max(start, done)] + REDACTED)
-            done = end
-        pieces.append(text[done:])
-        return "".join(pieces)
-
-    def _token_part(self, text: str, start: int) -> list[tuple[int, int]]:
-        """The span of a secret's part in the token quoted at ``start`` (its quotes left out:
-        ``near ""cdEFGhij""`` quotes a quoted identifier): the whole token when it lies inside
-        a secret, or the end of a secret it starts with (an unterminated string runs on into
-        the SQL after the secret: ``at or near "'Zp2mRwLm9Tt AND …"``)."""
-        while start < len(text) and text[start] in "'\"":
-            start += 1
-        end = start
-        while end < len(text) and text[end] not in '"\n':
-            end += 1
-        token = text[start:end]
-        candidates = self._parts.get(token[:MIN_CUT_PREFIX], ())
-        if len(token) >= MIN_CUT_PREFIX and any(token in form for form in candidates):
-            return [(start, end)]
-        after = text[start : start + self._longest]
-        longest = max((_shared_end(after, form) for form in candidates), default=0)
-        return [(start, start + longest)] if longest else []
+        parts = self._parts
+        for mark in _MARK.finditer(text):
+            at, after = mark.span()
+            quote = after - at == 1 and text[at] != "…"
+            # A quoted run starts after its last opening quote and ends at its first closing
+            # one: `""cdEFGhij""` quotes the identifier cdEFGhij (a secret's quote characters
+            # show as the quotes they became).
+            if not (quote and text[at - 1 : at] in _Q):
+                candidates = parts.get(text[max(0, at - MIN_CUT_PREFIX) : at])
+                if candidates:
+                    before = text[max(0, at - self._longest) : at]
+                    longest = max(_shared_start(before, form) for form in candidates)
+                    if longest:
+                        spans.append((at - longest, at))
+            if not (quote and text[after : after + 1] in _Q):
+                candidates = parts.get(text[after : after + MIN_CUT_PREFIX])
+                if candidates:
+                    rest = text[after : after + self._longest + 1]
+                    longest = max(_shared_part(rest, form) for form in candidates)
+                    if longest:
+                        spans.append((after, after + longest))
+        return spans
 
     def redact_tree(self, value: Any) -> Any:
         """A copy of a JSON-like value (dicts, lists, strings) with every string redacted."""
@@ -259,6 +256,26 @@ class Redactor:
     def union(self, other: Redactor) -> Redactor:
         """A redactor that hides what either hides."""
         return Redactor(self.secrets | other.secrets)
+
+
+def _replace(text: str, spans: list[tuple[int, int]]) -> str:
+    """``text`` with each span replaced by ``REDACTED``, overlapping or touching spans as one
+    (the parts on either side of a quote in a secret)."""
+    if not spans:
+        return text
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    pieces: list[str] = []
+    done = 0
+    for start, end in merged:
+        pieces.append(text[done:start] + REDACTED)
+        done = end
+    pieces.append(text[done:])
+    return "".join(pieces)
 
 
 _installed = Redactor()

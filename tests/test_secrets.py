@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
 from sync.cli import cli
@@ -473,3 +473,92 @@ def test_a_secret_s_tail_in_an_unterminated_string_or_a_quoted_identifier_is_hid
     )
     quoted = Redactor(['ab"cdEFGhij"KLMnopQRst'])
     assert quoted.redact('near ""cdEFGhij"": syntax error') == 'near ""***"": syntax error'
+
+
+@pytest.mark.parametrize(
+    ("database", "query", "secret", "shown", "reason"),
+    [
+        # PostgreSQL's invalid input syntax quotes the value as parsed: a doubled quote undoubled.
+        pytest.param(
+            "postgresql",
+            "SELECT user_id FROM members WHERE id = '${SRC_TOKEN}'",
+            "Kq7x''Zp2mRwLm9Tt",
+            "Kq7x'Zp2mRwLm9Tt",
+            "invalid input syntax for type integer",
+            id="postgresql-doubled-quote-undoubled",
+        ),
+        # ... or the secret's start, up to the quote in it that ended the literal.
+        pytest.param(
+            "postgresql",
+            "SELECT user_id FROM members WHERE id IN ('${SRC_TOKEN}')",
+            "Kq7xZp2m','Rw9sLm9Tt",
+            "Kq7xZp2m",
+            "invalid input syntax for type integer",
+            id="postgresql-start-before-a-quote",
+        ),
+    ],
+)
+def test_a_secret_a_source_database_rewrites_in_its_error_never_shows(
+    harness: Harness,
+    request: pytest.FixtureRequest,
+    database: str,
+    query: str,
+    secret: str,
+    shown: str,
+    reason: str,
+) -> None:
+    """A `${…_TOKEN}` read into a PostgreSQL or MariaDB source's query and quoted back by the
+    database's error otherwise than as written (each case says how) showed in the exit line,
+    the log, `runs`, the state DB and the alert (review)."""
+    from tests.receiver import Receiver
+
+    fixture = "mysql_database_url" if database == "mariadb" else "postgres_schema_url"
+    source_url: str = request.getfixturevalue(fixture)
+    source = create_engine(source_url)
+    try:
+        with source.begin() as connection:
+            connection.execute(text("CREATE TABLE members (user_id TEXT, id INTEGER, x TEXT)"))
+    finally:
+        source.dispose()
+    harness.source_url = source_url
+    harness.audience["query"] = query
+    harness.audience.pop("traits")
+    with Receiver().running() as alerts:
+        harness.config_extra += f'\n[alerts.pager]\ntype = "webhook"\nurl = "{alerts.url}/a"\n'
+        path = harness.write_config()
+        runner = CliRunner(env={"SRC_TOKEN": secret})
+        outputs: dict[str, str] = {}
+        for command in (["sync"], ["sync", "--json"], ["runs"], ["runs", "--json"], ["status"]):
+            args = ["--config", str(path), "--log-level", "DEBUG", *command]
+            outputs[" ".join(command)] = runner.invoke(cli, args).output
+        outputs["the alerts"] = json.dumps([r.body for r in alerts.requests], ensure_ascii=False)
+    outputs["the state database"] = dump_state(harness.engine)
+    assert reason in outputs["sync"], outputs["sync"]  # the database's own error, redacted
+    assert reason in outputs["the alerts"] and reason in outputs["the state database"]
+    # No 6 characters of the secret in the form the database showed it.
+    pieces = {shown[i : i + 6] for i in range(len(shown) - 5)}
+    for where, output in outputs.items():
+        for piece in pieces:
+            assert piece not in output, f"{piece!r} of {shown!r} leaked into {where}:\n{output}"
+        assert "***" in output or where == "status", f"{where}:\n{output}"
+
+
+def test_a_quoted_run_that_is_a_part_of_a_secret_is_hidden_and_ordinary_quotes_are_not() -> None:
+    """One rule wherever a text quotes a run: a quoted run that is a part of a secret (6
+    characters or more of it), or starts with its end or ends with its start, is hidden, also
+    as the database parsed it (a doubled quote undoubled); quoted ordinary words are not
+    (review)."""
+    from sync.redaction import Redactor
+
+    hide = Redactor(["Kq7x''Zp2m\"\"Rw9sLm"])
+    undoubled = 'invalid input syntax for type integer: "Kq7x\'Zp2m""Rw9sLm"'
+    assert hide.redact(undoubled) == 'invalid input syntax for type integer: "***"'
+    assert hide.redact('for type integer: "Kq7x\'Zp2m"') == 'for type integer: "***"'
+    assert hide.redact("for type integer: `Zp2m\"\"Rw9`") == "for type integer: `***`"
+    for ordinary in (
+        "near 'SELECT user_id FROM members WHERE x = 1' at line 1",
+        'audience "High Value Users": query failed on source "warehouse"',
+        "Kq7x is not Zp2m's secret",
+        "near 'Zp2m' at line 1",
+    ):
+        assert hide.redact(ordinary) == ordinary
