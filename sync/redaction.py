@@ -117,13 +117,16 @@ def _hide_userinfo(match: re.Match[str]) -> str:
 def _forms(secret: str) -> Iterator[str]:
     """The secret as it may appear in a text: raw, JSON-escaped, percent-encoded or decoded;
     as a database quotes the value of a literal holding it (a doubled quote undoubled:
-    PostgreSQL's invalid input syntax for type integer: "Kq7x'Zp2m")."""
+    PostgreSQL's invalid input syntax for type integer: "Kq7x'Zp2m"), and with each 4-byte
+    character as "?" (MariaDB's near '…' excerpt is in a character set without them)."""
     yield secret
     yield json.dumps(secret)[1:-1]
     yield quote(secret, safe="")
     yield unquote(secret)
     single, double = secret.replace("''", "'"), secret.replace('""', '"')
     yield from {single, double, single.replace('""', '"')} - {secret}
+    if any(ord(c) > 0xFFFF for c in secret):
+        yield "".join("?" if ord(c) > 0xFFFF else c for c in secret)
 
 
 def _shared_start(text: str, secret: str) -> int:

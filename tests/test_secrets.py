@@ -475,6 +475,9 @@ def test_a_secret_s_tail_in_an_unterminated_string_or_a_quoted_identifier_is_hid
     assert quoted.redact('near ""cdEFGhij"": syntax error') == 'near ""***"": syntax error'
 
 
+EMOJI = "\U0001f600"  # a 4-byte (non-BMP) character: MariaDB's utf8mb3 messages cannot hold it
+
+
 @pytest.mark.parametrize(
     ("database", "query", "secret", "shown", "reason"),
     [
@@ -495,6 +498,15 @@ def test_a_secret_s_tail_in_an_unterminated_string_or_a_quoted_identifier_is_hid
             "Kq7xZp2m",
             "invalid input syntax for type integer",
             id="postgresql-start-before-a-quote",
+        ),
+        # MariaDB's near '…' excerpt shows a 4-byte character as "?".
+        pytest.param(
+            "mariadb",
+            "SELECT user_id FROM members WHERE x = '${SRC_TOKEN}'",
+            f"Zq9x'Kw4p{EMOJI}Lm8rTt2vQ",
+            "Kw4p?Lm8rTt2vQ",
+            "MySQL error 1064",
+            id="mariadb-near-excerpt-question-mark",
         ),
     ],
 )
@@ -561,4 +573,16 @@ def test_a_quoted_run_that_is_a_part_of_a_secret_is_hidden_and_ordinary_quotes_a
         "Kq7x is not Zp2m's secret",
         "near 'Zp2m' at line 1",
     ):
+        assert hide.redact(ordinary) == ordinary
+
+
+def test_a_4_byte_character_shown_as_a_question_mark_is_seen_through() -> None:
+    """MariaDB's near '…' excerpt is in a character set without 4-byte characters: each shows
+    as "?", and the rest of a secret after a quote in it showed (review)."""
+    from sync.redaction import Redactor
+
+    hide = Redactor([f"Zq9x'Kw4p\u00e9{EMOJI}Lm8r{EMOJI}Tt2vQ"])
+    near = "to use near 'Kw4p\u00e9?Lm8r?Tt2vQ'' at line 1"
+    assert hide.redact(near) == "to use near '***'' at line 1"
+    for ordinary in ("to use near '?' at line 1", "near '????????' at line 1"):
         assert hide.redact(ordinary) == ordinary
