@@ -10,6 +10,7 @@ userinfo of any URL it sees, so a secret it was never told about still does not 
 from __future__ import annotations
 
 import base64
+import codecs
 import contextlib
 import json
 import re
@@ -97,6 +98,9 @@ _Q = ("'", '"', "`")
 _MARK = re.compile(r"['\"`]|\.\.\.|…")
 # Texts holding none of these need no look for cut or quoted parts of secrets.
 _MARKS = ("...", "…", *_Q)
+# Bytes a database shows escaped (MariaDB's "Invalid utf8mb4 character string: 'Kq7x\xF0\x9F…'"
+# writes every byte outside printable ASCII so; Python's bytes in lower case).
+_ESCAPED_BYTES = re.compile(r"(?:\\x[0-9A-Fa-f]{2})+")
 # scheme://userinfo@ where the userinfo runs to the LAST "@" before the authority ends: a
 # password with an unencoded "@" must not leak its tail.
 _URL_USERINFO = re.compile(
@@ -118,7 +122,8 @@ def _forms(secret: str) -> Iterator[str]:
     """The secret as it may appear in a text: raw, JSON-escaped, percent-encoded or decoded;
     as a database quotes the value of a literal holding it (a doubled quote undoubled:
     PostgreSQL's invalid input syntax for type integer: "Kq7x'Zp2m"), and with each 4-byte
-    character as "?" (MariaDB's near '…' excerpt is in a character set without them)."""
+    character as "?" (MariaDB's near '…' excerpt is in a character set without them). Bytes a
+    database shows as ``\\xNN`` escapes are decoded in the text instead (``_hide_escaped``)."""
     yield secret
     yield json.dumps(secret)[1:-1]
     yield quote(secret, safe="")
@@ -186,6 +191,8 @@ class Redactor:
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
         self._cuttable = [f for f in ordered if len(f) > MIN_CUT_PREFIX]
         self._longest = max((len(f) for f in ordered), default=0)
+        # Secrets a database may show as byte escapes: any character outside printable ASCII.
+        self._escapable = any(c < " " or c > "~" for s in self.secrets for c in s)
         self._index: dict[str, set[str]] | None = None  # built when a text first needs it
 
     @property
@@ -205,6 +212,8 @@ class Redactor:
 
     def redact(self, text: str) -> str:
         """``text`` with every secret and URL userinfo replaced."""
+        if self._escapable and "\\x" in text:
+            text = self._hide_escaped(text)
         if self._pattern is not None:
             text = self._pattern.sub(REDACTED, text)
         if self._cuttable and any(mark in text for mark in _MARKS):
@@ -245,6 +254,38 @@ class Redactor:
                     if longest:
                         spans.append((after, after + longest))
         return spans
+
+    def _hide_escaped(self, text: str) -> str:
+        """``text`` with the secrets (and cut or quoted parts of them) that it shows as byte
+        escapes hidden: MariaDB's error 1300 shows a value's bytes outside printable ASCII as
+        ``\\xF0\\x9F…`` ("Invalid utf8mb4 character string: 'Kq7x\\xF0\\x9F\\x98\\x80Zp2m'", cut
+        with "..." after 64 bytes, up to a quote in it). The escapes are decoded (bytes a cut
+        left without the rest of their character are dropped), the decoded text is looked at
+        like any other, and what it hides is hidden in ``text``, escapes and all."""
+        decoded: list[str] = []
+        origin: list[int] = []  # the index in ``text`` of each decoded character
+        done = 0
+        for run in _ESCAPED_BYTES.finditer(text):
+            decoded.append(text[done : run.start()])
+            origin.extend(range(done, run.start()))
+            data = bytes.fromhex(run.group().replace("\\x", ""))
+            # final=False: a trailing incomplete character (cut) is left out.
+            chars = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode(data)
+            at = run.start()
+            for char in chars:
+                origin.append(at)
+                at += 4 * len(char.encode("utf-8", "surrogateescape"))
+            decoded.append(chars)
+            done = run.end()
+        if not done:
+            return text
+        decoded.append(text[done:])
+        origin.extend(range(done, len(text) + 1))
+        plain = "".join(decoded)
+        spans = [m.span() for m in self._pattern.finditer(plain)] if self._pattern else []
+        if self._cuttable:
+            spans += self._part_spans(plain)
+        return _replace(text, [(origin[start], origin[end]) for start, end in spans])
 
     def redact_tree(self, value: Any) -> Any:
         """A copy of a JSON-like value (dicts, lists, strings) with every string redacted."""

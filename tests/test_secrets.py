@@ -508,6 +508,24 @@ EMOJI = "\U0001f600"  # a 4-byte (non-BMP) character: MariaDB's utf8mb3 messages
             "MySQL error 1064",
             id="mariadb-near-excerpt-question-mark",
         ),
+        # MariaDB's error 1300 shows the bytes outside printable ASCII as \xNN escapes...
+        pytest.param(
+            "mariadb",
+            "SELECT user_id FROM members WHERE id = ${SRC_TOKEN}",
+            f"Kq7x{EMOJI}Zp2mRw9sVb3n",
+            r"Kq7x\xF0\x9F\x98\x80Zp2mRw9sVb3n",
+            "MySQL error 1300",
+            id="mariadb-1300-byte-escapes",
+        ),
+        # ... of the secret's start, up to a quote in it.
+        pytest.param(
+            "mariadb",
+            "SELECT user_id FROM members WHERE id = ${SRC_TOKEN}",
+            f"Zq9{EMOJI}xW7'Kw4pLm8rTt2vQ",
+            r"Zq9\xF0\x9F\x98\x80xW7",
+            "MySQL error 1300",
+            id="mariadb-1300-start-before-a-quote",
+        ),
     ],
 )
 def test_a_secret_a_source_database_rewrites_in_its_error_never_shows(
@@ -585,4 +603,24 @@ def test_a_4_byte_character_shown_as_a_question_mark_is_seen_through() -> None:
     near = "to use near 'Kw4p\u00e9?Lm8r?Tt2vQ'' at line 1"
     assert hide.redact(near) == "to use near '***'' at line 1"
     for ordinary in ("to use near '?' at line 1", "near '????????' at line 1"):
+        assert hide.redact(ordinary) == ordinary
+
+
+def test_bytes_shown_as_escapes_are_decoded_before_looking() -> None:
+    """MariaDB's error 1300 shows bytes outside printable ASCII as `\\xNN` escapes, cut short
+    after 64 bytes (within a character's bytes, too); Python shows bytes in lower-case hex.
+    An escaped character some secret also holds, or a secret's start shorter than 6
+    characters, is no secret (review)."""
+    from sync.redaction import Redactor
+
+    hide = Redactor([f"Zq9x'Kw4p\u00e9{EMOJI}Lm8r{EMOJI}Tt2vQ", f"Ab{EMOJI}" + "C" * 40])
+    escaped = r"Invalid utf8mb4 character string: 'Zq9x'Kw4p\xC3\xA9\xF0\x9F\x98\x80Lm8r' (1300)"
+    assert hide.redact(escaped) == "Invalid utf8mb4 character string: '***' (1300)"
+    assert hide.redact(r"string: 'Ab\xF0\x9F\x98\x80CCCCCCCC...'") == "string: '***...'"
+    assert hide.redact(r"b'Kw4p\xc3\xa9\xf0\x9f\x98\x80Lm\xf0\x9f...'") == "b'***...'"
+    for ordinary in (
+        r"Invalid utf8mb4 character string: '\xF0\x9F\x98\x80' (1300)",
+        r"Invalid utf8mb4 character string: 'Ab\xF0\x9F\x98\x80' (1300)",
+        r"C:\x00\xff CCCCCC",
+    ):
         assert hide.redact(ordinary) == ordinary
