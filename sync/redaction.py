@@ -14,6 +14,7 @@ import codecs
 import contextlib
 import json
 import re
+import string
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -118,11 +119,17 @@ def _hide_userinfo(match: re.Match[str]) -> str:
     return f"{scheme}{user}:{REDACTED}@" if colon else match.group(0)
 
 
+# PostgreSQL folds an unquoted identifier's ASCII letters to lower case, and quotes it so:
+# column "kq7xzp2m" (or members.kq7xzp2m) does not exist.
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
 def _forms(secret: str) -> Iterator[str]:
     """The secret as it may appear in a text: raw, JSON-escaped, percent-encoded or decoded;
     as a database quotes the value of a literal holding it (a doubled quote undoubled:
     PostgreSQL's invalid input syntax for type integer: "Kq7x'Zp2m"), and with each 4-byte
-    character as "?" (MariaDB's near '…' excerpt is in a character set without them). Bytes a
+    character as "?" (MariaDB's near '…' excerpt is in a character set without them); with
+    its ASCII letters in lower case (PostgreSQL folds an unquoted identifier). Bytes a
     database shows as ``\\xNN`` escapes are decoded in the text instead (``_hide_escaped``)."""
     yield secret
     yield json.dumps(secret)[1:-1]
@@ -132,6 +139,9 @@ def _forms(secret: str) -> Iterator[str]:
     yield from {single, double, single.replace('""', '"')} - {secret}
     if any(ord(c) > 0xFFFF for c in secret):
         yield "".join("?" if ord(c) > 0xFFFF else c for c in secret)
+    folded = secret.translate(_ASCII_LOWER)
+    if len(secret) >= MIN_CUT_PREFIX and folded != secret:
+        yield folded
 
 
 def _shared_start(text: str, secret: str) -> int:

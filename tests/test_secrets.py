@@ -526,6 +526,15 @@ EMOJI = "\U0001f600"  # a 4-byte (non-BMP) character: MariaDB's utf8mb3 messages
             "MySQL error 1300",
             id="mariadb-1300-start-before-a-quote",
         ),
+        # PostgreSQL folds an unquoted identifier to lower case.
+        pytest.param(
+            "postgresql",
+            "SELECT user_id FROM members WHERE members.${SRC_TOKEN} = 1",
+            "Kq7xZp2mRw9sVb3n",
+            "kq7xzp2mrw9svb3n",
+            "does not exist",
+            id="postgresql-identifier-folded-to-lower-case",
+        ),
     ],
 )
 def test_a_secret_a_source_database_rewrites_in_its_error_never_shows(
@@ -624,3 +633,17 @@ def test_bytes_shown_as_escapes_are_decoded_before_looking() -> None:
         r"C:\x00\xff CCCCCC",
     ):
         assert hide.redact(ordinary) == ordinary
+
+
+def test_an_identifier_folded_to_lower_case_is_hidden() -> None:
+    """PostgreSQL folds an unquoted identifier's letters to lower case: column
+    members.kq7xzp2m… does not exist showed a `${…_TOKEN}` read into a query unquoted. Secrets
+    shorter than 6 characters are matched as written only."""
+    from sync.redaction import Redactor
+
+    hide = Redactor(["Kq7xZp2mRw9sVb3n", "AbCdE"])
+    assert hide.redact("column members.kq7xzp2mrw9svb3n does not exist") == (
+        "column members.*** does not exist"
+    )
+    assert hide.redact('column "kq7xzp2mrw9" does not exist') == 'column "***" does not exist'
+    assert hide.redact('column "abcde" does not exist') == 'column "abcde" does not exist'
