@@ -391,10 +391,14 @@ class Syncer:
             wait=wait,
         )
 
-    def retire_orphans(self, *, force: bool, time_budget: float | None = None) -> list[RunReport]:
+    def retire_orphans(
+        self, *, force: bool, time_budget: float | None = None, start_after: str | None = None
+    ) -> list[RunReport]:
         """``on_removed = "retire"``: send ``false`` to the members of every audience removed
         from the config and retire it, one report each; the removal guard applies as to any
         run (``force`` passes it). ``time_budget`` caps each one's delivery, and none starts
         after it (the daemon's start-up and sweep retires, at most twice it: the rest is left
-        to the next sweep)."""
-        return retire_orphans(self._context, force=force, time_budget=time_budget)
+        to the next sweep, which starts after ``start_after``, the last key tried)."""
+        return retire_orphans(
+            self._context, force=force, time_budget=time_budget, start_after=start_after
+        )

@@ -64,6 +64,17 @@ STARTUP_RETIRE_SECONDS = 30.0
 SWEEP_RETIRE_SECONDS = 30.0
 
 
+def _failure_kind(reason: str) -> str | None:
+    """What an orphan's failure is, for logging it once per kind: its HTTP status or error
+    class where it names one (an error body carrying a request id, a count that drops as the
+    orphan drains, do not make another), else its text without numbers. None when nothing
+    was tried (its rows wait for their retry time): nothing new to say."""
+    if re.search(r"are not delivered yet; ", reason):
+        return None
+    found = re.search(r"\bHTTP [0-9]{3}\b|\b[A-Za-z]+(?:Error|Timeout|Exception)\b", reason)
+    return found.group(0) if found else re.sub(r"[0-9]+", "#", reason)
+
+
 class WallClockCronTrigger(CronTrigger):  # type: ignore[misc]
     """A cron trigger that, like cron, runs a job at a fixed hour once when the clock falls
     back: 01:30 happens twice in New York on the first Sunday of November, and APScheduler's
@@ -123,6 +134,7 @@ class Daemon:
         # The reason last logged for each removed computation not retired (guarded, failed):
         # logged when it changes, not on every sweep; forgotten once it is retired.
         self._orphan_reasons: dict[str, str] = {}
+        self._orphan_cursor: str | None = None  # the last orphan a retire tried
         # Its row in `daemons` (sync.state.daemons) and what /metrics shows (sync.monitor).
         self.daemon_id = new_owner_id()
         self.metrics = Metrics()
@@ -214,7 +226,12 @@ class Daemon:
         after it."""
         if self.config.defaults.on_removed != "retire" or self.stop.is_set():
             return
-        for report in self.syncer.retire_orphans(force=False, time_budget=time_budget):
+        reports = self.syncer.retire_orphans(
+            force=False, time_budget=time_budget, start_after=self._orphan_cursor
+        )
+        # The next retire starts after the last one tried: in turn, not always the first.
+        self._orphan_cursor = reports[-1].key if reports else None
+        for report in reports:
             label, what = (
                 ("audience", "false") if report.kind == "audience" else ("trait group", "nulls")
             )
@@ -231,9 +248,8 @@ class Daemon:
                 )
             elif report.status != "busy":
                 reason = report.error or report.status
-                # Its count aside: an orphan drained over several sweeps is one reason.
-                kind = re.sub(r"not retired: [0-9]+ ", "not retired: # ", reason)
-                if self._orphan_reasons.get(report.key) != kind:
+                kind = _failure_kind(reason)
+                if kind is not None and self._orphan_reasons.get(report.key) != kind:
                     self._orphan_reasons[report.key] = kind
                     logger.error("%s", reason)  # it names the computation
                     self.failures += 1

@@ -200,3 +200,70 @@ def test_a_stop_during_the_sweep_s_retire_is_prompt(harness: Harness, receiver: 
     assert time.monotonic() - asked < 10
     assert [r for r in records if r.getMessage() == "stopped cleanly"]
     assert not retired(harness)
+
+
+AARDVARK = """
+[[audiences]]
+name = "Aardvark"
+source = "warehouse"
+query = "SELECT user_id FROM members WHERE user_id LIKE 'a%'"
+destinations = ["segment"]
+"""
+
+
+def test_an_orphan_that_hangs_does_not_keep_the_others_from_being_retired(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """Orphans were tried in key order and none started once the budget was spent: one whose
+    destination hung for the whole budget (a request timing out) was the only one ever tried,
+    at start-up and at every sweep, and the others kept their `true` for good (hostile
+    review). Each retire now starts after the last orphan the previous one tried."""
+    harness.set_members(["a", "c1"])
+    harness.config_extra = CHURNED + AARDVARK
+    assert harness.sync().status == "succeeded"
+    assert harness.sync_named(OTHER).status == "succeeded"
+    assert harness.sync_named("Aardvark").status == "succeeded"
+    harness.defaults.update(on_removed="retire", schedule="1h")
+    harness.destinations["segment"]["timeout"] = 1
+    harness.config_extra = DAEMON
+    release = threading.Event()
+
+    def hang(request: Request) -> Scripted | None:
+        if any(m.get("traits", {}).get("aardvark") is False for m in request.body["batch"]):
+            release.wait(30)  # past the client's timeout
+            return Scripted(503, body='{"error": "down"}')
+        return None
+
+    receiver.on_request = hang
+    daemon = daemon_of(harness)
+    daemon.sweep_retire_seconds = 0.5  # less than one request's timeout
+    try:
+        with running(daemon):
+            wait_for(lambda: retired(harness), 30, "a sweep to retire the other orphan")
+    finally:
+        release.set()
+    assert receiver.state[("c1", OTHER)] is False
+
+
+def test_an_orphan_s_failure_with_a_changing_body_is_logged_once(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """A 503 whose body carries a request id (a load balancer's) made a new "reason" at every
+    sweep, so the same outage was logged at each one (hostile review)."""
+    orphan(harness)
+    harness.defaults["retry_initial_delay"] = "0.01s"
+    answered = [0]
+
+    def gateway(request: Request) -> Scripted | None:
+        if any(m.get("traits", {}).get(OTHER) is False for m in request.body["batch"]):
+            answered[0] += 1
+            return Scripted(503, body=f'{{"error": "down", "request_id": "r{answered[0]}"}}')
+        return None
+
+    receiver.on_request = gateway
+    with daemon_log() as records, running(daemon_of(harness)) as daemon:
+        wait_for(lambda: len(not_retired(records)) == 1, 30, "the first failure")
+        tried = answered[0]
+        more_sweeps(daemon, 4)
+        assert answered[0] > tried  # retried at the sweeps, each answer another body
+        assert len(not_retired(records)) == 1, not_retired(records)

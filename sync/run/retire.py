@@ -157,10 +157,16 @@ def _send_false(
 
 
 def retire_orphans(
-    context: RunContext, *, force: bool, time_budget: float | None = None
+    context: RunContext,
+    *,
+    force: bool,
+    time_budget: float | None = None,
+    start_after: str | None = None,
 ) -> list[RunReport]:
     """See ``Syncer.retire_orphans``; none is started once the process is asked to stop or
-    ``time_budget`` has passed: they are left to a later retire."""
+    ``time_budget`` has passed: they are left to a later retire, which passes the last key
+    this one tried as ``start_after`` (the order turns, so an orphan whose destination hangs
+    for the whole budget does not keep the others from ever being tried)."""
     until = None if time_budget is None else time.monotonic() + time_budget
     defaults = context.config.defaults
     with context.engine.connect() as connection:
@@ -186,6 +192,10 @@ def retire_orphans(
             )
             for o in found
         }
+    if start_after is not None:
+        found = [o for o in found if o.key > start_after] + [
+            o for o in found if o.key <= start_after
+        ]
     reports = []
     for orphan in found:
         if context.stop.is_set() or (until is not None and time.monotonic() > until):
