@@ -127,20 +127,29 @@ def _ledger_counts(
     connection: Connection, audience_id: int, start: int, end: int | None
 ) -> dict[str, int]:
     """What a run whose ledger rows are ids ``start`` < id <= ``end`` sent: members
-    acknowledged and rejected (per destination and member: a member in ``mode = "both"`` has
-    two rows). Empty when the ledger holds none (off, or pruned): the counts stay."""
-    counts: dict[str, int] = {}
-    for column, outcome in (("sent", "acknowledged"), ("rejected", "rejected")):
-        rows = (
-            select(L.c.destination, L.c.id_kind, L.c.member_id)
-            .where(L.c.id > start, L.c.audience_id == audience_id, L.c.outcome == outcome)
-            .distinct()
+    acknowledged and rejected. A member in ``mode = "both"`` has two rows, an identify and a
+    track, which fare together (one batch): per destination, the larger count of the two
+    types. One pass of the primary key's range, grouped on two narrow columns (a count of
+    distinct members took MariaDB ~35 s per million rows, inside the lease takeover). Empty
+    when the ledger holds none (off, or pruned): the counts stay."""
+    query = (
+        select(L.c.outcome, L.c.destination, L.c.message_type, func.count())
+        .where(
+            L.c.id > start,
+            L.c.audience_id == audience_id,
+            L.c.outcome.in_(("acknowledged", "rejected")),
         )
-        if end is not None:
-            rows = rows.where(L.c.id <= end)
-        found = connection.execute(select(func.count()).select_from(rows.subquery())).scalar()
-        if found:
-            counts[column] = int(found)
+        .group_by(L.c.outcome, L.c.destination, L.c.message_type)
+    )
+    if end is not None:
+        query = query.where(L.c.id <= end)
+    most: dict[tuple[str, str], int] = {}
+    for outcome, destination, _type, count in connection.execute(query):
+        most[(outcome, destination)] = max(most.get((outcome, destination), 0), int(count))
+    counts: dict[str, int] = {}
+    for (outcome, _destination), count in most.items():
+        column = "sent" if outcome == "acknowledged" else "rejected"
+        counts[column] = counts.get(column, 0) + count
     return counts
 
 
