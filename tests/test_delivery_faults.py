@@ -179,6 +179,36 @@ def test_each_half_of_a_split_batch_keeps_its_own_doubt(
     assert sorted(m["userId"] for m in receiver.messages()) == ["u2"]
 
 
+def test_a_rejected_message_an_earlier_attempt_may_have_applied_says_so(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """The gateway applied a batch and answered 502; the retry was rejected (400) and split
+    until u1 was alone. u1's only ledger row read `rejected`, while the destination holds its
+    messageId (hostile review): the row stays `rejected` (its last answer) and says so."""
+    harness.set_members(["u0", "u1"])
+    harness.defaults["retry_initial_delay"] = "0.01s"
+    answered: list[int] = []
+
+    def gateway(request: Any) -> Scripted | None:
+        answered.append(1)
+        if len(answered) == 1:
+            receiver._apply(request.body["batch"])
+            return Scripted(502, body="bad gateway")
+        return None  # the receiver's own answer: 400 for a batch holding u1
+
+    receiver.poison = {"u1"}
+    receiver.on_request = gateway
+    harness.sync()
+    rows = harness.memberships()
+    assert rows["u1"].in_doubt and not rows["u0"].in_doubt
+    with harness.engine.connect() as connection:
+        logged = connection.exec_driver_sql(
+            "SELECT outcome, reason FROM deliveries WHERE member_id = 'u1'"
+        ).all()
+    assert [outcome for outcome, _ in logged] == ["rejected"]
+    assert "an earlier attempt may have applied it" in logged[0][1]
+
+
 @pytest.mark.parametrize(
     ("status", "unknown"),
     [

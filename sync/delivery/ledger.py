@@ -721,9 +721,10 @@ class Ledger:
                 result.delivered, "acknowledged", None, recorded, handed, batch
             )
         for unit, reason in result.rejected:
-            rows += self._rows_of(
-                [unit], "rejected", redactor().redact(reason), None, handed, batch
-            )
+            said = redactor().redact(reason)
+            if result.doubtful(unit):  # its last answer, but the destination may hold it
+                said += "; an earlier attempt may have applied it (the row stays in doubt)"
+            rows += self._rows_of([unit], "rejected", said, None, handed, batch)
         if result.left:
             left_reason = redactor().redact(result.left_reason) if result.left_reason else None
             unknown = [unit for unit in result.left if result.doubtful(unit)]
