@@ -799,3 +799,72 @@ def test_a_group_s_dry_run_reads_who_holds_a_name_from_the_state_db(
     dry = CliRunner().invoke(cli, ["--config", config, "sync", GROUP, "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert "planned" in dry.output
+
+
+def test_a_group_retired_without_nulls_keeps_its_traits_from_others(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """A trait group retired without --send-null leaves its values at the destination: a new
+    group taking its trait for some users mixed the two groups' values there, and an audience
+    could take the trait as its key (hostile review). They are refused without
+    allow_key_reuse; retired with its nulls, the names are free."""
+    from click.testing import CliRunner
+
+    from sync.cli import cli
+
+    _replace_g1_by_g2(harness)
+    runner = CliRunner()
+    config = str(harness.write_config())
+    assert runner.invoke(cli, ["--config", config, "retire", "g1"]).exit_code == 0
+    refused = harness.sync_named("G2")
+    assert refused.status == "failed"
+    assert 'the trait group "G1", retired without --send-null' in str(refused.error)
+    assert "allow_key_reuse = true" in str(refused.error)
+    allowed = harness.config_extra + "allow_key_reuse = true\n"
+    plan = (
+        '[[audiences]]\nname = "Plan"\nsource = "warehouse"\n'
+        'query = "SELECT user_id FROM members"\ndestinations = ["segment"]\n'
+    )
+    harness.config_extra = plan
+    audience = harness.sync_named("Plan")
+    assert audience.status == "failed"
+    assert 'its key "plan" was a key of the trait group "G1"' in str(audience.error)
+    harness.config_extra = allowed
+    assert harness.sync_named("G2").status == "succeeded"
+    assert receiver.state[("u1", "plan")] == "PRO"
+
+
+def test_an_audience_cannot_carry_a_retired_audience_s_key(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """After `retire pro_users --send-false`, a new audience carrying `traits = ["pro_users"]`
+    sent that name with other values (hostile review): refused without allow_key_reuse."""
+    from click.testing import CliRunner
+
+    from sync.cli import cli
+
+    harness.warehouse_sql("CREATE TABLE t (user_id TEXT, pro_users TEXT)")
+    harness.warehouse_sql("INSERT INTO t VALUES ('u1', 'pro')")
+    harness.set_members(["u1"])
+    pro = (
+        '[[audiences]]\nname = "Pro Users"\nsource = "warehouse"\n'
+        'query = "SELECT user_id FROM members"\ndestinations = ["segment"]\n'
+    )
+    harness.config_extra = pro
+    assert harness.sync_named("Pro Users").status == "succeeded"
+    harness.config_extra = ""
+    config = str(harness.write_config())
+    retired = CliRunner().invoke(cli, ["--config", config, "retire", "pro_users", "--send-false"])
+    assert retired.exit_code == 0, retired.output
+    harness.config_extra = (
+        '[[audiences]]\nname = "Plans"\nsource = "warehouse"\n'
+        'query = "SELECT user_id, pro_users FROM t"\ntraits = ["pro_users"]\n'
+        'destinations = ["segment"]\n'
+    )
+    refused = harness.sync_named("Plans")
+    assert refused.status == "failed"
+    assert 'the trait "pro_users" it carries was a key of the retired audience' in str(
+        refused.error
+    )
+    harness.config_extra += "allow_key_reuse = true\n"
+    assert harness.sync_named("Plans").status == "succeeded"

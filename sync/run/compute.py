@@ -213,35 +213,62 @@ def _reserved_names(
     if connection is not None:
         reserved.update(_removed_keys(connection, config, group, reserved))
         if not group.allow_key_reuse:
-            for name, holder in _retired_keys(connection, group).items():
-                reserved.setdefault(name, holder)
+            held_here = {d: _held(connection, group, [d]) for d in group.destinations}
+            for name, (_, holder, destination) in _retired_names(connection, group).items():
+                if name not in held_here[destination]:  # a name it holds stays its own
+                    reserved.setdefault(
+                        name,
+                        f'{holder} at destination "{destination}" (a retired key is not '
+                        f"reused: {REUSE.format('the trait group')})",
+                    )
     return reserved
 
 
-def _retired_keys(connection: Connection, group: ComputationConfig) -> dict[str, str]:
-    """Keys of retired audiences that sent to one of ``group``'s destinations: reserved, as
-    they are for audiences, unless the group sets ``allow_key_reuse`` (a trait of that name
-    would give the destination's true/false trait another meaning). A name the group already
-    holds there stays its own. A retired trait group's traits are free (retiring it nulled
-    them: a group taking them over is how one replaces another)."""
+def _retired_names(
+    connection: Connection, computation: ComputationConfig
+) -> dict[str, tuple[str, str, str]]:
+    """Names retired computations still hold at one of ``computation``'s destinations, each
+    with (the holder's kind, the holder, its destination): a retired audience's key
+    (reserved, as it is for audiences: a trait of that name would give the destination's
+    true/false trait another meaning) and the traits of a trait group retired without
+    ``--send-null`` (its members keep its values there: a new group sending one to some
+    users would mix the two). A trait group retired with its nulls delivered holds nothing."""
     rows = connection.execute(
-        select(AUDIENCES.c.key, AUDIENCES.c.name).where(
-            AUDIENCES.c.retired_at.is_not(None), AUDIENCES.c.kind == "audience"
+        select(AUDIENCES.c.id, AUDIENCES.c.key, AUDIENCES.c.name, AUDIENCES.c.kind).where(
+            AUDIENCES.c.retired_at.is_not(None)
         )
     ).all()
-    found: dict[str, str] = {}
-    for key, name in rows:
-        for destination in group.destinations:
-            if not _sent_to_key(connection, key, [destination]):
+    found: dict[str, tuple[str, str, str]] = {}
+    for retired_id, key, name, kind in rows:
+        for destination in computation.destinations:
+            if kind == "audience":
+                if not _sent_to_key(connection, key, [destination]):
+                    continue
+                found.setdefault(key, (kind, f'the retired audience "{name}"', destination))
+                break
+            if not _values_left(connection, retired_id, destination):
                 continue
-            if key in _held(connection, group, [destination]):
-                continue
-            found[key] = (
-                f'the retired audience "{name}" at destination "{destination}" (a retired key '
-                "is not reused: set allow_key_reuse = true on the trait group to reuse it)"
-            )
+            holder = f'the trait group "{name}", retired without --send-null'
+            for held in _recorded_names(connection, key):
+                found.setdefault(held, (kind, holder, destination))
             break
     return found
+
+
+def _values_left(connection: Connection, group_id: int, destination: str) -> bool:
+    """Whether a trait group left values at ``destination``: a row acknowledged with other
+    than its leaver value (its traits all null)."""
+    exit_row = select(AUDIENCES.c.exit_value).where(AUDIENCES.c.id == group_id)
+    query = select(MEMBERSHIPS.c.member_id).where(
+        MEMBERSHIPS.c.audience_id == group_id,
+        MEMBERSHIPS.c.destination == destination,
+        MEMBERSHIPS.c.synced_value.is_not(None),
+        MEMBERSHIPS.c.synced_value != exit_row.scalar_subquery(),
+    )
+    return connection.execute(query.limit(1)).first() is not None
+
+
+REUSE = "set allow_key_reuse = true on {} to reuse it"
 
 
 def _removed_keys(
@@ -314,7 +341,31 @@ def audience_clash(
                     f'audience "{audience.name}": the trait "{taken[0]}" it carries is a '
                     f"trait that {where}; remove it from traits"
                 )
-    return _removed_group_clash(connection, config, audience)
+    return _removed_group_clash(connection, config, audience) or _retired_clash(
+        connection, audience
+    )
+
+
+def _retired_clash(connection: Connection, audience: ComputationConfig) -> str | None:
+    """An audience's carried trait named like a retired audience's key, or its key or a
+    carried trait named like a trait a group retired without ``--send-null`` left at one of
+    its destinations; unless it sets ``allow_key_reuse``. (Its own key, retired before, is
+    ``key_refusal``'s.)"""
+    if audience.allow_key_reuse:
+        return None
+    for name, (kind, holder, destination) in _retired_names(connection, audience).items():
+        if name == audience.trait_key and kind == "trait":
+            what = f'its key "{name}"'
+        elif name in audience.extra_traits:
+            what = f'the trait "{name}" it carries'
+        else:
+            continue
+        return (
+            f'audience "{audience.name}": {what} was a key of {holder} at destination '
+            f'"{destination}"; a retired key is not reused: choose another, or '
+            f"{REUSE.format('the audience')}"
+        )
+    return None
 
 
 def _removed_group_clash(
