@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,51 @@ def test_a_rejected_message_an_earlier_attempt_may_have_applied_says_so(
         ).all()
     assert [outcome for outcome, _ in logged] == ["rejected"]
     assert "an earlier attempt may have applied it" in logged[0][1]
+
+
+def test_each_half_of_a_split_batch_keeps_its_own_reason_and_retry_time(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """A rejected batch is split: one half is throttled (429, Retry-After 30), the other
+    applied and answered 502, then refused (401). The second half's rows were recorded with
+    the first half's 429 and its 30 s retry time, their ledger rows `unknown` with HTTP 429
+    (hostile review): each half keeps its own."""
+    members = [f"u{i}" for i in range(8)]
+    harness.set_members(members)
+    harness.defaults["retry_initial_delay"] = "0.01s"
+    seen: list[list[str]] = []
+
+    def script(request: Any) -> Scripted | None:
+        batch = [m["userId"] for m in request.body["batch"]]
+        seen.append(batch)
+        if len(seen) == 1:
+            return Scripted(400, body='{"error": "bad batch"}')
+        if batch == members[:4]:
+            return Scripted(429, body='{"error": "slow down"}', headers={"Retry-After": "30"})
+        if seen.count(members[4:]) == 1:
+            receiver._apply(request.body["batch"])
+            return Scripted(502, body="bad gateway")
+        return Scripted(401, body='{"error": "revoked"}')
+
+    receiver.on_request = script
+    harness.sync()
+    rows = harness.memberships()
+    with harness.engine.connect() as connection:
+        logged = {
+            member: (outcome, status)
+            for member, outcome, status in connection.exec_driver_sql(
+                "SELECT member_id, outcome, http_status FROM deliveries"
+            ).all()
+        }
+    for member in members[:4]:
+        assert not rows[member].in_doubt and "429" in rows[member].last_error
+        assert logged[member] == ("refused", 429)
+    for member in members[4:]:
+        assert rows[member].in_doubt and "401" in rows[member].last_error, rows[member]
+        assert logged[member] == ("unknown", 401)
+    later = {m: rows[m].next_attempt_at for m in members}
+    assert later["u0"] is not None and later["u4"] is not None
+    assert later["u0"] - later["u4"] > timedelta(seconds=20), later
 
 
 @pytest.mark.parametrize(

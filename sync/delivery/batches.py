@@ -50,6 +50,16 @@ class BatchResult:
     # When its page was handed over: [time, the driver's form of it] (``Ledger.handed``).
     handed: list[Any] | None = None
 
+    # A split batch's left units whose half ended for another reason or delay than
+    # ``left_reason``/``retry_delay``: (id kind, member id) -> (reason, delay).
+    left_why: dict[tuple[str, str], tuple[str | None, float]] = field(default_factory=dict)
+
+    def why(self, unit: Unit) -> tuple[str | None, float]:
+        """Why ``unit`` was left, and when it may be retried (seconds from now)."""
+        return self.left_why.get(
+            (unit.id_kind, unit.member_id), (self.left_reason, self.retry_delay)
+        )
+
     def doubtful(self, unit: Unit) -> bool:
         """Whether the destination may have applied ``unit`` in an attempt of this batch."""
         return (unit.id_kind, unit.member_id) in self.uncertain

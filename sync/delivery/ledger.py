@@ -178,6 +178,14 @@ def _by_version(units: list[Unit]) -> dict[tuple[str, int], list[Unit]]:
     return groups
 
 
+def _by_why(result: BatchResult) -> dict[tuple[str | None, float], list[Unit]]:
+    """The left units by (reason, retry delay): one per half of a split batch at most."""
+    groups: dict[tuple[str | None, float], list[Unit]] = {}
+    for unit in result.left:
+        groups.setdefault(result.why(unit), []).append(unit)
+    return groups
+
+
 def _http_status(reason: str | None) -> int | None:
     """The HTTP status a destination's answer carried, as its reason names it."""
     found = _HTTP_STATUS.search(reason) if reason else None
@@ -613,18 +621,17 @@ class Ledger:
                 elif by_sql:  # the rows changed meanwhile: log what was read (not what is now)
                     at = self._time(now)
                     log.extend(self._rows_of(units, "acknowledged", None, at, handed, batch))
-            retry_at = now + timedelta(seconds=result.retry_delay)
-            for (kind, version, in_doubt), members in _groups(result.left, doubt).items():
-                connection.execute(
-                    update(M)
-                    .where(self._where_at)
-                    .values(
-                        last_error=result.left_reason, next_attempt_at=retry_at, in_doubt=in_doubt
-                    ),
-                    self._params(kind, members, version),
-                )
-                if in_doubt:
-                    self._doubt_changed(connection, kind, version, members)
+            for (reason, delay), units in _by_why(result).items():
+                retry_at = now + timedelta(seconds=delay)
+                for (kind, version, in_doubt), members in _groups(units, doubt).items():
+                    connection.execute(
+                        update(M)
+                        .where(self._where_at)
+                        .values(last_error=reason, next_attempt_at=retry_at, in_doubt=in_doubt),
+                        self._params(kind, members, version),
+                    )
+                    if in_doubt:
+                        self._doubt_changed(connection, kind, version, members)
             doubtful = [u for u, _reason in result.rejected if doubt(u)]
             for (kind, version, _), members in _groups(doubtful).items():
                 self._doubt_changed(connection, kind, version, members)
@@ -725,10 +732,10 @@ class Ledger:
             if result.doubtful(unit):  # its last answer, but the destination may hold it
                 said += "; an earlier attempt may have applied it (the row stays in doubt)"
             rows += self._rows_of([unit], "rejected", said, None, handed, batch)
-        if result.left:
-            left_reason = redactor().redact(result.left_reason) if result.left_reason else None
-            unknown = [unit for unit in result.left if result.doubtful(unit)]
-            refused = [unit for unit in result.left if not result.doubtful(unit)]
+        for (why, _delay), units in _by_why(result).items():
+            left_reason = redactor().redact(why) if why else None
+            unknown = [unit for unit in units if result.doubtful(unit)]
+            refused = [unit for unit in units if not result.doubtful(unit)]
             rows += self._rows_of(unknown, "unknown", left_reason, None, handed, batch)
             rows += self._rows_of(refused, "refused", left_reason, None, handed, batch)
         return rows

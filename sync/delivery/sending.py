@@ -193,6 +193,13 @@ class Sender:
                 first.left_reason = first.left_reason or str(exc)
                 return first
             second = self._or_fatal(units[middle:])
+            # Each half's left units keep their own reason and delay (a 429's Retry-After is
+            # not the other half's 401).
+            left_why = {
+                (unit.id_kind, unit.member_id): half.why(unit)
+                for half in (first, second)
+                for unit in half.left
+            }
             return BatchResult(
                 delivered=first.delivered + second.delivered,
                 rejected=first.rejected + second.rejected,
@@ -201,6 +208,7 @@ class Sender:
                 retry_delay=max(first.retry_delay, second.retry_delay),
                 uncertain=first.uncertain | second.uncertain,
                 fatal=second.fatal,
+                left_why=left_why,
             )
         return BatchResult(delivered=list(units))
 
