@@ -237,8 +237,28 @@ def test_rows_older_than_keep_deliveries_are_pruned(harness: Harness, receiver: 
     with harness.engine.begin() as connection:
         connection.execute(update(DELIVERIES).values(sent_at=old))
     harness.config_extra = ""
-    assert prune_deliveries(harness.engine, keep_seconds=86_400) == 2
+    assert prune_deliveries(harness.engine, keep_seconds=86_400) == 1
     assert prune_deliveries(harness.engine, keep_seconds=86_400) == 0
+
+
+def test_ledger_ids_are_never_reused_after_a_prune(harness: Harness, receiver: Receiver) -> None:
+    """A prune that emptied `deliveries` let SQLite hand out its ids again (the largest id of
+    an emptied table restarts at 1), so a run's rows could fall before its `runs.ledger_from`
+    and its abandoned record counted none of them (hostile review). The newest row is kept."""
+    harness.set_members(["a", "b"])
+    harness.sync()
+    with harness.engine.begin() as connection:
+        old = state_now(connection) - timedelta(days=31)
+        connection.execute(update(DELIVERIES).values(sent_at=old))
+        last = connection.execute(select(func.max(DELIVERIES.c.id))).scalar()
+    assert prune_deliveries(harness.engine, keep_seconds=86_400) == 1
+    harness.set_members(["a", "b", "c"])
+    harness.sync()
+    with harness.engine.connect() as connection:
+        ids = connection.execute(
+            select(DELIVERIES.c.id).where(DELIVERIES.c.member_id == "c")
+        ).scalars()
+        assert [new > last for new in ids] == [True]
 
 
 def test_a_message_without_extra_traits_logs_sql_null(harness: Harness, receiver: Receiver) -> None:

@@ -198,15 +198,17 @@ def prune_deliveries(engine: Engine, keep_seconds: float) -> int:
 
     Rows are appended in ``id`` order, so the first young row by ``id`` bounds what goes: a
     walk of the primary key, no index on ``sent_at``. An old row appended after a young one
-    (a slow batch of another computation) waits for the next prune."""
+    (a slow batch of another computation) waits for the next prune. The newest row is never
+    deleted: SQLite hands out the ids of an emptied table again, which would put a run's rows
+    before its ``runs.ledger_from``."""
     deleted = 0
     with engine.connect() as connection:
         cutoff = state_now(connection) - timedelta(seconds=keep_seconds)
         young = connection.execute(
             select(L.c.id).where(L.c.sent_at >= cutoff).order_by(L.c.id).limit(1)
         ).scalar()
-        if young is None:
-            young = (connection.execute(select(func.max(L.c.id))).scalar() or 0) + 1
+        if young is None:  # every row is old: the newest stays, so that no id is reused
+            young = connection.execute(select(func.max(L.c.id))).scalar() or 0
         start = connection.execute(select(func.min(L.c.id))).scalar()
         connection.rollback()
     if start is None:
