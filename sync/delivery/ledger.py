@@ -592,8 +592,9 @@ class Ledger:
         log: list[tuple[Any, ...]] = []
         together = self.log and self._ack_and_log is not None  # PostgreSQL: one statement
         by_sql = self.log and (together or self._log_acked is not None)  # else row by row
+        left = _by_why(result)  # by reason and retry delay: one group per half at most
         if self.log:
-            log = self._log_rows(result, handed, batch, now, delivered=not by_sql)
+            log = self._log_rows(result, left, handed, batch, now, delivered=not by_sql)
         sql_logs = {
             group: self._acked_params(group, units, handed, batch, now)
             for group, units in (acked.items() if by_sql and not together else ())
@@ -623,7 +624,7 @@ class Ledger:
                 elif by_sql:  # the rows changed meanwhile: log what was read (not what is now)
                     at = self._time(now)
                     log.extend(self._rows_of(units, "acknowledged", None, at, handed, batch))
-            for (reason, delay), units in _by_why(result).items():
+            for (reason, delay), units in left.items():
                 retry_at = now + timedelta(seconds=delay)
                 for (kind, version, in_doubt), members in _groups(units, doubt).items():
                     connection.execute(
@@ -714,13 +715,14 @@ class Ledger:
     def _log_rows(
         self,
         result: BatchResult,
+        left: dict[tuple[str | None, float], list[Unit]],
         handed: list[Any],
         batch: str,
         now: datetime,
         *,
         delivered: bool,
     ) -> list[tuple[Any, ...]]:
-        """The ``deliveries`` rows of the batch's rejected and left messages (and, with
+        """The ``deliveries`` rows of the batch's rejected and ``left`` messages (and, with
         ``delivered``, its acknowledged ones) as plain tuples for one executemany (no per-row
         statement building or type processing; times converted once)."""
         recorded = self._time(now)
@@ -734,7 +736,7 @@ class Ledger:
             if result.doubtful(unit):  # its last answer, but the destination may hold it
                 said += "; an earlier attempt may have applied it (the row stays in doubt)"
             rows += self._rows_of([unit], "rejected", said, None, handed, batch)
-        for (why, _delay), units in _by_why(result).items():
+        for (why, _delay), units in left.items():
             left_reason = redactor().redact(why) if why else None
             unknown = [unit for unit in units if result.doubtful(unit)]
             refused = [unit for unit in units if not result.doubtful(unit)]

@@ -213,9 +213,8 @@ def _reserved_names(
     if connection is not None:
         reserved.update(_removed_keys(connection, config, group, reserved))
         if not group.allow_key_reuse:
-            held_here = {d: _held(connection, group, [d]) for d in group.destinations}
             for name, (_, holder, destination) in _retired_names(connection, group).items():
-                if name not in held_here[destination]:  # a name it holds stays its own
+                if name not in _held(connection, group, [destination]):  # still its own
                     reserved.setdefault(
                         name,
                         f'{holder} at destination "{destination}" (a retired key is not '
@@ -233,37 +232,35 @@ def _retired_names(
     true/false trait another meaning) and the traits of a trait group retired without
     ``--send-null`` (its members keep its values there: a new group sending one to some
     users would mix the two). A trait group retired with its nulls delivered holds nothing."""
+    columns = (AUDIENCES.c.id, AUDIENCES.c.key, AUDIENCES.c.name, AUDIENCES.c.kind)
     rows = connection.execute(
-        select(AUDIENCES.c.id, AUDIENCES.c.key, AUDIENCES.c.name, AUDIENCES.c.kind).where(
-            AUDIENCES.c.retired_at.is_not(None)
-        )
+        select(*columns, AUDIENCES.c.exit_value).where(AUDIENCES.c.retired_at.is_not(None))
     ).all()
     found: dict[str, tuple[str, str, str]] = {}
-    for retired_id, key, name, kind in rows:
+    for retired_id, key, name, kind, nulls in rows:
         for destination in computation.destinations:
             if kind == "audience":
                 if not _sent_to_key(connection, key, [destination]):
                     continue
                 found.setdefault(key, (kind, f'the retired audience "{name}"', destination))
                 break
-            if not _values_left(connection, retired_id, destination):
+            if not nulls or not _values_left(connection, retired_id, nulls, destination):
                 continue
             holder = f'the trait group "{name}", retired without --send-null'
-            for held in _recorded_names(connection, key):
+            for held in json.loads(nulls):
                 found.setdefault(held, (kind, holder, destination))
             break
     return found
 
 
-def _values_left(connection: Connection, group_id: int, destination: str) -> bool:
+def _values_left(connection: Connection, group_id: int, nulls: str, destination: str) -> bool:
     """Whether a trait group left values at ``destination``: a row acknowledged with other
-    than its leaver value (its traits all null)."""
-    exit_row = select(AUDIENCES.c.exit_value).where(AUDIENCES.c.id == group_id)
+    than its leaver value ``nulls`` (its traits all null)."""
     query = select(MEMBERSHIPS.c.member_id).where(
         MEMBERSHIPS.c.audience_id == group_id,
         MEMBERSHIPS.c.destination == destination,
         MEMBERSHIPS.c.synced_value.is_not(None),
-        MEMBERSHIPS.c.synced_value != exit_row.scalar_subquery(),
+        MEMBERSHIPS.c.synced_value != nulls,
     )
     return connection.execute(query.limit(1)).first() is not None
 
