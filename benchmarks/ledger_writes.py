@@ -63,6 +63,21 @@ FOLD = (
 )
 
 
+BATCH_TABLE = (
+    "CREATE TABLE delivery_batches (id INTEGER PRIMARY KEY, batch_id TEXT, audience_id INT, "
+    "destination TEXT, message_type TEXT, outcome TEXT, sent_at TEXT, acknowledged_at TEXT, "
+    "messages TEXT)"
+)
+BATCH_ROW = (
+    "INSERT INTO delivery_batches (batch_id, audience_id, destination, message_type, outcome, "
+    "sent_at, acknowledged_at, messages) SELECT ?, 1, 'segment', 'identify', 'acknowledged', ?, ?, "
+    "json_group_array(json_array(m.member_id, j.value, m.value, m.traits, m.version)) "
+    "FROM json_each(?) AS j CROSS JOIN memberships AS m ON m.audience_id = 1 "
+    "AND m.destination = 'segment' AND m.id_kind = 'user' AND m.member_id = j.key "
+    "AND m.version = 1"
+)
+
+
 def planned_state(folder: Path, members: int) -> tuple[Path, str]:
     """A state DB whose ``members`` rows are all pending (the benchmark's audience), and the
     ledger's own ``INSERT … SELECT`` of an acknowledged group's rows on it."""
@@ -87,6 +102,7 @@ def measure(
     db = sqlite3.connect(copy, isolation_level=None)
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = NORMAL")
+    db.execute(BATCH_TABLE)
     start = time.perf_counter()
     for first in range(0, len(batches), GROUP):
         db.execute("BEGIN IMMEDIATE")
@@ -137,6 +153,10 @@ def main() -> None:
             ack(db, members, ids)
             log(db, members, ids)
 
+        def ack_and_batch_row(db: sqlite3.Connection, members: str, ids: str) -> None:
+            ack(db, members, ids)
+            db.execute(BATCH_ROW, ("batch", NOW, NOW, ids))
+
         def fold(db: sqlite3.Connection) -> None:
             db.execute(FOLD, (folded[0],))
             folded[0] = db.execute("SELECT max(id) FROM deliveries").fetchone()[0] or 0
@@ -145,6 +165,7 @@ def main() -> None:
             "ack": (ack, None),
             "ack + ledger": (ack_and_log, None),
             "ledger, folded per page": (log, fold),
+            "ack + one row per batch": (ack_and_batch_row, None),
         }
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.repeat):  # interleaved, so that drift hits every variant alike

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,8 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-from sync.state.db import make_state_engine, upgrade
+from sync.state.db import make_state_engine
+from tests.state_templates import migrate
 
 if TYPE_CHECKING:
     from tests.harness import Harness
@@ -53,8 +55,8 @@ def _with_search_path(base: str, schema: str) -> str:
     )
 
 
-@pytest.fixture
-def postgres_schema_url() -> Iterator[str]:
+@contextmanager
+def fresh_postgres_schema() -> Iterator[str]:
     """A PostgreSQL URL whose search_path is a fresh, private schema (dropped afterwards)."""
     base = postgres_base_url()
     schema = f"t_{uuid.uuid4().hex[:12]}"
@@ -69,8 +71,8 @@ def postgres_schema_url() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture
-def mysql_database_url() -> Iterator[str]:
+@contextmanager
+def fresh_mysql_database() -> Iterator[str]:
     """A MariaDB/MySQL URL on a fresh, private database (dropped afterwards)."""
     base = make_url(mysql_base_url())
     database = f"t_{uuid.uuid4().hex[:12]}"
@@ -84,6 +86,34 @@ def mysql_database_url() -> Iterator[str]:
             connection.execute(text(f"DROP DATABASE `{database}`"))
     finally:
         admin.dispose()
+
+
+@contextmanager
+def fresh_state_url(kind: str, directory: Path) -> Iterator[str]:
+    """An empty state database URL of ``kind`` (``sqlite``: a file in ``directory``)."""
+    if kind == "sqlite":
+        directory.mkdir(parents=True, exist_ok=True)
+        yield f"sqlite:///{directory / 'state.db'}"
+    elif kind == "mariadb":
+        with fresh_mysql_database() as url:
+            yield url
+    else:
+        with fresh_postgres_schema() as url:
+            yield url
+
+
+@pytest.fixture
+def postgres_schema_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh, private schema (dropped afterwards)."""
+    with fresh_postgres_schema() as url:
+        yield url
+
+
+@pytest.fixture
+def mysql_database_url() -> Iterator[str]:
+    """A MariaDB/MySQL URL on a fresh, private database (dropped afterwards)."""
+    with fresh_mysql_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
@@ -108,8 +138,9 @@ def bare_engine(state_url: str) -> Iterator[Engine]:
 
 @pytest.fixture
 def state_engine(bare_engine: Engine) -> Engine:
-    """An engine on a state database migrated to head."""
-    upgrade(bare_engine)
+    """An engine on a state database migrated to head (a copy of this process's first real
+    upgrade on its kind of database: ``tests/state_templates.py``)."""
+    migrate(bare_engine)
     return bare_engine
 
 

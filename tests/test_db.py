@@ -1,5 +1,6 @@
 import json
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -20,8 +21,77 @@ from sync.state.db import (
     upgrade,
 )
 from sync.state.tables import AUDIENCES, MEMBERSHIPS, Audience, Base, Run
+from tests import state_templates
+from tests.conftest import fresh_state_url
 
 TABLES = {"installation", "audiences", "memberships", "runs"}
+
+
+@pytest.fixture
+def state_engine(bare_engine: Engine) -> Engine:
+    """Here, unlike elsewhere (``tests/state_templates.py``), every test migrates for real."""
+    upgrade(bare_engine)
+    return bare_engine
+
+
+def describe_schema(engine: Engine) -> dict[str, object]:
+    """Everything reflection tells of a state database's tables and views, and the
+    migrations' rows (``alembic_version``)."""
+    found = inspect(engine)
+    database = engine.url.database or ""
+    tables: dict[str, object] = {}
+    for name in sorted(found.get_table_names()):
+        columns = [
+            (c["name"], str(c["type"]), c["nullable"], str(c.get("default")))
+            for c in found.get_columns(name)
+        ]
+        indexes = sorted(
+            (str(i["name"]), tuple(map(str, i["column_names"])), bool(i["unique"]))
+            for i in found.get_indexes(name)
+        )
+        keys = sorted(
+            (
+                tuple(k["constrained_columns"]),
+                k["referred_table"],
+                tuple(k["referred_columns"]),
+                str(k.get("options")),
+            )
+            for k in found.get_foreign_keys(name)
+        )
+        uniques = sorted(tuple(u["column_names"]) for u in found.get_unique_constraints(name))
+        checks = sorted(str(c["sqltext"]) for c in found.get_check_constraints(name))
+        primary = found.get_pk_constraint(name)["constrained_columns"]
+        tables[name] = (columns, indexes, keys, uniques, checks, primary)
+    views = {
+        name: str(found.get_view_definition(name)).replace(f"`{database}`.", "")
+        for name in sorted(found.get_view_names())
+    }
+    with engine.connect() as connection:
+        version = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+    return {"tables": tables, "views": views, "alembic_version": version}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mariadb"])
+def test_a_test_template_is_the_migrated_schema(kind: str, tmp_path: Path) -> None:
+    """The other test modules' state DBs are copies of one real upgrade per process
+    (``tests/state_templates.py``): a copy is exactly what a real upgrade makes."""
+    with (
+        fresh_state_url(kind, tmp_path / "first") as first_url,
+        fresh_state_url(kind, tmp_path / "copy") as copy_url,
+        fresh_state_url(kind, tmp_path / "real") as real_url,
+    ):
+        engines = [make_state_engine(url) for url in (first_url, copy_url, real_url)]
+        try:
+            state_templates.migrate(engines[0])  # the real upgrade, if none ran here yet
+            state_templates.migrate(engines[1])  # a copy
+            upgrade(engines[2])
+            copied, real = describe_schema(engines[1]), describe_schema(engines[2])
+            assert copied["tables"] and copied["views"]
+            assert copied == real
+            assert schema_diff(engines[1]) == []
+        finally:
+            for engine in engines:
+                engine.dispose()
 
 
 def test_upgrade_downgrade_upgrade(bare_engine: Engine) -> None:
