@@ -868,3 +868,82 @@ def test_an_audience_cannot_carry_a_retired_audience_s_key(
     )
     harness.config_extra += "allow_key_reuse = true\n"
     assert harness.sync_named("Plans").status == "succeeded"
+
+
+def _retire(harness: Harness, *arguments: str) -> str:
+    from click.testing import CliRunner
+
+    from sync.cli import cli
+
+    config = str(harness.write_config())
+    result = CliRunner().invoke(cli, ["--config", config, "retire", *arguments])
+    assert result.exit_code == 0, result.output
+    return str(result.output)
+
+
+def test_a_key_retired_at_one_destination_stays_reserved_there(
+    harness: Harness, receiver: Receiver, tmp_path: Path
+) -> None:
+    """`retire KEY --destination D` forgot the audience's rows at D, and with them the only
+    record that D's profiles hold its key: a trait group at D then took a column of that name
+    without `allow_key_reuse`, so D's true/false trait silently took another meaning (README
+    said "not covered"; DESIGN: a retired key is not reused unless allowed)."""
+    out = tmp_path / "preview.jsonl"
+    harness.destinations["preview"] = {"type": "file", "path": str(out)}
+    harness.audience["destinations"] = ["segment", "preview"]
+    harness.set_members(["u1"])
+    assert harness.sync().status == "succeeded"
+    harness.audience["destinations"] = ["segment"]
+    _retire(harness, "high_value_users", "--destination", "preview", "--send-false")
+    harness.warehouse_sql("CREATE TABLE summary (user_id TEXT, plan TEXT)")
+    harness.warehouse_sql("INSERT INTO summary VALUES ('u1', 'pro')")
+    harness.config_extra = (
+        f'[[traits]]\nname = "{GROUP}"\nsource = "warehouse"\ndestinations = ["preview"]\n'
+        'query = "SELECT user_id, plan AS high_value_users FROM summary"\n'
+    )
+    out.write_text("")
+    refused = harness.sync_named(GROUP)
+    assert refused.status == "failed"
+    error = str(refused.error)
+    assert 'column "high_value_users" is also the key of ' in error, error
+    assert '"High Value Users"' in error and 'destination "preview"' in error, error
+    assert "allow_key_reuse = true" in error and "\n" not in error, error
+    assert out.read_text() == ""
+    # The audience still sends its key elsewhere, and may list the destination again.
+    assert harness.sync().status == "succeeded"
+    harness.config_extra += "allow_key_reuse = true\n"
+    assert harness.sync_named(GROUP).status == "succeeded"
+    sent = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(m["userId"], m["traits"]) for m in sent] == [("u1", {"high_value_users": "pro"})]
+
+
+@pytest.mark.parametrize("nulls", [False, True])
+def test_a_group_retired_at_one_destination_keeps_its_traits_there_unless_nulled(
+    harness: Harness, receiver: Receiver, tmp_path: Path, nulls: bool
+) -> None:
+    """A trait group retired at one destination without --send-null leaves its values there:
+    an audience named like one of its traits took that name at that destination (README said
+    "not covered"). Retired with its nulls, the names are free, as for a whole group."""
+    out = tmp_path / "preview.jsonl"
+    harness.destinations["preview"] = {"type": "file", "path": str(out)}
+    _group(harness)
+    harness.config_extra = harness.config_extra.replace(
+        'destinations = ["segment"]', 'destinations = ["segment", "preview"]'
+    )
+    _rows(harness, [("u1", 2, "pro", None)])
+    assert harness.sync_named(GROUP).status == "succeeded"
+    harness.config_extra = harness.config_extra.replace(
+        'destinations = ["segment", "preview"]', 'destinations = ["segment"]'
+    )
+    _retire(harness, KEY, "--destination", "preview", *(["--send-null"] if nulls else []))
+    harness.audience["name"] = "Plan"  # its key, plan, is one of the group's traits
+    harness.audience["destinations"] = ["preview"]
+    harness.set_members(["u1"])
+    report = harness.sync_named("Plan")
+    if nulls:
+        assert report.status == "succeeded", report.error
+        return
+    assert report.status == "failed"
+    error = str(report.error)
+    assert 'its key "plan" was a key of ' in error and f'"{GROUP}"' in error, error
+    assert 'destination "preview"' in error and "allow_key_reuse = true" in error, error

@@ -30,7 +30,7 @@ from sync.run.staging import SnapshotStats, stage_from_source
 from sync.run.trait_values import TraitColumns, exit_value
 from sync.state.audiences import store_exit_value
 from sync.state.leases import Lease
-from sync.state.tables import AUDIENCES, MEMBERSHIPS
+from sync.state.tables import AUDIENCES, MEMBERSHIPS, RETIRED_DESTINATIONS
 
 logger = logging.getLogger("sync.runner")
 
@@ -250,6 +250,24 @@ def _retired_names(
             for held in json.loads(nulls):
                 found.setdefault(held, (kind, holder, destination))
             break
+    # Retired at one destination only (`retire KEY --destination D`): its rows there are gone,
+    # what its members hold there is recorded.
+    retired = RETIRED_DESTINATIONS
+    rows = connection.execute(
+        select(AUDIENCES.c.name, AUDIENCES.c.kind, retired.c.destination, retired.c.names)
+        .join(AUDIENCES, AUDIENCES.c.id == retired.c.audience_id)
+        .where(
+            retired.c.destination.in_(computation.destinations),
+            AUDIENCES.c.key != computation.trait_key,
+        )
+        .order_by(retired.c.destination, AUDIENCES.c.key)
+    ).all()
+    for name, kind, destination, names in rows:
+        label = "audience" if kind == "audience" else "trait group"
+        how = "" if kind == "audience" else " without --send-null"
+        holder = f'the {label} "{name}" that was retired{how}'
+        for held in json.loads(names):
+            found.setdefault(held, (kind, holder, destination))
     return found
 
 

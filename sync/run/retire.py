@@ -5,6 +5,7 @@ audience's lease, through the same delivery as a run."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -56,7 +57,7 @@ def retire_audience(
                 connection, context.config, name, destination
             )
         title = audience_title(connection, audience_id)
-        kind, _ = exit_value_of(connection, audience_id)
+        kind, exit_value = exit_value_of(connection, audience_id)
     if kind == "trait" and send_false:
         raise AudienceSyncError(f'"{key}" is a trait group: retire it with --send-null')
     if kind == "audience" and send_null:
@@ -79,7 +80,12 @@ def retire_audience(
                 with context.engine.begin() as connection:
                     lease.fence(connection)
                     recover_in_flight(connection, audience_id, destination)
-            handed = forget_destination(context.engine, audience_id, destination, heir)
+            # What its members still hold there stays reserved: its key; a trait group's
+            # traits, unless their nulls were just delivered.
+            held = [key] if kind == "audience" else ([] if send else _names(exit_value))
+            handed = forget_destination(
+                context.engine, audience_id, destination, heir, held=held
+            )
             if heir is not None:
                 logger.warning(
                     '%s: destination "%s" delivers where "%s" does: %d member(s) recorded at '
@@ -95,6 +101,11 @@ def retire_audience(
     finally:
         lease.release()
     return entries
+
+
+def _names(exit_value: str) -> list[str]:
+    """A trait group's trait names, from its leaver value (its traits all null)."""
+    return sorted(json.loads(exit_value))
 
 
 def _send_false(

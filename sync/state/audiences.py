@@ -4,9 +4,10 @@ lookups, retirement."""
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, delete, select, update
+from sqlalchemy import Connection, Engine, Row, delete, insert, select, update
 
 from sync.config import ComputationConfig, Config
 from sync.errors import AudienceSyncError, UnknownAudienceError
@@ -17,6 +18,7 @@ from sync.state.tables import DELIVERY_PROGRESS as P
 from sync.state.tables import DESTINATION_ENDPOINTS as E
 from sync.state.tables import FALSE_VALUE, ComputationKind, utcnow
 from sync.state.tables import MEMBERSHIPS as M
+from sync.state.tables import RETIRED_DESTINATIONS as R
 
 
 def definition_hash(audience: ComputationConfig) -> str:
@@ -169,17 +171,34 @@ def audience_leaving_destination(
 
 
 def forget_destination(
-    engine: Engine, audience_id: int, destination: str, heir: str | None = None
+    engine: Engine,
+    audience_id: int,
+    destination: str,
+    heir: str | None = None,
+    *,
+    held: list[str] | None = None,
 ) -> int:
     """Delete what the state DB knows of an audience at a destination it left; with ``heir``
     (the destination's new name: same place), first hand what it delivered there to the heir
-    (``adopt_destination``). Returns how many of the heir's rows that added or completed."""
+    (``adopt_destination``). ``held``: the names its members still hold there (its key; a
+    trait group's traits unless it delivered their nulls), which stay reserved at that
+    destination (``retired_destinations``). Returns how many of the heir's rows that added or
+    completed."""
     with engine.begin() as connection:
         handed = adopt_destination(connection, audience_id, destination, heir) if heir else 0
-        for table in (M, P, E):
+        for table in (M, P, E, R):
             connection.execute(
                 delete(table).where(
                     table.c.audience_id == audience_id, table.c.destination == destination
+                )
+            )
+        if held and heir is None:
+            connection.execute(
+                insert(R).values(
+                    audience_id=audience_id,
+                    destination=destination,
+                    names=json.dumps(sorted(held)),
+                    retired_at=utcnow(),
                 )
             )
     return handed

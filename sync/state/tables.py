@@ -389,6 +389,23 @@ class DestinationEndpoint(Base):
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class RetiredDestination(Base):
+    """The names a computation retired at one destination (``retire KEY --destination D``,
+    which deletes its rows there) still holds there: an audience's key, a trait group's traits
+    unless it was retired with its nulls delivered (then there is no row). ``names`` is a JSON
+    array; they stay reserved at that destination for other computations
+    (``sync.run.compute``), as a wholly retired computation's do."""
+
+    __tablename__ = "retired_destinations"
+
+    audience_id: Mapped[int] = mapped_column(
+        ForeignKey("audiences.id", ondelete="CASCADE"), primary_key=True
+    )
+    destination: Mapped[str] = mapped_column(Key(100), primary_key=True)
+    names: Mapped[str] = mapped_column(ValueText)
+    retired_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class DaemonRecord(Base):
     """A running ``audience-sync run`` process: inserted at start, its ``heartbeat_at``
     renewed on the state database's clock while it lives, deleted on a clean stop. A row
@@ -491,6 +508,7 @@ INSTALLATION = cast(Table, Installation.__table__)
 RUN_DELIVERIES = cast(Table, RunDelivery.__table__)
 DELIVERY_PROGRESS = cast(Table, DeliveryProgress.__table__)
 DESTINATION_ENDPOINTS = cast(Table, DestinationEndpoint.__table__)
+RETIRED_DESTINATIONS = cast(Table, RetiredDestination.__table__)
 DAEMONS = cast(Table, DaemonRecord.__table__)
 DAEMON_SCHEDULES = cast(Table, DaemonSchedule.__table__)
 ALERTS_SENT = cast(Table, AlertSent.__table__)
