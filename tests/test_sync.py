@@ -99,7 +99,8 @@ def test_oversized_message_is_sent_without_its_traits(harness: Harness, receiver
 
 
 def test_resends_reuse_the_message_id(harness: Harness, receiver: Receiver) -> None:
-    harness.defaults["delivery_time_budget"] = "300ms"
+    # Long enough for a first attempt on a loaded machine (300 ms expired before one, once).
+    harness.defaults["delivery_time_budget"] = "2s"
     harness.set_members(["a", "b", "c"])
     receiver.script = [Scripted(503)] * 100
     report = harness.sync()
@@ -212,6 +213,7 @@ def test_changes_coalesce_before_delivery(harness: Harness, receiver: Receiver) 
         from sync.state.tables import MEMBERSHIPS
 
         connection.execute(MEMBERSHIPS.update().values(next_attempt_at=None))
+    harness.defaults["delivery_time_budget"] = "30s"  # 100 ms expired before a send, once
     harness.sync()
     assert [m["userId"] for m in receiver.messages()] == ["stays"]
     flaky = harness.memberships()["flaky"]

@@ -303,20 +303,19 @@ def _removed_keys(
     found: dict[str, str] = {}
     for key, name, kind in rows:
         current = configured.get(key)
-        if current is not None and kind != "audience":
-            continue  # a configured group's traits: ``_reserved_names``
+        # Where it still sends, a configured computation's names are ``_reserved_names``'.
         left = [d for d in group.destinations if current is None or d not in current.destinations]
         held = [d for d in left if _sent_to_key(connection, key, [d])]
         if not held:
             continue
         label = "audience" if kind == "audience" else "trait group"
+        flag = "--send-false" if kind == "audience" else "--send-null"
         if current is None:
-            flag = "--send-false" if kind == "audience" else "--send-null"
             why = f"removed from the config; retire it first: `audience-sync retire {key} {flag}`"
         else:
             why = (
                 f'it no longer lists "{held[0]}"; retire it there first: '
-                f"`audience-sync retire {key} --destination {held[0]} --send-false`"
+                f"`audience-sync retire {key} --destination {held[0]} {flag}`"
             )
         holder = f'{label} "{name}" at destination "{held[0]}" ({why})'
         names = [key] if kind == "audience" else sorted(_recorded_names(connection, key))
@@ -386,28 +385,36 @@ def _retired_clash(connection: Connection, audience: ComputationConfig) -> str |
 def _removed_group_clash(
     connection: Connection, config: Config, audience: ComputationConfig
 ) -> str | None:
-    """An audience's key or carried trait that a trait group removed from the config but not
-    retired still holds at one of its destinations (its `retire --send-null` would overwrite
-    it)."""
-    configured = {c.trait_key for c in config.computations}
+    """An audience's key or carried trait that a trait group still holds at one of its
+    destinations, though it is removed from the config, or no longer lists that destination,
+    and is not retired there (its `retire --send-null` would overwrite it)."""
+    configured = {c.trait_key: c for c in config.computations}
     rows = connection.execute(
         select(AUDIENCES.c.key, AUDIENCES.c.name).where(
             AUDIENCES.c.retired_at.is_(None), AUDIENCES.c.kind == "trait"
         )
     ).all()
     for key, name in rows:
-        if key in configured:
-            continue
-        held = [d for d in audience.destinations if _sent_to_key(connection, key, [d])]
+        current = configured.get(key)
+        # Where it still sends, a configured group's names are ``audience_clash``'s.
+        left = [
+            d for d in audience.destinations if current is None or d not in current.destinations
+        ]
+        held = [d for d in left if _sent_to_key(connection, key, [d])]
         recorded = _recorded_names(connection, key) if held else set()
         for wanted in (audience.trait_key, *audience.extra_traits):
             if wanted in recorded and not (
                 wanted == audience.trait_key and _sent_to(connection, audience, held)
             ):
+                if current is None:
+                    why = "removed from the config but not retired; retire it first: "
+                    command = f"audience-sync retire {key} --send-null"
+                else:
+                    why = "which it no longer lists, not retired there; retire it there first: "
+                    command = f"audience-sync retire {key} --destination {held[0]} --send-null"
                 return (
                     f'audience "{audience.name}": "{wanted}" is a trait of trait group '
-                    f'"{name}" at destination "{held[0]}", removed from the config but not '
-                    f"retired; retire it first: `audience-sync retire {key} --send-null`"
+                    f'"{name}" at destination "{held[0]}", {why}`{command}`'
                 )
     return None
 

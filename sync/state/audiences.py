@@ -186,18 +186,30 @@ def forget_destination(
     completed."""
     with engine.begin() as connection:
         handed = adopt_destination(connection, audience_id, destination, heir) if heir else 0
+        # What an earlier retirement there recorded is still held by members the nulls of
+        # this one did not reach (they were forgotten then): kept, at the heir if handed on.
+        place = heir or destination
+        names = set(held or []) if heir is None else set()
+        for at in {destination, place}:
+            earlier = connection.execute(
+                select(R.c.names).where(R.c.audience_id == audience_id, R.c.destination == at)
+            ).scalar()
+            names |= set(json.loads(earlier)) if earlier else set()
         for table in (M, P, E, R):
             connection.execute(
                 delete(table).where(
                     table.c.audience_id == audience_id, table.c.destination == destination
                 )
             )
-        if held and heir is None:
+        if names:
+            connection.execute(
+                delete(R).where(R.c.audience_id == audience_id, R.c.destination == place)
+            )
             connection.execute(
                 insert(R).values(
                     audience_id=audience_id,
-                    destination=destination,
-                    names=json.dumps(sorted(held)),
+                    destination=place,
+                    names=json.dumps(sorted(names)),
                     retired_at=utcnow(),
                 )
             )
