@@ -14,6 +14,7 @@ that a copy is the schema a real upgrade makes; ``tests/test_db.py`` itself migr
 
 from __future__ import annotations
 
+import atexit
 import re
 import shutil
 import tempfile
@@ -45,8 +46,13 @@ def _sqlite_copy(engine: Engine) -> None:
     global _sqlite
     path = Path(str(engine.url.database))
     if _sqlite is None:
-        upgrade(engine)  # disposes the engine: its WAL is checkpointed into the file
-        template = Path(tempfile.mkdtemp(prefix="state-template-")) / "state.db"
+        upgrade(engine)
+        engine.dispose()  # the last connection closed: the WAL is checkpointed into the file
+        wal = Path(f"{path}-wal")
+        assert not wal.exists() or wal.stat().st_size == 0, f"{wal} still holds changes"
+        folder = tempfile.mkdtemp(prefix="state-template-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        template = Path(folder) / "state.db"
         shutil.copyfile(path, template)
         _sqlite = template
         return
