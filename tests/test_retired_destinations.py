@@ -69,6 +69,17 @@ def _summary(harness: Harness) -> None:
     )
 
 
+def _plan_group(harness: Harness, rows: str) -> str:
+    """A summary table holding ``rows`` (user_id, plan), and the TOML of a trait group sending
+    its ``plan``, without its ``destinations`` line."""
+    harness.warehouse_sql("CREATE TABLE summary (user_id TEXT, plan TEXT)")
+    harness.warehouse_sql(f"INSERT INTO summary VALUES {rows}")
+    return (
+        f'[[traits]]\nname = "{GROUP}"\nsource = "warehouse"\n'
+        'query = "SELECT user_id, plan FROM summary"\n'
+    )
+
+
 def _assert_refused(report: Any, destination: str, *, retired: bool = True) -> None:
     assert report.status == "failed", (report.status, report.error)
     error = str(report.error)
@@ -163,12 +174,7 @@ def test_a_group_whose_nulls_failed_at_a_dropped_destination_keeps_its_traits_th
         "timeout": 1,
         "batch_size": 100,
     }
-    harness.warehouse_sql("CREATE TABLE summary (user_id TEXT, plan TEXT)")
-    harness.warehouse_sql("INSERT INTO summary VALUES ('u1', 'pro')")
-    group = (
-        f'[[traits]]\nname = "{GROUP}"\nsource = "warehouse"\n'
-        'query = "SELECT user_id, plan FROM summary"\n'
-    )
+    group = _plan_group(harness, "('u1', 'pro')")
     harness.config_extra = group + 'destinations = ["segment", "preview"]\n'
     out = _preview(harness, tmp_path)
     assert harness.sync_named(GROUP).status == "succeeded"
@@ -230,14 +236,9 @@ def test_a_configured_group_that_dropped_a_destination_keeps_its_traits_there(
 ) -> None:
     """Its values stay at "preview" until `retire KEY --destination preview --send-null`, which
     would then null the trait an audience named like it sends there. An audience that dropped
-    a destination is held there (``_removed_keys``); a configured trait group is skipped."""
+    a destination was held there (``_removed_keys``), a configured trait group was not."""
     _preview(harness, tmp_path)
-    harness.warehouse_sql("CREATE TABLE summary (user_id TEXT, plan TEXT)")
-    harness.warehouse_sql("INSERT INTO summary VALUES ('u1', 'pro')")
-    group = (
-        f'[[traits]]\nname = "{GROUP}"\nsource = "warehouse"\n'
-        'query = "SELECT user_id, plan FROM summary"\n'
-    )
+    group = _plan_group(harness, "('u1', 'pro')")
     harness.config_extra = group + 'destinations = ["segment", "preview"]\n'
     assert harness.sync_named(GROUP).status == "succeeded"
     harness.config_extra = group + 'destinations = ["segment"]\n'
@@ -259,12 +260,7 @@ def test_a_group_may_come_back_where_it_was_retired_and_probe_sees_the_reservati
     harness: Harness, receiver: Receiver, tmp_path: Path
 ) -> None:
     _preview(harness, tmp_path)
-    harness.warehouse_sql("CREATE TABLE summary (user_id TEXT, plan TEXT)")
-    harness.warehouse_sql("INSERT INTO summary VALUES ('u1', 'pro')")
-    group = (
-        f'[[traits]]\nname = "{GROUP}"\nsource = "warehouse"\n'
-        'query = "SELECT user_id, plan FROM summary"\n'
-    )
+    group = _plan_group(harness, "('u1', 'pro')")
     harness.config_extra = group + 'destinations = ["segment", "preview"]\n'
     assert harness.sync_named(GROUP).status == "succeeded"
     harness.config_extra = group + 'destinations = ["segment"]\n'
@@ -293,15 +289,10 @@ def test_nulls_at_a_destination_do_not_free_what_earlier_members_still_hold_ther
 ) -> None:
     """Retired at "preview" without nulls, u1 and u2 keep "plan" there (recorded). The group
     comes back to "preview" with u1 only, and is retired there again with --send-null: the
-    nulls reach u1, not u2, yet the record is deleted: u2's profile at "preview" still holds
-    the group's "plan" while an audience keyed "plan" takes the name there."""
+    nulls reach u1, not u2: the record of the first retire must stay (it was deleted, and an
+    audience keyed "plan" took the name there while u2's profile still held the group's)."""
     out = _preview(harness, tmp_path)
-    harness.warehouse_sql("CREATE TABLE summary (user_id TEXT, plan TEXT)")
-    harness.warehouse_sql("INSERT INTO summary VALUES ('u1', 'pro'), ('u2', 'free')")
-    group = (
-        f'[[traits]]\nname = "{GROUP}"\nsource = "warehouse"\n'
-        'query = "SELECT user_id, plan FROM summary"\n'
-    )
+    group = _plan_group(harness, "('u1', 'pro'), ('u2', 'free')")
     harness.config_extra = group + 'destinations = ["segment", "preview"]\n'
     assert harness.sync_named(GROUP).status == "succeeded"
     harness.config_extra = group + 'destinations = ["segment"]\n'
