@@ -304,8 +304,7 @@ def _removed_keys(
     for key, name, kind in rows:
         current = configured.get(key)
         # Where it still sends, a configured computation's names are ``_reserved_names``'.
-        left = [d for d in group.destinations if current is None or d not in current.destinations]
-        held = [d for d in left if _sent_to_key(connection, key, [d])]
+        held = _left_behind(connection, key, current, group.destinations)
         if not held:
             continue
         label = "audience" if kind == "audience" else "trait group"
@@ -397,10 +396,7 @@ def _removed_group_clash(
     for key, name in rows:
         current = configured.get(key)
         # Where it still sends, a configured group's names are ``audience_clash``'s.
-        left = [
-            d for d in audience.destinations if current is None or d not in current.destinations
-        ]
-        held = [d for d in left if _sent_to_key(connection, key, [d])]
+        held = _left_behind(connection, key, current, audience.destinations)
         recorded = _recorded_names(connection, key) if held else set()
         for wanted in (audience.trait_key, *audience.extra_traits):
             if wanted in recorded and not (
@@ -417,6 +413,21 @@ def _removed_group_clash(
                     f'"{name}" at destination "{held[0]}", {why}`{command}`'
                 )
     return None
+
+
+def _left_behind(
+    connection: Connection,
+    key: str,
+    current: ComputationConfig | None,
+    destinations: list[str],
+) -> list[str]:
+    """Those of ``destinations`` where the computation ``key`` has rows but no longer sends:
+    it is removed from the config (``current`` None) or no longer lists them."""
+    return [
+        d
+        for d in destinations
+        if (current is None or d not in current.destinations) and _sent_to_key(connection, key, [d])
+    ]
 
 
 def _held(connection: Connection, group: ComputationConfig, destinations: list[str]) -> set[str]:

@@ -81,8 +81,8 @@ def retire_audience(
                     lease.fence(connection)
                     recover_in_flight(connection, audience_id, destination)
             # What its members still hold there stays reserved: its key; a trait group's
-            # traits, unless their nulls were just delivered.
-            held = [key] if kind == "audience" else ([] if send else _names(exit_value))
+            # traits (its leaver value's keys), unless their nulls were just delivered.
+            held = [key] if kind == "audience" else ([] if send else json.loads(exit_value))
             handed = forget_destination(
                 context.engine, audience_id, destination, heir, held=held
             )
@@ -101,11 +101,6 @@ def retire_audience(
     finally:
         lease.release()
     return entries
-
-
-def _names(exit_value: str) -> list[str]:
-    """A trait group's trait names, from its leaver value (its traits all null)."""
-    return sorted(json.loads(exit_value))
 
 
 def _send_false(

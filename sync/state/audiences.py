@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, delete, insert, select, update
+from sqlalchemy import Connection, Engine, Row, and_, delete, insert, select, update
 
 from sync.config import ComputationConfig, Config
 from sync.errors import AudienceSyncError, UnknownAudienceError
@@ -189,22 +189,18 @@ def forget_destination(
         # What an earlier retirement there recorded is still held by members the nulls of
         # this one did not reach (they were forgotten then): kept, at the heir if handed on.
         place = heir or destination
+        recorded = and_(R.c.audience_id == audience_id, R.c.destination.in_({destination, place}))
         names = set(held or []) if heir is None else set()
-        for at in {destination, place}:
-            earlier = connection.execute(
-                select(R.c.names).where(R.c.audience_id == audience_id, R.c.destination == at)
-            ).scalar()
-            names |= set(json.loads(earlier)) if earlier else set()
-        for table in (M, P, E, R):
+        for earlier in connection.execute(select(R.c.names).where(recorded)).scalars():
+            names |= set(json.loads(earlier))
+        connection.execute(delete(R).where(recorded))
+        for table in (M, P, E):
             connection.execute(
                 delete(table).where(
                     table.c.audience_id == audience_id, table.c.destination == destination
                 )
             )
         if names:
-            connection.execute(
-                delete(R).where(R.c.audience_id == audience_id, R.c.destination == place)
-            )
             connection.execute(
                 insert(R).values(
                     audience_id=audience_id,
