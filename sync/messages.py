@@ -198,6 +198,20 @@ class MessageEncoder:
     ) -> list[str]:
         """The encoded message(s) for one change; ``value`` and ``traits`` are the stored JSON
         texts (an audience's ``true``/``false``; a trait group's row object)."""
+        return self.encoded(id_kind, member_id, anonymous_id, value, version, changed_at, traits)[0]
+
+    def encoded(
+        self,
+        id_kind: str,
+        member_id: str,
+        anonymous_id: str | None,
+        value: str,
+        version: int,
+        changed_at: datetime | str,
+        traits: str | None,
+    ) -> tuple[list[str], list[str]]:
+        """``messages``, and the messageId of each (the delivery ledger records them; finding
+        them in the text again cost more)."""
         inner = None  # the traits object's members, without braces
         if self.ctx.is_trait:
             traits = None  # a trait group's values are its traits
@@ -215,7 +229,8 @@ class MessageEncoder:
                     stored_utc(changed_at),
                     json.loads(text),
                 )
-                return [encode(m) for m in build_messages(self.ctx, change)]
+                built = build_messages(self.ctx, change)
+                return [encode(m) for m in built], [str(m["messageId"]) for m in built]
             inner = text[1:-1].strip() or None
         if id_kind == "user":
             ids = '"userId":' + encode_basestring(member_id)
@@ -227,32 +242,35 @@ class MessageEncoder:
         mode = self.ctx.mode
         finish = _finish_id
         if self.ctx.is_trait:
+            mid = finish(self._id_head, id_kind, member_id, version, "identify")
             return [
                 f'{{"type":"identify",{common},"traits":{value},'
-                f'"messageId":"{finish(self._id_head, id_kind, member_id, version, "identify")}",'
-                f'"context":{self._context}}}'
-            ]
+                f'"messageId":"{mid}","context":{self._context}}}'
+            ], [mid]
         out: list[str] = []
+        mids: list[str] = []
         if mode in ("identify", "both"):
             first = "" if inner is None else f"{inner},"
             merged = f"{{{first}{self._quoted_key}{value}}}"
+            mid = finish(self._id_head, id_kind, member_id, version, "identify")
             out.append(
                 f'{{"type":"identify",{common},"traits":{merged},'
-                f'"messageId":"{finish(self._id_head, id_kind, member_id, version, "identify")}",'
-                f'"context":{self._context}}}'
+                f'"messageId":"{mid}","context":{self._context}}}'
             )
+            mids.append(mid)
         if mode in ("track", "both"):
             event = ENTERED_EVENT if value == "true" else EXITED_EVENT
             context = self._context
             if inner is not None:
                 context = f'{context[:-1]},"traits":{{{inner}}}}}'
+            mid = finish(self._id_head, id_kind, member_id, version, "track")
             out.append(
                 f'{{"type":"track",{common},"event":"{event}",'
                 f'"properties":{{"audience_key":{self._key},{self._quoted_key}{value}}},'
-                f'"messageId":"{finish(self._id_head, id_kind, member_id, version, "track")}",'
-                f'"context":{context}}}'
+                f'"messageId":"{mid}","context":{context}}}'
             )
-        return out
+            mids.append(mid)
+        return out, mids
 
     def fitting(
         self,

@@ -20,7 +20,7 @@ from sync.state.db import (
     schema_status,
     upgrade,
 )
-from sync.state.tables import AUDIENCES, MEMBERSHIPS, Audience, Base, Run
+from sync.state.tables import AUDIENCES, DELIVERY_BATCHES, MEMBERSHIPS, Audience, Base, Run
 from tests import state_templates
 from tests.conftest import fresh_state_url
 
@@ -268,7 +268,7 @@ def test_0015_turns_stored_null_traits_into_sql_null(state_engine: Engine) -> No
             ),
             {"now": now},
         )
-    upgrade(state_engine)
+    upgrade(state_engine, "0015")
     mysql = state_engine.dialect.name in ("mysql", "mariadb")
     with state_engine.connect() as connection:
         query = select(MEMBERSHIPS.c.member_id, cast(MEMBERSHIPS.c.traits, Text))
@@ -277,3 +277,128 @@ def test_0015_turns_stored_null_traits_into_sql_null(state_engine: Engine) -> No
     assert traits["none"] is None if mysql else traits["none"] == "null"
     assert json.loads(traits["some"]) == {"plan": "pro"}
     assert logged is None if mysql else logged == "null"
+
+
+# Rows of the ledger's `deliveries` table as 0012-0017 kept it (one per message).
+OLD_LEDGER_ROWS = [
+    {
+        "id": 5,
+        "message_id": "as-1-v1",
+        "message_type": "identify",
+        "member_id": 'Müller "q" \\ 😀',
+        "value": "true",
+        "traits": '{"plan": "pro", "n": 1.5}',
+        "outcome": "acknowledged",
+        "reason": None,
+        "http_status": None,
+        "acked": True,
+    },
+    {
+        "id": 6,
+        "message_id": "as-2-v3",
+        "message_type": "track",
+        "member_id": "b",
+        "value": "false",
+        "traits": None,
+        "outcome": "rejected",
+        "reason": 'HTTP 400: it\'s "bad"',
+        "http_status": 400,
+        "acked": False,
+    },
+    {
+        "id": 9,
+        "message_id": "as-3-v2",
+        "message_type": "identify",
+        "member_id": "c",
+        "value": '{"plan":"pro","seats":[1,2]}',
+        "traits": None,
+        "outcome": "unknown",
+        "reason": "HTTP 502",
+        "http_status": 502,
+        "acked": False,
+    },
+]
+
+
+def _ledger(engine: Engine, order: str) -> list[dict[str, object]]:
+    """The ledger's rows as the `deliveries` table or view gives them, values decoded."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT message_id, message_type, member_id, value, traits, outcome, reason, "
+                f"http_status, acknowledged_at, version, batch_id FROM deliveries ORDER BY {order}"
+            )
+        ).mappings()
+        return [
+            {
+                **row,
+                "value": json.loads(row["value"]),
+                "traits": None if row["traits"] is None else json.loads(row["traits"]),
+                "acknowledged_at": row["acknowledged_at"] is not None,
+            }
+            for row in rows
+        ]
+
+
+def test_0018_keeps_the_ledger_rows_and_their_ids(state_engine: Engine) -> None:
+    """0018 stores the ledger per batch: rows recorded before it read the same through the
+    `deliveries` view, keep their ids (`runs.ledger_from` points at them), new rows are
+    numbered after them, and a downgrade expands them back into a table."""
+    downgrade(state_engine, "0017")
+    now = datetime(2026, 11, 30, tzinfo=UTC)
+    with state_engine.begin() as connection:
+        connection.execute(
+            insert(AUDIENCES).values(id=1, key="k", name="K", definition_hash="h", created_at=now)
+        )
+        connection.execute(
+            text(
+                "INSERT INTO deliveries (id, message_id, message_type, batch_id, audience_id,"
+                " destination, id_kind, member_id, value, traits, version, outcome, reason,"
+                " http_status, sent_at, acknowledged_at) VALUES (:id, :message_id,"
+                " :message_type, 'b', 1, 'segment', 'user', :member_id, :value, :traits, 2,"
+                " :outcome, :reason, :http_status, :now, :acked_at)"
+            ),
+            [
+                {**row, "now": now, "acked_at": now if row["acked"] else None}
+                for row in OLD_LEDGER_ROWS
+            ],
+        )
+    expected = [
+        {
+            **{k: v for k, v in row.items() if k not in ("id", "acked")},
+            "value": json.loads(str(row["value"])),
+            "traits": None if row["traits"] is None else json.loads(str(row["traits"])),
+            "acknowledged_at": row["acked"],
+            "version": 2,
+            "batch_id": "b",
+        }
+        for row in OLD_LEDGER_ROWS
+    ]
+    upgrade(state_engine)
+    assert _ledger(state_engine, "id, position") == expected
+    with state_engine.begin() as connection:
+        ids = connection.execute(text("SELECT id FROM deliveries ORDER BY id")).scalars().all()
+        assert ids == [5, 6, 9]
+        new = connection.execute(
+            insert(DELIVERY_BATCHES).values(
+                batch_id="n",
+                audience_id=1,
+                destination="segment",
+                outcome="acknowledged",
+                sent_at=now,
+                acknowledged_at=now,
+                member_count=1,
+                messages='[["as-4-v1","identify","user","d",1,true,null]]',
+            )
+        ).inserted_primary_key[0]
+    assert new > 9
+    downgrade(state_engine, "0017")
+    assert [row["member_id"] for row in _ledger(state_engine, "id")] == [
+        'Müller "q" \\ 😀',
+        "b",
+        "c",
+        "d",
+    ]
+    assert _ledger(state_engine, "id")[:3] == expected
+    upgrade(state_engine)
+    assert len(_ledger(state_engine, "id, position")) == 4

@@ -7,14 +7,15 @@ import json
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select, text, update
 
 from sync.cli import cli
 from sync.clock import state_now
-from sync.delivery import DeliveryHooks, prune_deliveries
+from sync.delivery import DeliveryHooks, ledger, prune_deliveries
 from sync.engine import RunHooks
-from sync.state.tables import DELIVERIES, MEMBERSHIPS
+from sync.state.tables import DELIVERIES, DELIVERY_BATCHES, MEMBERSHIPS
 from tests.harness import Harness
 from tests.receiver import Receiver
 
@@ -23,7 +24,7 @@ WHAT_WAS_SENT_TO = """
 SELECT computation, computation_kind, destination, id_kind, member_id, message_id,
        message_type, value, traits, version, batch_id, sent_at, outcome, reason, http_status,
        acknowledged_at
-FROM sent_messages WHERE member_id = :member ORDER BY sent_at, id
+FROM sent_messages WHERE member_id = :member ORDER BY id, position
 """
 
 
@@ -88,6 +89,38 @@ def test_many_concurrent_batches_log_each_message_once(
     assert all(json.loads(r.traits) == {"email": f"{r.member_id}@example.com"} for r in rows)
     assert len({r.batch_id for r in rows}) == len(receiver.batches()) == 86
     assert {row.status for row in harness.memberships().values()} == {"in_sync"}
+
+
+def test_a_large_batch_is_recorded_in_rows_of_bounded_size(
+    harness: Harness, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's ledger text is cut into rows of about ``LEDGER_ROW_BYTES`` (the stored traits
+    of members sent without them could make one row bigger than MariaDB's 16 MB packet, whose
+    refusal would undo the acknowledgement on every run): every message is in the view once,
+    a member's two messages (``mode = "both"``) stay in one row, and the rows' member counts
+    add up to the batch's members."""
+    monkeypatch.setattr(ledger, "LEDGER_ROW_BYTES", 1_000)
+    harness.destinations["segment"]["mode"] = "both"
+    members = [f"m{i:03d}" for i in range(40)]
+    harness.set_members(members)
+    assert harness.sync().status == "succeeded"
+    with harness.engine.connect() as connection:
+        rows = connection.execute(
+            select(DELIVERY_BATCHES.c.member_count, DELIVERY_BATCHES.c.messages)
+        ).all()
+        messages = connection.execute(
+            text("SELECT member_id, message_type, message_id, position FROM deliveries")
+        ).all()
+    assert len(receiver.batches()) == 1 and len(rows) > 3
+    assert all(len(row.messages) < 1_000 + 600 for row in rows)
+    assert sum(row.member_count for row in rows) == 40
+    assert sorted((m.member_id, m.message_type) for m in messages) == [
+        (m, kind) for m in members for kind in ("identify", "track")
+    ]
+    assert {m.message_id for m in messages} == {m["messageId"] for m in receiver.messages()}
+    for row in rows:  # no member's messages are cut apart
+        names = [entry[3] for entry in json.loads(row.messages)]
+        assert names[::2] == names[1::2]
 
 
 def test_mode_both_logs_the_identify_and_the_track(harness: Harness, receiver: Receiver) -> None:
@@ -222,35 +255,38 @@ def test_user_and_members_show_the_last_sent_value(harness: Harness, receiver: R
 
 def test_rows_older_than_keep_deliveries_are_pruned(harness: Harness, receiver: Receiver) -> None:
     """`sync` prunes what is older than `[state] keep_deliveries`; younger rows stay."""
-    harness.set_members(["a", "b", "c"])
-    harness.sync()
-    with harness.engine.begin() as connection:
-        old = state_now(connection) - timedelta(days=31)
-        connection.execute(
-            update(DELIVERIES).where(DELIVERIES.c.member_id != "c").values(sent_at=old)
-        )
-    assert prune_deliveries(harness.engine, keep_seconds=40 * 86_400) == 0
-    harness.set_members(["a", "b", "c", "d"])
-    harness.sync()  # default keep_deliveries: 30 days
-    assert [r.member_id for r in sent_to(harness, "a") + sent_to(harness, "b")] == []
-    assert len(sent_to(harness, "c")) == 1 and len(sent_to(harness, "d")) == 1
-    with harness.engine.begin() as connection:
-        connection.execute(update(DELIVERIES).values(sent_at=old))
-    harness.config_extra = ""
-    assert prune_deliveries(harness.engine, keep_seconds=86_400) == 1
-    assert prune_deliveries(harness.engine, keep_seconds=86_400) == 0
-
-
-def test_ledger_ids_are_never_reused_after_a_prune(harness: Harness, receiver: Receiver) -> None:
-    """A prune that emptied `deliveries` let SQLite hand out its ids again (the largest id of
-    an emptied table restarts at 1), so a run's rows could fall before its `runs.ledger_from`
-    and its abandoned record counted none of them (hostile review). The newest row is kept."""
     harness.set_members(["a", "b"])
     harness.sync()
     with harness.engine.begin() as connection:
         old = state_now(connection) - timedelta(days=31)
-        connection.execute(update(DELIVERIES).values(sent_at=old))
-        last = connection.execute(select(func.max(DELIVERIES.c.id))).scalar()
+        connection.execute(update(DELIVERY_BATCHES).values(sent_at=old))
+    assert prune_deliveries(harness.engine, keep_seconds=40 * 86_400) == 0
+    harness.set_members(["a", "b", "c"])
+    harness.sync()  # default keep_deliveries: 30 days
+    assert [r.member_id for r in sent_to(harness, "a") + sent_to(harness, "b")] == []
+    assert len(sent_to(harness, "c")) == 1
+    harness.set_members(["a", "b", "c", "d"])
+    harness.sync()
+    with harness.engine.begin() as connection:
+        connection.execute(update(DELIVERY_BATCHES).values(sent_at=old))
+    harness.config_extra = ""
+    assert prune_deliveries(harness.engine, keep_seconds=86_400) == 1  # c's; d's is the newest
+    assert prune_deliveries(harness.engine, keep_seconds=86_400) == 0
+    assert [len(sent_to(harness, m)) for m in "cd"] == [0, 1]
+
+
+def test_ledger_ids_are_never_reused_after_a_prune(harness: Harness, receiver: Receiver) -> None:
+    """A prune that emptied the ledger let SQLite hand out its ids again (the largest id of
+    an emptied table restarts at 1), so a run's rows could fall before its `runs.ledger_from`
+    and its abandoned record counted none of them (hostile review). The newest row is kept."""
+    harness.set_members(["a"])
+    harness.sync()
+    harness.set_members(["a", "b"])
+    harness.sync()
+    with harness.engine.begin() as connection:
+        old = state_now(connection) - timedelta(days=31)
+        connection.execute(update(DELIVERY_BATCHES).values(sent_at=old))
+        last = connection.execute(select(func.max(DELIVERY_BATCHES.c.id))).scalar()
     assert prune_deliveries(harness.engine, keep_seconds=86_400) == 1
     harness.set_members(["a", "b", "c"])
     harness.sync()

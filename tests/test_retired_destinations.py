@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, func, insert, select
 
 from sync.cli import cli
-from sync.state.db import current_revision, downgrade, head_revision, upgrade
+from sync.state.db import current_revision, downgrade, upgrade
 from sync.state.tables import AUDIENCES, MEMBERSHIPS, RETIRED_DESTINATIONS, utcnow
 from tests.harness import Harness
 from tests.receiver import Receiver
@@ -209,8 +209,8 @@ def test_0017_upgrades_existing_data_and_downgrades(bare_engine: Engine) -> None
                 definition_hash="x", destinations_hash="y",
             )
         )  # fmt: skip
-    upgrade(bare_engine)
-    assert current_revision(bare_engine) == head_revision() == "0017"
+    upgrade(bare_engine, "0017")
+    assert current_revision(bare_engine) == "0017"
     with bare_engine.begin() as connection:
         connection.execute(
             insert(RETIRED_DESTINATIONS).values(
@@ -223,7 +223,7 @@ def test_0017_upgrades_existing_data_and_downgrades(bare_engine: Engine) -> None
         assert json.loads(names) == ["a"]
     downgrade(bare_engine, "0016")
     assert current_revision(bare_engine) == "0016"
-    upgrade(bare_engine)
+    upgrade(bare_engine, "0017")
     assert current_revision(bare_engine) == "0017"
     with bare_engine.connect() as connection:
         assert connection.execute(select(func.count()).select_from(MEMBERSHIPS)).scalar() == 0

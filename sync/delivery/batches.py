@@ -29,6 +29,8 @@ class Unit(NamedTuple):
     # The stored value and traits the messages were encoded from (the delivery ledger's).
     value: str | None = None
     traits: str | None = None
+    # Each message's messageId, from the encoder (None: found in the text when recorded).
+    ids: list[str] | None = None
 
 
 @dataclass
@@ -108,9 +110,9 @@ class Batcher:
         batch_messages = 0
         batch_bytes = BATCH_ENVELOPE_BYTES
         oversized: list[tuple[Unit, str]] = []
-        encode = self.encoder.messages
+        encode = self.encoder.encoded
         for kind, member, anonymous, value, in_doubt, version, changed_at, traits in rows:
-            messages = encode(kind, member, anonymous, value, version, changed_at, traits)
+            messages, ids = encode(kind, member, anonymous, value, version, changed_at, traits)
             # Bytes in the body (UTF-8) plus the separating commas; one message in the common
             # (identify) case, so no list is built for it.
             if len(messages) == 1:
@@ -120,7 +122,8 @@ class Batcher:
                 sizes = [message_size(m) for m in messages]
                 size, largest = sum(sizes) + SEPARATOR_BYTES * len(sizes), max(sizes)
             if self.max_message_bytes is not None and largest > self.max_message_bytes:
-                # The value change must go through: without the traits that make it too big.
+                # The value change must go through: without the traits that make it too big
+                # (its messageIds do not depend on them).
                 messages, dropped = self.encoder.fitting(
                     kind, member, anonymous, value, version, changed_at, traits, self.fits
                 )
@@ -128,12 +131,12 @@ class Batcher:
                 size = sum(sizes) + SEPARATOR_BYTES * len(sizes)
                 if not self.fits(messages):
                     unit = Unit(
-                        kind, member, version, bool(in_doubt), messages, size, value, traits
+                        kind, member, version, bool(in_doubt), messages, size, value, traits, ids
                     )
                     oversized.append((unit, self._too_big(max(sizes))))
                     continue
                 self._trimmed(member, largest, dropped)
-            unit = Unit(kind, member, version, bool(in_doubt), messages, size, value, traits)
+            unit = Unit(kind, member, version, bool(in_doubt), messages, size, value, traits, ids)
             too_many = batch_messages + len(messages) > limit_messages
             too_big = limit_bytes is not None and batch_bytes + unit.size > limit_bytes
             if batch and (too_many or too_big):

@@ -1,7 +1,8 @@
 """The delivery ledger: every state DB read and write of delivery — pages of pending rows,
 compare-and-set acknowledgements, rejections, in-doubt marks, progress rows, recovery after a
-crash, the ``deliveries`` rows (one per message sent) and their pruning — so that the worker
-loop and the sending code hold no SQL."""
+crash, the ledger's ``delivery_batches`` rows (one per outcome of a batch, read per message
+through the view ``deliveries``) and their pruning — so that the worker loop and the sending
+code hold no SQL."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from json.encoder import encode_basestring
 from typing import Any
 
 from sqlalchemy import (
@@ -44,35 +46,32 @@ from sync.redaction import redactor
 from sync.state.db import idle_transaction_limit
 from sync.state.leases import Lease
 from sync.state.memberships import pending_condition
-from sync.state.tables import DELIVERIES, DELIVERY_PROGRESS, MEMBERSHIPS, DeliveryOutcome
+from sync.state.tables import DELIVERY_BATCHES, DELIVERY_PROGRESS, MEMBERSHIPS, DeliveryOutcome
 
 logger = logging.getLogger("sync.delivery")
 
 M = MEMBERSHIPS
 P = DELIVERY_PROGRESS
-L = DELIVERIES
+L = DELIVERY_BATCHES
 
-# The columns of a ``deliveries`` row, in the order ``Ledger._log`` builds its tuples.
+# The columns of a ``delivery_batches`` row, in the order ``Ledger._entry`` builds its tuples.
 LOG_COLUMNS = (
-    "message_id",
-    "message_type",
     "batch_id",
     "audience_id",
     "destination",
-    "id_kind",
-    "member_id",
-    "value",
-    "traits",
-    "version",
     "outcome",
     "reason",
     "http_status",
     "sent_at",
     "acknowledged_at",
+    "member_count",
+    "messages",
 )
 # Rows deleted per transaction when pruning, so that a large prune never holds SQLite's one
 # write lock (or many row locks) long enough to stall a delivery.
 PRUNE_CHUNK = 10_000
+# Characters of a ledger row's ``messages`` after which the next unit starts another row.
+LEDGER_ROW_BYTES = 1_000_000
 _HTTP_STATUS = re.compile(r"\bHTTP ([1-5][0-9][0-9])\b")
 _ID_MARK = '"messageId":"as-'
 
@@ -152,9 +151,9 @@ def retry_due(connection: Connection, audience_id: int) -> bool:
 
 
 def _message_id(message: str, version: int) -> str:
-    """The ``messageId`` of an encoded message, found in its text (decoding every message sent
-    would cost more than its encoding did). Ours are ``as-<40 hex>-v<version>``, which a trait
-    that happens to be called messageId does not fake."""
+    """The ``messageId`` of an encoded message, found in its text, for a unit built without
+    the encoder's (``Unit.ids``). Ours are ``as-<40 hex>-v<version>``, which a trait that
+    happens to be called messageId does not fake."""
     tail = f'-v{version}"'
     start = message.find(_ID_MARK)
     while start >= 0:
@@ -165,9 +164,37 @@ def _message_id(message: str, version: int) -> str:
     return str(json.loads(message).get("messageId", ""))
 
 
-def _message_type(message: str) -> str:
-    """``identify`` or ``track``: an encoded message starts with its type."""
-    return "track" if message.startswith('{"type":"track"') else "identify"
+def ledger_messages(units: list[Unit]) -> list[tuple[int, str]]:
+    """The ``delivery_batches`` rows' part for ``units``: how many units (members) each row
+    holds, and its ``messages`` array — per message ``[messageId, type, id kind, member id,
+    version, value, traits]``, value and traits spliced in as the JSON texts they were sent
+    from (no decoding and encoding again: this runs once per message delivered).
+
+    One row, unless the text would pass ``LEDGER_ROW_BYTES``: the traits recorded are those
+    stored, which a message over its size limit was sent without, so a batch of such members
+    could make one row bigger than MariaDB's ``max_allowed_packet`` (16 MB by default), whose
+    refusal would undo the acknowledgement every time. A unit (a member's two messages in
+    ``mode = "both"``) is never split."""
+    rows: list[tuple[int, str]] = []
+    parts: list[str] = []
+    count = size = 0
+    quote = encode_basestring
+    for unit in units:
+        head = f'"{unit.id_kind}",{quote(unit.member_id)},{unit.version},'
+        tail = f"{unit.value or 'null'},{unit.traits or 'null'}]"
+        ids = unit.ids
+        if size > LEDGER_ROW_BYTES:
+            rows.append((count, f"[{','.join(parts)}]"))
+            parts, count, size = [], 0, 0
+        for index, message in enumerate(unit.messages):
+            mid = ids[index] if ids is not None else _message_id(message, unit.version)
+            kind = "track" if message.startswith('{"type":"track"') else "identify"
+            parts.append(f'["{mid}","{kind}",{head}{tail}')
+            size += len(head) + len(tail) + 64
+        count += 1
+    if parts:
+        rows.append((count, f"[{','.join(parts)}]"))
+    return rows
 
 
 def _by_version(units: list[Unit]) -> dict[tuple[str, int], list[Unit]]:
@@ -252,8 +279,8 @@ class Ledger:
         log: bool = True,
     ) -> None:
         """``max_attempts``: rejections after which a row is ``failed``. With a ``lease``,
-        every write transaction is fenced by it. ``log``: append a ``deliveries`` row per
-        message sent (``[state] delivery_ledger``)."""
+        every write transaction is fenced by it. ``log``: append the ledger's rows of each
+        batch outcome (``[state] delivery_ledger``)."""
         self.engine = engine
         self.audience_id = audience_id
         self.destination = destination
@@ -281,7 +308,26 @@ class Ledger:
             f"INSERT INTO {L.name} ({', '.join(LOG_COLUMNS)}) "
             f"VALUES ({', '.join([mark] * len(LOG_COLUMNS))})"
         )
+        self._joint_sql = self._joint_statement()
         self._build_statements()
+
+    def _joint_statement(self) -> str | None:
+        """On PostgreSQL: a batch's acknowledgement (of its first (id kind, version) group)
+        and its ledger row as one statement, one round trip (a data-modifying CTE; the
+        ``UPDATE``'s row count is the statement's). Positional parameters: the ledger row's
+        ``LOG_COLUMNS``, then ``delivered_at``, audience, destination, id kind, version and the
+        members as a JSON array. ``None`` elsewhere (SQLite: no round trip to save; MariaDB:
+        no data-modifying CTE)."""
+        if self.engine.dialect.name != "postgresql":
+            return None
+        return (
+            f"WITH logged AS (INSERT INTO {L.name} ({', '.join(LOG_COLUMNS)}) "
+            f"VALUES ({', '.join(['%s'] * len(LOG_COLUMNS))})) "
+            f"UPDATE {M.name} SET synced_value = value, in_doubt = false, status = 'in_sync', "
+            "attempts = 0, last_error = NULL, next_attempt_at = NULL, delivered_at = %s "
+            "WHERE audience_id = %s AND destination = %s AND id_kind = %s AND version = %s "
+            "AND member_id IN (SELECT json_array_elements_text(%s::json))"
+        )
 
     def _build_statements(self) -> None:
         """Statements built once, executed per batch with bound values."""
@@ -305,8 +351,6 @@ class Ledger:
                 delivered_at=bindparam("b_now", type_=M.c.delivered_at.type),
             )
         )
-        self._log_acked = self._acked_insert()
-        self._ack_and_log = self._acked_statement()
         self._progress_row = and_(
             P.c.audience_id == self.audience_id, P.c.destination == self.destination
         )
@@ -326,88 +370,6 @@ class Ledger:
                 updated_at=bindparam("b_now", type_=P.c.updated_at.type),
             )
         )
-
-    def _acked_insert(self) -> str | None:
-        """The ``deliveries`` rows of one acknowledged group (id kind, version, message type,
-        hand-over time) as one ``INSERT … SELECT`` (positional parameters: ``_acked_params``):
-        value and traits come from the memberships rows the compare-and-set has just matched at
-        the version sent, which is what was read for sending (only this runner writes them, and
-        traits change only when a plan runs); the messageIds are bound as one value, a JSON
-        object member → messageId (one C call to encode, where a PostgreSQL array is escaped
-        element by element in Python).
-
-        Binding 15 values per message cost more than the acknowledgement itself, and on SQLite
-        it ran under the one write lock, taking the GIL back once per row. Driver SQL: SQLite
-        must read the ids first (``CROSS JOIN`` fixes its join order), which SQLAlchemy cannot
-        say. ``None`` on MariaDB/MySQL, whose driver already sends an executemany as one
-        multi-row INSERT."""
-        dialect = self.engine.dialect.name
-        if dialect == "sqlite":
-            mark, traits = "?", "m.traits"
-            ids = "json_each(?) AS j CROSS JOIN"
-            member, message = "j.key", "j.value"
-        elif dialect == "postgresql":
-            mark, traits = "%s", "CAST(m.traits AS TEXT)"
-            ids = "json_each_text(%s::json) AS j (member, message) JOIN"
-            member, message = "j.member", "j.message"
-        else:
-            return None
-        columns = ", ".join(c for c in LOG_COLUMNS if c not in ("reason", "http_status"))
-        return (
-            f"INSERT INTO {L.name} ({columns}) "
-            f"SELECT {message}, {mark}, {mark}, m.audience_id, m.destination, m.id_kind, "
-            f"m.member_id, m.value, {traits}, m.version, 'acknowledged', {mark}, {mark} "
-            f"FROM {ids} {M.name} AS m ON m.audience_id = {mark} AND m.destination = {mark} "
-            f"AND m.id_kind = {mark} AND m.member_id = {member} AND m.version = {mark}"
-        )
-
-    def _acked_statement(self) -> str | None:
-        """On PostgreSQL, with the ledger on: an acknowledged group's compare-and-set and its
-        ``deliveries`` rows as one statement (positional parameters: ``_ack_and_log_params``).
-        The ``UPDATE … RETURNING`` hands the rows it matched, at the version sent, to the
-        ``INSERT``: no second lookup of each row (that join was ~45% of the ``INSERT … SELECT``
-        on PostgreSQL), one round trip per group. Messages are bound as one JSON array of
-        ``{"m": member, "t": message type, "i": messageId}`` (a member in ``mode = "both"`` has
-        two). The result: the rows appended, and the members the compare-and-set missed (a JSON
-        array, or NULL). ``None`` elsewhere: SQLite has no data-modifying CTE, MariaDB no
-        ``RETURNING`` on ``UPDATE``."""
-        if self.engine.dialect.name != "postgresql":
-            return None
-        columns = ", ".join(c for c in LOG_COLUMNS if c not in ("reason", "http_status"))
-        return (
-            "WITH ids AS MATERIALIZED (SELECT j.m, j.t, j.i "
-            "FROM json_to_recordset(%s::json) AS j (m text, t text, i text)), "
-            f"acked AS (UPDATE {M.name} SET synced_value = value, in_doubt = false, "
-            "status = 'in_sync', attempts = 0, last_error = NULL, next_attempt_at = NULL, "
-            "delivered_at = %s WHERE audience_id = %s AND destination = %s AND id_kind = %s "
-            "AND version = %s AND member_id IN (SELECT m FROM ids) "
-            "RETURNING member_id, value, traits), "
-            f"logged AS (INSERT INTO {L.name} ({columns}) "
-            "SELECT ids.i, ids.t, %s, %s, %s, %s, acked.member_id, acked.value, "
-            "CAST(acked.traits AS TEXT), %s, 'acknowledged', %s, %s "
-            "FROM acked JOIN ids ON ids.m = acked.member_id RETURNING 1) "
-            "SELECT (SELECT count(*) FROM logged), (SELECT json_agg(DISTINCT ids.m) FROM ids "
-            "WHERE ids.m NOT IN (SELECT member_id FROM acked))"
-        )
-
-    def _ack_and_log_params(
-        self,
-        group: tuple[str, int],
-        units: list[Unit],
-        handed: list[Any],
-        batch: str,
-        now: datetime,
-    ) -> tuple[Any, ...]:
-        """The parameters of ``_ack_and_log`` for one acknowledged group."""
-        kind, version = group
-        messages = [
-            {"m": unit.member_id, "t": _message_type(message), "i": _message_id(message, version)}
-            for unit in units
-            for message in unit.messages
-        ]
-        where = (self.audience_id, self.destination, kind, version)
-        head = (batch, self.audience_id, self.destination, kind, version, handed[1], now)
-        return (json.dumps(messages), now, *where, *head)
 
     def _group_commit(self, write: Callable[[Connection], None]) -> None:
         """Run ``write`` in a write transaction and return once it is committed.
@@ -582,48 +544,30 @@ class Ledger:
             # Still in doubt after a failed batch: it was before, or its attempt's fate is unknown.
             return unit.in_doubt or result.doubtful(unit)
 
-        # The ledger's rows and parameters are built before the write transaction: on SQLite
-        # writers queue on one mutex, and only the statements need to be inside it.
-        batch = uuid.uuid4().hex
         acked = _by_version(result.delivered)
-        # What each unit carries was read for sending it: the ledger records that, even if its
-        # row has changed meanwhile. Not read from a page (cannot happen): sent when recorded.
-        handed = result.handed or [now, self._time(now)]
-        log: list[tuple[Any, ...]] = []
-        together = self.log and self._ack_and_log is not None  # PostgreSQL: one statement
-        by_sql = self.log and (together or self._log_acked is not None)  # else row by row
         left = _by_why(result)  # by reason and retry delay: one group per half at most
-        if self.log:
-            log = self._log_rows(result, left, handed, batch, now, delivered=not by_sql)
-        sql_logs = {
-            group: self._acked_params(group, units, handed, batch, now)
-            for group, units in (acked.items() if by_sql and not together else ())
-        }
-        joint = {
-            group: self._ack_and_log_params(group, units, handed, batch, now)
-            for group, units in (acked.items() if together else ())
-        }
+        # The ledger's rows are built before the write transaction: on SQLite writers queue on
+        # one mutex, and only the statements need to be inside it.
+        entries = self._entries(result, left, now) if self.log else []
+
+        # PostgreSQL: the acknowledgement's ledger row rides on the first group's statement.
+        joint = bool(self._joint_sql and entries and acked and entries[0][3] == "acknowledged")
+        logged = 1 if joint else 0
 
         def write(connection: Connection) -> None:
-            for (kind, version), units in acked.items():
+            for index, ((kind, version), units) in enumerate(acked.items()):
                 members = [unit.member_id for unit in units]
-                if together:
-                    missed = self._ack_and_log_group(connection, joint[(kind, version)], units)
-                    if missed:  # the rows changed meanwhile: log what was read (not what is now)
-                        at = self._time(now)
-                        log.extend(self._rows_of(missed, "acknowledged", None, at, handed, batch))
-                    continue
-                matched = connection.execute(
-                    self._ack, {**self._params(kind, members, version), "b_now": now}
-                ).rowcount
+                if joint and index == 0:
+                    where = (now, self.audience_id, self.destination, kind, version)
+                    matched = connection.exec_driver_sql(
+                        self._joint_sql or "", (*entries[0], *where, json.dumps(members))
+                    ).rowcount
+                else:
+                    matched = connection.execute(
+                        self._ack, {**self._params(kind, members, version), "b_now": now}
+                    ).rowcount
                 if matched < len(members):
                     self._doubt_changed(connection, kind, version, members)
-                params = sql_logs.get((kind, version))
-                if params and matched == len(members):
-                    self._log_group(connection, params)
-                elif by_sql:  # the rows changed meanwhile: log what was read (not what is now)
-                    at = self._time(now)
-                    log.extend(self._rows_of(units, "acknowledged", None, at, handed, batch))
             for (reason, delay), units in left.items():
                 retry_at = now + timedelta(seconds=delay)
                 for (kind, version, in_doubt), members in _groups(units, doubt).items():
@@ -640,131 +584,47 @@ class Ledger:
                 self._doubt_changed(connection, kind, version, members)
             if result.rejected:
                 self._reject(connection, result.rejected, doubt)
-            if log:  # in the outcome's transaction: the ledger never disagrees with the rows
-                connection.exec_driver_sql(self._log_sql, log)
+            if len(entries) > logged:  # in the outcome's transaction: as the rows say
+                connection.exec_driver_sql(self._log_sql, entries[logged:])
 
         self._group_commit(write)
 
-    def _acked_params(
-        self,
-        group: tuple[str, int],
-        units: list[Unit],
-        handed: list[Any],
-        batch: str,
-        now: datetime,
-    ) -> list[tuple[tuple[Any, ...], int]] | None:
-        """The parameters of ``_log_acked``, and the rows each must append, for one acknowledged
-        group: one statement per message type, usually one. ``None`` when a member repeats
-        (it would be one key twice): such a group is logged row by row."""
-        kind, version = group
-        by_type: dict[str, dict[str, str]] = {}
-        counts: dict[str, int] = {}
-        for unit in units:
-            for message in unit.messages:
-                message_type = _message_type(message)
-                ids = by_type.get(message_type)
-                if ids is None:
-                    ids = by_type[message_type] = {}
-                ids[unit.member_id] = _message_id(message, version)
-                counts[message_type] = counts.get(message_type, 0) + 1
-        statements: list[tuple[tuple[Any, ...], int]] = []
-        where = (self.audience_id, self.destination, kind, version)
-        for message_type, ids in by_type.items():
-            if len(ids) < counts[message_type]:
-                return None
-            head = (message_type, batch, handed[1], self._time(now))
-            statements.append(((*head, json.dumps(ids), *where), len(ids)))
-        return statements
-
-    def _ack_and_log_group(
-        self, connection: Connection, params: tuple[Any, ...], units: list[Unit]
-    ) -> list[Unit]:
-        """Acknowledge one group and append its ``deliveries`` rows in one statement
-        (``_ack_and_log``); return the units the compare-and-set missed (changed while in
-        flight: marked in doubt here, their ledger rows still to append). A row count that
-        disagrees with the messages of the rows matched is a defect, as in ``_log_group``."""
-        logged, missed_ids = connection.exec_driver_sql(self._ack_and_log or "", params).one()
-        missed = set(missed_ids or ())
-        expected = sum(len(unit.messages) for unit in units if unit.member_id not in missed)
-        if logged != expected:
-            raise RuntimeError(
-                f'delivery ledger of "{self.destination}": {logged} row(s) for '
-                f"{expected} acknowledged message(s)"
-            )
-        if not missed:
-            return []
-        self._doubt_changed(connection, units[0].id_kind, units[0].version, sorted(missed))
-        return [unit for unit in units if unit.member_id in missed]
-
-    def _log_group(
-        self, connection: Connection, statements: list[tuple[tuple[Any, ...], int]]
-    ) -> None:
-        """Append an acknowledged group's rows, all of them or none: the compare-and-set has
-        just matched every member at the version sent, so a shortfall is a defect (the
-        transaction, acknowledgement included, is rolled back; the rows stay covered by the
-        delivery's progress row and are recovered in doubt)."""
-        assert self._log_acked is not None
-        for parameters, expected in statements:
-            inserted = connection.exec_driver_sql(self._log_acked, parameters).rowcount
-            if inserted != expected:
-                raise RuntimeError(
-                    f'delivery ledger of "{self.destination}": {inserted} row(s) for '
-                    f"{expected} acknowledged message(s)"
-                )
-
-    def _log_rows(
+    def _entries(
         self,
         result: BatchResult,
         left: dict[tuple[str | None, float], list[Unit]],
-        handed: list[Any],
-        batch: str,
         now: datetime,
-        *,
-        delivered: bool,
     ) -> list[tuple[Any, ...]]:
-        """The ``deliveries`` rows of the batch's rejected and ``left`` messages (and, with
-        ``delivered``, its acknowledged ones) as plain tuples for one executemany (no per-row
-        statement building or type processing; times converted once)."""
-        recorded = self._time(now)
-        rows: list[tuple[Any, ...]] = []
-        if delivered:
-            rows += self._rows_of(
-                result.delivered, "acknowledged", None, recorded, handed, batch
-            )
+        """The batch's ``delivery_batches`` rows (``LOG_COLUMNS`` tuples): its acknowledged
+        messages, its rejected ones by reason, its left ones by reason and by whether the
+        destination may have applied them (``unknown``) or not (``refused``). Each message
+        as read for sending it, even if its row has changed meanwhile."""
+        batch = uuid.uuid4().hex
+        # Not read from a page (cannot happen): sent when recorded.
+        sent = (result.handed or [now, self._time(now)])[1]
+        head = (batch, self.audience_id, self.destination)
+        entries: list[tuple[Any, ...]] = []
+        acked = self._time(now)
+        for count, text in ledger_messages(result.delivered) if result.delivered else ():
+            entries.append((*head, "acknowledged", None, None, sent, acked, count, text))
+        rejected: dict[str, list[Unit]] = {}
         for unit, reason in result.rejected:
             said = redactor().redact(reason)
             if result.doubtful(unit):  # its last answer, but the destination may hold it
                 said += "; an earlier attempt may have applied it (the row stays in doubt)"
-            rows += self._rows_of([unit], "rejected", said, None, handed, batch)
+            rejected.setdefault(said, []).append(unit)
+        groups: list[tuple[DeliveryOutcome, str | None, list[Unit]]] = [
+            ("rejected", said, units) for said, units in rejected.items()
+        ]
         for (why, _delay), units in left.items():
-            left_reason = redactor().redact(why) if why else None
-            unknown = [unit for unit in units if result.doubtful(unit)]
-            refused = [unit for unit in units if not result.doubtful(unit)]
-            rows += self._rows_of(unknown, "unknown", left_reason, None, handed, batch)
-            rows += self._rows_of(refused, "refused", left_reason, None, handed, batch)
-        return rows
-
-    def _rows_of(
-        self,
-        units: list[Unit],
-        outcome: DeliveryOutcome,
-        reason: str | None,
-        at: Any,
-        handed: list[Any],
-        batch: str,
-    ) -> list[tuple[Any, ...]]:
-        """``deliveries`` tuples (``LOG_COLUMNS``) of these units' messages, with what was
-        read for sending them."""
-        head = (batch, self.audience_id, self.destination)
-        status = _http_status(reason)
-        rows: list[tuple[Any, ...]] = []
-        for unit in units:
-            who = (unit.id_kind, unit.member_id, unit.value, unit.traits)
-            tail = (unit.version, outcome, reason, status, handed[1], at)
-            for message in unit.messages:
-                mid = _message_id(message, unit.version)
-                rows.append((mid, _message_type(message), *head, *who, *tail))
-        return rows
+            left_said = redactor().redact(why) if why else None
+            groups.append(("unknown", left_said, [u for u in units if result.doubtful(u)]))
+            groups.append(("refused", left_said, [u for u in units if not result.doubtful(u)]))
+        for outcome, said_why, units in groups:
+            status = _http_status(said_why)
+            for count, text in ledger_messages(units) if units else ():
+                entries.append((*head, outcome, said_why, status, sent, None, count, text))
+        return entries
 
     def _reject(
         self,

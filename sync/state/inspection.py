@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from json.encoder import encode_basestring
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Connection, and_, case, func, select
+from sqlalchemy import ColumnElement, Connection, and_, case, func, or_, select, true
 
 from sync.config import ComputationConfig, Config
 from sync.errors import UnknownAudienceError
@@ -14,7 +15,7 @@ from sync.state.daemons import scheduled_runs
 from sync.state.memberships import is_pending
 from sync.state.runs import run_reason
 from sync.state.tables import AUDIENCES as A
-from sync.state.tables import DELIVERIES as L
+from sync.state.tables import DELIVERY_BATCHES as L
 from sync.state.tables import MEMBERSHIPS as M
 from sync.state.tables import RUN_DELIVERIES as D
 from sync.state.tables import RUNS as R
@@ -253,30 +254,38 @@ def _add_last_sent(
     if not rows:
         return
     last: dict[tuple[int, str, str, str], Any] = {}
-    for start in range(0, len(members), 500):  # bounded IN lists
+    # A batch row's messages are one JSON array: the rows that name one of these members (as
+    # it is written there) are found by text, and read here, oldest first.
+    for start in range(0, len(members), 50):
+        chunk = members[start : start + 50]
+        wanted = set(chunk)
+        named = or_(*(L.c.messages.contains(encode_basestring(m), autoescape=True) for m in chunk))
         query = (
-            select(L.c.audience_id, L.c.destination, L.c.id_kind, L.c.member_id, L.c.value)
-            .add_columns(L.c.sent_at, L.c.acknowledged_at, L.c.outcome)
-            .where(where, L.c.member_id.in_(members[start : start + 500]))
+            select(L.c.audience_id, L.c.destination, L.c.messages, L.c.sent_at)
+            .add_columns(L.c.acknowledged_at, L.c.outcome)
+            .where(where, named)
             .order_by(L.c.id)
         )
         for entry in connection.execute(query).all():
-            last[(entry.audience_id, entry.destination, entry.id_kind, entry.member_id)] = entry
+            for _mid, _type, kind, member, _version, value, _traits in json.loads(entry.messages):
+                if member in wanted:
+                    key = (entry.audience_id, entry.destination, kind, member)
+                    last[key] = (value, entry.sent_at, entry.acknowledged_at, entry.outcome)
     for data in rows:
         found = last.get(
             (data.pop("_audience_id"), data["destination"], data["id_kind"], data["member_id"])
         )
         acknowledged = data.pop("_delivered_at")
-        if acknowledged is not None and (
-            found is None or (found.acknowledged_at or found.sent_at) < acknowledged
-        ):
+        if acknowledged is not None and (found is None or (found[2] or found[1]) < acknowledged):
             data["last_sent"] = data["synced"]
             data["last_sent_at"] = _iso(acknowledged)
             data["last_outcome"] = "acknowledged"
         elif found is not None:
-            data["last_sent"] = _json_value(found.value)
-            data["last_sent_at"] = _iso(found.sent_at)
-            data["last_outcome"] = found.outcome
+            data["last_sent"], data["last_sent_at"], data["last_outcome"] = (
+                found[0],
+                _iso(found[1]),
+                found[3],
+            )
 
 
 def count_member_rows(
@@ -319,5 +328,5 @@ def user_rows(connection: Connection, member_id: str) -> list[dict[str, Any]]:
         .order_by(A.c.key, M.c.destination)
     )
     rows = [_membership(r, r.key) for r in connection.execute(query).all()]
-    _add_last_sent(connection, rows, L.c.member_id == member_id, [member_id])
+    _add_last_sent(connection, rows, true(), [member_id])
     return rows
