@@ -253,6 +253,42 @@ def test_user_and_members_show_the_last_sent_value(harness: Harness, receiver: R
     assert "last sent" in table
 
 
+def test_members_and_user_show_a_rejection_after_the_acknowledgement(
+    harness: Harness, receiver: Receiver
+) -> None:
+    """The newest ledger message wins over the row's last acknowledgement, whether members
+    are looked up one at a time (`user`: by text in SQL) or by page (`members`: in Python);
+    messages older than every row's acknowledgement are not read."""
+    harness.set_members(["a", "b", "c", "d", "e"])
+    harness.sync()
+    receiver.poison = {"b", "d"}
+    harness.set_members(["a", "c", "e"])
+    assert harness.sync().status == "partial"
+    config = harness.write_config()
+
+    def invoke(*args: str) -> Any:
+        result = CliRunner().invoke(cli, ["--config", str(config), *args, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    def shown(rows: list[Any]) -> list[tuple[str, bool, str]]:
+        return [(r["member_id"], r["last_sent"], r["last_outcome"]) for r in rows]
+
+    assert shown(invoke("members", KEY)) == [(m, True, "acknowledged") for m in "ace"]
+    assert shown(invoke("members", KEY, "--exited")) == [
+        ("b", False, "rejected"),
+        ("d", False, "rejected"),
+    ]
+    assert shown(invoke("user", "d")) == [("d", False, "rejected")]
+    with harness.engine.connect() as connection:
+        sent_at = connection.execute(
+            select(DELIVERIES.c.sent_at)
+            .where(DELIVERIES.c.member_id == "b")
+            .order_by(DELIVERIES.c.id.desc())
+        ).scalar()
+    assert invoke("user", "b")[0]["last_sent_at"] == sent_at.isoformat(timespec="seconds")
+
+
 def test_rows_older_than_keep_deliveries_are_pruned(harness: Harness, receiver: Receiver) -> None:
     """`sync` prunes what is older than `[state] keep_deliveries`; younger rows stay."""
     harness.set_members(["a", "b"])
