@@ -171,7 +171,11 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DROP VIEW IF EXISTS sent_messages")
-    if "deliveries_0017" not in _base_tables():
+    tables = _base_tables()
+    if "deliveries_0017" not in tables or "delivery_batches" in tables:
+        # A rerun on MariaDB/MySQL may find deliveries_0017 made (DDL commits at once) but
+        # empty or partly filled: while delivery_batches is there, copy again from scratch
+        # (the copy is one INSERT, all or nothing; create_table is skipped when done).
         op.create_table(
             "deliveries_0017",
             sa.Column(
@@ -206,6 +210,7 @@ def downgrade() -> None:
             "member_id, value, traits, version, outcome, reason, http_status, sent_at, "
             "acknowledged_at"
         )
+        op.execute("DELETE FROM deliveries_0017")
         op.execute(
             f"INSERT INTO deliveries_0017 ({columns}) SELECT {columns} FROM deliveries "
             "ORDER BY id, position"

@@ -358,7 +358,7 @@ def _carried_trait_problems(raw: dict[str, Any], keys: Mapping[str, tuple[str, s
                 problems.append(
                     f'{where}.traits: "{trait}" is also the key of audience "{other_name}" '
                     f'({other_where}) at destination "{shared}"; remove it from traits or set '
-                    "key = \"...\" on one of them"
+                    'key = "..." on one of them'
                 )
     return problems
 

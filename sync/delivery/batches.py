@@ -3,13 +3,14 @@ limits; a message over the per-message limit loses the traits that make it too b
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from sync.destinations import Destination
-from sync.messages import MessageEncoder
+from sync.messages import MessageEncoder, encode
 
 logger = logging.getLogger("sync.delivery")
 
@@ -26,7 +27,8 @@ class Unit(NamedTuple):
     in_doubt: bool
     messages: list[str]  # encoded JSON
     size: int
-    # The stored value and traits the messages were encoded from (the delivery ledger's).
+    # The stored value and the extra traits the messages carry (the delivery ledger's): those
+    # stored, less what a message over its size limit was sent without.
     value: str | None = None
     traits: str | None = None
     # Each message's messageId, from the encoder (None: found in the text when recorded).
@@ -129,6 +131,7 @@ class Batcher:
                 )
                 sizes = [message_size(m) for m in messages]
                 size = sum(sizes) + SEPARATOR_BYTES * len(sizes)
+                traits = self._sent_traits(traits, dropped)  # what the ledger records
                 if not self.fits(messages):
                     unit = Unit(
                         kind, member, version, bool(in_doubt), messages, size, value, traits, ids
@@ -149,6 +152,14 @@ class Batcher:
             self.on_oversized(oversized)
         if batch:
             yield batch
+
+    def _sent_traits(self, traits: str | None, dropped: list[str]) -> str | None:
+        """A trimmed message's extra traits as sent: the stored ones without ``dropped``."""
+        if not dropped or traits is None or self.encoder.ctx.is_trait:
+            return traits
+        values = json.loads(traits)
+        kept = {name: value for name, value in values.items() if name not in dropped}
+        return encode(kept) if kept else None
 
     def fits(self, messages: list[str]) -> bool:
         """Whether every message is within the destination's per-message limit."""

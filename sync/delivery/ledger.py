@@ -168,13 +168,13 @@ def ledger_messages(units: list[Unit]) -> list[tuple[int, str]]:
     """The ``delivery_batches`` rows' part for ``units``: how many units (members) each row
     holds, and its ``messages`` array — per message ``[messageId, type, id kind, member id,
     version, value, traits]``, value and traits spliced in as the JSON texts they were sent
-    from (no decoding and encoding again: this runs once per message delivered).
+    (no decoding and encoding again: this runs once per message delivered).
 
-    One row, unless the text would pass ``LEDGER_ROW_BYTES``: the traits recorded are those
-    stored, which a message over its size limit was sent without, so a batch of such members
-    could make one row bigger than MariaDB's ``max_allowed_packet`` (16 MB by default), whose
-    refusal would undo the acknowledgement every time. A unit (a member's two messages in
-    ``mode = "both"``) is never split."""
+    One row, unless its text would pass ``LEDGER_ROW_BYTES`` (UTF-8): then the next unit
+    starts another, so that no row but a single huge unit's passes a state DB's packet limit
+    (MariaDB's ``max_allowed_packet`` is 16 MB by default; a refused row would undo the
+    acknowledgement on every run). A unit (a member's two messages in ``mode = "both"``) is
+    never split."""
     rows: list[tuple[int, str]] = []
     parts: list[str] = []
     count = size = 0
@@ -183,14 +183,18 @@ def ledger_messages(units: list[Unit]) -> list[tuple[int, str]]:
         head = f'"{unit.id_kind}",{quote(unit.member_id)},{unit.version},'
         tail = f"{unit.value or 'null'},{unit.traits or 'null'}]"
         ids = unit.ids
-        if size > LEDGER_ROW_BYTES:
-            rows.append((count, f"[{','.join(parts)}]"))
-            parts, count, size = [], 0, 0
+        entries = []
         for index, message in enumerate(unit.messages):
             mid = ids[index] if ids is not None else _message_id(message, unit.version)
             kind = "track" if message.startswith('{"type":"track"') else "identify"
-            parts.append(f'["{mid}","{kind}",{head}{tail}')
-            size += len(head) + len(tail) + 64
+            entries.append(f'["{mid}","{kind}",{head}{tail}')
+        text = head + tail
+        bytes_ = (len(text) if text.isascii() else len(text.encode())) + 64
+        if parts and size + bytes_ * len(entries) > LEDGER_ROW_BYTES:
+            rows.append((count, f"[{','.join(parts)}]"))
+            parts, count, size = [], 0, 0
+        parts += entries
+        size += bytes_ * len(entries)
         count += 1
     if parts:
         rows.append((count, f"[{','.join(parts)}]"))

@@ -83,9 +83,7 @@ def retire_audience(
             # What its members still hold there stays reserved: its key; a trait group's
             # traits (its leaver value's keys), unless their nulls were just delivered.
             held = [key] if kind == "audience" else ([] if send else json.loads(exit_value))
-            handed = forget_destination(
-                context.engine, audience_id, destination, heir, held=held
-            )
+            handed = forget_destination(context.engine, audience_id, destination, heir, held=held)
             if heir is not None:
                 logger.warning(
                     '%s: destination "%s" delivers where "%s" does: %d member(s) recorded at '

@@ -158,8 +158,7 @@ class TraitColumns:
                     alias = f"trait_{alias}"
                 raise SourceError(
                     f'trait group "{self.group}": column "{column}" cannot be a trait key '
-                    f"({problem}); {self.rename}, e.g. "
-                    + (alias if self.rules else f"AS {alias}")
+                    f"({problem}); {self.rename}, e.g. " + (alias if self.rules else f"AS {alias}")
                 )
             if column in self.reserved:
                 raise SourceError(

@@ -138,9 +138,7 @@ def orphaned_audience(connection: Connection, config: Config, key: str) -> int:
 
 def live_audience(connection: Connection, key: str) -> int:
     """The id of the non-retired audience with ``key``."""
-    row = connection.execute(
-        select(A.c.id, A.c.retired_at, A.c.kind).where(A.c.key == key)
-    ).first()
+    row = connection.execute(select(A.c.id, A.c.retired_at, A.c.kind).where(A.c.key == key)).first()
     if row is None:
         raise UnknownAudienceError(f'no audience with the key "{key}" in the state database')
     if row.retired_at is not None:

@@ -111,8 +111,7 @@ class Lease:
                 continue  # released between our attempt and our look (MariaDB): try again
             since = holder.lease_acquired_at.isoformat(timespec="seconds")
             busy = (
-                f"{self.title} is being synced by "
-                f"{_process_of(holder.lease_owner)} since {since}"
+                f"{self.title} is being synced by {_process_of(holder.lease_owner)} since {since}"
             )
             if time.monotonic() >= deadline:
                 raise LeaseHeldError(f"{busy}; wait for it (--wait SECONDS) or try again later")
@@ -152,7 +151,7 @@ class Lease:
                 return
             except Exception as exc:  # the state DB may come back before the lease lapses
                 logger.warning(
-                    '%s: could not renew the lease (%s); retrying',
+                    "%s: could not renew the lease (%s); retrying",
                     self.title,
                     " ".join(str(exc).split())[:200],
                 )
