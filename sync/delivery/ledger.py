@@ -74,6 +74,7 @@ PRUNE_CHUNK = 10_000
 LEDGER_ROW_BYTES = 1_000_000
 _HTTP_STATUS = re.compile(r"\bHTTP ([1-5][0-9][0-9])\b")
 _ID_MARK = '"messageId":"as-'
+TRACK = '{"type":"track"'
 
 
 def member_in(engine: Engine) -> Any:
@@ -180,21 +181,24 @@ def ledger_messages(units: list[Unit]) -> list[tuple[int, str]]:
     count = size = 0
     quote = encode_basestring
     for unit in units:
-        head = f'"{unit.id_kind}",{quote(unit.member_id)},{unit.version},'
-        tail = f"{unit.value or 'null'},{unit.traits or 'null'}]"
-        ids = unit.ids
-        entries = []
-        for index, message in enumerate(unit.messages):
-            mid = ids[index] if ids is not None else _message_id(message, unit.version)
-            kind = "track" if message.startswith('{"type":"track"') else "identify"
-            entries.append(f'["{mid}","{kind}",{head}{tail}')
-        text = head + tail
-        bytes_ = (len(text) if text.isascii() else len(text.encode())) + 64
-        if parts and size + bytes_ * len(entries) > LEDGER_ROW_BYTES:
+        messages = unit.messages
+        ids = unit.ids or [_message_id(message, unit.version) for message in messages]
+        member = f'"{unit.id_kind}",{quote(unit.member_id)},{unit.version},'
+        sent = f"{unit.value or 'null'},{unit.traits or 'null'}]"
+        if len(messages) == 1:  # the common case: one string per unit
+            kind = "track" if messages[0].startswith('{"type":"track"') else "identify"
+            entries = [f'["{ids[0]}","{kind}",{member}{sent}']
+        else:
+            entries = [
+                f'["{mid}","{"track" if m.startswith(TRACK) else "identify"}",{member}{sent}'
+                for mid, m in zip(ids, messages, strict=True)
+            ]
+        bytes_ = sum(len(e) if e.isascii() else len(e.encode()) for e in entries)
+        if parts and size + bytes_ > LEDGER_ROW_BYTES:
             rows.append((count, f"[{','.join(parts)}]"))
             parts, count, size = [], 0, 0
         parts += entries
-        size += bytes_ * len(entries)
+        size += bytes_ + len(entries)
         count += 1
     if parts:
         rows.append((count, f"[{','.join(parts)}]"))
