@@ -28,6 +28,13 @@ FROM sent_messages WHERE member_id = :member ORDER BY id, position
 """
 
 
+def cli_json(config: Any, *args: str) -> Any:
+    """What ``audience-sync --config CONFIG ARGS --json`` prints, decoded."""
+    result = CliRunner().invoke(cli, ["--config", str(config), *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
 def sent_to(harness: Harness, member: str) -> list[Any]:
     with harness.engine.connect() as connection:
         return list(connection.execute(text(WHAT_WAS_SENT_TO), {"member": member}).all())
@@ -234,12 +241,7 @@ def test_user_and_members_show_the_last_sent_value(harness: Harness, receiver: R
     harness.sync()
     config = harness.write_config()
 
-    def invoke(*args: str) -> Any:
-        result = CliRunner().invoke(cli, ["--config", str(config), *args, "--json"])
-        assert result.exit_code == 0, result.output
-        return json.loads(result.output)
-
-    (row,) = invoke("user", "b")
+    (row,) = cli_json(config, "user", "b")
     assert row["last_sent"] is False and row["last_outcome"] == "acknowledged"
     with harness.engine.connect() as connection:
         sent_at = connection.execute(
@@ -248,9 +250,9 @@ def test_user_and_members_show_the_last_sent_value(harness: Harness, receiver: R
             .order_by(DELIVERIES.c.id.desc())
         ).scalar()
     assert row["last_sent_at"] == sent_at.isoformat(timespec="seconds")
-    exited = invoke("members", KEY, "--exited")
+    exited = cli_json(config, "members", KEY, "--exited")
     assert [(r["member_id"], r["last_sent"]) for r in exited] == [("b", False)]
-    (member,) = invoke("members", KEY)
+    (member,) = cli_json(config, "members", KEY)
     assert (member["member_id"], member["last_sent"]) == ("a", True)
     table = CliRunner().invoke(cli, ["--config", str(config), "user", "b"]).output
     assert "last sent" in table
@@ -269,27 +271,22 @@ def test_members_and_user_show_a_rejection_after_the_acknowledgement(
     assert harness.sync().status == "partial"
     config = harness.write_config()
 
-    def invoke(*args: str) -> Any:
-        result = CliRunner().invoke(cli, ["--config", str(config), *args, "--json"])
-        assert result.exit_code == 0, result.output
-        return json.loads(result.output)
-
     def shown(rows: list[Any]) -> list[tuple[str, bool, str]]:
         return [(r["member_id"], r["last_sent"], r["last_outcome"]) for r in rows]
 
-    assert shown(invoke("members", KEY)) == [(m, True, "acknowledged") for m in "ace"]
-    assert shown(invoke("members", KEY, "--exited")) == [
+    assert shown(cli_json(config, "members", KEY)) == [(m, True, "acknowledged") for m in "ace"]
+    assert shown(cli_json(config, "members", KEY, "--exited")) == [
         ("b", False, "rejected"),
         ("d", False, "rejected"),
     ]
-    assert shown(invoke("user", "d")) == [("d", False, "rejected")]
+    assert shown(cli_json(config, "user", "d")) == [("d", False, "rejected")]
     with harness.engine.connect() as connection:
         sent_at = connection.execute(
             select(DELIVERIES.c.sent_at)
             .where(DELIVERIES.c.member_id == "b")
             .order_by(DELIVERIES.c.id.desc())
         ).scalar()
-    assert invoke("user", "b")[0]["last_sent_at"] == sent_at.isoformat(timespec="seconds")
+    assert cli_json(config, "user", "b")[0]["last_sent_at"] == sent_at.isoformat(timespec="seconds")
 
 
 def test_rows_older_than_keep_deliveries_are_pruned(harness: Harness, receiver: Receiver) -> None:
