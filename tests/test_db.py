@@ -402,3 +402,34 @@ def test_0018_keeps_the_ledger_rows_and_their_ids(state_engine: Engine) -> None:
     assert _ledger(state_engine, "id")[:3] == expected
     upgrade(state_engine)
     assert len(_ledger(state_engine, "id, position")) == 4
+
+
+@pytest.mark.parametrize(
+    ("mariadb", "version", "refused"),
+    [(True, (10, 5, 9), True), (True, (10, 6, 0), False), (False, (8, 0, 3), True),
+     (False, (8, 0, 36), False)],
+)  # fmt: skip
+def test_0018_refuses_a_server_without_json_table(
+    mariadb: bool, version: tuple[int, ...], refused: bool
+) -> None:
+    """The `deliveries` view needs JSON_TABLE: an older MariaDB/MySQL is refused before 0018
+    changes anything, with the server's version and what it needs."""
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    from sqlalchemy.dialects.mysql.pymysql import MySQLDialect_pymysql
+
+    from sync.errors import StateError
+
+    path = Path(__file__).parent.parent / "migrations" / "versions" / "0018_ledger_per_batch.py"
+    spec = spec_from_file_location("migration_0018", path)
+    assert spec is not None and spec.loader is not None
+    migration = module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    dialect = MySQLDialect_pymysql()
+    dialect.server_version_info = version
+    dialect.is_mariadb = mariadb
+    if not refused:
+        migration._require_json_table(dialect)
+        return
+    with pytest.raises(StateError, match=r"needs (MariaDB 10\.6|MySQL 8\.0\.4) or later"):
+        migration._require_json_table(dialect)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from sync.errors import StateError
 from sync.state.tables import MYSQL_DIALECTS, Key, UTCDateTime, ValueText, key_collation
 
 revision: str = "0018"
@@ -115,9 +116,27 @@ def _base_tables() -> set[str]:
     return set(sa.inspect(op.get_bind()).get_table_names())
 
 
+def _require_json_table(dialect: sa.Dialect) -> None:
+    """MariaDB/MySQL: the view needs ``JSON_TABLE`` (MariaDB 10.6, MySQL 8.0.4); refuse older
+    servers before changing anything."""
+    if dialect.name not in MYSQL_DIALECTS:
+        return
+    version = tuple(dialect.server_version_info or ())
+    mariadb = getattr(dialect, "is_mariadb", False)
+    needed = (10, 6) if mariadb else (8, 0, 4)
+    if version < needed:
+        server = f"{'MariaDB' if mariadb else 'MySQL'} {'.'.join(map(str, version))}"
+        wanted = "MariaDB 10.6" if mariadb else "MySQL 8.0.4"
+        raise StateError(
+            f"state DB: migration 0018 needs {wanted} or later (JSON_TABLE, for the deliveries "
+            f"view); this server is {server}: upgrade it, or keep audience-sync at 0017"
+        )
+
+
 def upgrade() -> None:
     bind = op.get_bind()
     dialect = bind.dialect.name
+    _require_json_table(bind.dialect)
     op.create_table(
         "delivery_batches",
         sa.Column(
