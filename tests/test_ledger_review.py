@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 import sqlalchemy.exc
 from sqlalchemy import Engine, insert, text
 
-from sync.state.db import downgrade, upgrade
+from sync.state.db import downgrade, make_state_engine, upgrade
 from sync.state.inspection import user_rows
 from sync.state.tables import AUDIENCES, DELIVERY_BATCHES, MEMBERSHIPS
 from tests.harness import Harness
@@ -183,6 +184,15 @@ def test_a_ledger_row_can_pass_mariadbs_packet(harness: Harness, receiver: Recei
 # --- migration 0018 -------------------------------------------------------------------------
 
 
+@pytest.fixture
+def mariadb_engine(mysql_database_url: str) -> Iterator[Engine]:
+    """A MariaDB state DB migrated to head."""
+    engine = make_state_engine(mysql_database_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
 def _old_rows(engine: Engine, count: int) -> None:
     now = datetime(2026, 11, 30, tzinfo=UTC)
     with engine.begin() as connection:
@@ -210,12 +220,11 @@ def _old_rows(engine: Engine, count: int) -> None:
         )
 
 
-def test_0018_rerun_after_a_kill_on_mariadb(state_engine: Engine) -> None:
+def test_0018_rerun_after_a_kill_on_mariadb(mariadb_engine: Engine) -> None:
     """The migration says a rerun on MariaDB/MySQL "copies what a killed one did not": a kill
     after its CREATE TABLE delivery_batches (DDL commits at once) and part of the copy must
     let `db upgrade` complete."""
-    if state_engine.dialect.name not in ("mysql", "mariadb"):
-        pytest.skip("DDL is transactional here")
+    state_engine = mariadb_engine  # DDL commits at once only there
     downgrade(state_engine, "0017")
     _old_rows(state_engine, 10)
     with state_engine.begin() as connection:  # what a killed 0018 left: its table, 3 rows
@@ -264,13 +273,12 @@ def test_user_finds_migrated_rows(state_engine: Engine) -> None:
             assert (row["last_sent"], row["last_outcome"]) == (True, "acknowledged"), repr(member)
 
 
-def test_0018_downgrade_rerun_after_a_failure_on_mariadb(state_engine: Engine) -> None:
+def test_0018_downgrade_rerun_after_a_failure_on_mariadb(mariadb_engine: Engine) -> None:
     """A downgrade that stops during its INSERT into deliveries_0017 (killed, or an error; the
     INSERT rolls back, the CREATE TABLE before it committed on MariaDB) leaves deliveries_0017
     empty: the rerun sees the table, skips the copy, and drops delivery_batches: every ledger
     row is lost. (Here the INSERT fails on a row whose member id is missing.)"""
-    if state_engine.dialect.name not in ("mysql", "mariadb"):
-        pytest.skip("DDL is transactional here")
+    state_engine = mariadb_engine  # DDL commits at once only there
     downgrade(state_engine, "0017")
     _old_rows(state_engine, 10)
     upgrade(state_engine)
