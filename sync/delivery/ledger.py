@@ -54,7 +54,7 @@ M = MEMBERSHIPS
 P = DELIVERY_PROGRESS
 L = DELIVERY_BATCHES
 
-# The columns of a ``delivery_batches`` row, in the order ``Ledger._entry`` builds its tuples.
+# The columns of a ``delivery_batches`` row, in the order ``Ledger._entries`` builds them.
 LOG_COLUMNS = (
     "batch_id",
     "audience_id",
@@ -70,11 +70,11 @@ LOG_COLUMNS = (
 # Rows deleted per transaction when pruning, so that a large prune never holds SQLite's one
 # write lock (or many row locks) long enough to stall a delivery.
 PRUNE_CHUNK = 10_000
-# Characters of a ledger row's ``messages`` after which the next unit starts another row.
+# UTF-8 bytes of a ledger row's ``messages`` after which the next unit starts another row.
 LEDGER_ROW_BYTES = 1_000_000
 _HTTP_STATUS = re.compile(r"\bHTTP ([1-5][0-9][0-9])\b")
 _ID_MARK = '"messageId":"as-'
-TRACK = '{"type":"track"'
+TRACK = '{"type":"track"'  # how an encoded track message starts
 
 
 def member_in(engine: Engine) -> Any:
@@ -186,7 +186,7 @@ def ledger_messages(units: list[Unit]) -> list[tuple[int, str]]:
         member = f'"{unit.id_kind}",{quote(unit.member_id)},{unit.version},'
         sent = f"{unit.value or 'null'},{unit.traits or 'null'}]"
         if len(messages) == 1:  # the common case: one string per unit
-            kind = "track" if messages[0].startswith('{"type":"track"') else "identify"
+            kind = "track" if messages[0].startswith(TRACK) else "identify"
             entries = [f'["{ids[0]}","{kind}",{member}{sent}']
         else:
             entries = [
