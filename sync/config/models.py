@@ -63,8 +63,9 @@ class StateConfig(_Model):
     auto_upgrade: bool = False
     # How long the delivery ledger keeps a sent message's row (`sync` and the daemon prune).
     keep_deliveries: Annotated[float, Field(gt=0)] = 30 * 86_400.0
-    # Whether every message sent gets its row in `deliveries` (README "Delivery ledger": what
-    # it costs). Off, acknowledgements and in-doubt rows work as before; nothing is logged.
+    # Whether every message sent is recorded in the ledger (`delivery_batches`, read through the
+    # view `deliveries`; README "Delivery ledger": what it costs). Off, acknowledgements and
+    # in-doubt rows work as before; nothing is logged.
     delivery_ledger: bool = True
 
     _durations = field_validator("keep_deliveries", mode="before")(_duration)
