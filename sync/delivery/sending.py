@@ -56,27 +56,53 @@ class RetryPolicy:
         return max(delay, retry_after or 0.0)
 
 
+# How long a destination that made a delivery give up stays "unreachable" in this process:
+# meanwhile one connection failure is enough for another computation's delivery to it (a
+# `sync` of many audiences would otherwise wait out the whole backoff once per audience).
+UNREACHABLE_SECONDS = 300.0
+_unreachable: dict[str, float] = {}  # destination name -> when delivery to it gave up
+_unreachable_lock = threading.Lock()
+
+
 class ConnectionFailures:
     """Consecutive connection failures to one destination, counted across its workers: at
     ``limit`` delivery to it stops for the run, where a dead destination would otherwise be
-    retried for the whole time budget (10 minutes by default)."""
+    retried for the whole time budget (10 minutes by default). A destination this process
+    gave up on in the last ``UNREACHABLE_SECONDS`` (``name``) needs one failure only."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, name: str | None = None) -> None:
         self.limit = limit
+        self.name = name
+        # When this process last gave up on the destination, if that decided this time.
+        self.given_up_at: float | None = None
         self._count = 0
         self._lock = threading.Lock()
 
     def failed(self) -> bool:
-        """Count one connection failure; True when ``limit`` of them came in a row."""
+        """Count one connection failure; True when ``limit`` of them came in a row, or the
+        destination was found unreachable lately."""
         with self._lock:
             self._count += 1
-            return self._count >= self.limit
+            now = time.monotonic()
+            with _unreachable_lock:
+                since = _unreachable.get(self.name) if self.name is not None else None
+                if self._count >= self.limit and self.name is not None:
+                    _unreachable[self.name] = now
+            if self._count >= self.limit:
+                return True
+            if since is not None and now - since < UNREACHABLE_SECONDS:
+                self.given_up_at = since
+                return True
+            return False
 
     def answered(self) -> None:
         """A request reached the destination (whatever it answered, or a timeout after
         connecting): it is reachable."""
         with self._lock:
             self._count = 0
+            if self.name is not None:
+                with _unreachable_lock:
+                    _unreachable.pop(self.name, None)
 
 
 class Sender:
@@ -103,7 +129,7 @@ class Sender:
         self.abort = abort
         self.lease = lease
         self.hooks = hooks
-        self.failures = ConnectionFailures(policy.max_connection_failures)
+        self.failures = ConnectionFailures(policy.max_connection_failures, destination.name)
         # Why delivery to this destination stopped early (too many connection failures).
         self.gave_up: str | None = None
         self._gave_up_lock = threading.Lock()
@@ -156,9 +182,12 @@ class Sender:
         with self._gave_up_lock:
             if self.gave_up is None:
                 limit = self.failures.limit
+                why = f"{limit} consecutive connection failure{'s' if limit > 1 else ''}"
+                if self.failures.given_up_at is not None:
+                    ago = time.monotonic() - self.failures.given_up_at
+                    why = f"unreachable: an earlier delivery gave up on it {ago:.0f}s ago"
                 self.gave_up = (
-                    f"{exc}; {limit} consecutive connection failure{'s' if limit > 1 else ''}: "
-                    "delivery to it stops for this run, its rows stay pending"
+                    f"{exc}; {why}: delivery to it stops for this run, its rows stay pending"
                 )
                 logger.error("%s", self.gave_up)
             return self.gave_up
