@@ -102,6 +102,16 @@ def fresh_state_url(kind: str, directory: Path) -> Iterator[str]:
             yield url
 
 
+@pytest.fixture(autouse=True)
+def _no_unreachable_destinations() -> Iterator[None]:
+    """Each test starts with no destination given up on by an earlier test in this worker
+    (``sending``'s process-wide marks: one connection failure would then be enough)."""
+    from sync.delivery import sending
+
+    sending.forget_unreachable()
+    yield
+
+
 @pytest.fixture
 def postgres_schema_url() -> Iterator[str]:
     """A PostgreSQL URL whose search_path is a fresh, private schema (dropped afterwards)."""

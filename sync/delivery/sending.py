@@ -64,6 +64,12 @@ _unreachable: dict[str, float] = {}  # destination name -> when delivery to it g
 _unreachable_lock = threading.Lock()
 
 
+def forget_unreachable() -> None:
+    """Forget every destination given up on (a new start: tests)."""
+    with _unreachable_lock:
+        _unreachable.clear()
+
+
 class ConnectionFailures:
     """Consecutive connection failures to one destination, counted across its workers: at
     ``limit`` delivery to it stops for the run, where a dead destination would otherwise be
