@@ -35,6 +35,17 @@ def cli_json(config: Any, *args: str) -> Any:
     return json.loads(result.output)
 
 
+def last_sent_at(harness: Harness, member: str) -> str:
+    """When the ledger's newest message to ``member`` was sent, as `user --json` prints it."""
+    with harness.engine.connect() as connection:
+        sent_at = connection.execute(
+            select(DELIVERIES.c.sent_at)
+            .where(DELIVERIES.c.member_id == member)
+            .order_by(DELIVERIES.c.id.desc(), DELIVERIES.c.position.desc())
+        ).scalar()
+    return str(sent_at.isoformat(timespec="seconds"))
+
+
 def sent_to(harness: Harness, member: str) -> list[Any]:
     with harness.engine.connect() as connection:
         return list(connection.execute(text(WHAT_WAS_SENT_TO), {"member": member}).all())
@@ -243,13 +254,7 @@ def test_user_and_members_show_the_last_sent_value(harness: Harness, receiver: R
 
     (row,) = cli_json(config, "user", "b")
     assert row["last_sent"] is False and row["last_outcome"] == "acknowledged"
-    with harness.engine.connect() as connection:
-        sent_at = connection.execute(
-            select(DELIVERIES.c.sent_at)
-            .where(DELIVERIES.c.member_id == "b")
-            .order_by(DELIVERIES.c.id.desc())
-        ).scalar()
-    assert row["last_sent_at"] == sent_at.isoformat(timespec="seconds")
+    assert row["last_sent_at"] == last_sent_at(harness, "b")
     exited = cli_json(config, "members", KEY, "--exited")
     assert [(r["member_id"], r["last_sent"]) for r in exited] == [("b", False)]
     (member,) = cli_json(config, "members", KEY)
@@ -262,7 +267,7 @@ def test_members_and_user_show_a_rejection_after_the_acknowledgement(
     harness: Harness, receiver: Receiver
 ) -> None:
     """The newest ledger message wins over the row's last acknowledgement, whether members
-    are looked up one at a time (`user`: by text in SQL) or by page (`members`: in Python);
+    are looked up one at a time (`user`: pre-filtered by text) or by page (`members`);
     messages older than every row's acknowledgement are not read."""
     harness.set_members(["a", "b", "c", "d", "e"])
     harness.sync()
@@ -280,13 +285,7 @@ def test_members_and_user_show_a_rejection_after_the_acknowledgement(
         ("d", False, "rejected"),
     ]
     assert shown(cli_json(config, "user", "d")) == [("d", False, "rejected")]
-    with harness.engine.connect() as connection:
-        sent_at = connection.execute(
-            select(DELIVERIES.c.sent_at)
-            .where(DELIVERIES.c.member_id == "b")
-            .order_by(DELIVERIES.c.id.desc())
-        ).scalar()
-    assert cli_json(config, "user", "b")[0]["last_sent_at"] == sent_at.isoformat(timespec="seconds")
+    assert cli_json(config, "user", "b")[0]["last_sent_at"] == last_sent_at(harness, "b")
 
 
 def test_rows_older_than_keep_deliveries_are_pruned(harness: Harness, receiver: Receiver) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -31,8 +31,8 @@ class Unit(NamedTuple):
     # stored, less what a message over its size limit was sent without.
     value: str | None = None
     traits: str | None = None
-    # Each message's messageId, from the encoder (None: found in the text when recorded).
-    ids: list[str] | None = None
+    # Each message's messageId, from the encoder (the ledger records them).
+    ids: Sequence[str] = ()
 
 
 @dataclass
